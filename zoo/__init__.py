@@ -1,0 +1,2 @@
+"""mlmi-zoo: inherently interpretable models for medical imaging."""
+from mlmi_zoo._version import __version__
