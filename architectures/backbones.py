@@ -1,0 +1,109 @@
+"""One adapter for every feature extractor: timm in 2D, MONAI in 3D, random initialisation.
+
+``create_backbone(name, in_channels, spatial_dims, feature_stride)`` returns a module mapping
+``(B, C, *spatial)`` to a feature map ``(B, F, *latent)`` together with ``F`` and the stride.
+``feature_stride`` cuts the network after the deepest stage whose reduction does not exceed it,
+so small medical patches (28–64 px) keep a latent grid fine enough to localise evidence.
+
+ResNet names (``resnet8``, ``resnet10``, ``resnet18``, ``resnet34``) exist in 2D (timm's ResNet)
+and 3D (MONAI's ResNet) with the same stage layout. ``resnet8`` is a small variant for 28–64 px
+inputs and tests: one basic block per stage, widths 16-32-64-128. Any other timm model name works
+in 2D through ``features_only``. Weights are never downloaded: models start from random init or
+from zoo weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["create_backbone", "Backbone", "RESNET_LAYOUTS"]
+
+# name -> (blocks per stage, stage widths)
+RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "resnet8": ((1, 1, 1, 1), (16, 32, 64, 128)),
+    "resnet10": ((1, 1, 1, 1), (64, 128, 256, 512)),
+    "resnet18": ((2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet34": ((3, 4, 6, 3), (64, 128, 256, 512)),
+}
+STAGE_REDUCTION = (4, 8, 16, 32)  # after layer1..layer4 (stem conv stride 2 + max-pool stride 2)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    out_channels: int
+    stride: int
+
+
+class Backbone(nn.Module):
+    """A feature extractor cut at a given stage. ``forward(x)`` -> ``(B, F, *latent)``."""
+
+    def __init__(self, body: nn.Module, info: BackboneInfo, list_output: bool = False) -> None:
+        super().__init__()
+        self.body = body
+        self.out_channels = info.out_channels
+        self.stride = info.stride
+        self._list_output = list_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.body(x)
+        return feats[-1] if self._list_output else feats
+
+
+def _stages_for(feature_stride: int) -> int:
+    if feature_stride < STAGE_REDUCTION[0]:
+        raise ValueError(f"feature_stride must be >= {STAGE_REDUCTION[0]} for ResNet backbones, got {feature_stride}")
+    return sum(r <= feature_stride for r in STAGE_REDUCTION)
+
+
+def _resnet_body(name: str, in_channels: int, spatial_dims: int, n_stages: int) -> tuple[nn.Module, int]:
+    layers, widths = RESNET_LAYOUTS[name]
+    if spatial_dims == 2:
+        from timm.models.resnet import BasicBlock, ResNet
+
+        net = ResNet(BasicBlock, layers, channels=widths, in_chans=in_channels, num_classes=0, global_pool="")
+        stem = [net.conv1, net.bn1, net.act1, net.maxpool]
+    else:
+        from monai.networks.nets import ResNet as MonaiResNet  # imported lazily: MONAI is slow to import
+
+        net = MonaiResNet(block="basic", layers=list(layers), block_inplanes=list(widths), spatial_dims=3,
+                          n_input_channels=in_channels, feed_forward=False)
+        stem = [net.conv1, net.bn1, net.act, net.maxpool]
+    stages = [net.layer1, net.layer2, net.layer3, net.layer4][:n_stages]
+    return nn.Sequential(*stem, *stages), widths[n_stages - 1]
+
+
+def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_stride: int = 32) -> Backbone:
+    """Build a randomly initialised feature extractor.
+
+    Args:
+        name: ``resnet8|10|18|34`` (2D and 3D) or any timm model name (2D only).
+        in_channels: input channels (1 for CT and X-ray, 3 for RGB); any number works.
+        spatial_dims: 2 or 3.
+        feature_stride: the largest total down-sampling allowed; the network is cut after the
+            deepest stage that respects it.
+
+    Raises:
+        ValueError: for an unknown name, or a 3D request for a 2D-only timm model.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if name in RESNET_LAYOUTS:
+        n_stages = _stages_for(feature_stride)
+        body, channels = _resnet_body(name, in_channels, spatial_dims, n_stages)
+        return Backbone(body, BackboneInfo(channels, STAGE_REDUCTION[n_stages - 1]))
+    if spatial_dims == 3:
+        raise ValueError(f"backbone {name!r} has no 3D version; use one of {sorted(RESNET_LAYOUTS)} for spatial_dims=3")
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(f"unknown backbone {name!r}: expected one of {sorted(RESNET_LAYOUTS)} or a timm model name")
+    probe = timm.create_model(name, pretrained=False, in_chans=in_channels, features_only=True)
+    reductions = probe.feature_info.reduction()
+    index = max((i for i, r in enumerate(reductions) if r <= feature_stride), default=None)
+    if index is None:
+        raise ValueError(f"{name}: no stage with reduction <= {feature_stride} (stages reduce by {reductions})")
+    body = timm.create_model(name, pretrained=False, in_chans=in_channels, features_only=True, out_indices=(index,))
+    info = BackboneInfo(body.feature_info.channels()[-1], reductions[index])
+    return Backbone(body, info, list_output=True)

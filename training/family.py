@@ -1,0 +1,116 @@
+"""How the one trainer talks to each model family.
+
+The trainer (``mlmi_zoo.training.trainer``) owns the loop: data order, optimiser, checkpoints,
+resume, progress, distributed reduction. A family contributes only what differs between families:
+which tensors a batch feeds the model, the loss of each stage, which parameters each stage trains,
+and the stages that are not gradient descent (ProtoPNet's push and convex last-layer fit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from mlmi_zoo.base import InterpretableModel
+
+__all__ = ["FamilyTraining", "LossOutput", "register_training", "training_for", "fit_physical_head"]
+
+
+@dataclass
+class LossOutput:
+    """What one training step produced.
+
+    Attributes:
+        loss: scalar to back-propagate.
+        logits: (B, C) logits, used for running metrics.
+        logs: named scalar parts of the loss (e.g. ``{"ce": ..., "cluster": ...}``) for the run log.
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class FamilyTraining:
+    """Default behaviour for image classifiers; families override what differs.
+
+    Attributes:
+        family: the model family this serves (``model.family``).
+        stage_names: stages the recipe may list, in their usual order.
+        special_stages: stages that are not gradient descent (run by :meth:`run_special_stage`).
+    """
+
+    family: ClassVar[str] = "baseline"
+    stage_names: ClassVar[tuple[str, ...]] = ("joint",)
+    special_stages: ClassVar[tuple[str, ...]] = ()
+
+    def prepare(self, model: InterpretableModel, train_set: Dataset) -> None:
+        """Fit training-split statistics the model stores (e.g. physical-head normalisation)."""
+
+    def inputs(self, model: InterpretableModel, batch: dict[str, Any]) -> torch.Tensor:
+        """The network input for a collated batch: raw images through the model's intensity transform."""
+        return model.input_spec.intensity(batch["image"])
+
+    def loss(self, model: InterpretableModel, batch: dict[str, Any], stage: str) -> LossOutput:
+        """Loss of one batch in ``stage``. Default: cross-entropy (+ physical head when present)."""
+        x = self.inputs(model, batch)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, batch["label"])
+        return LossOutput(loss, logits.detach(), {"ce": float(loss)})
+
+    def trainable_parameters(self, model: InterpretableModel, stage: str) -> list[nn.Parameter]:
+        """Parameters optimised in ``stage`` (the others are frozen, their modules put in eval mode)."""
+        return [p for p in model.parameters()]
+
+    def run_special_stage(self, model: InterpretableModel, stage: str, loader: DataLoader,
+                          device: torch.device) -> dict[str, Any]:
+        """Run a non-gradient stage (e.g. push); returns JSON-safe records for the run log."""
+        raise ValueError(f"{self.family} has no special stage {stage!r}; its stages are {self.stage_names}")
+
+
+_TRAINING: dict[str, FamilyTraining] = {}
+
+
+def register_training(cls: type[FamilyTraining]) -> type[FamilyTraining]:
+    """Class decorator: make ``cls`` the training adapter of ``cls.family`` (duplicates raise)."""
+    if cls.family in _TRAINING:
+        raise ValueError(f"training for family {cls.family!r} is already registered")
+    _TRAINING[cls.family] = cls()
+    return cls
+
+
+def training_for(model: InterpretableModel) -> FamilyTraining:
+    """The training adapter for ``model``'s family."""
+    import mlmi_zoo.architectures  # noqa: F401  (families register their adapters on import)
+
+    if model.family not in _TRAINING:
+        raise ValueError(f"no training adapter for family {model.family!r}; registered: {sorted(_TRAINING)}")
+    return _TRAINING[model.family]
+
+
+def fit_physical_head(head: nn.Module, dataset: Dataset, max_cases: int = 2000) -> None:
+    """Set a :class:`PhysicalHead`'s normalisation from the training split's measurements.
+
+    Reads ``sample["measurements"]`` and ``sample["spacing"]`` of up to ``max_cases`` cases (evenly
+    spread over the data set) and stores the mean/std of their pixel-domain values.
+    """
+    from mlmi_zoo.architectures.heads import to_pixel_domain
+
+    n = len(dataset)
+    idx = torch.linspace(0, n - 1, steps=min(n, max_cases)).round().long().unique().tolist()
+    rows = [dataset[i] for i in idx]
+    if any(r.get("spacing") is None for r in rows):
+        raise ValueError("a physical head needs samples with a 'spacing' (mm); this data set has none")
+    spacing = torch.stack([torch.as_tensor(r["spacing"], dtype=torch.float64) for r in rows])  # (N, dims)
+    cols = []
+    for q in head.quantities:
+        values = torch.tensor([float(r["measurements"][q.name]) for r in rows], dtype=torch.float64)
+        cols.append(to_pixel_domain(values, spacing, q))
+    pixel = torch.stack(cols, -1)  # (N, Q)
+    finite = torch.isfinite(pixel)
+    loc = torch.stack([pixel[finite[:, j], j].mean() for j in range(pixel.shape[1])])
+    scale = torch.stack([pixel[finite[:, j], j].std() for j in range(pixel.shape[1])])
+    head.set_normalisation(loc.float(), scale.float())

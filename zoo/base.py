@@ -1,0 +1,227 @@
+"""The one interface every zoo model implements.
+
+``model(x)`` returns logits; ``model.explain(x, **context)`` returns a frozen :class:`Explanation`;
+``model.save_pretrained(dir)`` writes exactly a Hub repository (``config.json`` +
+``model.safetensors``); ``Model.from_pretrained(uri)`` reads one back, checking the weights'
+sha256 before they are deserialised.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mlmi_zoo._config import from_jsonable, to_jsonable
+from mlmi_zoo._version import __version__
+from mlmi_zoo._weights import save_weights, write_json_atomic
+from mlmi_zoo.explanations import Explanation
+from mlmi_zoo.specs import InputSpec, IntensityTransform, QuantitySpec
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every family shares; each family's config subclasses this.
+
+    Attributes:
+        backbone: feature extractor name understood by :func:`mlmi_zoo.architectures.create_backbone`;
+            part of the registered name (``family_backbone``).
+        label_names: class names; ``num_classes`` is their number.
+        in_channels / spatial_dims / img_size / spacing / intensity / modality: the input spec.
+        quantities: physical quantities the model outputs (name with unit, pint unit, range).
+        operating_point: threshold on the positive-class probability for binary decisions.
+    """
+
+    backbone: str = "resnet18"
+    label_names: tuple[str, ...] = ("negative", "positive")
+    in_channels: int = 1
+    spatial_dims: int = 2
+    img_size: tuple[int, ...] = (64, 64)
+    spacing: tuple[float, ...] | None = None  # canonical mm per axis; None = data carry no scale
+    intensity: IntensityTransform = field(default_factory=IntensityTransform)
+    modality: str = "unknown"
+    quantities: tuple[QuantitySpec, ...] = ()
+    operating_point: float = 0.5
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def __post_init__(self) -> None:
+        if len(self.label_names) < 2:
+            raise ValueError(f"a classifier needs at least 2 label_names, got {self.label_names!r}")
+        if self.spatial_dims not in (0, 2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3 (0 for feature bags), got {self.spatial_dims}")
+        if self.spatial_dims and len(self.img_size) != self.spatial_dims:
+            raise ValueError(f"img_size {self.img_size} must have spatial_dims={self.spatial_dims} values")
+        if self.spacing is not None and len(self.spacing) != self.spatial_dims:
+            raise ValueError(f"spacing {self.spacing} must have spatial_dims={self.spatial_dims} values")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What happened to each saved tensor when weights were loaded into a model."""
+
+    skipped: tuple[str, ...] = ()  # present in both but of a different shape (a resized head)
+    missing: tuple[str, ...] = ()  # in the model, not in the file
+    unexpected: tuple[str, ...] = ()  # in the file, not in the model
+
+
+class InterpretableModel(nn.Module):
+    """Base class of every zoo model.
+
+    Subclasses set ``family`` (e.g. ``"protopnet"``), ``config_class`` and implement ``forward``
+    and ``explain``. Their registered name is ``f"{family}_{config.backbone}"``.
+    """
+
+    family: ClassVar[str] = "base"
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.load_report: LoadReport | None = None
+
+    # -- identity and input contract --------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        """Registered architecture name, e.g. ``protopnet_resnet18``."""
+        return f"{self.family}_{self.config.backbone}"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.config.label_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def input_spec(self) -> InputSpec:
+        c = self.config
+        return InputSpec(
+            in_channels=c.in_channels,
+            spatial_dims=c.spatial_dims,
+            size=tuple(c.img_size),
+            spacing=c.spacing,
+            intensity=c.intensity,
+            modality=c.modality,
+            value_range=(0.0, 1.0) if c.spatial_dims else None,
+        )
+
+    def validate_input(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor | None:
+        """Check ``x`` against :attr:`input_spec`; return spacing as a (B, dims) tensor or None."""
+        spec = self.input_spec
+        spec.validate(x)
+        return None if spacing is None else spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
+
+    # -- the interface ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def explain(self, x: torch.Tensor, **context: Any) -> Explanation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- extra JSON state (e.g. prototype sources) --------------------------------------------------
+    def export_metadata(self) -> dict[str, Any]:
+        """JSON-safe state that is not a tensor (e.g. where each prototype came from)."""
+        return {}
+
+    def import_metadata(self, metadata: dict[str, Any]) -> None:
+        """Restore what :meth:`export_metadata` wrote."""
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (a Hub repo layout).
+
+        Args:
+            directory: created if needed; existing files are replaced atomically.
+            extra: JSON-safe fields merged into config.json (e.g. ``base_model``, ``data``).
+
+        Returns:
+            the directory.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sha = save_weights(self.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt", "architecture": self.architecture})
+        doc = {
+            "architecture": self.architecture,
+            "mlmi_zoo_version": __version__,
+            "weights_file": WEIGHTS_FILE,
+            "weights_sha256": sha,
+            "config": to_jsonable(self.config),
+            "metadata": to_jsonable(self.export_metadata()),
+        }
+        if extra:
+            doc.update(to_jsonable(extra))
+        write_json_atomic(directory / CONFIG_FILE, doc)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, uri: str | Path, strict: bool = True, **overrides: Any) -> "InterpretableModel":
+        """Load a model saved by :meth:`save_pretrained` from a zoo name or URI.
+
+        Args:
+            uri: ``family_backbone.tag`` (bundled), ``hf-hub:ORG/REPO[@REV]``, ``local-dir:PATH``
+                or a directory path.
+            strict: refuse missing/unexpected tensors; tensors whose shape changed because of
+                ``overrides`` (a resized head) are skipped and reported in ``model.load_report``.
+            overrides: config fields to change, e.g. ``label_names=("a", "b", "c")`` for fine-tuning.
+        """
+        from mlmi_zoo.hub import load
+
+        model = load(str(uri), strict=strict, **overrides)
+        if not isinstance(model, cls):
+            raise TypeError(f"{uri} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def load_weights_from(self, state: dict[str, torch.Tensor], strict: bool = True, allow_resized: bool = False) -> LoadReport:
+        """Copy ``state`` into this model and report what did not fit.
+
+        Args:
+            state: name -> tensor, e.g. from a safetensors file.
+            strict: raise when tensors are missing or unexpected.
+            allow_resized: skip (and report) tensors whose shape differs instead of raising.
+        """
+        own = self.state_dict()
+        skipped = tuple(k for k in state if k in own and state[k].shape != own[k].shape)
+        missing = tuple(k for k in own if k not in state)
+        unexpected = tuple(k for k in state if k not in own)
+        if skipped and not allow_resized:
+            shapes = ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in skipped[:5])
+            raise ValueError(f"weights do not fit this configuration ({shapes}); pass config overrides to fine-tune")
+        if strict and (missing or unexpected):
+            raise ValueError(f"weights do not match the architecture: missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
+        usable = {k: v for k, v in state.items() if k in own and k not in skipped}
+        self.load_state_dict(usable, strict=False)
+        if skipped:
+            log.warning("re-initialised %d tensor(s) whose shape changed: %s", len(skipped), ", ".join(skipped))
+        self.load_report = LoadReport(skipped, missing if not strict else (), unexpected if not strict else ())
+        return self.load_report
+
+    @classmethod
+    def config_from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return from_jsonable(cls.config_class, d, where=f"{cls.__name__} config")
+
+    def extra_repr(self) -> str:
+        return f"architecture={self.architecture!r}, num_classes={self.num_classes}"
+
+
+def replace_config(config: ModelConfig, **changes: Any) -> ModelConfig:
+    """``dataclasses.replace`` with type checking of the new values."""
+    from mlmi_zoo._config import apply_overrides
+
+    return apply_overrides(config, changes) if changes else config
+
+
+__all__ = ["ModelConfig", "InterpretableModel", "LoadReport", "replace_config", "CONFIG_FILE", "WEIGHTS_FILE"]

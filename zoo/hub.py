@@ -1,0 +1,148 @@
+"""Loading models from bundled folders, local directories and the Hugging Face Hub; publishing.
+
+URIs:
+  - ``family_backbone.tag``      a bundled model folder ``model_cards/<name>/``
+  - ``hf-hub:ORG/REPO[@REV]``    through ``huggingface_hub.snapshot_download`` (so the local
+                                 cache works with ``HF_HUB_OFFLINE=1``)
+  - ``local-dir:PATH``           a folder written by ``save_pretrained``
+
+Whatever the source, the weights' sha256 recorded in ``config.json`` (and in the card's front
+matter, when there is a card) is checked before the file is deserialised.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from mlmi_zoo._config import apply_overrides
+from mlmi_zoo._weights import PICKLE_SUFFIXES, WeightsError, load_weights
+from mlmi_zoo.base import CONFIG_FILE, WEIGHTS_FILE, InterpretableModel
+from mlmi_zoo.registry import bundled_dir, get_entry, list_models, read_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["load", "resolve", "publish", "card_sha256"]
+
+HUB_PATTERNS = ["config.json", "model.safetensors", "README.md", "results.json", "recipe.yaml", "figures/*"]
+
+
+def resolve(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the local folder that ``uri`` names (downloading nothing when offline)."""
+    if uri.startswith("hf-hub:"):
+        from huggingface_hub import snapshot_download
+
+        repo, _, revision = uri[len("hf-hub:"):].partition("@")
+        if repo.count("/") != 1:
+            raise ValueError(f"expected hf-hub:ORG/REPO[@REVISION], got {uri!r}")
+        return Path(snapshot_download(repo_id=repo, revision=revision or None, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
+    if uri.startswith("local-dir:"):
+        path = Path(uri[len("local-dir:"):]).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{uri}: {path} is not a directory")
+        return path
+    if "." in uri and "/" not in uri and os.sep not in uri:
+        folder = bundled_dir() / uri
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"no bundled weights named {uri!r}; available: {list_models(pretrained=True)}. "
+                "Use hf-hub:ORG/REPO or local-dir:PATH for other models"
+            )
+        return folder
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        return path
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise WeightsError(f"refusing {path}: pickle checkpoints are never loaded; use a safetensors model folder")
+    raise ValueError(
+        f"cannot resolve {uri!r}: expected a bundled name 'family_backbone.tag', 'hf-hub:ORG/REPO[@REV]', "
+        "'local-dir:PATH' or an existing directory"
+    )
+
+
+def card_sha256(folder: Path) -> str | None:
+    """The weights sha256 stated in the card's front matter (``mlmi_zoo.weights_sha256``), if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    import yaml
+
+    text = card.read_text(encoding="utf-8")
+    if not text.startswith("---"):
+        return None
+    front = text.split("---", 2)[1]
+    meta = yaml.safe_load(front) or {}
+    return (meta.get("mlmi_zoo") or {}).get("weights_sha256")
+
+
+def load(uri: str, strict: bool = True, cache_dir: str | os.PathLike | None = None, **overrides: Any) -> InterpretableModel:
+    """Load a zoo model (see the module docstring for ``uri``).
+
+    Args:
+        uri: where the model lives.
+        strict: refuse missing/unexpected tensors.
+        cache_dir: Hugging Face cache folder for ``hf-hub:`` URIs (default: the HF default).
+        overrides: config fields to change for fine-tuning (e.g. ``label_names``); tensors whose
+            shape changes are re-initialised and listed in ``model.load_report.skipped``.
+
+    Raises:
+        WeightsError: when the weights file is not safetensors or its sha256 differs from the
+            value in config.json or in the card.
+    """
+    folder = resolve(uri, cache_dir=cache_dir)
+    doc = read_config(folder)
+    for key in ("architecture", "config", "weights_sha256"):
+        if key not in doc:
+            raise ValueError(f"{folder / CONFIG_FILE} lacks {key!r}; was it written by save_pretrained?")
+    weights = folder / doc.get("weights_file", WEIGHTS_FILE)
+    expected = doc["weights_sha256"]
+    stated = card_sha256(folder)
+    if stated is not None and stated != expected:
+        raise WeightsError(f"refusing {weights}: the card states sha256 {stated} but config.json records {expected}")
+    state = load_weights(weights, expected_sha256=expected)  # checks the sha before deserialising
+
+    entry = get_entry(doc["architecture"])
+    config = entry.model_class.config_from_dict(doc["config"])
+    if overrides:
+        config = apply_overrides(config, overrides)
+    model = entry.model_class(config)
+    model.import_metadata(doc.get("metadata") or {})
+    model.load_weights_from(state, strict=strict, allow_resized=bool(overrides))
+    model.eval()
+    return model
+
+
+def publish(model_dir: str | os.PathLike, repo_id: str, tag: str | None = None, private: bool = False,
+            check: bool = True, api: Any = None) -> str:
+    """Upload a model folder to the Hub: ``card --check`` first, then create, upload, tag.
+
+    Args:
+        model_dir: a folder written by ``save_pretrained`` with a generated card.
+        repo_id: ``ORG/NAME``.
+        tag: version tag such as ``v1.0.0`` (created on the uploaded commit).
+        private: create a private repository.
+        check: run the card check before uploading (refuse to publish an inconsistent card).
+        api: an ``HfApi``-like object (tests pass a local fake).
+
+    Returns:
+        the commit id of the upload.
+    """
+    model_dir = Path(model_dir)
+    if check:
+        from mlmi_zoo.model_cards import check_card
+
+        problems = check_card(model_dir)
+        if problems:
+            raise ValueError(f"refusing to publish {model_dir}: card check failed:\n- " + "\n- ".join(problems))
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(model_dir), repo_id=repo_id, repo_type="model",
+                             commit_message=f"mlmi-zoo: publish {model_dir.name}" + (f" {tag}" if tag else ""))
+    commit = getattr(info, "oid", None) or str(info)
+    if tag:
+        api.create_tag(repo_id=repo_id, tag=tag, revision=commit, repo_type="model")
+    return commit
