@@ -87,7 +87,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="architecture (family_backbone) or weights (family_backbone.tag, hf-hub:…, local-dir:…)")
     p.set_defaults(func=_cmd_info)
 
-    delegated = {
+    for command, (module, help_text) in DELEGATED.items():
+        p = sub.add_parser(command, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command (see `mlmi-zoo COMMAND --help`)")
+        p.set_defaults(func=_delegate(module, command))
+    return parser
+
+
+DELEGATED = {
         "demo": ("mlmi_zoo.model_cards.demo", "explain bundled sample cases with bundled models; write an HTML report"),
         "phantom": ("mlmi_zoo.training.datasets.cli", "digital phantoms: `phantom show nodule --n 16 --out grid.png`"),
         "train": ("mlmi_zoo.training.cli", "train a model from a YAML recipe: `train RECIPE.yaml [key=value …]`"),
@@ -95,18 +102,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "evaluate": ("mlmi_zoo.evaluation.cli", "measure the task and the five elements: `evaluate MODEL --data SPEC --out results.json`"),
         "card": ("mlmi_zoo.model_cards.cli", "generate or check a model card: `card MODEL_DIR --results results.json` / `card --check MODEL_DIR`"),
         "publish": ("mlmi_zoo.model_cards.cli", "check the card, upload a model folder to the Hub and tag it"),
-    }
-    for command, (module, help_text) in delegated.items():
-        p = sub.add_parser(command, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the command (see `mlmi-zoo COMMAND --help`)")
-        p.set_defaults(func=_delegate(module, command))
-    return parser
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mlmi-zoo`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    if argv and argv[0] in DELEGATED:
+        # Sub-commands with their own parsers get every argument, options included.
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], verbose=False,
+                                  func=_delegate(DELEGATED[argv[0]][0], argv[0]))
+    else:
+        args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from mlmi_zoo._config import OverrideError
     from mlmi_zoo._weights import WeightsError

@@ -1,0 +1,392 @@
+"""Model cards generated from measured results, and the check that they say nothing else.
+
+The card follows Mitchell et al. 2019 ("Model Cards for Model Reporting", FAT*) with items from
+CLAIM and TRIPOD+AI, and has one section per element of interpretability (Wang et al., "A Framework
+for Interpretability in Machine Learning for Medical Imaging", IEEE Access 2024). It is rendered
+from ``config.json`` and ``results.json`` by a Jinja2 template; ``check_card`` renders it again and
+compares, so a number typed into the card by hand, a missing field, or weights that differ from the
+recorded sha256 are all caught.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mlmi_zoo._version import __version__
+from mlmi_zoo._weights import sha256_file, write_text_atomic
+from mlmi_zoo.base import CONFIG_FILE, WEIGHTS_FILE
+from mlmi_zoo.evaluation.results import ELEMENTS, TASK_METRICS, metric_value, read_results
+from mlmi_zoo.training.datasets.catalog import ZOO_BIBTEX, source_for
+
+__all__ = ["write_card", "render_card", "check_card", "CARD_FILE", "RESULTS_FILE"]
+
+CARD_FILE = "README.md"
+RESULTS_FILE = "results.json"
+TEMPLATE = Path(__file__).with_name("card_template.md.j2")
+PLACEHOLDERS = re.compile(r"\b(TODO|TBD|FIXME|XXX|PLACEHOLDER|lorem ipsum)\b", re.IGNORECASE)
+
+FAMILY = {
+    "protopnet": ("prototype network", "ProtoPNet (Chen et al., NeurIPS 2019) with the IAIA-BL fine-annotation loss (Barnett et al., 2021)"),
+    "cbm": ("concept-bottleneck model", "Concept Bottleneck Model (Koh et al., ICML 2020) with typed concepts in physical units"),
+    "abmil": ("gated-attention MIL", "attention-based deep MIL (Ilse et al., ICML 2018)"),
+    "additive_mil": ("additive MIL", "Additive MIL (Javed et al., NeurIPS 2022) on attention MIL (Ilse et al., 2018)"),
+    "baseline": ("black-box baseline", "backbone + global average pooling + linear layer"),
+}
+
+METHOD_BIBTEX = {
+    "protopnet": ["""@inproceedings{chen2019looks,
+  title     = {This Looks Like That: Deep Learning for Interpretable Image Recognition},
+  author    = {Chen, Chaofan and Li, Oscar and Tao, Daniel and Barnett, Alina and Rudin, Cynthia and Su, Jonathan K.},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2019}
+}""", """@article{barnett2021iaiabl,
+  title   = {A case-based interpretable deep learning model for classification of mass lesions in digital mammography},
+  author  = {Barnett, Alina Jade and Schwartz, Fides Regina and Tao, Chaofan and Chen, Chaofan and Ren, Yinhao and Lo, Joseph Y. and Rudin, Cynthia},
+  journal = {Nature Machine Intelligence},
+  volume  = {3},
+  pages   = {1061--1070},
+  year    = {2021}
+}"""],
+    "cbm": ["""@inproceedings{koh2020concept,
+  title     = {Concept Bottleneck Models},
+  author    = {Koh, Pang Wei and Nguyen, Thao and Tang, Yew Siang and Mussmann, Stephen and Pierson, Emma and Kim, Been and Liang, Percy},
+  booktitle = {International Conference on Machine Learning},
+  year      = {2020}
+}"""],
+    "abmil": ["""@inproceedings{ilse2018attention,
+  title     = {Attention-based Deep Multiple Instance Learning},
+  author    = {Ilse, Maximilian and Tomczak, Jakub M. and Welling, Max},
+  booktitle = {International Conference on Machine Learning},
+  year      = {2018}
+}"""],
+    "additive_mil": ["""@inproceedings{javed2022additive,
+  title     = {Additive {MIL}: Intrinsically Interpretable Multiple Instance Learning for Pathology},
+  author    = {Javed, Syed Ashar and Juyal, Dinkar and Padigela, Harshith and Taylor-Weiner, Amaro and Yu, Limin and Prakash, Aaditya},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2022}
+}"""],
+    "baseline": [],
+}
+FRAMEWORK_BIBTEX = """@article{wang2024framework,
+  title   = {A Framework for Interpretability in Machine Learning for Medical Imaging},
+  author  = {Wang, Alan Q. and Karaman, Batuhan K. and Kim, Heejong and Rosenthal, Jacob and Saluja, Rachit and Young, Sean I. and Sabuncu, Mert R.},
+  journal = {IEEE Access},
+  year    = {2024}
+}"""
+
+ELEMENT_TEXT = {
+    "localization": ("Localization", "Where in the image is the evidence?"),
+    "visual_recognizability": ("Visual recognizability", "Is the evidence something a person can recognise?"),
+    "physical_attribution": ("Physical attribution", "Does the model speak in physical units a clinician measures?"),
+    "transparency": ("Transparency", "Can the computation from evidence to decision be followed?"),
+    "actionability": ("Actionability", "Can a person act on the explanation and change the decision?"),
+}
+TASK_LABELS = {"auroc": "AUROC", "auprc": "AUPRC", "balanced_accuracy": "balanced accuracy", "sensitivity": "sensitivity",
+               "specificity": "specificity", "ece": "expected calibration error (15 bins)", "brier": "Brier score"}
+TASK_TYPE = {"auroc": "roc_auc", "auprc": "average_precision", "balanced_accuracy": "balanced_accuracy",
+             "sensitivity": "recall", "specificity": "specificity", "ece": "ece", "brier": "brier_score"}
+
+
+def fmt(value: Any) -> str:
+    """A metric as text: the estimate with 4 significant digits, and its CI when present."""
+    if isinstance(value, dict) and "estimate" in value:
+        est = _num(value["estimate"])
+        if value.get("low") is not None and value.get("high") is not None:
+            return f"{est} ({_num(value['low'])}–{_num(value['high'])})"
+        return est
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_num(v) for v in value)
+    return _num(value)
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4g}"
+    if isinstance(v, str):
+        try:
+            return _num(float(v))
+        except ValueError:
+            return v
+    return str(v)
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def _rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"label": _label(k), "value": fmt(v)} for k, v in metrics.items()]
+
+
+def _front_matter(config_doc: dict[str, Any], results: dict[str, Any], source: Any, name: str) -> dict[str, Any]:
+    cfg = config_doc["config"]
+    family = results["model"]["family"]
+    metrics = []
+    for key in TASK_METRICS:
+        value = metric_value(results["task"].get(key))
+        if value is not None:
+            metrics.append({"type": TASK_TYPE[key], "name": TASK_LABELS[key], "value": round(value, 6)})
+    front = {
+        "license": source.license,
+        "library_name": "mlmi-zoo",
+        "tags": ["medical-imaging", source.modality.lower().replace(" ", "-"), source.body_part.lower().replace(" ", "-"),
+                 family.replace("_", "-"), "interpretable" if family != "baseline" else "black-box-baseline"],
+        "datasets": [source.hub_id],
+        "pipeline_tag": "image-classification",
+        "model-index": [{
+            "name": name,
+            "results": [{
+                "task": {"type": "image-classification"},
+                "dataset": {"name": source.name, "type": source.hub_id, "split": results["split"]},
+                "metrics": metrics,
+            }],
+        }],
+        "mlmi_zoo": {
+            "version": config_doc.get("mlmi_zoo_version", __version__),
+            "architecture": config_doc["architecture"],
+            "weights_sha256": config_doc["weights_sha256"],
+            "input_spec": {
+                "channels": cfg["in_channels"],
+                "spatial_dims": cfg["spatial_dims"],
+                "size": cfg.get("img_size"),
+                "spacing_mm": cfg.get("spacing"),
+                "intensity_transform": cfg.get("intensity"),
+                "modality": cfg.get("modality") or source.modality,
+            },
+            "label_names": cfg["label_names"],
+            "operating_point": cfg.get("operating_point", 0.5),
+            "quantities": cfg.get("quantities") or [],
+        },
+    }
+    if config_doc.get("base_model"):
+        front["base_model"] = config_doc["base_model"]
+    return front
+
+
+def _figure_entries(paths: list[str], folder: Path) -> list[str]:
+    return [p for p in paths if (folder / p).is_file()]
+
+
+def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> str:
+    """Render the card text for a model folder holding config.json, the weights and results.json."""
+    import jinja2
+    import yaml
+
+    folder = Path(folder)
+    config_doc = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    results = results if results is not None else read_results(folder / RESULTS_FILE)
+    cfg = config_doc["config"]
+    family = results["model"]["family"]
+    source = source_for(results["data"])
+    name = folder.name
+    front = _front_matter(config_doc, results, source, name)
+
+    baseline = results.get("baseline")
+    task_rows = []
+    for key in TASK_METRICS:
+        if key not in results["task"]:
+            continue
+        row = {"label": TASK_LABELS[key], "value": fmt(results["task"][key])}
+        if baseline:
+            b = metric_value(baseline["task"].get(key))
+            m = metric_value(results["task"][key])
+            row["baseline"] = fmt(baseline["task"].get(key))
+            row["gap"] = _num(m - b) if (b is not None and m is not None) else "n/a"
+        task_rows.append(row)
+
+    figures = results.get("figures", {})
+    task_figures = [{"title": t, "path": figures[k]} for k, t in (("roc", "ROC curve"), ("reliability", "reliability diagram"))
+                    if k in figures and (folder / figures[k]).is_file()]
+    elements = []
+    for key in ELEMENTS:
+        block = results["elements"][key]
+        title, question = ELEMENT_TEXT[key]
+        elements.append({
+            "title": title, "question": question, "applicable": block["applicable"], "reason": block.get("reason"),
+            "rows": _rows(block.get("metrics", {})), "figures": _figure_entries(block.get("figures", []), folder),
+            "does_not_show": block.get("does_not_show") or "—",
+        })
+    faith = results.get("faithfulness") or {"applicable": False, "reason": "not evaluated for this model"}
+    faithfulness = {"applicable": faith.get("applicable", False), "reason": faith.get("reason"),
+                    "rows": _rows(faith.get("metrics", {})), "figures": _figure_entries(faith.get("figures", []), folder),
+                    "does_not_show": faith.get("does_not_show") or "—"}
+
+    spacing = cfg.get("spacing")
+    quantities = cfg.get("quantities") or []
+    family_title, method = FAMILY.get(family, (family, family))
+    limitations = list(results.get("limitations", []))
+    limitations += [
+        f"Trained and evaluated only on {source.name}; performance on other scanners, sites, populations or "
+        "acquisition protocols is unknown.",
+        "Explanations are faithful to the model by construction or by measurement (see above), not to the underlying "
+        "biology: a faithful explanation of a wrong decision is still wrong.",
+    ]
+    if not source.has_spacing:
+        limitations.append("The images carry no physical spacing, so the model makes no statement in physical units.")
+    bibtex = [_card_bibtex(name, config_doc)] + METHOD_BIBTEX.get(family, []) + list(source.bibtex) + [FRAMEWORK_BIBTEX]
+    if ZOO_BIBTEX not in bibtex:
+        bibtex.append(ZOO_BIBTEX)
+    usage = _usage(family, cfg)
+    template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)), undefined=jinja2.StrictUndefined,
+                                  keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True).get_template(TEMPLATE.name)
+    text = template.render(
+        front_matter=yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).strip(),
+        name=name, summary=f"A {family_title} for {source.name} ({', '.join(cfg['label_names'])}), from mlmi-zoo.",
+        architecture=config_doc["architecture"], family_title=family_title, method=method, config=cfg,
+        num_parameters=results["model"].get("num_parameters", "n/a"),
+        input_text=_input_text(cfg), spacing_text=(" × ".join(f"{s:g}" for s in spacing) + " mm") if spacing else "none",
+        intensity_text=_intensity_text(cfg.get("intensity") or {}), label_names=cfg["label_names"],
+        operating_point=cfg.get("operating_point", 0.5),
+        quantities_text=", ".join(f"{q['name']} [{q['unit']}]" for q in quantities) or "none",
+        weights_sha256=config_doc["weights_sha256"], version=config_doc.get("mlmi_zoo_version", __version__),
+        base_model=config_doc.get("base_model"), source=source, split=results["split"], n_cases=results["n_cases"],
+        data_json=json.dumps(results["data"], sort_keys=True),
+        bootstrap_text=results.get("bootstrap", {}).get("description", "percentile bootstrap over cases"),
+        task_rows=task_rows, baseline=baseline, task_figures=task_figures, elements=elements, faithfulness=faithfulness,
+        limitations=limitations, load_uri=name, usage=usage, command=results["command"], bibtex="\n\n".join(bibtex),
+    )
+    return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def _input_text(cfg: dict[str, Any]) -> str:
+    if cfg["spatial_dims"] == 0:
+        return f"bags of {cfg['in_channels']}-dimensional instance features, any bag size"
+    size = " × ".join(str(s) for s in cfg.get("img_size", []))
+    return f"{cfg['in_channels']} channel(s), {cfg['spatial_dims']}D, trained at {size}"
+
+
+def _intensity_text(t: dict[str, Any]) -> str:
+    kind = t.get("kind", "identity")
+    if kind == "window":
+        return f"clip to [{t['low']:g}, {t['high']:g}] {t.get('unit') or ''} and scale to [0, 1]".replace("  ", " ")
+    if kind == "scale":
+        return f"divide by {t['high']:g}"
+    return "none (inputs in [0, 1])"
+
+
+def _usage(family: str, cfg: dict[str, Any]) -> str:
+    if cfg["spatial_dims"] == 0:
+        return ("exp = model.explain(feats, mask=mask, coords=coords)   # feats (B, N, D)\n"
+                "exp.attention, exp.measurements")
+    spacing = cfg.get("spacing")
+    arg = f", spacing={tuple(spacing)!r}" if spacing else ""
+    lines = ["x = model.input_spec.intensity(raw_image)   # raw intensities -> network range",
+             f"exp = model.explain(x{arg})"]
+    if family in ("protopnet", "cbm", "additive_mil"):
+        lines.append("assert (exp.logits_from_contributions() - exp.logits).abs().max() < 1e-5   # exact decomposition")
+    lines.append('exp.save_html("report.html")')
+    return "\n".join(lines)
+
+
+def _card_bibtex(name: str, config_doc: dict[str, Any]) -> str:
+    key = re.sub(r"[^a-z0-9]", "_", name.lower())
+    return (f"@misc{{{key},\n  title  = {{Model card: {name}}},\n  author = {{{{mlmi-zoo contributors}}}},\n"
+            f"  year   = {{2026}},\n  note   = {{mlmi-zoo {config_doc.get('mlmi_zoo_version', __version__)}, "
+            f"weights sha256 {config_doc['weights_sha256'][:16]}}}\n}}")
+
+
+def write_card(model_dir: str | Path, results_path: str | Path, figures_dir: str | Path | None = None) -> Path:
+    """Copy results.json and the figures it cites into ``model_dir`` and write its README.md card."""
+    model_dir = Path(model_dir)
+    results = read_results(results_path)
+    sha = sha256_file(model_dir / WEIGHTS_FILE)
+    if results["model"]["weights_sha256"] != sha:
+        raise ValueError(f"{results_path} was measured on weights {results['model']['weights_sha256'][:12]}…, "
+                         f"but {model_dir / WEIGHTS_FILE} has sha256 {sha[:12]}…; evaluate these weights first")
+    target = model_dir / RESULTS_FILE
+    if Path(results_path).resolve() != target.resolve():
+        shutil.copyfile(results_path, target)
+    source_root = Path(figures_dir) if figures_dir else Path(results_path).parent
+    cited = set(results.get("figures", {}).values())
+    for block in list(results["elements"].values()) + [results.get("faithfulness") or {}]:
+        cited.update(block.get("figures", []))
+    for rel in sorted(cited):
+        src = source_root / rel
+        if not src.is_file():
+            src = source_root / Path(rel).name
+        if src.is_file() and src.resolve() != (model_dir / rel).resolve():
+            (model_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, model_dir / rel)
+    write_text_atomic(model_dir / CARD_FILE, render_card(model_dir, results))
+    return model_dir / CARD_FILE
+
+
+def check_card(model_dir: str | Path) -> list[str]:
+    """Every way the card in ``model_dir`` disagrees with its results, config or weights (empty = OK)."""
+    model_dir = Path(model_dir)
+    problems: list[str] = []
+    for required in (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE, RESULTS_FILE):
+        if not (model_dir / required).is_file():
+            problems.append(f"{model_dir / required} is missing")
+    if problems:
+        return problems
+    from huggingface_hub import ModelCard
+
+    card_text = (model_dir / CARD_FILE).read_text(encoding="utf-8")
+    try:
+        meta = ModelCard.load(model_dir / CARD_FILE).data.to_dict()
+    except Exception as err:  # the Hub parser raises several types; report, do not hide
+        return [f"{CARD_FILE}: front matter is not readable by huggingface_hub.ModelCard ({err})"]
+    try:
+        results = read_results(model_dir / RESULTS_FILE)
+    except ValueError as err:
+        return [str(err)]
+    config_doc = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+
+    sha = sha256_file(model_dir / WEIGHTS_FILE)
+    stated = {"card": (meta.get("mlmi_zoo") or {}).get("weights_sha256"), "config.json": config_doc.get("weights_sha256"),
+              "results.json": results["model"].get("weights_sha256")}
+    for where, value in stated.items():
+        if value != sha:
+            problems.append(f"weights sha256 {sha} differs from the value in {where} ({value})")
+
+    for key in ("license", "library_name", "tags", "datasets", "model-index", "mlmi_zoo"):
+        if not meta.get(key):
+            problems.append(f"front matter field {key!r} is missing or empty")
+    block = meta.get("mlmi_zoo") or {}
+    for key in ("version", "weights_sha256", "input_spec", "label_names", "operating_point"):
+        if block.get(key) in (None, "", []):
+            problems.append(f"front matter field 'mlmi_zoo.{key}' is missing or empty")
+    if PLACEHOLDERS.search(card_text):
+        problems.append(f"{CARD_FILE} contains a placeholder: {PLACEHOLDERS.search(card_text).group(0)!r}")
+
+    stated_metrics = {}
+    for entry in (meta.get("model-index") or [{}])[0].get("results", [{}])[0].get("metrics", []):
+        stated_metrics[entry.get("type")] = entry.get("value")
+    for key in TASK_METRICS:
+        expected = metric_value(results["task"].get(key))
+        if expected is None:
+            continue
+        got = stated_metrics.get(TASK_TYPE[key])
+        if got is None or abs(float(got) - expected) > 1e-6:
+            problems.append(f"model-index {TASK_TYPE[key]} is {got}, results.json says {expected:.6f}")
+
+    for rel in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card_text):
+        if not (model_dir / rel).is_file():
+            problems.append(f"the card cites figure {rel} which is not in {model_dir}")
+
+    expected_text = render_card(model_dir, results)
+    if expected_text != card_text:
+        got_lines, want_lines = card_text.splitlines(), expected_text.splitlines()
+        for i, (got, want) in enumerate(zip(got_lines, want_lines), start=1):
+            if got != want:
+                problems.append(f"{CARD_FILE} line {i} differs from what results.json generates: "
+                                f"card says {got.strip()!r}, expected {want.strip()!r}")
+                break
+        else:
+            problems.append(f"{CARD_FILE} has {len(got_lines)} lines, the generated card has {len(want_lines)}")
+    return problems

@@ -1,0 +1,130 @@
+"""What each data source is, for cards: name, license, modality, body part, citation, ground truth.
+
+Model cards take these facts from here — keyed by the ``kind`` (and MedMNIST ``flag``) of the data
+description a model was trained and evaluated on — so that every card trained on a data set cites
+it and states its license.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DataSource", "source_for", "ZOO_BIBTEX"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    name: str
+    hub_id: str  # the `datasets:` identifier in card front matter
+    license: str  # SPDX-like identifier of the data license
+    modality: str
+    body_part: str
+    description: str
+    ground_truth: str
+    has_spacing: bool
+    bibtex: tuple[str, ...] = field(default_factory=tuple)
+
+
+ZOO_BIBTEX = """@software{mlmi_zoo,
+  title  = {mlmi-zoo: inherently interpretable models for medical imaging},
+  author = {{mlmi-zoo contributors}},
+  year   = {2026},
+  url    = {https://github.com/mlmi-zoo/mlmi-zoo}
+}"""
+
+MEDMNIST_BIBTEX = """@article{yang2023medmnist,
+  title   = {MedMNIST v2 - A large-scale lightweight benchmark for 2D and 3D biomedical image classification},
+  author  = {Yang, Jiancheng and Shi, Rui and Wei, Donglai and Liu, Zequan and Zhao, Lin and Ke, Bilian and Pfister, Hanspeter and Ni, Bingbing},
+  journal = {Scientific Data},
+  volume  = {10},
+  number  = {1},
+  pages   = {41},
+  year    = {2023}
+}"""
+
+LIDC_BIBTEX = (
+    """@article{armato2011lidc,
+  title   = {The Lung Image Database Consortium ({LIDC}) and Image Database Resource Initiative ({IDRI}): a completed reference database of lung nodules on {CT} scans},
+  author  = {Armato, Samuel G. and McLennan, Geoffrey and Bidaut, Luc and others},
+  journal = {Medical Physics},
+  volume  = {38},
+  number  = {2},
+  pages   = {915--931},
+  year    = {2011}
+}""",
+    """@article{hancock2016pylidc,
+  title   = {Lung nodule malignancy classification using only radiologist-quantified image features as inputs to statistical learning algorithms: probing the {Lung Image Database Consortium} dataset with two statistical learning methods},
+  author  = {Hancock, Matthew C. and Magnan, Jerry F.},
+  journal = {Journal of Medical Imaging},
+  volume  = {3},
+  number  = {4},
+  pages   = {044504},
+  year    = {2016}
+}""",
+)
+
+PHANTOM_GT = "exact: generated with the image (mask, concepts, measurements at the true spacing, label rule)"
+
+SOURCES: dict[str, DataSource] = {
+    "nodule_phantom": DataSource(
+        "mlmi-zoo nodule phantom", "mlmi-zoo/nodule-phantom", "apache-2.0", "CT", "lung",
+        "procedural CT-like lung patches in HU with one nodule each, deterministic by (seed, index)",
+        PHANTOM_GT, True, (ZOO_BIBTEX,)),
+    "lidc_nodules": DataSource(
+        "LIDC-IDRI-grounded nodules", "LIDC-IDRI", "cc-by-3.0", "CT", "lung",
+        "one real LIDC-IDRI radiologist reading per case: the drawn contour at the scan's real spacing is the mask, "
+        "the ratings are the concepts, malignancy (>= 4 vs <= 2; 3 excluded) the label; only the CT texture is rendered",
+        "radiologist annotations (contours and ratings) of LIDC-IDRI; split by patient", True, LIDC_BIBTEX),
+    "tilebag_phantom": DataSource(
+        "mlmi-zoo tile-bag phantom", "mlmi-zoo/tilebag-phantom", "apache-2.0", "histopathology", "generic tissue",
+        "procedural H&E-like slides as bags of tiles; tumour tiles carry larger, darker, irregular nuclei",
+        PHANTOM_GT + "; instance labels and tumour area in mm^2 from the tile size in microns per pixel", True, (ZOO_BIBTEX,)),
+    "medmnist:pneumoniamnist": DataSource(
+        "PneumoniaMNIST", "medmnist/pneumoniamnist", "cc-by-4.0", "X-ray", "chest",
+        "MedMNIST v2 paediatric chest X-rays (Kermany et al. 2018), resized to 28x28; official splits",
+        "labels of the source data set (normal vs pneumonia)", False,
+        (MEDMNIST_BIBTEX, """@article{kermany2018identifying,
+  title   = {Identifying medical diagnoses and treatable diseases by image-based deep learning},
+  author  = {Kermany, Daniel S. and Goldbaum, Michael and Cai, Wenjia and others},
+  journal = {Cell},
+  volume  = {172},
+  number  = {5},
+  pages   = {1122--1131},
+  year    = {2018}
+}""")),
+    "medmnist:retinamnist": DataSource(
+        "RetinaMNIST", "medmnist/retinamnist", "cc-by-4.0", "fundus photography", "eye",
+        "MedMNIST v2 fundus images from DeepDRiD, resized to 28x28; official splits",
+        "diabetic retinopathy grade 0-4 from the source data set", False,
+        (MEDMNIST_BIBTEX, """@article{liu2022deepdrid,
+  title   = {{DeepDRiD}: Diabetic Retinopathy-Grading and Image Quality Estimation Challenge},
+  author  = {Liu, Ruhan and Wang, Xiangning and Wu, Qiang and others},
+  journal = {Patterns},
+  volume  = {3},
+  number  = {6},
+  pages   = {100512},
+  year    = {2022}
+}""")),
+    "medmnist:adrenalmnist3d": DataSource(
+        "AdrenalMNIST3D", "medmnist/adrenalmnist3d", "cc-by-4.0", "CT", "adrenal gland",
+        "MedMNIST v2 3D adrenal shape volumes derived from abdominal CT, resized to 28^3; official splits",
+        "labels of the source data set (normal vs adrenal hyperplasia)", False, (MEDMNIST_BIBTEX,)),
+    "medmnist:vesselmnist3d": DataSource(
+        "VesselMNIST3D", "medmnist/vesselmnist3d", "cc-by-4.0", "MR angiography", "brain",
+        "MedMNIST v2 3D brain vessel segments from IntrA, resized to 28^3; official splits",
+        "labels of the source data set (vessel vs aneurysm)", False, (MEDMNIST_BIBTEX,)),
+}
+
+
+def source_for(data: dict[str, Any]) -> DataSource:
+    """The :class:`DataSource` for a data description (``{"kind": ..., "params": {...}}``)."""
+    kind = data.get("kind", "")
+    key = kind
+    if kind == "medmnist":
+        params = data.get("params", {})
+        flag = params.get("flag") or str(params.get("path", "")).rsplit("/", 1)[-1].removesuffix(".npz")
+        key = f"medmnist:{flag.removesuffix('_64')}"
+    if key not in SOURCES:
+        return DataSource(kind or "user data", "private", "other", "unknown", "unknown",
+                          "user-provided data (described, never uploaded)", "as provided by the user", False)
+    return SOURCES[key]
