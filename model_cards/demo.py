@@ -1,0 +1,112 @@
+"""``mlmi-zoo demo``: explain bundled sample cases with every bundled model, offline, in one HTML page.
+
+Each bundled model folder may hold ``samples/*.safetensors``: a few cases saved at release time
+(phantom cases, and real images whose licence allows redistribution), with raw intensities, spacing
+and, for bags, features and coordinates. The demo loads each model, explains its samples and writes
+``index.html`` with the image, the localisation overlay, the top prototypes / concept table /
+attention heat-map (each family renders its own sections), the measurements with units, and a link
+to each model's card.
+"""
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from mlmi_zoo.cli import _Parser
+from mlmi_zoo.explanations import render_page
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_demo", "load_samples", "save_samples", "main"]
+
+
+def save_samples(folder: str | Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Store one sample case (raw tensors + JSON metadata) under ``folder/samples/name.safetensors``."""
+    from mlmi_zoo._weights import save_weights
+
+    path = Path(folder) / "samples" / f"{name}.safetensors"
+    save_weights(tensors, path, metadata={"meta": json.dumps(meta, sort_keys=True)})
+    return path
+
+
+def load_samples(folder: str | Path) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """Read every sample case bundled with a model folder."""
+    from safetensors import safe_open
+
+    from mlmi_zoo._weights import check_weights_file
+
+    out = []
+    for path in sorted((Path(folder) / "samples").glob("*.safetensors")):
+        check_weights_file(path, expected_sha256=None)
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        meta.setdefault("name", path.stem)
+        out.append((tensors, meta))
+    return out
+
+
+def explain_sample(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Run ``model.explain`` on one stored sample (adds the batch axis, applies the intensity transform)."""
+    if "feats" in tensors:
+        feats = tensors["feats"].float().unsqueeze(0)  # (1, N, D)
+        coords = tensors["coords"].unsqueeze(0) if "coords" in tensors else None
+        return model.explain(feats, coords=coords)
+    x = model.input_spec.intensity(tensors["image"].float().unsqueeze(0))  # (1, C, *spatial)
+    kwargs = {"spacing": tensors["spacing"].double().tolist()} if "spacing" in tensors and model.config.spacing else {}
+    return model.explain(x, **kwargs)
+
+
+def run_demo(out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
+    """Explain the bundled samples of each bundled model and write ``out_dir/index.html``."""
+    import mlmi_zoo
+    from mlmi_zoo.registry import bundled_dir
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(names) if names else mlmi_zoo.list_models(pretrained=True)
+    if not names:
+        raise FileNotFoundError(f"no bundled models found in {bundled_dir()}")
+    start = time.perf_counter()
+    parts, toc = [], []
+    for name in names:
+        folder = bundled_dir() / name
+        model = mlmi_zoo.load(name)
+        samples = load_samples(folder)
+        card = (folder / "README.md").resolve()
+        anchor = name.replace(".", "-")
+        toc.append(f'<li><a href="#{anchor}">{html.escape(name)}</a> — {len(samples)} case(s)</li>')
+        parts.append(f'<h2 id="{anchor}">{html.escape(name)}</h2>'
+                     f'<p>{html.escape(type(model).__name__)} · <a href="{card.as_uri()}">model card</a></p>')
+        if not samples:
+            parts.append("<p>No sample cases are bundled with this model.</p>")
+        for tensors, meta in samples:
+            exp = explain_sample(model, tensors)
+            truth = ", ".join(f"{k}: {v}" for k, v in meta.items() if k not in ("name",))
+            parts.append(f"<h3>{html.escape(meta['name'])}</h3><p><small>{html.escape(truth)}</small></p>")
+            for title, content in exp.html_sections(0):
+                parts.append(f"<h4>{html.escape(title)}</h4>\n{content}")
+        log.info("explained %s (%d cases)", name, len(samples))
+    elapsed = time.perf_counter() - start
+    body = (f"<p>{len(names)} bundled model(s), explained offline in {elapsed:.1f} s.</p><ul>{''.join(toc)}</ul>"
+            + "\n".join(parts))
+    path = out_dir / "index.html"
+    path.write_text(render_page("mlmi-zoo demo", body), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str]) -> int:
+    """``mlmi-zoo demo [--out DIR] [--models NAME ...]``."""
+    p = _Parser(prog="mlmi-zoo demo", description="Explain bundled sample cases with the bundled models (offline).")
+    p.add_argument("--out", type=Path, default=Path("mlmi_zoo_demo"), help="output folder (default: ./mlmi_zoo_demo)")
+    p.add_argument("--models", nargs="*", help="bundled model names (default: all)")
+    args = p.parse_args(list(argv[1:]) if argv and argv[0] == "demo" else list(argv))
+    path = run_demo(args.out, args.models)
+    print(f"open {path.resolve().as_uri()}")
+    return 0
