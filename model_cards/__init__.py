@@ -1,4 +1,15 @@
 """Bundled model folders (one per published model: card, config, weights, figures) and card tooling."""
-from mlmi_zoo.model_cards.card import check_card, render_card, write_card
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["check_card", "render_card", "write_card"]
+
+
+def __getattr__(name: str) -> Any:
+    # The card tooling pulls in evaluation and Jinja2; load it only when a card is written or checked.
+    if name in __all__:
+        from mlmi_zoo.model_cards import card
+
+        return getattr(card, name)
+    raise AttributeError(f"module 'mlmi_zoo.model_cards' has no attribute {name!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import json
 import typing
 from dataclasses import dataclass
@@ -107,7 +108,9 @@ def create_model(name: str, **overrides: Any) -> InterpretableModel:
 
 def bundled_dir() -> Path:
     """The folder of bundled pretrained models (``model_cards/`` in the repository)."""
-    return Path(importlib.import_module("mlmi_zoo.model_cards").__file__).parent
+    # find_spec locates the folder without importing the card tooling (and its dependencies).
+    spec = importlib.util.find_spec("mlmi_zoo.model_cards")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _bundled_weights() -> list[str]:
