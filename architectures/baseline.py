@@ -107,12 +107,12 @@ class BaselineTraining(FamilyTraining):
         x = self.inputs(model, batch)
         logits, quantities = model.forward_with_quantities(x)
         ce = nn.functional.cross_entropy(logits, batch["label"])
-        logs = {"ce": float(ce)}
+        logs = {"ce": ce.item()}
         loss = ce
         if quantities is not None:
             phys = model.physical.loss(quantities, batch["measurements"], batch["spacing"].to(quantities.dtype))
             loss = loss + phys
-            logs["physical"] = float(phys)
+            logs["physical"] = phys.item()
         return LossOutput(loss, logits.detach(), logs)
 
 

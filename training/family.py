@@ -59,7 +59,7 @@ class FamilyTraining:
         x = self.inputs(model, batch)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, batch["label"])
-        return LossOutput(loss, logits.detach(), {"ce": float(loss)})
+        return LossOutput(loss, logits.detach(), {"ce": loss.item()})
 
     def trainable_parameters(self, model: InterpretableModel, stage: str) -> list[nn.Parameter]:
         """Parameters optimised in ``stage`` (the others are frozen, their modules put in eval mode)."""
