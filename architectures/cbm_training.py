@@ -1,0 +1,124 @@
+"""Training adapter of concept bottleneck models: Koh et al. (ICML 2020) independent, sequential
+and joint training as stages of the shared trainer.
+
+Stages:
+
+- ``"concepts"``: backbone + concept head on the concept loss ``L_c`` only (independent and
+  sequential modes; also usable as a warm-up before joint training).
+- ``"label_head"``: the concept -> label head alone, on cross-entropy ``L_y``. In ``independent``
+  mode it sees the *true* concepts of the batch (missing ones imputed from training-split
+  statistics) and never runs the image network; in ``sequential`` (and ``joint``) mode it sees the
+  frozen concept model's *predicted* bottleneck vectors.
+- ``"joint"``: everything, on ``L_y + joint_lambda * L_c`` — Koh et al.'s weighting (lambda scales
+  the concept loss, the label loss keeps weight 1).
+
+``L_c`` is the sum over concepts of each concept's masked, class-balanced loss
+(:meth:`~mlmi_zoo.architectures.concepts.ConceptCodec.loss`).
+What we changed: typed concepts with units, masking of missing labels, class balance (see
+:mod:`.concepts`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mlmi_zoo.architectures.cbm import CBM
+from mlmi_zoo.architectures.concepts import concept_values_from_batch
+from mlmi_zoo.training.family import FamilyTraining, LossOutput, register_training
+
+__all__ = ["CBMTraining", "STAGES_BY_MODE", "fit_concept_statistics"]
+
+# The recipe stages each training mode runs, in order.
+STAGES_BY_MODE: dict[str, tuple[str, ...]] = {
+    "independent": ("concepts", "label_head"),
+    "sequential": ("concepts", "label_head"),
+    "joint": ("joint",),
+}
+
+
+def _spacing(batch: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    s = batch.get("spacing")
+    return None if s is None else torch.as_tensor(s, dtype=torch.float32, device=device)
+
+
+def fit_concept_statistics(model: CBM, dataset: Dataset, max_cases: int = 2000) -> None:
+    """Fit the model's concept priors, class weights and continuous normalisation on ``dataset``.
+
+    Reads up to ``max_cases`` samples evenly spread over the training split; concepts come from
+    ``sample["concepts"]`` or ``sample["measurements"]``, spacing from ``sample["spacing"]``.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("cannot fit concept statistics on an empty training split")
+    idx = torch.linspace(0, n - 1, steps=min(n, max_cases)).round().long().unique().tolist()
+    rows = [dataset[i] for i in idx]
+    values = torch.cat([concept_values_from_batch(model.concept_specs, r) for r in rows])  # (N, Kc)
+    spacing = None
+    if all(r.get("spacing") is not None for r in rows):
+        spacing = torch.stack([torch.as_tensor(r["spacing"], dtype=torch.float64).reshape(-1) for r in rows])  # (N, dims)
+    model.codec.fit(values, spacing)
+
+
+@register_training
+class CBMTraining(FamilyTraining):
+    """Losses and trainable parameters of each CBM training stage (see the module docstring)."""
+
+    family = "cbm"
+    stage_names = ("concepts", "label_head", "joint")
+
+    def prepare(self, model: CBM, train_set: Dataset) -> None:
+        """Fit concept normalisation and imbalance weights on the training split."""
+        fit_concept_statistics(model, train_set)
+
+    def _check_stage(self, model: CBM, stage: str) -> None:
+        if stage not in self.stage_names:
+            raise ValueError(f"unknown CBM stage {stage!r}; stages are {self.stage_names}")
+        if stage == "joint" and model.config.mode != "joint":
+            raise ValueError(f"stage 'joint' needs mode='joint'; this model has mode={model.config.mode!r}, "
+                             f"whose stages are {STAGES_BY_MODE[model.config.mode]}")
+
+    def concept_targets(self, model: CBM, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """(B, Kc) internal concept targets of a batch (NaN = missing)."""
+        values = concept_values_from_batch(model.concept_specs, batch, device)
+        return model.codec.to_internal(values, _spacing(batch, device))
+
+    def loss(self, model: CBM, batch: dict[str, Any], stage: str) -> LossOutput:
+        self._check_stage(model, stage)
+        labels = batch["label"]
+        if stage == "label_head" and model.config.mode == "independent":
+            # Koh et al.'s independent model: the label head learns from the true concepts only.
+            device = next(model.label_head.parameters()).device
+            vector = model.codec.target_bottleneck(self.concept_targets(model, batch, device))  # (B, K)
+            logits = model.predict_label(vector)
+            ce = nn.functional.cross_entropy(logits, labels.to(device))
+            return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
+        x = self.inputs(model, batch)
+        if stage == "label_head":  # sequential (and joint fine-tuning): predicted concepts, frozen
+            with torch.no_grad():
+                vector = model.codec.bottleneck(model.concept_logits(x))
+            logits = model.predict_label(vector)
+            ce = nn.functional.cross_entropy(logits, labels)
+            return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
+        raw = model.concept_logits(x)  # (B, K)
+        concept_loss, parts = model.codec.loss(raw, self.concept_targets(model, batch, x.device))
+        logs = {f"concept/{k}": float(v.detach()) for k, v in parts.items()}
+        logs["concepts"] = float(concept_loss.detach())
+        if stage == "concepts":
+            with torch.no_grad():
+                logits = model.predict_label(model.codec.bottleneck(raw))
+            return LossOutput(concept_loss, logits, logs)
+        logits = model.predict_label(model.codec.bottleneck(raw))  # joint: gradients flow through the bottleneck
+        ce = nn.functional.cross_entropy(logits, labels)
+        logs["ce"] = float(ce.detach())
+        return LossOutput(ce + model.config.joint_lambda * concept_loss, logits.detach(), logs)
+
+    def trainable_parameters(self, model: CBM, stage: str) -> list[nn.Parameter]:
+        self._check_stage(model, stage)
+        if stage == "concepts":
+            return [*model.backbone.parameters(), *model.concept_head.parameters()]
+        if stage == "label_head":
+            return list(model.label_head.parameters())
+        return list(model.parameters())
