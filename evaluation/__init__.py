@@ -9,6 +9,7 @@ from mlmi_zoo.evaluation.figures import (
     plot_reliability,
     plot_roc,
 )
+from mlmi_zoo.evaluation.evaluate import evaluate
 from mlmi_zoo.evaluation.metrics import (
     CI,
     BlandAltman,
@@ -48,6 +49,7 @@ __all__ = [
     "concept_metrics",
     "decomposition_error",
     "deletion_curve",
+    "evaluate",
     "expected_calibration_error",
     "explanation_size",
     "faithfulness_gap",

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mlmi_zoo
+import mlmi_zoo.registry
 from mlmi_zoo import WeightsError
 from mlmi_zoo.explanations import Explanation
 
@@ -16,8 +17,8 @@ ARCHITECTURES = mlmi_zoo.list_models()
 
 
 def build(name: str) -> tuple[mlmi_zoo.InterpretableModel, tuple[torch.Tensor, ...]]:
-    family = mlmi_zoo.create_model(name).family
-    case = case_for(family)
+    family = mlmi_zoo.registry.get_entry(name).model_class.family
+    case = case_for(name, family)
     model = mlmi_zoo.create_model(name, **case.overrides)
     return model, case.make_input(3)
 
@@ -41,7 +42,7 @@ def test_forward_shape_and_every_parameter_gets_a_gradient(name: str) -> None:
 def test_explain_matches_forward_and_decomposes(name: str) -> None:
     model, inputs = build(name)
     model.eval()
-    exp = model.explain(*inputs, **case_for(model.family).explain_kwargs)
+    exp = model.explain(*inputs, **case_for(name, model.family).explain_kwargs)
     assert isinstance(exp, Explanation)
     torch.testing.assert_close(exp.logits, model(*inputs), rtol=1e-5, atol=1e-5)
     assert exp.logits.shape == (3, model.num_classes)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "IndexSubset"]
+__all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "IndexSubset", "MaterializedDataset"]
 
 SPLITS = ("train", "val", "test")
 DataKind = Literal["nodule_phantom", "lidc_nodules", "tilebag_phantom", "medmnist", "folder_csv", "cached_bags"]
@@ -62,6 +62,7 @@ class DataSpec:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     split_seed: int = 0
+    cache: bool = False  # render every case once and keep it in memory (for slow procedural sources)
 
     def __post_init__(self) -> None:
         for name in ("train_size", "val_size", "test_size"):
@@ -175,6 +176,38 @@ def build_dataset(spec: DataSpec, split: str) -> Dataset:
         ValueError: unknown split, inconsistent sizes or parameters.
         FileNotFoundError: a file the spec names does not exist.
     """
+    ds = _build(spec, split)
+    return MaterializedDataset(ds) if spec.cache else ds
+
+
+class MaterializedDataset(Dataset):
+    """Every case of ``dataset`` computed once and kept in memory; other attributes pass through.
+
+    Procedural sources (LIDC-grounded nodules render each case from contours) cost tens of
+    milliseconds a case; training reads each case many times. Cases depend only on their index, so
+    caching changes nothing but speed.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        from tqdm.auto import tqdm
+
+        self.dataset = dataset
+        self.items = [dataset[i] for i in tqdm(range(len(dataset)), desc="caching cases", leave=False,
+                                                mininterval=2.0, disable=None)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "items"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _build(spec: DataSpec, split: str) -> Dataset:
     _check_split(split)
     p = dict(spec.params)
     if spec.kind == "nodule_phantom":

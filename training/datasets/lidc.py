@@ -377,7 +377,7 @@ class LidcReadings:
 
     @property
     def concept_specs(self) -> tuple[ConceptSpec, ...]:
-        """Raw ratings (ordinal / categorical, value = the rating) and derived binary concepts."""
+        """Ratings (ordinal / categorical; value = level index = rating - 1) and derived binary concepts."""
         raw = tuple(
             ConceptSpec(name, "categorical" if name in _NOMINAL else "ordinal",
                         levels=tuple(f"{k + 1} {lvl}" for k, lvl in enumerate(RATING_NAMES[name])), group="rating")
@@ -396,7 +396,8 @@ class LidcReadings:
 
     def _concepts(self, a: int) -> dict[str, float]:
         r = {name: int(self.index.ratings[name][a]) for name in RATINGS}
-        c: dict[str, float] = {k: float(v) for k, v in r.items()}
+        # Concept values index the spec's levels, so a rating of 1 is level 0 ("1 extremely subtle").
+        c: dict[str, float] = {k: float(v - 1) for k, v in r.items()}
         c["spiculated"] = float(r["spiculation"] >= 3)
         c["calcified"] = float(r["calcification"] != 6)
         c["solid"] = float(r["texture"] >= 4)

@@ -1,0 +1,735 @@
+"""Attention-based multiple-instance learning: attention MIL and additive MIL over bags of tiles.
+
+A slide is a *bag* of ``N`` instances (tiles), each a feature vector of width ``D`` (cached from a
+frozen encoder) or a raw RGB tile that the model encodes itself. Bags of different sizes are padded
+into one ``(B, N, D)`` tensor with a ``(B, N)`` boolean mask.
+
+Implements:
+
+- Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018
+  (:class:`ABMIL`): instance embedding ``h_n``; attention ``a_n = w^T tanh(V h_n)`` or, gated,
+  ``a_n = w^T (tanh(V h_n) * sigmoid(U h_n))``; softmax over the bag; the bag embedding
+  ``z = sum_n attn_n h_n`` goes to a classifier.
+- Javed et al., "Additive MIL: Intrinsically Interpretable Multiple Instance Learning for
+  Pathology", NeurIPS 2022 (:class:`AdditiveMIL`): the classifier ``psi`` is applied to *each*
+  attention-weighted instance, ``c_n = psi(attn_n h_n)`` (B, N, C), and the logits are their sum,
+  so every instance's signed, per-class contribution is exact.
+
+What we changed:
+
+- The softmax is *masked*: padding gets exactly zero attention and never changes a result; a bag
+  without any valid instance is refused with a ``ValueError`` instead of producing NaN.
+- Additive MIL: ``psi`` has no biases and one global bias ``(C,)`` is added once per bag. A
+  bias-free ReLU MLP satisfies ``psi(0) = 0`` and ``psi(a h) = a psi(h)`` for ``a >= 0``, so
+  padding contributes nothing, the logits do not drift with the bag size ``N`` (a per-instance bias
+  would add ``N`` times itself), and we compute ``c_n = attn_n * psi(h_n)``, the same number
+  without an ``(B, N, hidden)`` rescaled copy of the embeddings.
+- A bag-level physical head: each instance predicts the fraction of its tile covered by tumour
+  (sigmoid, in ``[0, 1]``); times the tile's area in mm² (``tile_size`` pixels at
+  ``microns_per_pixel``, converted with pint) this is the instance's tumour area, and the bag's
+  tumour area is their sum. The measurement is therefore attributed to instances in mm², exactly.
+- Raw-tile models encode instances in chunks of ``encoder_chunk`` at inference, so encoder
+  activations do not grow with ``N``; training subsamples instances instead (see
+  :mod:`mlmi_zoo.architectures.mil_training`).
+- Unlike MONAI's ``MILModel`` there is no ``mode=`` string; attention is returned, not discarded.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from mlmi_zoo.architectures.backbones import RESNET_LAYOUTS, create_backbone
+from mlmi_zoo.architectures.heads import spacing_exponent
+from mlmi_zoo.base import InterpretableModel, ModelConfig, replace_config
+from mlmi_zoo.explanations import Explanation, html_table, png_data_uri
+from mlmi_zoo.registry import build_config, register_model
+from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement, QuantitySpec
+from mlmi_zoo.units import convert
+
+__all__ = [
+    "TUMOUR_AREA",
+    "AttentionPool",
+    "AttentionWeights",
+    "InstanceAreaHead",
+    "MILConfig",
+    "BagOutputs",
+    "ABMIL",
+    "AdditiveMIL",
+    "MILExplanation",
+    "AdditiveMILExplanation",
+    "masked_softmax",
+    "check_bag_mask",
+    "percentile_normalise",
+]
+
+TUMOUR_AREA = QuantitySpec("tumour_area_mm2", "mm^2", 0.0, math.inf)
+FEATURES = "features"  # the backbone name of models that take cached feature bags
+_TILE_AREA_UNIT = "um**2"  # tile_size * microns_per_pixel, squared
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MILConfig(ModelConfig):
+    """Attention-MIL configuration (both families).
+
+    For bags, ``spatial_dims`` is 0 and ``in_channels`` mirrors ``in_features``, so the base input
+    check validates ``(B, N, D)`` feature bags. Raw-tile models (``instance_encoder`` set) take
+    ``(B, N, in_channels, tile_size, tile_size)`` tiles instead.
+
+    Attributes:
+        in_features: instance feature width D entering the attention MLP: the width of cached
+            features, or the projection width of the raw-tile encoder.
+        hidden: width of the instance embedding ``h_n``; small (128) because it is evaluated on
+            every instance of 100k-tile bags.
+        attention_hidden: width of the attention MLP (``V``, ``U`` in Ilse et al.).
+        gated: gated attention ``tanh(V h) * sigmoid(U h)`` (Ilse et al.'s better variant) or plain
+            ``tanh(V h)``.
+        classifier_hidden: hidden width of the classifier ``psi``; 0 makes it linear.
+        dropout: on the instance embedding, during training only.
+        instance_encoder: ``None`` for cached features; else a backbone name understood by
+            :func:`create_backbone` that encodes raw tiles (equal to ``backbone``).
+        encoder_chunk: instances encoded per pass at inference, bounding encoder memory.
+        tile_size: tile side in pixels; with ``microns_per_pixel`` it gives each tile's area.
+        microns_per_pixel: pixel size of the tiles (0.5 µm is the usual 20x objective).
+        train_max_instances: random subsample per bag during training (augmentation, and a bound on
+            encoder memory for raw tiles); ``None`` uses every instance.
+        physical_weight: weight of the physical-head loss against cross-entropy.
+    """
+
+    backbone: str = FEATURES
+    label_names: tuple[str, ...] = ("negative", "positive")
+    in_channels: int = 512
+    spatial_dims: int = 0
+    img_size: tuple[int, ...] = ()
+    modality: str = "histopathology"
+    quantities: tuple[QuantitySpec, ...] = (TUMOUR_AREA,)
+    in_features: int = 512
+    hidden: int = 128
+    attention_hidden: int = 128
+    gated: bool = True
+    classifier_hidden: int = 64
+    dropout: float = 0.25
+    instance_encoder: str | None = None
+    encoder_chunk: int = 512
+    tile_size: int = 256
+    microns_per_pixel: float = 0.5
+    train_max_instances: int | None = 4096
+    physical_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.instance_encoder is None:
+            if self.backbone != FEATURES:
+                raise ValueError(f"backbone {self.backbone!r} needs instance_encoder={self.backbone!r}; "
+                                 f"cached-feature models use backbone {FEATURES!r}")
+            # Feature bags: the base input check reads the feature width from in_channels.
+            object.__setattr__(self, "in_channels", self.in_features)
+        elif self.instance_encoder != self.backbone:
+            raise ValueError(f"instance_encoder {self.instance_encoder!r} must equal backbone {self.backbone!r} "
+                             f"(the registered name states the encoder)")
+        super().__post_init__()
+        if self.spatial_dims != 0:
+            raise ValueError(f"MIL models take bags: spatial_dims must be 0, got {self.spatial_dims}")
+        for name in ("in_features", "hidden", "attention_hidden", "encoder_chunk", "tile_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.classifier_hidden < 0:
+            raise ValueError(f"classifier_hidden must be >= 0 (0 = linear), got {self.classifier_hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.microns_per_pixel > 0:
+            raise ValueError(f"microns_per_pixel must be positive, got {self.microns_per_pixel}")
+        if self.train_max_instances is not None and self.train_max_instances < 1:
+            raise ValueError(f"train_max_instances must be positive or None, got {self.train_max_instances}")
+        for q in self.quantities:
+            if spacing_exponent(q.unit) != 2:
+                raise ValueError(f"quantity {q.name!r} has unit {q.unit!r}; the MIL head sums per-tile areas, "
+                                 f"so every quantity must be an area (e.g. 'mm^2')")
+
+
+# --------------------------------------------------------------------------------------------------
+# masked attention pooling
+# --------------------------------------------------------------------------------------------------
+def check_bag_mask(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Return a (B, N) bool mask of valid instances, refusing bags with none.
+
+    Args:
+        mask: (B, N) bool/integer mask, ``True`` = valid instance; ``None`` = all valid.
+        batch: B.
+        length: N.
+        device: where the mask should live.
+
+    Raises:
+        ValueError: for a wrong shape or dtype, an empty bag (N = 0) or a bag whose mask is all False.
+    """
+    if length == 0:
+        raise ValueError("expected bags with at least one instance, got N=0; drop empty bags before the model")
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if mask.is_floating_point():
+        raise ValueError(f"expected a bool mask (B, N), got dtype {mask.dtype}; use mask.bool() on 0/1 masks")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"expected a mask of shape (B, N) = {(batch, length)}, got {tuple(mask.shape)}")
+    mask = mask.to(device=device, dtype=torch.bool)
+    empty = (~mask.any(1)).nonzero().flatten()
+    if empty.numel():
+        raise ValueError(f"bag(s) {empty.tolist()} have no valid instance (all-False mask); "
+                         f"attention over an empty bag is undefined: drop them")
+    return mask
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis restricted to ``mask``; masked entries get exactly 0.
+
+    Args:
+        scores: (..., N) raw scores.
+        mask: (..., N) bool, broadcastable to ``scores``; every row needs a True entry
+            (see :func:`check_bag_mask`).
+
+    Returns:
+        (..., N) weights summing to 1 over the valid entries.
+    """
+    return scores.masked_fill(~mask, -math.inf).softmax(-1)
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """What an :class:`AttentionPool` computed: keep the scores, they are part of the explanation."""
+
+    scores: torch.Tensor  # (B, K, N) raw pre-softmax scores (padding keeps its score, it is masked later)
+    weights: torch.Tensor  # (B, K, N) masked softmax, 0 at padding, sums to 1 over valid instances
+
+
+class AttentionPool(nn.Module):
+    """Attention scores over a bag (Ilse et al. 2018, eqs. 8-9).
+
+    Args:
+        in_features: width of the instance embeddings.
+        hidden: width of the attention MLP.
+        gated: ``tanh(V h) * sigmoid(U h)`` when True, ``tanh(V h)`` otherwise.
+        branches: independent attention distributions (e.g. one per class).
+    """
+
+    def __init__(self, in_features: int, hidden: int, gated: bool, branches: int = 1) -> None:
+        super().__init__()
+        if branches < 1:
+            raise ValueError(f"branches must be >= 1, got {branches}")
+        self.gated = gated
+        self.branches = branches
+        # V and U share one matmul: a single (in, 2*hidden) product is faster than two on long bags.
+        self.project = nn.Linear(in_features, 2 * hidden if gated else hidden)
+        self.score = nn.Linear(hidden, branches)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) instance embeddings -> (B, K, N) raw attention scores."""
+        projected = self.project(h)  # (B, N, A) or (B, N, 2A)
+        if self.gated:
+            v, u = projected.chunk(2, dim=-1)
+            a = torch.tanh(v) * torch.sigmoid(u)  # (B, N, A)
+        else:
+            a = torch.tanh(projected)  # (B, N, A)
+        return rearrange(self.score(a), "b n k -> b k n")
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> AttentionWeights:
+        """Attention over the valid instances.
+
+        Args:
+            h: (B, N, F) instance embeddings.
+            mask: (B, N) bool, checked with :func:`check_bag_mask`.
+
+        Returns:
+            raw scores and masked-softmax weights, both (B, K, N).
+        """
+        s = self.scores(h)  # (B, K, N)
+        return AttentionWeights(scores=s, weights=masked_softmax(s, mask[:, None, :]))
+
+
+# --------------------------------------------------------------------------------------------------
+# physical head: tumour area as a sum over tiles
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _um2_to(unit: str) -> float:
+    return float(convert(1.0, _TILE_AREA_UNIT, unit))
+
+
+class InstanceAreaHead(nn.Module):
+    """Per-instance fraction of the tile covered by each quantity (e.g. tumour), in area units.
+
+    ``instance area = sigmoid(w^T h_n + b) * tile area``; the bag's area is the sum over valid
+    instances, so each instance's share is exact and non-negative.
+
+    Args:
+        in_features: width of the instance embeddings.
+        quantities: area quantities (units convertible to mm²).
+        tile_size: tile side in pixels.
+        microns_per_pixel: default pixel size of the tiles.
+    """
+
+    def __init__(self, in_features: int, quantities: tuple[QuantitySpec, ...], tile_size: int,
+                 microns_per_pixel: float) -> None:
+        super().__init__()
+        self.quantities = tuple(quantities)
+        self.tile_size = tile_size
+        self.microns_per_pixel = microns_per_pixel
+        self.fraction = nn.Linear(in_features, len(self.quantities))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, F) instance embeddings -> (B, N, Q) covered-fraction logits."""
+        return self.fraction(h)
+
+    def tile_area(self, batch: int, microns_per_pixel: Any = None, device: torch.device | None = None) -> torch.Tensor:
+        """(B, Q) area of one tile in each quantity's unit.
+
+        Args:
+            batch: B.
+            microns_per_pixel: float or (B,) pixel sizes; default: the configured one.
+            device: device of the result.
+
+        Raises:
+            ValueError: for a non-positive or wrongly shaped pixel size.
+        """
+        mpp = torch.as_tensor(self.microns_per_pixel if microns_per_pixel is None else microns_per_pixel,
+                              dtype=torch.float32, device=device)
+        if mpp.ndim == 0:
+            mpp = mpp.expand(batch)
+        if mpp.shape != (batch,) or not bool((mpp > 0).all()) or not bool(torch.isfinite(mpp).all()):
+            raise ValueError(f"expected microns_per_pixel as a positive float or ({batch},) tensor, got {mpp.tolist()}")
+        side_um = self.tile_size * mpp  # (B,)
+        factors = torch.tensor([_um2_to(q.unit) for q in self.quantities], dtype=torch.float32, device=device)
+        return side_um[:, None] ** 2 * factors  # (B, Q)
+
+    def instance_areas(self, fraction_logits: torch.Tensor, mask: torch.Tensor, tile_area: torch.Tensor) -> torch.Tensor:
+        """(B, N, Q) logits, (B, N) mask, (B, Q) tile area -> (B, N, Q) areas, 0 at padding."""
+        return torch.sigmoid(fraction_logits) * tile_area[:, None, :] * mask[..., None]
+
+
+# --------------------------------------------------------------------------------------------------
+# explanations
+# --------------------------------------------------------------------------------------------------
+def percentile_normalise(values: np.ndarray, signed: bool, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Normalise per-instance scores by their percentiles so slides are comparable.
+
+    Unsigned scores (attention) map ``[P_low, P_high]`` to ``[0, 1]``; signed scores
+    (contributions) are divided by ``P_high`` of their magnitude and clipped to ``[-1, 1]``, so zero
+    stays zero and the sign stays readable. Values outside are clipped; NaN stays NaN.
+
+    Args:
+        values: scores of any shape (NaN = no instance).
+        signed: treat as signed contributions.
+        low: lower percentile (unsigned scores only).
+        high: upper percentile.
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return values.astype(np.float32)
+    if signed:
+        scale = float(np.percentile(np.abs(finite), high))
+        if scale <= 0:
+            return np.where(np.isfinite(values), 0.0, np.nan).astype(np.float32)
+        return np.clip(values / scale, -1.0, 1.0).astype(np.float32)
+    lo, hi = (float(v) for v in np.percentile(finite, [low, high]))
+    if hi <= lo:
+        return np.where(np.isfinite(values), 0.5, np.nan).astype(np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _grid_indices(coords: np.ndarray) -> np.ndarray:
+    """(n, k) tile coordinates (grid or pixel) -> (n, k) non-negative grid indices.
+
+    The grid step per axis is the greatest common divisor of the offsets, so pixel coordinates that
+    are multiples of the tile size map to the same grid as ``(row, col)`` indices.
+    """
+    c = np.rint(coords).astype(np.int64)
+    c = c - c.min(0)
+    step = np.gcd.reduce(c, axis=0)
+    step[step == 0] = 1
+    return c // step
+
+
+def _heatmap_png(grid: np.ndarray, signed: bool) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if grid.ndim == 3:  # (D, H, W): maximum-magnitude projection along the first axis
+        idx = np.nanargmax(np.nan_to_num(np.abs(grid), nan=-1.0), axis=0)
+        grid = np.take_along_axis(grid, idx[None], 0)[0]
+    h, w = grid.shape
+    scale = 4.0 / max(h, w)
+    fig, ax = plt.subplots(figsize=(max(1.5, w * scale), max(1.5, h * scale)), dpi=80)
+    cmap = plt.get_cmap("RdBu_r" if signed else "viridis").with_extremes(bad="#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-1.0 if signed else 0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.02)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True, kw_only=True)
+class MILExplanation(Explanation):
+    """Why a bag got its logits: attention over instances and per-instance physical attribution.
+
+    Attributes:
+        attention: (B, N) softmax weights, summing to 1 over valid instances, 0 at padding.
+        attention_scores: (B, N) raw pre-softmax scores (padding keeps an arbitrary value).
+        contributions: (B, N, C) exact per-instance, per-class logit contributions (additive MIL);
+            ``None`` for attention MIL, whose classifier acts on the pooled embedding.
+        bias: (C,) the one global bias of additive MIL; ``None`` otherwise.
+        instance_measurements: name -> (B, N) each instance's share of the bag measurement, in the
+            measurement's unit (0 at padding); summed over N it equals ``measurements[name]``.
+        coords: (B, N, 2|3) tile coordinates (grid or pixel), when given to ``explain``.
+        mask: (B, N) bool, True at valid instances.
+    """
+
+    family: ClassVar[str] = "abmil"
+    decomposable: ClassVar[bool] = False
+
+    attention: torch.Tensor  # (B, N)
+    attention_scores: torch.Tensor  # (B, N)
+    mask: torch.Tensor  # (B, N)
+    contributions: torch.Tensor | None = None  # (B, N, C)
+    bias: torch.Tensor | None = None  # (C,)
+    instance_measurements: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, N)
+    coords: torch.Tensor | None = None  # (B, N, 2|3)
+
+    def instance_scores(self, i: int, scores: str = "contributions", class_index: int | None = None) -> torch.Tensor:
+        """(n_valid,) the scores of bag ``i``'s valid instances.
+
+        Args:
+            i: bag index.
+            scores: ``"contributions"`` (signed, to ``class_index``) or ``"attention"``.
+            class_index: class of the contributions; default: the predicted class.
+
+        Raises:
+            ValueError: for contributions of a model that has none, or an unknown ``scores``.
+        """
+        valid = self.mask[i]
+        if scores == "attention":
+            return self.attention[i][valid]
+        if scores != "contributions":
+            raise ValueError(f"scores must be 'contributions' or 'attention', got {scores!r}")
+        if self.contributions is None:
+            raise ValueError(f"{type(self).__name__} has no per-instance contributions (attention MIL pools "
+                             f"before classifying); use scores='attention' or an additive_mil model")
+        c = int(self.predicted()[i]) if class_index is None else class_index
+        return self.contributions[i, :, c][valid]
+
+    def heatmap(self, i: int, scores: str = "contributions", class_index: int | None = None) -> np.ndarray:
+        """Render bag ``i``'s instance scores on the slide grid.
+
+        Scores are percentile-normalised (:func:`percentile_normalise`: attention 1st-99th
+        percentile -> [0, 1]; contributions by the 99th percentile of their magnitude -> [-1, 1]),
+        so heat maps of slides of different sizes are comparable. Cells without an instance are NaN.
+
+        Args:
+            i: bag index.
+            scores: ``"contributions"`` or ``"attention"``.
+            class_index: class of the contributions; default: the predicted class.
+
+        Returns:
+            float32 array with one axis per coordinate column, e.g. (rows, cols).
+
+        Raises:
+            ValueError: when ``explain`` was not given ``coords``.
+        """
+        if self.coords is None:
+            raise ValueError("this explanation has no coords; pass coords=(B, N, 2) tile positions to explain()")
+        values = self.instance_scores(i, scores, class_index).detach().cpu().numpy().astype(np.float64)
+        grid_idx = _grid_indices(self.coords[i][self.mask[i]].detach().cpu().numpy())
+        shape = tuple(int(v) + 1 for v in grid_idx.max(0))
+        if math.prod(shape) > 50_000_000:
+            raise ValueError(f"coords span a {shape} grid; pass grid (row, col) indices or tile-aligned pixel coords")
+        grid = np.full(shape, np.nan)
+        grid[tuple(grid_idx.T)] = values
+        return percentile_normalise(grid, signed=scores == "contributions")
+
+    def html_sections(self, i: int) -> list[tuple[str, str]]:
+        sections = super().html_sections(i)
+        kinds = ["attention"] + (["contributions"] if self.contributions is not None else [])
+        if self.coords is not None:
+            images = []
+            for kind in kinds:
+                png = _heatmap_png(self.heatmap(i, kind), signed=kind == "contributions")
+                images.append(f'<figure><img src="{png_data_uri(png)}"><figcaption>{kind}</figcaption></figure>')
+            sections.append(("Instance heat map (percentile-normalised)", '<div class="gallery">' + "".join(images) + "</div>"))
+        sections.append(("Top instances", self._top_table(i, kinds[-1])))
+        return sections
+
+    def _top_table(self, i: int, kind: str, k: int = 10) -> str:
+        c = int(self.predicted()[i])
+        order_scores = self.instance_scores(i, kind)
+        order_scores = order_scores.abs() if kind == "contributions" else order_scores
+        index = self.mask[i].nonzero().flatten()
+        top = index[order_scores.argsort(descending=True)[:k]].tolist()
+        name = self.label_names[c] if self.label_names else str(c)
+        header = ["instance", "coords", "attention"]
+        if self.contributions is not None:
+            header.append(f"contribution to {name}")
+        header += [f"{q} ({self.measurements[q].unit})" if q in self.measurements else q for q in self.instance_measurements]
+        rows = []
+        for n in top:
+            row: list[Any] = [n, "-" if self.coords is None else tuple(int(v) for v in self.coords[i, n].tolist()),
+                              f"{float(self.attention[i, n]):.4f}"]
+            if self.contributions is not None:
+                row.append(f"{float(self.contributions[i, n, c]):+.4f}")
+            row += [f"{float(v[i, n]):.4g}" for v in self.instance_measurements.values()]
+            rows.append(tuple(row))
+        return html_table(tuple(header), rows)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdditiveMILExplanation(MILExplanation):
+    """Additive MIL: ``contributions.sum(1) + bias == logits`` exactly."""
+
+    family: ClassVar[str] = "additive_mil"
+    decomposable: ClassVar[bool] = True
+
+    def logits_from_contributions(self) -> torch.Tensor:
+        """(B, C) bias + sum of the per-instance contributions."""
+        return self.contributions.sum(1) + self.bias
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BagOutputs:
+    """Everything one pass over a bag computes; ``forward`` returns only ``logits``."""
+
+    logits: torch.Tensor  # (B, C)
+    attention: torch.Tensor  # (B, N)
+    attention_scores: torch.Tensor  # (B, N)
+    mask: torch.Tensor  # (B, N) bool
+    contributions: torch.Tensor | None  # (B, N, C) additive MIL only
+    area_logits: torch.Tensor | None  # (B, N, Q) covered-fraction logits of the physical head
+
+
+class _MILModel(InterpretableModel):
+    """Shared plumbing of both MIL families: encoding, embedding, attention, physical head."""
+
+    config_class = MILConfig
+    explanation_class: ClassVar[type[MILExplanation]] = MILExplanation
+
+    def __init__(self, config: MILConfig) -> None:
+        super().__init__(config)
+        self.encoder: nn.Module | None = None
+        self.encoder_projection: nn.Module | None = None
+        if config.instance_encoder is not None:
+            self.encoder = create_backbone(config.instance_encoder, config.in_channels, spatial_dims=2, feature_stride=32)
+            width = self.encoder.out_channels
+            self.encoder_projection = nn.Identity() if width == config.in_features else nn.Linear(width, config.in_features)
+        # In-place ReLUs: on 100k-instance bags every (N, hidden) activation not kept is ~50 MB saved.
+        self.embed = nn.Sequential(nn.Linear(config.in_features, config.hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout))
+        self.attention = AttentionPool(config.hidden, config.attention_hidden, config.gated)
+        self.area_head = (InstanceAreaHead(config.hidden, config.quantities, config.tile_size, config.microns_per_pixel)
+                          if config.quantities else None)
+
+    # -- input contract ------------------------------------------------------------------------------
+    @property
+    def input_spec(self) -> InputSpec:
+        c = self.config
+        if c.instance_encoder is None:
+            return super().input_spec
+        # Raw-tile models: the spec describes one tile of the (B, N, C, t, t) bag.
+        return InputSpec(in_channels=c.in_channels, spatial_dims=2, size=(c.tile_size, c.tile_size),
+                         intensity=c.intensity, modality=c.modality, value_range=(0.0, 1.0))
+
+    def validate_input(self, x: torch.Tensor, spacing: Any = None) -> None:
+        """Check a bag: (B, N, D) features, or (B, N, C, t, t) tiles for raw-tile models."""
+        c = self.config
+        if c.instance_encoder is None:
+            super().validate_input(x)
+            return
+        if not isinstance(x, torch.Tensor) or x.ndim != 5:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputSpecError(f"expected raw tiles (B, N, {c.in_channels}, {c.tile_size}, {c.tile_size}), got {shape}")
+        if tuple(x.shape[-2:]) != (c.tile_size, c.tile_size):
+            raise InputSpecError(f"expected {c.tile_size}x{c.tile_size} tiles (the tile area depends on it), "
+                                 f"got {tuple(x.shape[-2:])}; re-tile or set tile_size")
+        self.input_spec.validate(rearrange(x, "b n c h w -> (b n) c h w"))
+
+    # -- the computation -----------------------------------------------------------------------------
+    def encode_instances(self, tiles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode the valid raw tiles of a bag into (B, N, in_features) features (0 at padding).
+
+        In training mode all valid tiles go through the encoder in one pass (batch-norm statistics
+        then see the whole subsample). Otherwise they go in chunks of ``encoder_chunk``, so encoder
+        activations do not grow with N; under ``torch.no_grad`` (as in :meth:`explain`) no graph is
+        kept either. Chunking does not change the result: each tile is encoded independently.
+
+        Args:
+            tiles: (B, N, C, t, t) tiles in network range.
+            mask: (B, N) bool.
+        """
+        if self.encoder is None or self.encoder_projection is None:
+            raise ValueError(f"{self.architecture} takes cached features and has no tile encoder; "
+                             f"use a raw-tile model such as {self.family}_resnet8")
+        b_idx, n_idx = mask.nonzero(as_tuple=True)  # (V,), (V,)
+        chunk = b_idx.numel() if self.training else self.config.encoder_chunk
+        encoded = []
+        for start in range(0, b_idx.numel(), max(chunk, 1)):
+            sel = slice(start, start + chunk)
+            maps = self.encoder(tiles[b_idx[sel], n_idx[sel]])  # (v, F, h, w)
+            encoded.append(self.encoder_projection(maps.mean(dim=(-2, -1))))  # (v, D)
+        feats = torch.cat(encoded)  # (V, D)
+        out = feats.new_zeros(*mask.shape, feats.shape[-1])  # (B, N, D)
+        return out.index_put((b_idx, n_idx), feats)
+
+    def _classify(self, h: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, F) embeddings, (B, N) attention, (B, N) mask -> logits (B, C), contributions or None."""
+        raise NotImplementedError
+
+    def forward_bag(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutputs:
+        """One pass over a padded batch of bags.
+
+        Args:
+            feats: (B, N, D) cached features, or (B, N, C, t, t) raw tiles for raw-tile models.
+            mask: (B, N) bool, True at valid instances; ``None`` = all valid.
+
+        Raises:
+            InputSpecError: when ``feats`` does not fit the input spec.
+            ValueError: for an empty bag or an all-False mask.
+        """
+        self.validate_input(feats)
+        mask = check_bag_mask(mask, feats.shape[0], feats.shape[1], feats.device)
+        if self.encoder is not None:
+            feats = self.encode_instances(feats, mask)  # (B, N, D)
+        h = self.embed(feats)  # (B, N, F)
+        att = self.attention(h, mask)
+        attn = att.weights[:, 0]  # (B, N)
+        logits, contributions = self._classify(h, attn, mask)
+        area_logits = self.area_head(h) if self.area_head is not None else None  # (B, N, Q)
+        return BagOutputs(logits=logits, attention=attn, attention_scores=att.scores[:, 0], mask=mask,
+                          contributions=contributions, area_logits=area_logits)
+
+    def explanation_bias(self) -> torch.Tensor | None:
+        """(C,) the global bias of an exact decomposition, or None when there is none."""
+        return None
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, C) of a padded batch of bags (see :meth:`forward_bag`)."""
+        return self.forward_bag(feats, mask).logits
+
+    def instance_measurements(self, out: BagOutputs, microns_per_pixel: Any = None) -> dict[str, torch.Tensor]:
+        """name -> (B, N) each instance's area in the quantity's unit (0 at padding)."""
+        if self.area_head is None or out.area_logits is None:
+            return {}
+        tile_area = self.area_head.tile_area(out.mask.shape[0], microns_per_pixel, out.mask.device)  # (B, Q)
+        areas = self.area_head.instance_areas(out.area_logits, out.mask, tile_area)  # (B, N, Q)
+        return {q.name: areas[..., j] for j, q in enumerate(self.area_head.quantities)}
+
+    @torch.no_grad()
+    def explain(self, feats: torch.Tensor, mask: torch.Tensor | None = None, coords: torch.Tensor | None = None,
+                microns_per_pixel: Any = None) -> MILExplanation:
+        """Explain a padded batch of bags.
+
+        Args:
+            feats: (B, N, D) cached features, or (B, N, C, t, t) raw tiles for raw-tile models.
+            mask: (B, N) bool, True at valid instances; ``None`` = all valid.
+            coords: (B, N, 2|3) tile coordinates (grid or pixel) for heat maps.
+            microns_per_pixel: float or (B,) pixel size of the tiles; default: the configured one.
+
+        Returns:
+            attention, raw scores, contributions (additive MIL), per-instance and bag measurements.
+        """
+        out = self.forward_bag(feats, mask)
+        if coords is not None and (coords.ndim != 3 or tuple(coords.shape[:2]) != tuple(out.mask.shape)
+                                   or coords.shape[-1] not in (2, 3)):
+            raise ValueError(f"expected coords of shape (B, N, 2|3) with (B, N) = {tuple(out.mask.shape)}, "
+                             f"got {tuple(coords.shape)}")
+        per_instance = self.instance_measurements(out, microns_per_pixel)
+        units = {q.name: q.unit for q in self.config.quantities}
+        measurements = {name: Measurement(name, v.sum(1), units[name]) for name, v in per_instance.items()}
+        return self.explanation_class(
+            logits=out.logits, label_names=self.label_names, measurements=measurements,
+            attention=out.attention, attention_scores=out.attention_scores, mask=out.mask,
+            contributions=out.contributions, bias=self.explanation_bias(),
+            instance_measurements=per_instance, coords=coords,
+        )
+
+
+def _classifier(in_features: int, hidden: int, out_features: int, bias: bool) -> nn.Module:
+    if hidden == 0:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return nn.Sequential(nn.Linear(in_features, hidden, bias=bias), nn.ReLU(inplace=True), nn.Linear(hidden, out_features, bias=bias))
+
+
+class ABMIL(_MILModel):
+    """Attention MIL (Ilse et al. 2018): attention-pooled bag embedding -> classifier.
+
+    The explanation carries attention (where the model looked), not contributions: the classifier
+    acts on the pooled embedding, so attention is not an exact attribution of the logit.
+    """
+
+    family = "abmil"
+    explanation_class = MILExplanation
+
+    def __init__(self, config: MILConfig) -> None:
+        super().__init__(config)
+        self.classifier = _classifier(config.hidden, config.classifier_hidden, config.num_classes, bias=True)
+
+    def _classify(self, h: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+        z = torch.einsum("bn,bnf->bf", attn, h)  # (B, F) bag embedding
+        return self.classifier(z), None
+
+
+class AdditiveMIL(_MILModel):
+    """Additive MIL (Javed et al. 2022): ``logits = sum_n psi(attn_n h_n) + bias``.
+
+    ``psi`` is a bias-free ReLU MLP, so ``psi(attn_n h_n) = attn_n psi(h_n)`` and padding contributes
+    exactly 0; one global ``bias`` (C,) is added once per bag.
+    """
+
+    family = "additive_mil"
+    explanation_class = AdditiveMILExplanation
+
+    def __init__(self, config: MILConfig) -> None:
+        super().__init__(config)
+        self.classifier = _classifier(config.hidden, config.classifier_hidden, config.num_classes, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.num_classes))
+
+    def _classify(self, h: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        contributions = attn[..., None] * self.classifier(h)  # (B, N, C); attn is exactly 0 at padding
+        return contributions.sum(1) + self.bias, contributions
+
+    def explanation_bias(self) -> torch.Tensor:
+        return self.bias.detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# registration
+# --------------------------------------------------------------------------------------------------
+def _factory(model_class: type[_MILModel], backbone: str):
+    def build(**overrides: Any) -> _MILModel:
+        if backbone == FEATURES:
+            return model_class(build_config(MILConfig, backbone, overrides))
+        if "backbone" in overrides or "instance_encoder" in overrides:
+            raise ValueError("the encoder is part of the model name; pick the registered name with that backbone instead")
+        # Raw RGB tiles; the instance width defaults to the encoder's own width (no projection), and
+        # training encodes a small subsample of each bag with gradients.
+        base = MILConfig(backbone=backbone, instance_encoder=backbone, in_channels=3,
+                         in_features=RESNET_LAYOUTS[backbone][1][-1], train_max_instances=64)
+        return model_class(replace_config(base, **overrides))
+
+    what = "cached feature bags" if backbone == FEATURES else f"raw tiles encoded by a {backbone}"
+    build.__doc__ = f"{'Additive' if model_class is AdditiveMIL else 'Attention'} MIL on {what}."
+    build.__annotations__["return"] = model_class
+    return build
+
+
+for _cls in (ABMIL, AdditiveMIL):
+    for _bb in (FEATURES, "resnet8"):
+        register_model(f"{_cls.family}_{_bb}")(_factory(_cls, _bb))

@@ -1,0 +1,160 @@
+"""How the shared trainer trains attention MIL and additive MIL (:mod:`mlmi_zoo.architectures.mil`).
+
+Batches are padded bags: ``batch["feats"]`` (B, N, D) cached features or ``batch["tiles"]``
+(B, N, C, t, t) raw tiles, ``batch["mask"]`` (B, N) bool, ``batch["label"]`` (B,), and for the
+physical head ``batch["measurements"][name]`` (B,) bag areas and, when the data know them,
+per-instance areas ``batch["instance_measurements"][name]`` (B, N) (or ``batch["instance_area_mm2"]``
+(B, N) in mm² for the first quantity). An optional ``batch["microns_per_pixel"]`` (B,) overrides
+the configured pixel size per slide.
+
+Loss = cross-entropy + ``physical_weight`` x physical loss. The bag-area loss is a squared error in
+log space, ``(log(pred + a) - log(target + a))²`` with ``a`` = one tile's area: relative errors
+count the same on small and large tumours, and slides without tumour (target 0) are fine because
+the offset of one tile keeps the logarithm finite. Per-instance areas, when present, add a binary
+cross-entropy on each tile's covered fraction.
+
+During training each bag is randomly subsampled to ``train_max_instances`` valid instances
+(deterministic given torch's RNG); the bag-area prediction of a subsample is scaled by
+``n_valid / n_kept``, the unbiased estimate of the full-bag sum under uniform sampling.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from mlmi_zoo.architectures.mil import BagOutputs, _MILModel
+from mlmi_zoo.training.family import FamilyTraining, LossOutput, register_training
+from mlmi_zoo.units import convert
+
+__all__ = ["MILInputs", "MILTraining", "AdditiveMILTraining", "subsample_instances", "gather_instances"]
+
+
+class MILInputs(NamedTuple):
+    """The model inputs of a bag batch: call ``model(*inputs)``."""
+
+    feats: torch.Tensor  # (B, N, D) features or (B, N, C, t, t) tiles
+    mask: torch.Tensor  # (B, N) bool
+
+
+def subsample_instances(mask: torch.Tensor, max_instances: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick up to ``max_instances`` valid instances per bag uniformly at random.
+
+    Args:
+        mask: (B, N) bool, True at valid instances.
+        max_instances: M, the subsample size (M < N).
+        generator: random generator; default: torch's global one (so runs are seeded by torch).
+
+    Returns:
+        (B, M) sorted instance indices; bags with fewer than M valid instances keep all of them and
+        fill the rest with padding indices (still masked after :func:`gather_instances`).
+    """
+    # Drawn on the CPU generator, so the subsample is the same on every device for a given seed.
+    keys = torch.rand(mask.shape, generator=generator).to(mask.device)  # (B, N)
+    keys = keys.masked_fill(~mask, 2.0)  # valid instances draw keys in [0, 1): they come first
+    return keys.topk(max_instances, dim=1, largest=False).indices.sort(dim=1).values
+
+
+def gather_instances(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, ...) per-instance tensor, (B, M) indices -> (B, M, ...)."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (B, 1)
+    return x[rows, index.to(x.device)]
+
+
+@register_training
+class MILTraining(FamilyTraining):
+    """Attention MIL: cross-entropy plus the physical-head loss, on randomly subsampled bags."""
+
+    family = "abmil"
+    stage_names = ("joint",)
+
+    def inputs(self, model: _MILModel, batch: dict[str, Any]) -> MILInputs:
+        """(feats or tiles, mask) of a collated bag batch; tiles go through the intensity transform.
+
+        Raises:
+            ValueError: when the batch holds neither ``feats`` nor ``tiles``.
+        """
+        if model.config.instance_encoder is None:
+            if "feats" not in batch:
+                raise ValueError(f"{model.architecture} takes cached features: expected batch['feats'] (B, N, D), "
+                                 f"got keys {sorted(batch)}")
+            x = batch["feats"].float()
+        else:
+            if "tiles" not in batch:
+                raise ValueError(f"{model.architecture} encodes raw tiles: expected batch['tiles'] (B, N, C, t, t), "
+                                 f"got keys {sorted(batch)}")
+            x = model.input_spec.intensity(batch["tiles"].float())
+        mask = batch.get("mask")
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return MILInputs(x, mask.bool())
+
+    def loss(self, model: _MILModel, batch: dict[str, Any], stage: str) -> LossOutput:
+        x, mask = self.inputs(model, batch)
+        instance_targets = self._instance_targets(model, batch)
+        scale = torch.ones(x.shape[0], device=x.device)  # (B,) full-bag / subsample instance count
+        limit = model.config.train_max_instances
+        if model.training and limit is not None and x.shape[1] > limit:
+            index = subsample_instances(mask, limit)  # (B, M)
+            kept_mask = gather_instances(mask, index)
+            scale = mask.sum(1).float() / kept_mask.sum(1).float()
+            x, mask = gather_instances(x, index), kept_mask
+            instance_targets = {k: gather_instances(v, index) for k, v in instance_targets.items()}
+        out = model.forward_bag(x, mask)
+        ce = nn.functional.cross_entropy(out.logits, batch["label"].to(out.logits.device).long())
+        logs = {"ce": float(ce.detach())}
+        loss = ce
+        if model.area_head is not None and model.config.physical_weight > 0:
+            phys = self._physical_loss(model, out, batch, scale, instance_targets, logs)
+            loss = loss + model.config.physical_weight * phys
+        return LossOutput(loss, out.logits.detach(), logs)
+
+    # -- physical head ---------------------------------------------------------------------------------
+    @staticmethod
+    def _instance_targets(model: _MILModel, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """name -> (B, N) per-instance target areas in the quantity's unit, where the batch has them."""
+        if model.area_head is None:
+            return {}
+        given = dict(batch.get("instance_measurements") or {})
+        first = model.area_head.quantities[0]
+        if first.name not in given and "instance_area_mm2" in batch:
+            given[first.name] = batch["instance_area_mm2"] * float(convert(1.0, "mm^2", first.unit))
+        return {q.name: given[q.name].float() for q in model.area_head.quantities if q.name in given}
+
+    @staticmethod
+    def _physical_loss(model: _MILModel, out: BagOutputs, batch: dict[str, Any], scale: torch.Tensor,
+                       instance_targets: dict[str, torch.Tensor], logs: dict[str, float]) -> torch.Tensor:
+        head = model.area_head
+        mpp = batch.get("microns_per_pixel")
+        tile_area = head.tile_area(out.mask.shape[0], mpp, out.mask.device)  # (B, Q)
+        areas = head.instance_areas(out.area_logits, out.mask, tile_area)  # (B, N, Q)
+        measurements = batch.get("measurements") or {}
+        terms = []
+        for j, q in enumerate(head.quantities):
+            if q.name in measurements:
+                target = measurements[q.name].to(areas.device).float()  # (B,)
+                valid = torch.isfinite(target)
+                if valid.any():
+                    pred = areas[..., j].sum(1) * scale  # (B,)
+                    eps = tile_area[:, j]
+                    err = (torch.log(pred + eps) - torch.log(target.clamp_min(0) + eps))[valid]
+                    terms.append(err.pow(2).mean())
+                    logs[f"{q.name}_log"] = float(terms[-1].detach())
+            if q.name in instance_targets:
+                fraction = (instance_targets[q.name].to(areas.device) / tile_area[:, j, None]).clamp(0, 1)  # (B, N)
+                valid = out.mask & torch.isfinite(fraction)
+                if valid.any():
+                    bce = nn.functional.binary_cross_entropy_with_logits(out.area_logits[..., j][valid], fraction[valid])
+                    terms.append(bce)
+                    logs[f"instance_{q.name}"] = float(bce.detach())
+        if not terms:
+            return out.logits.sum() * 0.0
+        return torch.stack(terms).sum()
+
+
+@register_training
+class AdditiveMILTraining(MILTraining):
+    """Training adapter of additive MIL (same losses; the decomposition needs no extra term)."""
+
+    family = "additive_mil"

@@ -1,0 +1,354 @@
+"""ProtoPNet: "this looks like that" — a decision that is a sum over similarities to training patches.
+
+Implements Chen, Li, Tao, Barnett, Su, Rudin, "This Looks Like That: Deep Learning for
+Interpretable Image Recognition" (NeurIPS 2019): backbone -> add-on 1x1 convolutions (ReLU, Sigmoid)
+-> prototype layer (similarity of ``P`` prototypes to every latent location) -> global max pooling
+-> a bias-free last layer initialised to +1 for a prototype's own class and -0.5 otherwise. The
+optional fine-annotation loss (:mod:`.protopnet_training`) follows IAIA-BL (Barnett, Schwartz, Tao,
+Chen, Ren, Lo, Rudin, "A case-based interpretable deep learning model for classification of mass
+lesions in digital mammography", Nature Machine Intelligence 2021).
+
+What we changed:
+
+- One class serves 2D and 3D inputs (``spatial_dims``; 3D backbones through MONAI) with any
+  number of input channels and non-square sizes; the backbone is cut at ``feature_stride`` (8 by
+  default) so 64-px medical patches keep an 8x8 latent grid fine enough to localise evidence.
+- Max pooling of similarities is computed as min pooling of distances followed by the (decreasing)
+  similarity function, so ``forward`` evaluates the logarithm on ``(B, P)`` values only and never
+  upsamples; ``explain`` computes maps and their input-resolution localisation.
+- Prototypes can be switched off: a buffer mask multiplies the similarities before the last layer,
+  so a disabled prototype contributes exactly 0 and the logit changes by exactly its contribution.
+- An optional physical head (``config.quantities``) reads the globally averaged add-on features and
+  reports quantities in units at a given spacing.
+- Push records (where each prototype comes from) are JSON metadata saved with the weights.
+"""
+from __future__ import annotations
+
+import copy
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import reduce
+from torch import nn
+
+from mlmi_zoo.architectures.backbones import create_backbone
+from mlmi_zoo.architectures.baseline import resolve_spacing
+from mlmi_zoo.architectures.heads import PhysicalHead
+from mlmi_zoo.architectures.prototypes import PrototypeLayer
+from mlmi_zoo.base import InterpretableModel, ModelConfig
+from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
+from mlmi_zoo.registry import build_config, register_model
+
+__all__ = ["ProtoPNetConfig", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProtoPNetConfig(ModelConfig):
+    """ProtoPNet architecture and loss hyper-parameters.
+
+    Attributes:
+        feature_stride: cut the backbone at this total stride; 8 keeps an 8x8 grid for 64-px patches,
+            so a prototype is a small region rather than half the image.
+        prototype_dim: channels of the add-on output and of each prototype (ProtoPNet used 128 on
+            224-px natural images; 64 suffices for small grey-level patches).
+        prototypes_per_class: ProtoPNet used 10 for 200 bird classes; 5 covers the few appearance
+            modes of a lesion class.
+        similarity: ``"log_l2"`` (ProtoPNet) or ``"cosine"``.
+        epsilon: the ``eps`` of ``log((d + 1) / (d + eps))``; bounds the similarity by ``log(1/eps)``.
+        incorrect_class_weight: initial last-layer weight from a prototype to other classes
+            (ProtoPNet: -0.5), so prototypes start as evidence *for* their class only.
+        clst_coef: weight of the cluster cost (ProtoPNet: 0.8).
+        sep_coef: weight of the separation cost; negative, so separation is rewarded (ProtoPNet: -0.08).
+        l1_coef: L1 penalty on off-class last-layer weights (ProtoPNet: 1e-4), for sparse, positive
+            reasoning.
+        fa_coef: weight of the IAIA-BL fine-annotation loss on lesion masks; 0 turns it off.
+    """
+
+    feature_stride: int = 8
+    prototype_dim: int = 64
+    prototypes_per_class: int = 5
+    similarity: Literal["log_l2", "cosine"] = "log_l2"
+    epsilon: float = 1e-4
+    incorrect_class_weight: float = -0.5
+    clst_coef: float = 0.8
+    sep_coef: float = -0.08
+    l1_coef: float = 1e-4
+    fa_coef: float = 0.0
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototypes_per_class * self.num_classes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"ProtoPNet needs image inputs with spatial_dims 2 or 3, got {self.spatial_dims}")
+        for name in ("prototype_dim", "prototypes_per_class", "feature_stride"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.similarity not in ("log_l2", "cosine"):
+            raise ValueError(f"similarity must be 'log_l2' or 'cosine', got {self.similarity!r}")
+
+
+@dataclass(frozen=True)
+class ProtoPNetOutputs:
+    """Everything one pass computes, for losses and explanations.
+
+    Attributes:
+        latent: (B, D, *latent) add-on output.
+        distance_maps: (B, P, *latent) distance of each prototype to each location.
+        min_distances: (B, P) minimum over the grid.
+        similarities: (B, P) similarity at the best location (not masked).
+        logits: (B, C).
+        quantities: (B, Q) standardised physical-head outputs, or None.
+    """
+
+    latent: torch.Tensor  # (B, D, *latent)
+    distance_maps: torch.Tensor  # (B, P, *latent)
+    min_distances: torch.Tensor  # (B, P)
+    similarities: torch.Tensor  # (B, P)
+    logits: torch.Tensor  # (B, C)
+    quantities: torch.Tensor | None  # (B, Q)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrototypeExplanation(Explanation):
+    """Why a ProtoPNet decided: similarity to each prototype times its last-layer weight.
+
+    ``logits == bias + contributions.sum(-1)`` exactly (to float rounding); the bias is zero.
+
+    Attributes:
+        similarities: (B, P) each prototype's best similarity in the image (before the switch-off
+            mask).
+        similarity_maps: (B, P, *latent) similarity at every latent location.
+        localization: (B, P, *spatial) similarity maps upsampled (bi/trilinear) to the input size.
+        contributions: (B, C, P) last-layer weight x similarity x enabled.
+        bias: (C,) zeros — ProtoPNet's last layer has no bias; kept so every family decomposes alike.
+        prototype_ids: (P,) prototype numbers.
+        prototype_classes: (P,) class each prototype belongs to.
+        enabled: (P,) False for switched-off prototypes.
+        prototype_sources: each prototype's push record (see ``push_prototypes``), or None before
+            push.
+    """
+
+    family = "protopnet"
+    decomposable = True
+
+    similarities: torch.Tensor  # (B, P)
+    similarity_maps: torch.Tensor  # (B, P, *latent)
+    localization: torch.Tensor  # (B, P, *spatial)
+    contributions: torch.Tensor  # (B, C, P)
+    bias: torch.Tensor  # (C,)
+    prototype_ids: torch.Tensor  # (P,)
+    prototype_classes: torch.Tensor  # (P,)
+    enabled: torch.Tensor  # (P,) bool
+    prototype_sources: list[dict[str, Any] | None] | None = None
+
+    def logits_from_contributions(self) -> torch.Tensor:
+        """(B, C) bias + sum of prototype contributions."""
+        return self.bias + self.contributions.sum(-1)
+
+    def top_prototypes(self, i: int, k: int = 5, target: int | None = None) -> list[int]:
+        """Prototype ids with the largest |contribution| to ``target`` (default: predicted class) for case ``i``."""
+        c = int(self.predicted()[i]) if target is None else target
+        order = self.contributions[i, c].abs().argsort(descending=True)
+        return [int(p) for p in order[:k]]
+
+    def html_sections(self, i: int, k: int = 5) -> list[tuple[str, str]]:
+        """Input, decision, the top prototype's localisation and the top-``k`` prototypes."""
+        sections = super().html_sections(i)
+        c = int(self.predicted()[i])
+        names = self.label_names or tuple(str(n) for n in range(self.logits.shape[1]))
+        top = self.top_prototypes(i, k)
+        if self.inputs is not None and top:
+            j = top[0]
+            uri = png_data_uri(image_to_png(self.inputs[i], self.localization[i, j]))
+            sections.append((f"Where prototype #{j} ({names[int(self.prototype_classes[j])]}) looks",
+                             f'<img src="{uri}" width="256">'))
+        rows = []
+        gallery = []
+        for j in top:
+            rec = self.prototype_sources[j] if self.prototype_sources else None
+            source = "not pushed" if rec is None else f"case {rec['index']}, cell {rec['location']}, box {rec['box_px']} px"
+            rows.append((j, names[int(self.prototype_classes[j])], f"{float(self.similarities[i, j]):.3f}",
+                         f"{float(self.contributions[i, c, j]):+.3f}", "yes" if bool(self.enabled[j]) else "off", source))
+            path = None if rec is None else rec.get("render_path")
+            if path and Path(path).is_file():
+                uri = png_data_uri(Path(path).read_bytes())
+                gallery.append(f'<div class="card"><img src="{uri}" height="140"><br>prototype #{j}: '
+                               f'{html.escape(source)}</div>')
+        table = html_table(("prototype", "class", "similarity", f"contribution to {names[c]}", "enabled", "source"), rows)
+        if gallery:
+            table += '<div class="gallery">' + "".join(gallery) + "</div>"
+        sections.append((f"Top {len(top)} prototypes for {names[c]}", table))
+        return sections
+
+
+class ProtoPNet(InterpretableModel):
+    """Backbone -> add-on -> prototype layer -> max pooling -> bias-free last layer.
+
+    Args:
+        config: a :class:`ProtoPNetConfig`.
+    """
+
+    family = "protopnet"
+    config_class = ProtoPNetConfig
+
+    def __init__(self, config: ProtoPNetConfig) -> None:
+        super().__init__(config)
+        dims, D, P = config.spatial_dims, config.prototype_dim, config.num_prototypes
+        self.backbone = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.add_on = nn.Sequential(conv(self.backbone.out_channels, D, 1), nn.ReLU(), conv(D, D, 1), nn.Sigmoid())
+        self.prototype_layer = PrototypeLayer(P, D, config.similarity, config.epsilon)
+        self.last_layer = nn.Linear(P, config.num_classes, bias=False)
+        classes = torch.arange(P) // config.prototypes_per_class  # (P,)
+        # Derived from the config, so not saved; the switch-off mask is state, so it is.
+        self.register_buffer("prototype_class_identity", F.one_hot(classes, config.num_classes).float(), persistent=False)  # (P, C)
+        self.register_buffer("prototype_mask", torch.ones(P))  # (P,) 1 = enabled
+        self.physical = PhysicalHead(D, config.quantities) if config.quantities else None
+        self._prototype_sources: list[dict[str, Any] | None] | None = None
+        self.reset_last_layer()
+
+    # -- structure ------------------------------------------------------------------------------
+    @property
+    def num_prototypes(self) -> int:
+        return self.config.num_prototypes
+
+    @property
+    def prototype_classes(self) -> torch.Tensor:
+        """(P,) class index of each prototype."""
+        return self.prototype_class_identity.argmax(1)
+
+    @property
+    def prototype_sources(self) -> list[dict[str, Any] | None] | None:
+        """Push record of each prototype (None before push)."""
+        return self._prototype_sources
+
+    def set_prototype_sources(self, records: list[dict[str, Any] | None] | None) -> None:
+        """Store push records (one per prototype), or None to drop them (prototypes trained again)."""
+        if records is not None and len(records) != self.num_prototypes:
+            raise ValueError(f"expected {self.num_prototypes} prototype records, got {len(records)}")
+        self._prototype_sources = None if records is None else list(records)
+
+    @torch.no_grad()
+    def reset_last_layer(self) -> None:
+        """ProtoPNet's initialisation: +1 from a prototype to its class, ``incorrect_class_weight`` elsewhere."""
+        own = self.prototype_class_identity.T  # (C, P)
+        self.last_layer.weight.copy_(own + self.config.incorrect_class_weight * (1 - own))
+
+    # -- switch-off -------------------------------------------------------------------------------
+    def _check_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.num_prototypes]
+        if bad:
+            raise ValueError(f"prototype ids must be in [0, {self.num_prototypes}), got {bad}")
+        return ids
+
+    @torch.no_grad()
+    def disable_prototypes(self, ids: Iterable[int]) -> None:
+        """Switch prototypes off: they then contribute exactly 0 to every logit."""
+        self.prototype_mask[self._check_ids(ids)] = 0.0
+
+    @torch.no_grad()
+    def enable_prototypes(self, ids: Iterable[int]) -> None:
+        """Switch prototypes back on."""
+        self.prototype_mask[self._check_ids(ids)] = 1.0
+
+    @property
+    def enabled(self) -> torch.Tensor:
+        """(P,) bool, False for switched-off prototypes."""
+        return self.prototype_mask > 0
+
+    # -- computation ------------------------------------------------------------------------------
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, *spatial) network input -> (B, D, *latent) add-on output (no input checks)."""
+        return self.add_on(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, *spatial) -> (B, C) logits."""
+        self.validate_input(x)
+        _, min_d = self.prototype_layer.min_distances(self.latent(x))  # (B, P)
+        return self.last_layer(self.prototype_layer.similarity(min_d) * self.prototype_mask)
+
+    def forward_parts(self, x: torch.Tensor) -> ProtoPNetOutputs:
+        """One pass returning latent, distances, similarities, logits and physical outputs."""
+        self.validate_input(x)
+        z = self.latent(x)
+        maps, min_d = self.prototype_layer.min_distances(z)
+        sims = self.prototype_layer.similarity(min_d)  # (B, P)
+        logits = self.last_layer(sims * self.prototype_mask)
+        quantities = self.physical(reduce(z, "b d ... -> b d", "mean")) if self.physical is not None else None
+        return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities)
+
+    @torch.no_grad()
+    def explain(self, x: torch.Tensor, spacing: Any = None) -> PrototypeExplanation:
+        """Explain ``x``: similarities, their maps and localisation, contributions, measurements.
+
+        Args:
+            x: (B, C_in, *spatial) network input (after the intensity transform).
+            spacing: mm per axis, one for the batch or one row per image, for the physical head;
+                default: the model's canonical spacing.
+        """
+        parts = self.forward_parts(x)
+        maps = self.prototype_layer.similarity(parts.distance_maps)  # (B, P, *latent)
+        mode = "bilinear" if x.ndim == 4 else "trilinear"
+        localization = F.interpolate(maps, size=x.shape[2:], mode=mode, align_corners=False)  # (B, P, *spatial)
+        masked = parts.similarities * self.prototype_mask  # (B, P)
+        contributions = torch.einsum("bp,cp->bcp", masked, self.last_layer.weight)  # (B, C, P)
+        measurements = {}
+        s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        if parts.quantities is not None and s is not None:
+            measurements = self.physical.measure(parts.quantities, s)
+        return PrototypeExplanation(
+            logits=parts.logits,
+            label_names=self.label_names,
+            measurements=measurements,
+            inputs=x,
+            similarities=parts.similarities,
+            similarity_maps=maps,
+            localization=localization,
+            contributions=contributions,
+            bias=torch.zeros(self.num_classes, device=x.device),
+            prototype_ids=torch.arange(self.num_prototypes, device=x.device),
+            prototype_classes=self.prototype_classes,
+            enabled=self.enabled,
+            prototype_sources=copy.deepcopy(self._prototype_sources),
+        )
+
+    # -- metadata ---------------------------------------------------------------------------------
+    def export_metadata(self) -> dict[str, Any]:
+        """Push records, saved in config.json next to the weights."""
+        return {} if self._prototype_sources is None else {"prototype_sources": copy.deepcopy(self._prototype_sources)}
+
+    def import_metadata(self, metadata: dict[str, Any]) -> None:
+        """Restore push records written by :meth:`export_metadata`."""
+        records = metadata.get("prototype_sources")
+        if records is not None and len(records) != self.num_prototypes:
+            # Loading with overrides that change the classes re-initialises the prototypes.
+            log.warning("dropping %d push records: this configuration has %d prototypes", len(records), self.num_prototypes)
+            records = None
+        self.set_prototype_sources(None if records is None else [None if r is None else dict(r) for r in records])
+
+
+def _factory(backbone: str):
+    def build(**overrides: Any) -> ProtoPNet:
+        return ProtoPNet(build_config(ProtoPNetConfig, backbone, overrides))
+
+    build.__doc__ = f"ProtoPNet (This Looks Like That) on a {backbone} backbone."
+    build.__annotations__["return"] = ProtoPNet
+    return build
+
+
+for _bb in ("resnet8", "resnet18"):
+    register_model(f"protopnet_{_bb}")(_factory(_bb))
+
+# The training adapter registers itself with the trainer on import.
+from mlmi_zoo.architectures import protopnet_training  # noqa: E402,F401

@@ -1,0 +1,265 @@
+"""Training ProtoPNet: its losses, its four stages, and the last-layer fit on cached similarities.
+
+Losses follow Chen et al., "This Looks Like That" (NeurIPS 2019): cross-entropy + cluster cost
+(distance of each image to its nearest own-class prototype) + separation cost (distance to its
+nearest other-class prototype, with a negative weight) + L1 on off-class last-layer weights. The
+optional fine-annotation loss follows Barnett et al., "A case-based interpretable deep learning model
+for classification of mass lesions in digital mammography" (Nature Machine Intelligence 2021,
+IAIA-BL): own-class prototype activation outside the annotated lesion is penalised.
+
+Stages: ``warmup`` (add-on, prototypes and physical head; backbone frozen), ``joint`` (everything),
+``push`` (projection onto training patches) and ``last_layer``. ``push`` and ``last_layer`` are
+special stages: the last layer is fitted on similarity vectors computed once (one pass over the
+data), never re-running the backbone, since the objective (cross-entropy + L1) is convex in it.
+
+What we changed:
+
+- The fine-annotation loss works on the latent grid: the lesion mask is reduced to the fraction of
+  lesion pixels per latent cell (adaptive average pooling), and the penalty is the mean over cells of
+  ``((1 - fraction) * similarity)^2`` — IAIA-BL's pixel-level ``||(1 - m) * g||^2`` under nearest
+  upsampling, divided by the number of cells so ``fa_coef`` does not depend on the grid size. Images
+  whose mask is empty (no lesion, hence no annotation) are left out; IAIA-BL's penalty on other-class
+  prototypes is not used.
+- ``joint`` trains the last layer too (ProtoPNet trains it with a small learning rate there).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mlmi_zoo.architectures.protopnet import ProtoPNet
+from mlmi_zoo.architectures.prototypes import _EvalMode, _device_of, push_prototypes
+from mlmi_zoo.training.family import FamilyTraining, LossOutput, fit_physical_head, register_training
+
+__all__ = [
+    "ProtoPNetTraining",
+    "cluster_separation_costs",
+    "fine_annotation_cost",
+    "off_class_l1",
+    "cached_similarities",
+    "fit_last_layer",
+]
+
+log = logging.getLogger(__name__)
+
+
+def cluster_separation_costs(min_distances: torch.Tensor, labels: torch.Tensor,
+                             prototype_classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ProtoPNet's cluster and separation costs.
+
+    Args:
+        min_distances: (B, P) distance of each prototype to its nearest patch in each image.
+        labels: (B,) class of each image.
+        prototype_classes: (P,) class of each prototype.
+
+    Returns:
+        ``(cluster, separation)``: batch means of the distance to the nearest own-class prototype
+        and to the nearest other-class prototype.
+    """
+    own = labels[:, None] == prototype_classes[None, :]  # (B, P)
+    cluster = min_distances.masked_fill(~own, math.inf).amin(1)  # (B,)
+    separation = min_distances.masked_fill(own, math.inf).amin(1)  # (B,)
+    return cluster.mean(), separation.mean()
+
+
+def off_class_l1(weight: torch.Tensor, prototype_classes: torch.Tensor) -> torch.Tensor:
+    """Sum of |w| over last-layer weights (C, P) that link a prototype to another class."""
+    classes = torch.arange(weight.shape[0], device=weight.device)
+    off = classes[:, None] != prototype_classes[None, :].to(weight.device)  # (C, P)
+    return (weight * off).abs().sum()
+
+
+def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                         prototype_classes: torch.Tensor) -> torch.Tensor:
+    """IAIA-BL fine-annotation cost on the latent grid: own-class similarity outside the lesion.
+
+    Args:
+        similarity_maps: (B, P, *latent) similarity of each prototype at each latent location.
+        mask: (B, 1, *spatial) lesion mask at input resolution (bool or [0, 1]).
+        labels: (B,) class of each image.
+        prototype_classes: (P,) class of each prototype.
+
+    Returns:
+        scalar: mean over annotated images (non-empty mask) and their own-class prototypes of the
+        mean over cells of ``((1 - lesion fraction of the cell) * similarity)^2``; 0 when every
+        image's own-class similarity lies inside its mask, or when no image is annotated.
+    """
+    latent = similarity_maps.shape[2:]
+    pool = F.adaptive_avg_pool2d if len(latent) == 2 else F.adaptive_avg_pool3d
+    inside = pool(mask.to(similarity_maps.dtype), latent)  # (B, 1, *latent) lesion fraction per cell
+    outside = rearrange(1.0 - inside, "b 1 ... -> b 1 (...)")  # (B, 1, L)
+    sims = rearrange(similarity_maps, "b p ... -> b p (...)")  # (B, P, L)
+    per_pair = ((outside * sims) ** 2).mean(-1)  # (B, P)
+    annotated = rearrange(mask, "b 1 ... -> b (...)").any(-1)  # (B,)
+    own = (labels[:, None] == prototype_classes[None, :]) & annotated[:, None]  # (B, P)
+    if not own.any():
+        return similarity_maps.sum() * 0.0
+    return per_pair[own].mean()
+
+
+@torch.no_grad()
+def cached_similarities(model: ProtoPNet, loader: Iterable[dict[str, Any]],
+                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eval-mode pass: the last layer's inputs (similarities x switch-off mask) and the labels.
+
+    Returns:
+        ``(sims (N, P), labels (N,))`` on ``device``.
+    """
+    device = _device_of(model, device)
+    sims, labels = [], []
+    with _EvalMode(model):
+        for batch in loader:
+            x = model.input_spec.intensity(batch["image"].to(device))
+            model.validate_input(x)
+            _, min_d = model.prototype_layer.min_distances(model.latent(x))
+            sims.append(model.prototype_layer.similarity(min_d) * model.prototype_mask)
+            labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(device))
+    if not sims:
+        raise ValueError("the loader yielded no batches; the last layer needs training data")
+    return torch.cat(sims), torch.cat(labels)
+
+
+def fit_last_layer(model: ProtoPNet, loader: Iterable[dict[str, Any]], epochs: int = 20, lr: float = 1e-3,
+                   l1: float | None = None, batch_size: int | None = None,
+                   device: torch.device | str | None = None) -> dict[str, float]:
+    """Fit the last layer on similarity vectors computed once (the backbone runs one pass only).
+
+    Minimises cross-entropy + ``l1`` x L1 of off-class weights — convex in the last layer — with
+    Adam over mini-batches of the cached ``(N, P)`` similarities.
+
+    Args:
+        model: a (pushed) ProtoPNet.
+        loader: training batches.
+        epochs: passes over the cache.
+        lr: Adam learning rate.
+        l1: L1 coefficient (default: ``model.config.l1_coef``).
+        batch_size: rows per step (default: the loader's batch size, else 64).
+        device: where to compute (default: the model's device).
+
+    Returns:
+        ``{"loss_before", "loss_after", "cached_cases", "epochs"}`` (full-cache objective values).
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    l1 = model.config.l1_coef if l1 is None else float(l1)
+    sims, labels = cached_similarities(model, loader, device)  # (N, P), (N,)
+    weight = model.last_layer.weight
+    classes = model.prototype_classes.to(weight.device)
+    batch_size = batch_size or getattr(loader, "batch_size", None) or 64
+
+    def objective(rows: torch.Tensor | slice) -> torch.Tensor:
+        return F.cross_entropy(sims[rows] @ weight.T, labels[rows]) + l1 * off_class_l1(weight, classes)
+
+    was_trainable = weight.requires_grad
+    weight.requires_grad_(True)
+    try:
+        with torch.no_grad():
+            before = float(objective(slice(None)))
+        optimiser = torch.optim.Adam([weight], lr=lr)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for rows in torch.randperm(sims.shape[0], device=sims.device).split(batch_size):
+                    optimiser.zero_grad(set_to_none=True)
+                    objective(rows).backward()
+                    optimiser.step()
+        with torch.no_grad():
+            after = float(objective(slice(None)))
+    finally:
+        weight.grad = None
+        weight.requires_grad_(was_trainable)
+    return {"loss_before": before, "loss_after": after, "cached_cases": int(sims.shape[0]), "epochs": int(epochs)}
+
+
+@register_training
+class ProtoPNetTraining(FamilyTraining):
+    """ProtoPNet's stages and losses for the shared trainer.
+
+    Stages: ``warmup`` and ``joint`` are gradient stages; ``push`` and ``last_layer`` are special
+    (:meth:`run_special_stage`): push projects prototypes, last_layer fits the last layer on cached
+    similarities (:func:`fit_last_layer`).
+    """
+
+    family = "protopnet"
+    stage_names = ("warmup", "joint", "push", "last_layer")
+    special_stages = ("push", "last_layer")
+    last_layer_epochs = 20  # default passes over the cache when the trainer passes none
+    last_layer_lr = 1e-3
+
+    def prepare(self, model: ProtoPNet, train_set: Any) -> None:
+        if model.physical is not None:
+            fit_physical_head(model.physical, train_set)
+
+    def loss(self, model: ProtoPNet, batch: dict[str, Any], stage: str) -> LossOutput:
+        """Cross-entropy + cluster + separation + L1 (+ fine-annotation, + physical head).
+
+        In ``last_layer`` (when run as a gradient stage) only the convex part, CE + L1, is used. A
+        gradient step on pushed prototypes drops the push records, which would no longer be true.
+        """
+        cfg = model.config
+        if (stage != "last_layer" and model.prototype_sources is not None and torch.is_grad_enabled()
+                and model.prototype_layer.prototypes.requires_grad):
+            # The prototypes are about to move off the patches they were projected onto.
+            log.info("training prototypes after push: dropping push records (push again to restore them)")
+            model.set_prototype_sources(None)
+        x = self.inputs(model, batch)
+        labels = batch["label"].to(x.device)
+        parts = model.forward_parts(x)
+        classes = model.prototype_classes
+        ce = F.cross_entropy(parts.logits, labels)
+        l1 = off_class_l1(model.last_layer.weight, classes)
+        logs = {"ce": float(ce.detach()), "l1": float(l1.detach())}
+        if stage == "last_layer":
+            return LossOutput(ce + cfg.l1_coef * l1, parts.logits.detach(), logs)
+        cluster, separation = cluster_separation_costs(parts.min_distances, labels, classes)
+        loss = ce + cfg.clst_coef * cluster + cfg.sep_coef * separation + cfg.l1_coef * l1
+        logs.update(cluster=float(cluster.detach()), separation=float(separation.detach()))
+        if cfg.fa_coef and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:
+            maps = model.prototype_layer.similarity(parts.distance_maps)
+            fa = fine_annotation_cost(maps, batch["mask"].to(x.device), labels, classes)
+            loss = loss + cfg.fa_coef * fa
+            logs["fine_annotation"] = float(fa.detach())
+        if parts.quantities is not None:
+            phys = model.physical.loss(parts.quantities, {k: v.to(x.device) for k, v in batch["measurements"].items()},
+                                       batch["spacing"].to(x.device, parts.quantities.dtype))
+            loss = loss + phys
+            logs["physical"] = float(phys.detach())
+        return LossOutput(loss, parts.logits.detach(), logs)
+
+    def trainable_parameters(self, model: ProtoPNet, stage: str) -> list[nn.Parameter]:
+        """warmup: add-on, prototypes (+ physical head); joint: all; last_layer: last layer; push: none."""
+        if stage == "warmup":
+            modules = [model.add_on, model.prototype_layer] + ([model.physical] if model.physical is not None else [])
+            return [p for m in modules for p in m.parameters()]
+        if stage == "joint":
+            return list(model.parameters())
+        if stage == "last_layer":
+            return [model.last_layer.weight]
+        if stage == "push":
+            return []
+        raise ValueError(f"unknown ProtoPNet stage {stage!r}; expected one of {self.stage_names}")
+
+    def run_special_stage(self, model: ProtoPNet, stage: str, loader: Any, device: torch.device,
+                          epochs: int | None = None, lr: float | None = None) -> dict[str, Any]:
+        """``push``: project prototypes; ``last_layer``: fit on cached similarities.
+
+        Args:
+            epochs, lr: for ``last_layer`` (defaults: ``last_layer_epochs``, ``last_layer_lr``).
+
+        Returns:
+            JSON-safe summary for the run log.
+        """
+        if stage == "push":
+            records = push_prototypes(model, loader, device)
+            pushed = [r for r in records if r is not None]
+            return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
+                    "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}
+        if stage == "last_layer":
+            return fit_last_layer(model, loader, epochs=self.last_layer_epochs if epochs is None else epochs,
+                                  lr=self.last_layer_lr if lr is None else lr, device=device)
+        return super().run_special_stage(model, stage, loader, device)
