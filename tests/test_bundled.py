@@ -1,0 +1,63 @@
+"""Every shipped model: its card checks, it loads, it explains its bundled samples; README agrees."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlmi_zoo
+from mlmi_zoo.model_cards import check_card
+from mlmi_zoo.model_cards.demo import explain_sample, load_samples, run_demo
+from mlmi_zoo.model_cards.readme_table import update_readme
+from mlmi_zoo.registry import bundled_dir
+
+BUNDLED = mlmi_zoo.list_models(pretrained=True)
+README = Path(__file__).resolve().parents[1] / "README.md"
+MAX_WEIGHTS_BYTES = 10 * 2**20
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_card_check_passes(name: str) -> None:
+    assert check_card(bundled_dir() / name) == []
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_model_loads_and_explains_its_samples(name: str) -> None:
+    folder = bundled_dir() / name
+    assert (folder / "model.safetensors").stat().st_size <= MAX_WEIGHTS_BYTES
+    model = mlmi_zoo.load(name)
+    samples = load_samples(folder)
+    assert samples, f"{name} ships no sample case for the demo"
+    for tensors, _ in samples:
+        exp = explain_sample(model, tensors)
+        assert torch.isfinite(exp.logits).all()
+        if exp.decomposable:
+            assert exp.decomposition_error() <= 1e-5
+
+
+def test_release_fits_the_size_budget() -> None:
+    total = sum(p.stat().st_size for p in bundled_dir().glob("*/*") if p.is_file())
+    total += sum(p.stat().st_size for p in bundled_dir().glob("*/*/*") if p.is_file())
+    assert total <= 60 * 2**20
+
+
+def test_readme_model_table_is_generated_from_the_cards() -> None:
+    assert update_readme(README, check=True), "run python -m mlmi_zoo.model_cards.readme_table"
+
+
+def test_card_numbers_are_results_numbers() -> None:
+    for name in BUNDLED:
+        results = json.loads((bundled_dir() / name / "results.json").read_text())
+        assert results["model"]["weights_sha256"] == json.loads((bundled_dir() / name / "config.json").read_text())["weights_sha256"]
+
+
+@pytest.mark.skipif(not BUNDLED, reason="no bundled models")
+def test_demo_writes_a_report(tmp_path) -> None:
+    page = run_demo(tmp_path)
+    html = page.read_text()
+    assert html.count("<h2") == len(BUNDLED)
+    assert "data:image/png;base64" in html
+    for name in BUNDLED:
+        assert name in html
