@@ -245,7 +245,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
                                   keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True).get_template(TEMPLATE.name)
     text = template.render(
         front_matter=yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).strip(),
-        name=name, summary=f"A {family_title} for {source.name} ({', '.join(cfg['label_names'])}), from mlmi-zoo.",
+        name=name, summary=f"{_article(family_title)} {family_title} for {source.name} ({', '.join(cfg['label_names'])}), from mlmi-zoo.",
         architecture=config_doc["architecture"], family_title=family_title, method=method, config=cfg,
         num_parameters=results["model"].get("num_parameters", "n/a"),
         input_text=_input_text(cfg), spacing_text=(" × ".join(f"{s:g}" for s in spacing) + " mm") if spacing else "none",
@@ -260,6 +260,10 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         limitations=limitations, load_uri=name, usage=usage, command=results["command"], bibtex="\n\n".join(bibtex),
     )
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def _article(word: str) -> str:
+    return "An" if word[:1].lower() in "aeiou" else "A"
 
 
 def _input_text(cfg: dict[str, Any]) -> str:
