@@ -17,7 +17,7 @@ from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.heads import PhysicalHead
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation
-from mlmi_zoo.registry import build_config, register_model
+from mlmi_zoo.registry import register_backbones
 from mlmi_zoo.training.family import FamilyTraining, LossOutput, fit_physical_head, register_training
 
 __all__ = ["BaselineConfig", "BaselineClassifier", "BaselineExplanation", "resolve_spacing"]
@@ -116,14 +116,4 @@ class BaselineTraining(FamilyTraining):
         return LossOutput(loss, logits.detach(), logs)
 
 
-def _factory(backbone: str):
-    def build(**overrides: Any) -> BaselineClassifier:
-        return BaselineClassifier(build_config(BaselineConfig, backbone, overrides))
-
-    build.__doc__ = f"Black-box baseline on a {backbone} backbone."
-    build.__annotations__["return"] = BaselineClassifier
-    return build
-
-
-for _bb in ("resnet8", "resnet18"):
-    register_model(f"baseline_{_bb}")(_factory(_bb))
+register_backbones(BaselineClassifier, ("resnet8", "resnet18"), "Black-box baseline on a {backbone} backbone.")

@@ -35,7 +35,7 @@ from mlmi_zoo.architectures.concepts import ConceptCodec, parse_concept_value
 from mlmi_zoo.architectures.heads import spacing_exponent
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
-from mlmi_zoo.registry import build_config, register_model
+from mlmi_zoo.registry import register_backbones
 from mlmi_zoo.specs import ConceptSpec, Measurement
 
 __all__ = ["CBMConfig", "CBM", "ConceptExplanation", "MLPConceptExplanation", "NODULE_CONCEPTS"]
@@ -354,14 +354,4 @@ class CBM(InterpretableModel):
         return self.intervene_vector(x, table, known, spacing)
 
 
-def _factory(backbone: str):
-    def build(**overrides: Any) -> CBM:
-        return CBM(build_config(CBMConfig, backbone, overrides))
-
-    build.__doc__ = f"Concept bottleneck model (Koh et al. 2020) on a {backbone} backbone."
-    build.__annotations__["return"] = CBM
-    return build
-
-
-for _bb in ("resnet8", "resnet18"):
-    register_model(f"cbm_{_bb}")(_factory(_bb))
+register_backbones(CBM, ("resnet8", "resnet18"), "Concept bottleneck model (Koh et al. 2020) on a {backbone} backbone.")

@@ -42,7 +42,7 @@ from mlmi_zoo.architectures.heads import PhysicalHead
 from mlmi_zoo.architectures.prototypes import PrototypeLayer
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
-from mlmi_zoo.registry import build_config, register_model
+from mlmi_zoo.registry import register_backbones
 
 __all__ = ["ProtoPNetConfig", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs"]
 
@@ -338,17 +338,7 @@ class ProtoPNet(InterpretableModel):
         self.set_prototype_sources(None if records is None else [None if r is None else dict(r) for r in records])
 
 
-def _factory(backbone: str):
-    def build(**overrides: Any) -> ProtoPNet:
-        return ProtoPNet(build_config(ProtoPNetConfig, backbone, overrides))
-
-    build.__doc__ = f"ProtoPNet (This Looks Like That) on a {backbone} backbone."
-    build.__annotations__["return"] = ProtoPNet
-    return build
-
-
-for _bb in ("resnet8", "resnet18"):
-    register_model(f"protopnet_{_bb}")(_factory(_bb))
+register_backbones(ProtoPNet, ("resnet8", "resnet18"), "ProtoPNet (This Looks Like That) on a {backbone} backbone.")
 
 # The training adapter registers itself with the trainer on import.
 from mlmi_zoo.architectures import protopnet_training  # noqa: E402,F401

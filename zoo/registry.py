@@ -16,7 +16,7 @@ from typing import Any, Callable, TypeVar
 
 from mlmi_zoo.base import CONFIG_FILE, InterpretableModel
 
-__all__ = ["build_config", "register_model", "create_model", "list_models", "get_entry", "model_entries", "bundled_dir", "UnknownModelError"]
+__all__ = ["build_config", "register_backbones", "register_model", "create_model", "list_models", "get_entry", "model_entries", "bundled_dir", "UnknownModelError"]
 
 
 class UnknownModelError(KeyError, ValueError):
@@ -70,6 +70,26 @@ def build_config(config_class: type, backbone: str, overrides: dict[str, Any]) -
     if "backbone" in overrides:
         raise ValueError("`backbone` is part of the model name; pick the registered name with that backbone instead")
     return apply_overrides(config_class(backbone=backbone), overrides)
+
+
+def register_backbones(model_class: type[InterpretableModel], backbones: tuple[str, ...], summary: str) -> None:
+    """Register ``f"{family}_{backbone}"`` for each backbone with the standard factory.
+
+    The factory builds ``model_class(config)`` from the family's config dataclass with the backbone set
+    and the overrides type-checked. ``summary`` is formatted with ``{backbone}``.
+    """
+
+    def factory(backbone: str) -> Callable[..., InterpretableModel]:
+        def build(**overrides: Any) -> InterpretableModel:
+            return model_class(build_config(model_class.config_class, backbone, overrides))
+
+        build.__doc__ = summary.format(backbone=backbone)
+        build.__annotations__["return"] = model_class
+        build.__qualname__ = f"{model_class.family}_{backbone}"
+        return build
+
+    for backbone in backbones:
+        register_model(f"{model_class.family}_{backbone}")(factory(backbone))
 
 
 def _ensure_registered() -> None:
