@@ -565,9 +565,12 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
             _size(col, rearrange(exp.contributions, "b n c -> b c n"), predicted)
         else:
             scores = exp.attention  # (B, N)
+        # Attention weights sum to 1 within each bag, so across bags of different sizes they are not
+        # comparable; the pre-softmax scores rank instances the same way within a bag and are.
+        pooled_scores = scores if additive else exp.attention_scores  # (B, N)
         inst = batch.get("instance_labels")
         if inst is not None:
-            col.inst_scores.append(scores[mask].double().cpu())
+            col.inst_scores.append(pooled_scores[mask].double().cpu())
             col.inst_labels.append(inst.to(mask.device)[mask].double().cpu())
         # top-k instances: tumour share (positive bags) and the effect of excluding them
         n_valid = mask.sum(1)  # (B,)
@@ -1135,7 +1138,7 @@ def _oracle_accuracy(model: Any, col: _Collected, cache: Any, ctx: "_Context") -
 
 def _mil(model: Any, col: _Collected, ctx: "_Context") -> dict[str, Any]:
     additive = model.family == "additive_mil"
-    scores_name = "contribution to the positive class" if additive else "attention weight"
+    scores_name = "contribution to the positive class" if additive else "attention score (pre-softmax)"
     out: dict[str, Any] = {}
     loc_dns = (f"A high instance AUROC shows that the {scores_name} ranks tumour tiles first, not that every tumour "
                "region of a slide is found.")
