@@ -67,8 +67,10 @@ def _resnet_body(name: str, in_channels: int, spatial_dims: int, n_stages: int) 
     else:
         from monai.networks.nets import ResNet as MonaiResNet  # imported lazily: MONAI is slow to import
 
+        # conv1_t_stride=2: the same stem reduction as the 2D ResNet (MONAI's default is 1), so that
+        # `feature_stride` means the same in 2D and 3D.
         net = MonaiResNet(block="basic", layers=list(layers), block_inplanes=list(widths), spatial_dims=3,
-                          n_input_channels=in_channels, feed_forward=False)
+                          n_input_channels=in_channels, conv1_t_stride=2, feed_forward=False)
         stem = [net.conv1, net.bn1, net.act, net.maxpool]
     stages = [net.layer1, net.layer2, net.layer3, net.layer4][:n_stages]
     return nn.Sequential(*stem, *stages), widths[n_stages - 1]

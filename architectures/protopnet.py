@@ -33,7 +33,7 @@ from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
-from einops import reduce
+from einops import rearrange, reduce
 from torch import nn
 
 from mlmi_zoo.architectures.backbones import create_backbone
@@ -44,7 +44,7 @@ from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones
 
-__all__ = ["ProtoPNetConfig", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs"]
+__all__ = ["ProtoPNetConfig", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs", "AddOn"]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,33 @@ class PrototypeExplanation(Explanation):
         return sections
 
 
+class AddOn(nn.Sequential):
+    """ProtoPNet's add-on layers: 1x1 convolution, ReLU, 1x1 convolution, Sigmoid.
+
+    The weights are those of the two convolutions (``add_on.0``, ``add_on.2``); a 1x1 convolution
+    is a linear map over channels at every location, and is applied as such on the channels-last
+    ``(B*L, F)`` matrix, which on small latent grids avoids the memory re-ordering of a convolution
+    call and hands the prototype layer its ``(B*L, D)`` matrix without a copy.
+
+    Args:
+        in_channels: backbone channels.
+        dim: prototype dimension ``D``.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, in_channels: int, dim: int, spatial_dims: int) -> None:
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        super().__init__(conv(in_channels, dim, 1), nn.ReLU(), conv(dim, dim, 1), nn.Sigmoid())
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, F, *latent) -> (B, D, *latent), a view of channels-last memory."""
+        first, _, second, _ = self
+        h = rearrange(feats, "b f ... -> (b ...) f")  # (B*L, F)
+        h = F.linear(h, first.weight.flatten(1), first.bias).relu()
+        z = torch.sigmoid(F.linear(h, second.weight.flatten(1), second.bias))  # (B*L, D)
+        return z.unflatten(0, (feats.shape[0], *feats.shape[2:])).movedim(-1, 1)
+
+
 class ProtoPNet(InterpretableModel):
     """Backbone -> add-on -> prototype layer -> max pooling -> bias-free last layer.
 
@@ -205,8 +232,7 @@ class ProtoPNet(InterpretableModel):
         super().__init__(config)
         dims, D, P = config.spatial_dims, config.prototype_dim, config.num_prototypes
         self.backbone = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
-        conv = nn.Conv2d if dims == 2 else nn.Conv3d
-        self.add_on = nn.Sequential(conv(self.backbone.out_channels, D, 1), nn.ReLU(), conv(D, D, 1), nn.Sigmoid())
+        self.add_on = AddOn(self.backbone.out_channels, D, dims)
         self.prototype_layer = PrototypeLayer(P, D, config.similarity, config.epsilon)
         self.last_layer = nn.Linear(P, config.num_classes, bias=False)
         classes = torch.arange(P) // config.prototypes_per_class  # (P,)
@@ -275,7 +301,7 @@ class ProtoPNet(InterpretableModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, *spatial) -> (B, C) logits."""
         self.validate_input(x)
-        _, min_d = self.prototype_layer.min_distances(self.latent(x))  # (B, P)
+        min_d = self.prototype_layer.nearest_distances(self.latent(x))  # (B, P)
         return self.last_layer(self.prototype_layer.similarity(min_d) * self.prototype_mask)
 
     def forward_parts(self, x: torch.Tensor) -> ProtoPNetOutputs:

@@ -117,7 +117,7 @@ def cached_similarities(model: ProtoPNet, loader: Iterable[dict[str, Any]],
         for batch in loader:
             x = model.input_spec.intensity(batch["image"].to(device))
             model.validate_input(x)
-            _, min_d = model.prototype_layer.min_distances(model.latent(x))
+            min_d = model.prototype_layer.nearest_distances(model.latent(x))  # (B, P)
             sims.append(model.prototype_layer.similarity(min_d) * model.prototype_mask)
             labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(device))
     if not sims:

@@ -9,9 +9,9 @@ class, so that it *is* a piece of a real case.
 
 What we changed:
 
-- Distances to all prototypes are one matrix product, ``||z||^2 - 2 z.p + ||p||^2`` (an ``einsum``
-  over the latent grid), for 2D and 3D grids alike; a cosine similarity is offered as well
-  (distance ``1 - cos``, similarity ``cos``).
+- Distances to all prototypes are one batched matrix product, ``||z||^2 + ||p||^2 - 2 z.p`` over
+  the flattened latent grid (channels last), for 2D and 3D grids alike; a cosine similarity is
+  offered as well (distance ``1 - cos``, similarity ``cos``).
 - Push streams over the loader and is vectorised over prototypes and images: one distance
   computation per batch, then a class-restricted masked minimum over (images, locations) for all
   prototypes at once, keeping only the running best per prototype (memory ``O(P * D)``).
@@ -80,6 +80,21 @@ class PrototypeLayer(nn.Module):
     def num_prototypes(self) -> int:
         return int(self.prototypes.shape[0])
 
+    def _raw_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *latent) -> (B, L, P) distances, squared L2 possibly a rounding error below 0."""
+        zl = rearrange(z, "b d ... -> (b ...) d")  # (B*L, D), a view when z is channels-last in memory
+        p = self.prototypes  # (P, D)
+        if self.similarity_kind == "cosine":
+            raw = 1.0 - F.normalize(zl, dim=-1) @ F.normalize(p, dim=-1).T
+        else:
+            z2 = torch.linalg.vector_norm(zl, dim=-1, keepdim=True).square()  # (B*L, 1), one pass over z
+            # ||z||^2 + ||p||^2 - 2 z.p for all locations and prototypes in one matrix product.
+            raw = torch.addmm(z2 + p.square().sum(-1), zl, p.T, alpha=-2.0)  # (B*L, P)
+        return raw.unflatten(0, (z.shape[0], -1))  # (B, L, P)
+
+    def _to_maps(self, raw: torch.Tensor, latent: torch.Size) -> torch.Tensor:
+        return raw.clamp_min(0.0).movedim(-1, 1).unflatten(2, latent)  # (B, L, P) -> (B, P, *latent)
+
     def distances(self, z: torch.Tensor) -> torch.Tensor:
         """Distance of every prototype to every latent location.
 
@@ -89,15 +104,7 @@ class PrototypeLayer(nn.Module):
         Returns:
             (B, P, *latent) squared L2 distances (``log_l2``) or ``1 - cos`` (``cosine``).
         """
-        p = self.prototypes  # (P, D)
-        if self.similarity_kind == "cosine":
-            cos = torch.einsum("bd...,pd->bp...", F.normalize(z, dim=1), F.normalize(p, dim=1))
-            return 1.0 - cos
-        z2 = (z * z).sum(1, keepdim=True)  # (B, 1, *latent)
-        zp = torch.einsum("bd...,pd->bp...", z, p)  # (B, P, *latent)
-        p2 = (p * p).sum(1).view(1, -1, *([1] * (z.ndim - 2)))  # (1, P, 1..)
-        # The expansion can go a hair below 0 by rounding when z == p; a distance cannot.
-        return (z2 - 2 * zp + p2).clamp_min(0.0)
+        return self._to_maps(self._raw_distances(z), z.shape[2:])
 
     def similarity(self, distances: torch.Tensor) -> torch.Tensor:
         """Map distances (any shape) to similarities: decreasing, so ``max sim = sim(min d)``."""
@@ -105,17 +112,22 @@ class PrototypeLayer(nn.Module):
             return 1.0 - distances
         return torch.log((distances + 1.0) / (distances + self.eps))
 
+    def nearest_distances(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *latent) -> (B, P) distance of each prototype to its nearest location (min pooling)."""
+        # Clamping after the minimum gives the same value (clamping is monotone) on P, not L x P, values.
+        return self._raw_distances(z).amin(1).clamp_min(0.0)
+
     def min_distances(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance maps and their minimum over the grid (ProtoPNet's min-pooling).
+        """Distance maps and their minimum over the grid (ProtoPNet's min pooling).
 
         Args:
             z: (B, D, *latent).
 
         Returns:
-            ``(maps (B, P, *latent), min_d (B, P))``.
+            ``(maps (B, P, *latent), min_d (B, P))``; ``min_d`` equals :meth:`nearest_distances` exactly.
         """
-        maps = self.distances(z)  # (B, P, *latent)
-        return maps, rearrange(maps, "b p ... -> b p (...)").amin(-1)
+        raw = self._raw_distances(z)  # (B, L, P)
+        return self._to_maps(raw, z.shape[2:]), raw.amin(1).clamp_min(0.0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, *latent) -> (B, P, *latent) similarity maps."""
@@ -224,6 +236,9 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             index = _batch_indices(batch, seen, B)
             seen += B
             z = model.latent(x)  # (B, D, *latent)
+            if input_shape and tuple(x.shape[2:]) != input_shape:
+                raise ValueError(f"push needs one input size per loader (flat latent locations are recorded), got "
+                                 f"{tuple(x.shape[2:])} after {input_shape}; resize or crop the images to one size")
             latent_shape, input_shape = tuple(z.shape[2:]), tuple(x.shape[2:])
             d = rearrange(layer.distances(z), "b p ... -> p b (...)")  # (P, B, L)
             L = d.shape[-1]

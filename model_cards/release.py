@@ -38,6 +38,7 @@ RELEASES = (
     Release("baseline_resnet8.lidc_nodule", "baseline_lidc_nodule.yaml"),
     Release("protopnet_resnet8.lidc_nodule", "protopnet_lidc_nodule.yaml", "baseline_resnet8.lidc_nodule"),
     Release("cbm_resnet8.lidc_nodule", "cbm_lidc_nodule.yaml", "baseline_resnet8.lidc_nodule"),
+    Release("cbm_resnet8.nodule_phantom", "cbm_nodule_phantom_release.yaml"),
     Release("additive_mil_features.tilebag", "additive_mil_tilebag_release.yaml"),
     Release("abmil_features.tilebag", "abmil_tilebag_release.yaml"),
     Release("baseline_resnet8.pneumoniamnist", "baseline_pneumoniamnist.yaml"),
@@ -81,8 +82,6 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2) -> None:
 
 def build(release: Release, runs: Path, cards: Path) -> dict:
     """Train, evaluate and card one model; returns its results document."""
-    from mlmi_zoo.evaluation import evaluate
-    from mlmi_zoo.model_cards.card import write_card
     from mlmi_zoo.training.recipe import load_recipe
     from mlmi_zoo.training.trainer import train
 
@@ -92,13 +91,24 @@ def build(release: Release, runs: Path, cards: Path) -> dict:
         shutil.rmtree(run_dir)
     start = time.perf_counter()
     final = train(load_recipe(recipe_path, []), run_dir, quiet=True)
-    train_s = time.perf_counter() - start
+    log.info("%s: trained in %.0f s", release.name, time.perf_counter() - start)
     folder = cards / release.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(final / name, folder / name)
     shutil.copyfile(recipe_path, folder / "recipe.yaml")
+    return evaluate_and_card(release, cards)
+
+
+def evaluate_and_card(release: Release, cards: Path) -> dict:
+    """Evaluate a bundled model folder on its test split, write its card and demo samples."""
+    from mlmi_zoo.evaluation import evaluate
+    from mlmi_zoo.model_cards.card import write_card
+
+    folder = cards / release.name
+    recipe_path = RECIPES / release.recipe
+    shutil.rmtree(folder / "figures", ignore_errors=True)
     baseline = release.baseline if release.baseline and (cards / release.baseline / "model.safetensors").is_file() else None
     command = (f"mlmi-zoo evaluate {release.name} --split test --out model_cards/{release.name}/results.json "
                f"--figures model_cards/{release.name}/figures" + (f" --baseline {baseline}" if baseline else ""))
@@ -106,7 +116,7 @@ def build(release: Release, runs: Path, cards: Path) -> dict:
                        baseline_uri=baseline, command=command)
     write_card(folder, folder / "results.json", folder / "figures")
     _store_samples(folder, recipe_path)
-    log.info("%s: trained in %.0f s; test AUROC %.4f", release.name, train_s, results["task"]["auroc"]["estimate"])
+    log.info("%s: test AUROC %.4f", release.name, results["task"]["auroc"]["estimate"])
     return results
 
 
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="bundled names to build (default: all, in order)")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "release")
+    p.add_argument("--evaluate-only", action="store_true", help="re-evaluate and re-card existing model folders")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     known = {r.name: r for r in RELEASES}
@@ -123,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     todo = [known[n] for n in args.names] if args.names else list(RELEASES)
     cards = Path(__file__).resolve().parent
     for release in todo:
-        build(release, args.runs, cards)
+        if args.evaluate_only:
+            evaluate_and_card(release, cards)
+        else:
+            build(release, args.runs, cards)
     return 0
 
 
