@@ -69,6 +69,9 @@ class ProtoPNetConfig(ModelConfig):
         l1_coef: L1 penalty on off-class last-layer weights (ProtoPNet: 1e-4), for sparse, positive
             reasoning.
         fa_coef: weight of the IAIA-BL fine-annotation loss on lesion masks; 0 turns it off.
+        push_on_lesion: with lesion masks, push projects prototypes only onto latent cells that
+            overlap a lesion, so each prototype is a piece of a lesion rather than of the background
+            (a CNN with zero padding otherwise tends to match the crop border).
     """
 
     feature_stride: int = 8
@@ -81,6 +84,7 @@ class ProtoPNetConfig(ModelConfig):
     sep_coef: float = -0.08
     l1_coef: float = 1e-4
     fa_coef: float = 0.0
+    push_on_lesion: bool = False
 
     @property
     def num_prototypes(self) -> int:

@@ -255,7 +255,7 @@ class ProtoPNetTraining(FamilyTraining):
             JSON-safe summary for the run log.
         """
         if stage == "push":
-            records = push_prototypes(model, loader, device)
+            records = push_prototypes(model, loader, device, on_lesion=model.config.push_on_lesion)
             pushed = [r for r in records if r is not None]
             return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
                     "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}

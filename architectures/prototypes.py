@@ -191,8 +191,17 @@ def latent_box(location: Iterable[int], latent_shape: Iterable[int], input_shape
 # push
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
+def _lesion_cells(batch: dict[str, Any], latent_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(B, L) bool: latent cells that overlap the lesion mask of each image."""
+    if batch.get("mask") is None:
+        raise ValueError("push on_lesion=True needs lesion masks: batches without a 'mask' entry")
+    mask = torch.as_tensor(batch["mask"]).to(device).float()  # (B, 1, *spatial)
+    pool = F.adaptive_max_pool2d if len(latent_shape) == 2 else F.adaptive_max_pool3d
+    return rearrange(pool(mask, latent_shape) > 0, "b 1 ... -> b (...)")
+
+
 def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
-                    device: torch.device | str | None = None) -> list[dict[str, Any] | None]:
+                    device: torch.device | str | None = None, on_lesion: bool = False) -> list[dict[str, Any] | None]:
     """Project every prototype onto its nearest latent patch of a training image of its own class.
 
     Streams over ``loader`` once, in eval mode (batch-norm statistics do not move; each module's
@@ -207,6 +216,9 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             the running position in the loader is recorded, valid only for an unshuffled loader)
             and ``"spacing"`` (mm, for ``box_mm``).
         device: where to compute (default: the model's device).
+        on_lesion: project only onto latent cells that overlap the lesion (``batch["mask"]``, a
+            (B, 1, *spatial) lesion mask); images without a lesion are not candidates. With lesion
+            masks this makes every prototype a piece of a lesion, not of the background around it.
 
     Returns:
         one record per prototype (also stored on the model and saved with it): ``prototype``,
@@ -244,6 +256,8 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             L = d.shape[-1]
             own = proto_class[:, None] == labels[None, :]  # (P, B)
             d = d.masked_fill(~own[..., None], math.inf)
+            if on_lesion:
+                d = d.masked_fill(~_lesion_cells(batch, latent_shape, device)[None], math.inf)
             batch_d, flat = rearrange(d, "p b l -> p (b l)").min(-1)  # (P,), (P,)
             better = batch_d < best_d  # strict: the first best patch in loader order wins ties
             if not better.any():

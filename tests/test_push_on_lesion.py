@@ -1,0 +1,41 @@
+"""Push restricted to lesion cells: every prototype becomes a latent patch that overlaps a lesion."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlmi_zoo
+from mlmi_zoo.architectures.prototypes import push_prototypes
+
+
+def _batches(n: int = 8, size: int = 32):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, size, size, generator=g)
+    masks = torch.zeros(n, 1, size, size, dtype=torch.bool)
+    for i in range(n):  # a 6x6 lesion at a different place in each image
+        r, c = (3 * i) % 20 + 2, (5 * i) % 20 + 2
+        masks[i, 0, r:r + 6, c:c + 6] = True
+    labels = torch.arange(n) % 2
+    return [{"image": images[:4], "mask": masks[:4], "label": labels[:4], "index": torch.arange(4)},
+            {"image": images[4:], "mask": masks[4:], "label": labels[4:], "index": torch.arange(4, 8)}], masks
+
+
+def test_every_pushed_prototype_lies_on_a_lesion_cell() -> None:
+    model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=3, prototype_dim=16).eval()
+    loader, masks = _batches()
+    records = push_prototypes(model, loader, on_lesion=True)
+    latent = tuple(records[0]["latent_shape"])
+    cells = F.adaptive_max_pool2d(masks.float(), latent).flatten(1) > 0  # (N, L)
+    for rec in records:
+        flat = rec["location"][0] * latent[1] + rec["location"][1] if isinstance(rec["location"], (list, tuple)) else rec["location"]
+        assert cells[rec["index"], flat], f"prototype {rec['prototype']} was pushed off the lesion"
+
+
+def test_on_lesion_push_needs_masks() -> None:
+    model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=1, prototype_dim=16).eval()
+    loader, _ = _batches()
+    for batch in loader:
+        del batch["mask"]
+    with pytest.raises(ValueError, match="lesion masks"):
+        push_prototypes(model, loader, on_lesion=True)
