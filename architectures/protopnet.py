@@ -72,6 +72,9 @@ class ProtoPNetConfig(ModelConfig):
         push_on_lesion: with lesion masks, push projects prototypes only onto latent cells that
             overlap a lesion, so each prototype is a piece of a lesion rather than of the background
             (a CNN with zero padding otherwise tends to match the crop border).
+        padding_mode: padding of the backbone's convolutions. Zero padding marks the crop border
+            in the features, and prototypes can learn to match that border instead of anatomy;
+            ``"reflect"`` pads with the image's own content.
     """
 
     feature_stride: int = 8
@@ -85,6 +88,7 @@ class ProtoPNetConfig(ModelConfig):
     l1_coef: float = 1e-4
     fa_coef: float = 0.0
     push_on_lesion: bool = False
+    padding_mode: Literal["zeros", "reflect"] = "zeros"
 
     @property
     def num_prototypes(self) -> int:
@@ -236,6 +240,10 @@ class ProtoPNet(InterpretableModel):
         super().__init__(config)
         dims, D, P = config.spatial_dims, config.prototype_dim, config.num_prototypes
         self.backbone = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
+        if config.padding_mode != "zeros":
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.conv._ConvNd) and any(p > 0 for p in module.padding):
+                    module.padding_mode = config.padding_mode
         self.add_on = AddOn(self.backbone.out_channels, D, dims)
         self.prototype_layer = PrototypeLayer(P, D, config.similarity, config.epsilon)
         self.last_layer = nn.Linear(P, config.num_classes, bias=False)

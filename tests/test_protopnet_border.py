@@ -1,4 +1,4 @@
-"""Push restricted to lesion cells: every prototype becomes a latent patch that overlaps a lesion."""
+"""ProtoPNet options for lesion images: push onto lesion cells only, and padding that hides the crop border."""
 from __future__ import annotations
 
 import pytest
@@ -39,3 +39,19 @@ def test_on_lesion_push_needs_masks() -> None:
         del batch["mask"]
     with pytest.raises(ValueError, match="lesion masks"):
         push_prototypes(model, loader, on_lesion=True)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_reflect_padding_leaves_no_border_in_the_latent(spatial_dims: int) -> None:
+    size = (32,) * spatial_dims
+    flat = torch.full((1, 1, *size), 0.3)
+
+    def border_signal(mode: str) -> float:
+        model = mlmi_zoo.create_model("protopnet_resnet8", spatial_dims=spatial_dims, img_size=size,
+                                      padding_mode=mode).eval()
+        with torch.no_grad():
+            z = model.latent(flat)  # (1, D, *latent)
+        return float((z - z.mean(dim=tuple(range(2, z.ndim)), keepdim=True)).abs().max())
+
+    assert border_signal("reflect") < 1e-5  # a uniform image gives a uniform latent grid
+    assert border_signal("zeros") > 1e-4  # zero padding marks the crop border
