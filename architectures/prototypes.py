@@ -190,7 +190,6 @@ def latent_box(location: Iterable[int], latent_shape: Iterable[int], input_shape
 # ---------------------------------------------------------------------------------------------
 # push
 # ---------------------------------------------------------------------------------------------
-@torch.no_grad()
 def _lesion_cells(batch: dict[str, Any], latent_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """(B, L) bool: latent cells that overlap the lesion mask of each image."""
     if batch.get("mask") is None:
@@ -200,6 +199,7 @@ def _lesion_cells(batch: dict[str, Any], latent_shape: tuple[int, ...], device: 
     return rearrange(pool(mask, latent_shape) > 0, "b 1 ... -> b (...)")
 
 
+@torch.no_grad()
 def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
                     device: torch.device | str | None = None, on_lesion: bool = False) -> list[dict[str, Any] | None]:
     """Project every prototype onto its nearest latent patch of a training image of its own class.

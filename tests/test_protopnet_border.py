@@ -55,3 +55,14 @@ def test_reflect_padding_leaves_no_border_in_the_latent(spatial_dims: int) -> No
 
     assert border_signal("reflect") < 1e-5  # a uniform image gives a uniform latent grid
     assert border_signal("zeros") > 1e-4  # zero padding marks the crop border
+
+
+def test_push_builds_no_autograd_graph() -> None:
+    """Memory stays flat in N only if no batch's activations are kept alive through a graph."""
+    model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=1, prototype_dim=16).eval()
+    modes: list[bool] = []
+    model.backbone.register_forward_hook(lambda module, args, out: modes.append(torch.is_grad_enabled()))
+    loader, _ = _batches()
+    with torch.enable_grad():
+        push_prototypes(model, loader, on_lesion=True)
+    assert modes and not any(modes)
