@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from mlmi_zoo.cli import _Parser
-from mlmi_zoo.explanations import render_page
+from mlmi_zoo.explanations import png_data_uri, render_page
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ def run_demo(out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
         toc.append(f'<li><a href="#{anchor}">{html.escape(name)}</a> — {len(samples)} case(s)</li>')
         parts.append(f'<h2 id="{anchor}">{html.escape(name)}</h2>'
                      f'<p>{html.escape(type(model).__name__)} · <a href="{card.as_uri()}">model card</a></p>')
+        gallery = folder / "figures" / "prototype_gallery.png"
+        if gallery.is_file():  # every prototype as the real training patch it was pushed onto
+            parts.append("<h4>Prototypes: the training patches they are (after push)</h4>"
+                         f'<img src="{png_data_uri(gallery.read_bytes())}" style="max-width:100%">')
         if not samples:
             parts.append("<p>No sample cases are bundled with this model.</p>")
         for tensors, meta in samples:

@@ -61,3 +61,5 @@ def test_demo_writes_a_report(tmp_path) -> None:
     assert "data:image/png;base64" in html
     for name in BUNDLED:
         assert name in html
+    pushed = [n for n in BUNDLED if (bundled_dir() / n / "figures" / "prototype_gallery.png").is_file()]
+    assert html.count("the training patches they are") == len(pushed)
