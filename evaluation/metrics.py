@@ -310,16 +310,7 @@ def decomposition_error(explanation: Explanation) -> float:
         The largest absolute error in logit units, or NaN for explanations that are not
         decomposable (``explanation.decomposable`` is False).
     """
-    if not explanation.decomposable:
-        return math.nan
-    rebuilt = explanation.logits_from_contributions().detach().double()  # (B, C)
-    logits = explanation.logits.detach().double()  # (B, C)
-    if rebuilt.shape != logits.shape:
-        raise ValueError(
-            f"logits_from_contributions() returned shape {tuple(rebuilt.shape)}, expected the logits' "
-            f"shape {tuple(logits.shape)}; fix the explanation class"
-        )
-    return float((rebuilt - logits).abs().max())
+    return explanation.decomposition_error()
 
 
 def _class_index(index: int | Sequence[int] | torch.Tensor | None, batch: int, fallback: torch.Tensor) -> torch.Tensor:

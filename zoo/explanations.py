@@ -67,7 +67,14 @@ class Explanation:
         """max |sum(contributions) + bias - logits| over the batch, or NaN if not decomposable."""
         if not self.decomposable:
             return math.nan
-        return float((self.logits_from_contributions() - self.logits).abs().max())
+        rebuilt = self.logits_from_contributions().detach().double()  # (B, C)
+        logits = self.logits.detach().double()  # (B, C)
+        if rebuilt.shape != logits.shape:
+            raise ValueError(
+                f"logits_from_contributions() returned shape {tuple(rebuilt.shape)}, expected the logits' "
+                f"shape {tuple(logits.shape)}; fix the explanation class"
+            )
+        return float((rebuilt - logits).abs().max())
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
