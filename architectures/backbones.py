@@ -13,12 +13,14 @@ from zoo weights.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["create_backbone", "Backbone", "RESNET_LAYOUTS"]
+__all__ = ["create_backbone", "Backbone", "RESNET_LAYOUTS", "latent_to_input"]
 
 # name -> (blocks per stage, stage widths)
 RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -32,23 +34,85 @@ STAGE_REDUCTION = (4, 8, 16, 32)  # after layer1..layer4 (stem conv stride 2 + m
 
 @dataclass(frozen=True)
 class BackboneInfo:
+    """Output width, total stride, and where latent cell 0 looks (see :class:`Backbone`)."""
+
     out_channels: int
     stride: int
+    offset: float | None = None
 
 
 class Backbone(nn.Module):
-    """A feature extractor cut at a given stage. ``forward(x)`` -> ``(B, F, *latent)``."""
+    """A feature extractor cut at a given stage. ``forward(x)`` -> ``(B, F, *latent)``.
+
+    Attributes:
+        out_channels: ``F``.
+        stride: total down-sampling from input pixels to latent cells.
+        offset: input-pixel coordinate (0 = the first pixel's centre) of the receptive-field centre
+            of latent cell 0, so cell ``i`` is centred on pixel ``offset + stride * i``; ``None`` when
+            the architecture's padding is not known, in which case maps are resampled as if each
+            cell covered its share of the input (``F.interpolate`` with ``align_corners=False``).
+    """
 
     def __init__(self, body: nn.Module, info: BackboneInfo, list_output: bool = False) -> None:
         super().__init__()
         self.body = body
         self.out_channels = info.out_channels
         self.stride = info.stride
+        self.offset = info.offset
         self._list_output = list_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.body(x)
         return feats[-1] if self._list_output else feats
+
+    def to_input(self, maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Resample latent maps ``(B, K, *latent)`` to input pixels ``(B, K, *size)``; see :func:`latent_to_input`."""
+        return latent_to_input(maps, size, self.stride, self.offset)
+
+
+def _interpolation_matrix(n_in: int, n_latent: int, stride: int, offset: float, like: torch.Tensor) -> torch.Tensor:
+    """``(n_in, n_latent)`` linear-interpolation weights: pixel ``p`` reads latent ``(p - offset) / stride``."""
+    u = ((torch.arange(n_in, dtype=torch.float64) - offset) / stride).clamp(0, n_latent - 1)
+    i0 = u.floor().long()
+    w = u - i0
+    i1 = (i0 + 1).clamp(max=n_latent - 1)
+    a = torch.zeros(n_in, n_latent, dtype=torch.float64)
+    rows = torch.arange(n_in)
+    a.index_put_((rows, i0), 1.0 - w, accumulate=True)
+    a.index_put_((rows, i1), w, accumulate=True)
+    return a.to(dtype=like.dtype, device=like.device)
+
+
+def latent_to_input(maps: torch.Tensor, size: tuple[int, ...] | torch.Size, stride: int,
+                    offset: float | None) -> torch.Tensor:
+    """Resample latent maps to input resolution, each cell's value placed on its receptive-field centre.
+
+    Linear (bi-/tri-linear) interpolation between cell centres at input pixels ``offset + stride * i``,
+    held constant beyond the first and last centre. This registers a map with the image it explains:
+    a ResNet's cell ``i`` is centred on pixel ``stride * i`` (every strided convolution and pooling has
+    padding ``(k - 1) / 2``), whereas ``F.interpolate(..., align_corners=False)`` would draw it at
+    ``stride * i + (stride - 1) / 2``, 3.5 px too far right and down at stride 8.
+
+    Args:
+        maps: ``(B, K, *latent)`` with 2 or 3 spatial axes.
+        size: input spatial size.
+        stride: total stride of the latent grid.
+        offset: input-pixel coordinate of cell 0's centre; ``None`` falls back to
+            ``F.interpolate(..., align_corners=False)``.
+
+    Returns:
+        ``(B, K, *size)`` maps.
+    """
+    size = tuple(int(n) for n in size)
+    dims = maps.ndim - 2
+    if dims not in (2, 3) or len(size) != dims:
+        raise ValueError(f"maps must be (B, K, *latent) with 2 or 3 spatial axes matching size {size}; got {tuple(maps.shape)}")
+    if offset is None or not math.isfinite(offset):
+        return F.interpolate(maps, size=size, mode="bilinear" if dims == 2 else "trilinear", align_corners=False)
+    mats = [_interpolation_matrix(n, m, stride, float(offset), maps) for n, m in zip(size, maps.shape[2:])]
+    if dims == 2:
+        return torch.einsum("bkij,yi,xj->bkyx", maps, *mats)
+    return torch.einsum("bkijl,zi,yj,xl->bkzyx", maps, *mats)
 
 
 def _stages_for(feature_stride: int) -> int:
@@ -94,7 +158,9 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
     if name in RESNET_LAYOUTS:
         n_stages = _stages_for(feature_stride)
         body, channels = _resnet_body(name, in_channels, spatial_dims, n_stages)
-        return Backbone(body, BackboneInfo(channels, STAGE_REDUCTION[n_stages - 1]))
+        # Every strided layer (stem conv k7/p3, max-pool k3/p1, stage convs k3/p1 and 1x1/p0 shortcuts)
+        # maps output index c to input index 2c, so cell i is centred on pixel stride * i.
+        return Backbone(body, BackboneInfo(channels, STAGE_REDUCTION[n_stages - 1], offset=0.0))
     if spatial_dims == 3:
         raise ValueError(f"backbone {name!r} has no 3D version; use one of {sorted(RESNET_LAYOUTS)} for spatial_dims=3")
     import timm

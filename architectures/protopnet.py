@@ -337,8 +337,7 @@ class ProtoPNet(InterpretableModel):
         """
         parts = self.forward_parts(x)
         maps = self.prototype_layer.similarity(parts.distance_maps)  # (B, P, *latent)
-        mode = "bilinear" if x.ndim == 4 else "trilinear"
-        localization = F.interpolate(maps, size=x.shape[2:], mode=mode, align_corners=False)  # (B, P, *spatial)
+        localization = self.backbone.to_input(maps, x.shape[2:])  # (B, P, *spatial), on receptive-field centres
         masked = parts.similarities * self.prototype_mask  # (B, P)
         contributions = torch.einsum("bp,cp->bcp", masked, self.last_layer.weight)  # (B, C, P)
         measurements = {}

@@ -422,8 +422,7 @@ def render_prototypes(model: "ProtoPNet", dataset: Any, out_dir: str | Path) -> 
             sample = dataset[rec["index"]]
             x = model.input_spec.intensity(torch.as_tensor(sample["image"])[None].to(device))  # (1, C, *S)
             sim = model.prototype_layer(model.latent(x))[:, j : j + 1]  # (1, 1, *latent)
-            mode = "bilinear" if sim.ndim == 4 else "trilinear"
-            heat = F.interpolate(sim, size=x.shape[2:], mode=mode, align_corners=False)[0, 0].cpu()
+            heat = model.backbone.to_input(sim, x.shape[2:])[0, 0].cpu()
             image, box = x[0].cpu(), rec["box_px"]
             if image.ndim == 4:  # (C, D, H, W): the slice through the box centre
                 k = (box[0][0] + box[0][1]) // 2

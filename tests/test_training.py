@@ -193,6 +193,30 @@ def test_interrupted_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_
     assert_bit_identical(weights(final), weights(reference_run / "final"))
 
 
+def test_augmented_run_resumes_bit_identically_and_differs_from_plain(tmp_path, reference_run, monkeypatch):
+    """Dihedral augmentation is a function of (seed, epoch, index): a resumed epoch sees the same transforms."""
+    import mlmi_zoo.training.trainer as trainer_module
+
+    data = {**RECIPE["data"], "augment": "dihedral"}
+    whole = train(load_recipe(write_recipe(tmp_path / "a.yaml", data=data)), tmp_path / "whole", quiet=True)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(whole).values(), weights(reference_run / "final").values()))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_at_7(step):
+        if step == 7:
+            raise Interrupted
+
+    monkeypatch.setattr(trainer_module, "_test_kill_hook", stop_at_7)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        train(load_recipe(write_recipe(tmp_path / "b.yaml", data=data)), run, quiet=True)
+    monkeypatch.undo()
+    final = train(load_recipe(run / "recipe.yaml"), run, resume=True, quiet=True)
+    assert_bit_identical(weights(final), weights(whole))
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_run):
     recipe_path = write_recipe(tmp_path / "r.yaml")

@@ -52,6 +52,9 @@ class DataSpec:
         val_fraction / test_fraction: share of a single CSV or bag folder held out for validation /
             testing (ignored when each split has its own file).
         split_seed: seed of the permutation that partitions a single CSV or bag folder.
+        cache: render every case once and keep it in memory (for slow procedural sources).
+        augment: ``None`` or ``"dihedral"`` (random flips and quarter turns of the training cases
+            in the image plane, see :mod:`mlmi_zoo.training.augment`); validation and test never are.
     """
 
     kind: DataKind
@@ -62,7 +65,8 @@ class DataSpec:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     split_seed: int = 0
-    cache: bool = False  # render every case once and keep it in memory (for slow procedural sources)
+    cache: bool = False
+    augment: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("train_size", "val_size", "test_size"):
@@ -75,6 +79,13 @@ class DataSpec:
                 f"data.val_fraction ({self.val_fraction}) and data.test_fraction ({self.test_fraction}) must be in "
                 "[0, 1) and leave some cases for training"
             )
+        if self.augment is not None:
+            from mlmi_zoo.training.augment import AUGMENTATIONS
+
+            if self.augment not in AUGMENTATIONS:
+                raise ValueError(f"data.augment must be null or one of {AUGMENTATIONS}, got {self.augment!r}")
+            if self.kind in ("tilebag_phantom", "cached_bags"):
+                raise ValueError(f"data.augment applies to images; a {self.kind} spec holds bags of instances")
         if self.kind in _PHANTOMS and (self.train_size is None or self.val_size is None):
             raise ValueError(f"a {self.kind} spec needs data.train_size and data.val_size (they define its index ranges)")
 

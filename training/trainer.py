@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from mlmi_zoo._config import to_jsonable
 from mlmi_zoo._weights import load_weights, save_weights, sha256_file, write_json_atomic, write_text_atomic
 from mlmi_zoo.base import InterpretableModel
+from mlmi_zoo.training.augment import augmented
 from mlmi_zoo.training.data_spec import build_dataset, collate_for, describe
 from mlmi_zoo.training.family import FamilyTraining, training_for
 from mlmi_zoo.training.recipe import Recipe, StageSection, model_config, recipe_differences, recipe_to_yaml
@@ -552,7 +553,8 @@ class Trainer:
             while pos.epoch < stage.epochs:
                 self._train_mode(model)
                 train_sampler.set_epoch(pos.global_epoch, skip=pos.batch * self.batch_size)
-                loader = self._loader(train_set, train_sampler, self.batch_size, collate, pos.global_epoch, pos.batch)
+                epoch_set = augmented(train_set, r.data.augment if r.data is not None else None, r.seed, pos.global_epoch)
+                loader = self._loader(epoch_set, train_sampler, self.batch_size, collate, pos.global_epoch, pos.batch)
                 started, seen, sums = time.perf_counter(), 0, {"loss": 0.0, "correct": 0.0, "n": 0.0}
                 bar = self._bar(loader, stage, pos, steps_per_epoch)
                 for batch in bar:
@@ -640,8 +642,8 @@ class Trainer:
         is_last_stage = pos.stage == len(r.stages) - 1
         if is_last_stage:
             value = line.get(r.select_metric, math.nan)
-            better = (value < pos.best_value if r.select_metric == "val_loss" else value > pos.best_value) \
-                if pos.best_value is not None else True
+            minimise = r.select_metric in ("val_loss", "val_stage_loss")
+            better = (value < pos.best_value if minimise else value > pos.best_value) if pos.best_value is not None else True
             if math.isfinite(value) and better:
                 pos.best_value, pos.best = value, dict(line)
                 line["best"] = True
