@@ -374,6 +374,7 @@ class _Collected:
     # localization / faithfulness
     ap: list[torch.Tensor] = dataclasses.field(default_factory=list)
     pg: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    ap_ceiling: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the mask itself as the map
     masks_seen: bool = False
     spacing_seen: bool = False
     keep_x: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -467,6 +468,7 @@ def _localize(col: _Collected, maps: torch.Tensor, batch: Mapping[str, Any], q: 
         return
     col.masks_seen = True
     col.ap.append(activation_precision(maps, mask, q))
+    col.ap_ceiling.append(activation_precision(mask.float(), mask, q))
     col.pg.append(pointing_game(maps, mask))
 
 
@@ -708,14 +710,19 @@ def _localization_block(col: _Collected, what_map: str, does_not_show: str,
     annotated = torch.isfinite(ap)
     if not annotated.any():
         return _not_applicable("not applicable: no evaluated case has a non-empty lesion mask", does_not_show)
+    ceiling = _cat(col.ap_ceiling)
     metrics = {
         "activation_precision_top5pct": _nanmean(ap),
+        # A perfect map (the mask itself) scores below 1 on lesions smaller than the top 5% of the image.
+        "activation_precision_top5pct_ceiling": _nanmean(ceiling),
         "pointing_game": _nanmean(pg),
         "cases_with_mask": int(annotated.sum()),
     }
     if tp_mask is not None:
         tp = tp_mask & annotated
         metrics["true_positives_with_map_on_lesion_share"] = float((ap[tp] >= 0.5).double().mean()) if tp.any() else math.nan
+        metrics["true_positives_activation_precision_top5pct"] = _nanmean(ap[tp]) if tp.any() else math.nan
+        metrics["true_positives_activation_precision_top5pct_ceiling"] = _nanmean(ceiling[tp]) if tp.any() else math.nan
         metrics["true_positives_with_mask"] = int(tp.sum())
     block = element(True, metrics=metrics, does_not_show=does_not_show)
     block["details"] = {"map": what_map, "q": 0.05}
