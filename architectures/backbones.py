@@ -65,6 +65,31 @@ class Backbone(nn.Module):
         feats = self.body(x)
         return feats[-1] if self._list_output else feats
 
+    def cell_fraction(self, mask: torch.Tensor, latent_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Share of each latent cell's window that lies on a mask: ``(B, 1, *spatial)`` -> ``(B, 1, *latent)``.
+
+        The window of cell ``i`` is the ``stride``-wide box centred on its receptive-field centre,
+        ``[offset + stride*i - stride/2, offset + stride*i + stride/2)`` per axis (pixels outside the
+        image count as off the mask). Without a known integer offset in ``[0, stride/2]`` and an even
+        stride, the cell's share of the input is used instead (adaptive average pooling).
+        """
+        latent_shape = tuple(int(n) for n in latent_shape)
+        dims = len(latent_shape)
+        mask = mask.float()
+        if self.offset is None or self.offset != int(self.offset) or self.stride % 2 or not 0 <= self.offset <= self.stride // 2:
+            pool = F.adaptive_avg_pool2d if dims == 2 else F.adaptive_avg_pool3d
+            return pool(mask, latent_shape)
+        half, shift = self.stride // 2, int(self.offset)
+        # pad so that pooling window i starts at pixel offset + stride*i - stride/2
+        pad: list[int] = []
+        for n_in, n_lat in zip(reversed(mask.shape[2:]), reversed(latent_shape)):
+            before = half - shift
+            pad += [before, max(0, n_lat * self.stride - (n_in + before))]
+        padded = F.pad(mask, pad)
+        pool = F.avg_pool2d if dims == 2 else F.avg_pool3d
+        out = pool(padded, kernel_size=self.stride, stride=self.stride)
+        return out[(slice(None), slice(None), *(slice(0, n) for n in latent_shape))]
+
     def to_input(self, maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Resample latent maps ``(B, K, *latent)`` to input pixels ``(B, K, *size)``; see :func:`latent_to_input`."""
         return latent_to_input(maps, size, self.stride, self.offset)

@@ -15,7 +15,7 @@ data), never re-running the backbone, since the objective (cross-entropy + L1) i
 What we changed:
 
 - The fine-annotation loss works on the latent grid: the lesion mask is reduced to the fraction of
-  lesion pixels per latent cell (adaptive average pooling), and the penalty is the mean over cells of
+  lesion pixels in each cell's window, centred on the cell's receptive field, and the penalty is the mean over cells of
   ``((1 - fraction) * similarity)^2`` — IAIA-BL's pixel-level ``||(1 - m) * g||^2`` under nearest
   upsampling, divided by the number of cells so ``fa_coef`` does not depend on the grid size. Images
   whose mask is empty (no lesion, hence no annotation) are left out; IAIA-BL's penalty on other-class
@@ -76,7 +76,7 @@ def off_class_l1(weight: torch.Tensor, prototype_classes: torch.Tensor) -> torch
 
 
 def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                         prototype_classes: torch.Tensor) -> torch.Tensor:
+                         prototype_classes: torch.Tensor, cell_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """IAIA-BL fine-annotation cost on the latent grid: own-class similarity outside the lesion.
 
     Args:
@@ -84,6 +84,9 @@ def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labe
         mask: (B, 1, *spatial) lesion mask at input resolution (bool or [0, 1]).
         labels: (B,) class of each image.
         prototype_classes: (P,) class of each prototype.
+        cell_fraction: (B, 1, *latent) lesion fraction of each cell's window, e.g.
+            :meth:`Backbone.cell_fraction` (centred on the receptive fields); default: the cell's
+            share of the input (adaptive average pooling of ``mask``).
 
     Returns:
         scalar: mean over annotated images (non-empty mask) and their own-class prototypes of the
@@ -91,8 +94,10 @@ def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labe
         image's own-class similarity lies inside its mask, or when no image is annotated.
     """
     latent = similarity_maps.shape[2:]
-    pool = F.adaptive_avg_pool2d if len(latent) == 2 else F.adaptive_avg_pool3d
-    inside = pool(mask.to(similarity_maps.dtype), latent)  # (B, 1, *latent) lesion fraction per cell
+    if cell_fraction is None:
+        pool = F.adaptive_avg_pool2d if len(latent) == 2 else F.adaptive_avg_pool3d
+        cell_fraction = pool(mask.to(similarity_maps.dtype), latent)
+    inside = cell_fraction.to(similarity_maps.dtype)  # (B, 1, *latent) lesion fraction per cell
     outside = rearrange(1.0 - inside, "b 1 ... -> b 1 (...)")  # (B, 1, L)
     sims = rearrange(similarity_maps, "b p ... -> b p (...)")  # (B, P, L)
     per_pair = ((outside * sims) ** 2).mean(-1)  # (B, P)
@@ -221,7 +226,8 @@ class ProtoPNetTraining(FamilyTraining):
         logs.update(cluster=float(cluster.detach()), separation=float(separation.detach()))
         if cfg.fa_coef and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:
             maps = model.prototype_layer.similarity(parts.distance_maps)
-            fa = fine_annotation_cost(maps, batch["mask"].to(x.device), labels, classes)
+            mask = batch["mask"].to(x.device)
+            fa = fine_annotation_cost(maps, mask, labels, classes, model.backbone.cell_fraction(mask, maps.shape[2:]))
             loss = loss + cfg.fa_coef * fa
             logs["fine_annotation"] = float(fa.detach())
         if parts.quantities is not None:

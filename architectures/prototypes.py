@@ -190,13 +190,19 @@ def latent_box(location: Iterable[int], latent_shape: Iterable[int], input_shape
 # ---------------------------------------------------------------------------------------------
 # push
 # ---------------------------------------------------------------------------------------------
-def _lesion_cells(batch: dict[str, Any], latent_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """(B, L) bool: latent cells that overlap the lesion mask of each image."""
+def _lesion_cells(model: "ProtoPNet", batch: dict[str, Any], latent_shape: tuple[int, ...],
+                  device: torch.device) -> torch.Tensor:
+    """(B, L) bool: latent cells whose receptive-field window lies mostly (>= half) on the lesion.
+
+    Images whose lesion is too small to cover half of any cell's window fall back to the cells that
+    overlap it at all, so every annotated image keeps candidates.
+    """
     if batch.get("mask") is None:
         raise ValueError("push on_lesion=True needs lesion masks: batches without a 'mask' entry")
     mask = torch.as_tensor(batch["mask"]).to(device).float()  # (B, 1, *spatial)
-    pool = F.adaptive_max_pool2d if len(latent_shape) == 2 else F.adaptive_max_pool3d
-    return rearrange(pool(mask, latent_shape) > 0, "b 1 ... -> b (...)")
+    fraction = rearrange(model.backbone.cell_fraction(mask, latent_shape), "b 1 ... -> b (...)")  # (B, L)
+    mostly = fraction >= 0.5
+    return torch.where(mostly.any(1, keepdim=True), mostly, fraction > 0)
 
 
 @torch.no_grad()
@@ -257,7 +263,7 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             own = proto_class[:, None] == labels[None, :]  # (P, B)
             d = d.masked_fill(~own[..., None], math.inf)
             if on_lesion:
-                d = d.masked_fill(~_lesion_cells(batch, latent_shape, device)[None], math.inf)
+                d = d.masked_fill(~_lesion_cells(model, batch, latent_shape, device)[None], math.inf)
             batch_d, flat = rearrange(d, "p b l -> p (b l)").min(-1)  # (P,), (P,)
             better = batch_d < best_d  # strict: the first best patch in loader order wins ties
             if not better.any():

@@ -58,3 +58,16 @@ def test_latent_to_input_places_cells_on_their_centres() -> None:
     assert torch.equal(latent_to_input(maps, (64, 48), 8, None), ref)
     with pytest.raises(ValueError, match="spatial axes"):
         latent_to_input(torch.zeros(1, 1, 8), (64,), 8, 0.0)
+
+
+def test_cell_fraction_is_the_mask_share_of_the_window_centred_on_each_cell() -> None:
+    bb = create_backbone("resnet8", 1, 2, 8)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 1, 40, 24, generator=g) > 0.6
+    got = bb.cell_fraction(mask, (5, 3))
+    expect = torch.zeros(2, 1, 5, 3)
+    for i in range(5):
+        for j in range(3):
+            window = mask[:, :, max(0, 8 * i - 4):8 * i + 4, max(0, 8 * j - 4):8 * j + 4]
+            expect[:, :, i, j] = window.float().sum((2, 3)) / 64.0  # pixels outside the image count as off
+    assert torch.allclose(got, expect)
