@@ -16,6 +16,15 @@ What we changed with respect to the paper:
 - **missing concept labels are masked** in the loss, and the concept losses are class-balanced.
 - the concept -> label head is linear by default, which makes the decision an exact sum of
   ``weight x concept`` terms; an MLP head is offered and documented as not decomposable.
+- **size as a category as well as a length** (the nodule default): a linear head cannot put a
+  threshold on a continuous concept, but each level of an ordinal concept is its own bottleneck
+  unit (a one-hot in the true vector), so with ``size_category`` (Lung-RADS-like cut points at 8
+  and 15 mm) a size-threshold rule is a weighted sum of concepts, and correcting every concept can
+  reach the accuracy of the true concepts while the decision stays an exact sum.
+- optional **resampling onto the canonical grid** (:attr:`CBMConfig.resample`): given the spacing,
+  the image is resampled to the canonical spacing (same size and centre) before the concept
+  predictor and its maps are sampled back onto the input's pixels, so sizes the network sees are
+  physical ones; the same object at two spacings then gives nearly the same concepts.
 
 Training modes (Koh et al. section 3) are run by :class:`~.cbm_training.CBMTraining`.
 """
@@ -27,7 +36,6 @@ from typing import Any, Literal, Mapping
 import torch
 from einops import rearrange, reduce
 from torch import nn
-from torch.nn import functional as F
 
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
@@ -41,12 +49,14 @@ from mlmi_zoo.specs import ConceptSpec, Measurement
 __all__ = ["CBMConfig", "CBM", "ConceptExplanation", "MLPConceptExplanation", "NODULE_CONCEPTS"]
 
 # The nodule phantom's concepts and measurements: the default, so `create_model("cbm_resnet18")`
-# builds a model that trains on `NodulePhantom` without further configuration.
+# builds a model that trains on `NodulePhantom` without further configuration. The size category's
+# levels are those of `phantoms.SIZE_CATEGORY_LEVELS` (the label rule's cut points).
 NODULE_CONCEPTS: tuple[ConceptSpec, ...] = (
     ConceptSpec("spiculation", "binary", group="margin"),
     ConceptSpec("calcification", "binary", group="density"),
     ConceptSpec("texture", "categorical", levels=("solid", "part-solid", "ground-glass"), group="density"),
     ConceptSpec("margin_sharp", "binary", group="margin"),
+    ConceptSpec("size_category", "ordinal", levels=("<8 mm", "8-15 mm", ">=15 mm"), group="size"),
     ConceptSpec("diameter_mm", "continuous", unit="mm", group="size"),
     ConceptSpec("mean_hu", "continuous", unit="HU", group="density"),
 )
@@ -70,6 +80,13 @@ class CBMConfig(ModelConfig):
             localise evidence on small patches.
         head_hidden: hidden width of the ``mlp`` head.
         balance_concepts: weight concept losses by inverse class frequency (training split).
+        resample: when a spacing is given, resample the image onto the canonical grid (the same
+            size and centre, ``spacing`` mm per pixel) before the concept predictor, so the
+            network always sees physical scale: pixel-domain sizes are then canonical pixels,
+            a size class in mm can be told from the image, and two renderings of one object at
+            different spacings reach the network as nearly the same image. Needs ``spacing``.
+            Without it the network sees the pixels as given and lengths follow the spacing
+            exactly (``diameter_mm`` doubles when the spacing does).
     """
 
     concepts: tuple[ConceptSpec, ...] = NODULE_CONCEPTS
@@ -79,6 +96,7 @@ class CBMConfig(ModelConfig):
     feature_stride: int = 8
     head_hidden: int = 32
     balance_concepts: bool = True
+    resample: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,6 +117,9 @@ class CBMConfig(ModelConfig):
             raise ValueError(f"head must be 'linear' or 'mlp', got {self.head!r}")
         if self.mode not in ("independent", "sequential", "joint"):
             raise ValueError(f"mode must be 'independent', 'sequential' or 'joint', got {self.mode!r}")
+        if self.resample and self.spacing is None:
+            raise ValueError("resample=True resamples inputs onto the canonical grid and needs the canonical "
+                             "`spacing` (mm per pixel, one value per axis)")
 
     @property
     def num_concepts(self) -> int:
@@ -203,7 +224,9 @@ class CBM(InterpretableModel):
 
     ``forward(x)`` returns label logits (B, C) and needs no spacing: the label head sees
     pixel-domain sizes. Data with varying spacing should be resampled to the canonical spacing so
-    that those sizes are physical ones.
+    that those sizes are physical ones: with ``config.resample`` the model does it itself whenever a
+    spacing is passed (``concept_logits(x, spacing)``, ``explain``, ``intervene``; ``forward(x)``
+    takes ``x`` to be at the canonical spacing already).
     """
 
     family = "cbm"
@@ -236,15 +259,66 @@ class CBM(InterpretableModel):
         """Names of the ``K`` bottleneck units."""
         return self.codec.unit_names
 
-    # -- the computation --------------------------------------------------------------------------
-    def concept_maps_latent(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, *spatial) -> (B, K, *latent) raw concept maps."""
-        self.validate_input(x)
-        return self.concept_head(self.backbone(x))
+    # -- canonical grid ---------------------------------------------------------------------------
+    def _grid_scale(self, x: torch.Tensor, spacing: Any) -> torch.Tensor | None:
+        """(B, dims) canonical / given spacing in ``affine_grid`` axis order (last axis first), or
+        ``None`` when the input is used as given (no resampling, no spacing, or already canonical)."""
+        if not self.config.resample or spacing is None:
+            return None
+        given = self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(device=x.device, dtype=x.dtype)
+        canonical = torch.as_tensor(self.config.spacing, dtype=x.dtype, device=x.device)
+        scale = (canonical / given).expand(x.shape[0], -1).flip(-1)  # (B, dims), x axis first
+        return None if bool((scale == 1).all()) else scale
 
-    def concept_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C_in, *spatial) -> (B, K) raw concept outputs (logits / standardised values)."""
-        return reduce(self.concept_maps_latent(x), "b k ... -> b k", "mean")
+    @staticmethod
+    def _scaled_sample(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Sample ``x`` (B, C, *S) on a grid of the same size and centre whose pixels are ``scale``
+        (B, dims) of x's pixels; outside x's field of view gives 0."""
+        b, dims = x.shape[0], x.ndim - 2
+        theta = torch.zeros(b, dims, dims + 1, dtype=x.dtype, device=x.device)
+        theta[:, torch.arange(dims), torch.arange(dims)] = scale
+        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def to_canonical(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
+        """(B, C, *S) images at ``spacing`` -> the same field around the centre on the canonical grid.
+
+        The identity unless ``config.resample`` is set and a spacing other than the canonical one is
+        given. Bilinear; beyond the image's field of view (a finer spacing covers less than the
+        canonical grid) the value is 0, the low end of the intensity window.
+        """
+        scale = self._grid_scale(x, spacing)
+        return x if scale is None else self._scaled_sample(x, scale)
+
+    def from_canonical(self, maps: torch.Tensor, spacing: Any = None) -> torch.Tensor:
+        """Inverse of :meth:`to_canonical` for maps (B, K, *S) on the canonical grid."""
+        scale = self._grid_scale(maps, spacing)
+        return maps if scale is None else self._scaled_sample(maps, 1.0 / scale)
+
+    def codec_spacing(self, spacing: Any) -> torch.Tensor | None:
+        """The spacing that converts this model's pixel-domain values: the canonical one when the
+        model resamples its inputs (then a pixel is always a canonical pixel), else ``spacing``."""
+        if not self.config.resample or spacing is None:
+            return spacing
+        s = torch.as_tensor(spacing, dtype=torch.float32)
+        batch = s.shape[0] if s.ndim == 2 else 1
+        return torch.tensor(self.config.spacing, dtype=torch.float32, device=s.device).expand(batch, -1)
+
+    # -- the computation --------------------------------------------------------------------------
+    def concept_maps_latent(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
+        """(B, C_in, *spatial) -> (B, K, *latent) raw concept maps (on the canonical grid when the
+        model resamples and ``spacing`` is given)."""
+        self.validate_input(x)
+        return self.concept_head(self.backbone(self.to_canonical(x, spacing)))
+
+    def concept_logits(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
+        """(B, C_in, *spatial) -> (B, K) raw concept outputs (logits / standardised values).
+
+        Args:
+            x: network input (after the intensity transform).
+            spacing: (dims,) or (B, dims) mm per pixel of ``x``; only used when ``config.resample``.
+        """
+        return reduce(self.concept_maps_latent(x, spacing), "b k ... -> b k", "mean")
 
     def predict_label(self, concept_vector: torch.Tensor) -> torch.Tensor:
         """(B, K) bottleneck vectors -> (B, C) label logits (the concept -> label head)."""
@@ -262,9 +336,13 @@ class CBM(InterpretableModel):
 
         Args:
             values: binary 0..1, level index, continuous in the concept's unit; NaN = missing.
-            spacing: (B, dims) mm, for length/area/volume concepts.
+            spacing: (B, dims) mm of the image the values describe, for length/area/volume concepts.
         """
-        return self.codec.target_bottleneck(self.codec.to_internal(values, spacing))
+        return self.codec.target_bottleneck(self.internal_targets(values, spacing))
+
+    def internal_targets(self, values: torch.Tensor, spacing: Any = None) -> torch.Tensor:
+        """(B, Kc) natural-unit concept values of images at ``spacing`` -> (B, Kc) loss targets."""
+        return self.codec.to_internal(values, self.codec_spacing(spacing))
 
     def corrected_bottleneck(self, vector: torch.Tensor, values: torch.Tensor, known: torch.Tensor,
                              spacing: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,9 +357,9 @@ class CBM(InterpretableModel):
     def _explanation(self, x: torch.Tensor, maps: torch.Tensor, raw: torch.Tensor, vector: torch.Tensor,
                      spacing: torch.Tensor | None, intervened: torch.Tensor) -> ConceptExplanation:
         logits = self.predict_label(vector)  # (B, C)
-        mode = "trilinear" if maps.ndim == 5 else "bilinear"
-        upsampled = F.interpolate(maps, size=tuple(x.shape[2:]), mode=mode, align_corners=False)  # (B, K, *spatial)
-        concepts = self.codec.describe(vector, spacing)
+        upsampled = self.backbone.to_input(maps, x.shape[2:])  # (B, K, *spatial), on receptive-field centres
+        upsampled = self.from_canonical(upsampled, spacing)  # back onto the input's pixels
+        concepts = self.codec.describe(vector, self.codec_spacing(spacing))
         measurements = {k: v for k, v in concepts.items() if isinstance(v, Measurement)}
         common = dict(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x,
                       concepts=concepts, concept_vector=vector, concept_logits=raw, concept_maps=upsampled,
@@ -292,8 +370,8 @@ class CBM(InterpretableModel):
             return ConceptExplanation(contributions=contributions, bias=self.label_head.bias.detach().clone(), **common)
         return MLPConceptExplanation(contributions=None, bias=None, **common)
 
-    def _concept_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = self.concept_maps_latent(x)  # (B, K, *latent)
+    def _concept_pass(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.concept_maps_latent(x, spacing)  # (B, K, *latent)
         return maps, reduce(maps, "b k ... -> b k", "mean")
 
     @torch.no_grad()
@@ -305,8 +383,8 @@ class CBM(InterpretableModel):
             spacing: (dims,) or (B, dims) mm per pixel for length/area/volume concepts; default:
                 the model's canonical spacing.
         """
-        maps, raw = self._concept_pass(x)
         s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        maps, raw = self._concept_pass(x, s)
         intervened = torch.zeros(x.shape[0], self.num_concepts, dtype=torch.bool, device=x.device)
         return self._explanation(x, maps, raw, self.codec.bottleneck(raw), s, intervened)
 
@@ -322,8 +400,8 @@ class CBM(InterpretableModel):
             known: (B, Kc) bool, which concepts to fix.
             spacing: (dims,) or (B, dims) mm; default: canonical.
         """
-        maps, raw = self._concept_pass(x)
         s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        maps, raw = self._concept_pass(x, s)
         known = known.to(device=x.device, dtype=torch.bool)
         vector = self.corrected_bottleneck(self.codec.bottleneck(raw), values, known, s)
         return self._explanation(x, maps, raw, vector, s, known)

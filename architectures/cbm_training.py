@@ -15,7 +15,8 @@ Stages:
 ``L_c`` is the sum over concepts of each concept's masked, class-balanced loss
 (:meth:`~mlmi_zoo.architectures.concepts.ConceptCodec.loss`).
 What we changed: typed concepts with units, masking of missing labels, class balance (see
-:mod:`.concepts`).
+:mod:`.concepts`). Training images can be flipped and turned by the recipe (``data.augment``,
+:mod:`mlmi_zoo.training.augment`): the nodule concepts do not change with orientation.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def fit_concept_statistics(model: CBM, dataset: Dataset, max_cases: int = 2000) 
     spacing = None
     if all(r.get("spacing") is not None for r in rows):
         spacing = torch.stack([torch.as_tensor(r["spacing"], dtype=torch.float64).reshape(-1) for r in rows])  # (N, dims)
-    model.codec.fit(values, spacing)
+    model.codec.fit(values, model.codec_spacing(spacing))
 
 
 @register_training
@@ -83,7 +84,7 @@ class CBMTraining(FamilyTraining):
     def concept_targets(self, model: CBM, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         """(B, Kc) internal concept targets of a batch (NaN = missing)."""
         values = concept_values_from_batch(model.concept_specs, batch, device)
-        return model.codec.to_internal(values, _spacing(batch, device))
+        return model.internal_targets(values, _spacing(batch, device))
 
     def loss(self, model: CBM, batch: dict[str, Any], stage: str) -> LossOutput:
         self._check_stage(model, stage)
@@ -96,13 +97,14 @@ class CBMTraining(FamilyTraining):
             ce = nn.functional.cross_entropy(logits, labels.to(device))
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
         x = self.inputs(model, batch)
+        spacing = _spacing(batch, x.device)  # the model resamples onto its canonical grid with it (config.resample)
         if stage == "label_head":  # sequential (and joint fine-tuning): predicted concepts, frozen
             with torch.no_grad():
-                vector = model.codec.bottleneck(model.concept_logits(x))
+                vector = model.codec.bottleneck(model.concept_logits(x, spacing))
             logits = model.predict_label(vector)
             ce = nn.functional.cross_entropy(logits, labels)
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
-        raw = model.concept_logits(x)  # (B, K)
+        raw = model.concept_logits(x, spacing)  # (B, K)
         concept_loss, parts = model.codec.loss(raw, self.concept_targets(model, batch, x.device))
         logs = {f"concept/{k}": float(v.detach()) for k, v in parts.items()}
         logs["concepts"] = float(concept_loss.detach())

@@ -70,10 +70,10 @@ def cache_concepts(model: CBM, data: Any, batch_size: int = 64) -> CachedConcept
     try:
         for batch in _as_loader(data, batch_size):
             x = model.input_spec.intensity(batch["image"].to(device))
-            predicted.append(model.codec.bottleneck(model.concept_logits(x)))
-            values = concept_values_from_batch(model.concept_specs, batch, device)
             spacing = batch.get("spacing")
             spacing = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float32, device=device)
+            predicted.append(model.codec.bottleneck(model.concept_logits(x, spacing)))
+            values = concept_values_from_batch(model.concept_specs, batch, device)
             true.append(model.true_bottleneck(values, spacing))
             labelled.append(torch.isfinite(values))
             labels.append(torch.as_tensor(batch["label"]).to(device))

@@ -3,9 +3,12 @@
     python bench/bench_phantoms.py            # speed: 2D nodule cases/s, 10k-instance feature bag
     python bench/bench_phantoms.py --bayes    # oracle-concept Bayes accuracy of the nodule label rule
 
-Speeds are measured in CPU time of this (single-threaded) process, the median of several repeats
-after a warm-up, so that other jobs on a shared machine do not distort them; wall-clock values are
-printed alongside.
+The nodule target (>= 1,000 2D 64x64 cases per second on 2 cores) is measured the way training
+reads the phantom: a ``DataLoader`` with one worker process per core (``--workers``, default 2),
+batches of 64 collated, wall-clock cases per second over the second of two passes (the first starts
+the persistent workers). One core's rate, in CPU time of this process, is printed alongside: it is
+the figure that other jobs on a shared machine distort least. The tile-bag speed is CPU time of this
+(single-threaded) process. All values are medians of several repeats after a warm-up.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import statistics
 import time
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from mlmi_zoo.training.datasets.phantoms import NodulePhantom
 from mlmi_zoo.training.datasets.tilebag import TileBagPhantom
@@ -33,7 +36,12 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(cpu), statistics.median(wall)
 
 
-def bench_nodule(n: int = 1000, repeats: int = 5) -> dict:
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def bench_nodule(n: int = 1000, repeats: int = 5, workers: int = 2, pipeline_cases: int = 4096) -> dict:
+    """2D 64x64 nodule cases per second: through a ``workers``-process loader (the target) and on one core."""
     ds = NodulePhantom(n, spatial_dims=2, size=64, seed=0)
 
     def run() -> None:
@@ -41,9 +49,26 @@ def bench_nodule(n: int = 1000, repeats: int = 5) -> dict:
             ds[i]
 
     cpu, wall = _timed(run, repeats)
-    value = n / cpu
-    return {"name": "phantom_nodule_2d_64", "value": round(value, 1), "target": 1000, "met": value >= 1000,
-            "unit": "cases/s (CPU time, one core)", "wall_value": round(n / wall, 1)}
+    one_core = n / cpu
+    row = {"name": "phantom_nodule_2d_64", "target": 1000, "goal": ">=",
+           "one_core_cpu_value": round(one_core, 1), "one_core_wall_value": round(n / wall, 1), "workers": workers}
+    if workers == 0:
+        row.update(value=round(one_core, 1), met=one_core >= 1000, unit="cases/s (CPU time, one core)")
+        return row
+    big = NodulePhantom(pipeline_cases, spatial_dims=2, size=64, seed=0)
+    loader = DataLoader(big, batch_size=64, num_workers=workers, persistent_workers=True,
+                        worker_init_fn=_worker_init, prefetch_factor=4)
+    walls = []
+    for _ in range(1 + max(1, repeats // 2)):  # the first pass starts the workers and is not counted
+        w0 = time.perf_counter()
+        for _batch in loader:
+            pass
+        walls.append(time.perf_counter() - w0)
+    value = pipeline_cases / statistics.median(walls[1:])
+    row.update(value=round(value, 1), met=value >= 1000,
+               unit=f"cases/s (wall clock, DataLoader with {workers} worker processes, batches of 64)",
+               pipeline_cases=pipeline_cases)
+    return row
 
 
 def bench_tilebag(repeats: int = 5) -> dict:
@@ -72,12 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bayes", action="store_true", help="compute the oracle-concept Bayes accuracy")
     parser.add_argument("--n", type=int, default=20_000, help="cases for --bayes")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="loader worker processes for the nodule rate (one per core; 0 = this process only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.bayes:
         print(json.dumps(bayes_accuracy(args.n)))
         return
-    print(json.dumps(bench_nodule()))
+    print(json.dumps(bench_nodule(workers=args.workers)))
     print(json.dumps(bench_tilebag()))
 
 

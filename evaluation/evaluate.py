@@ -752,9 +752,17 @@ def _deletion(model: Any, col: _Collected, limits: EvaluationLimits, seed: int, 
         return _not_applicable("not applicable: no case was evaluated", does_not_show)
     x, maps = _cat(col.keep_x)[:n], _cat(col.keep_maps)[:n]
     baseline = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)  # (B, 1, ...) each image's mean value
+    scorer = model
+    if col.keep_spacing and sum(s.shape[0] for s in col.keep_spacing) >= n:
+        # the cases' own spacing, for models whose decision uses it (a CBM that resamples its input)
+        spacing = _cat(col.keep_spacing)[:n]
+
+        def scorer(z: torch.Tensor) -> torch.Tensor:
+            return model.explain(z, spacing=spacing).logits
+
     with torch.no_grad():
-        target = model(x).argmax(-1)
-    curves = {order: deletion_curve(model, x, maps, steps=limits.deletion_steps, baseline=baseline, class_index=target,
+        target = scorer(x).argmax(-1)
+    curves = {order: deletion_curve(scorer, x, maps, steps=limits.deletion_steps, baseline=baseline, class_index=target,
                                     order=order, seed=seed) for order in ("attribution", "random")}
     return _faithfulness_from_curves(curves["attribution"], curves["random"], fig, what_map, does_not_show, "pixels")
 

@@ -46,6 +46,8 @@ def test_choices_depend_only_on_seed_epoch_and_index() -> None:
     assert [a.symmetry(i) for i in range(40)] != [other.symmetry(i) for i in range(40)]
     assert len({a.symmetry(i) for i in range(40)}) > 4  # all symmetries are used, not one
     assert augmented(data, None, 0, 0) is data
+    rect = DihedralAugment([{**_sample(), "index": i} for i in range(40)], seed=0, epoch=0)
+    assert {tuple(rect[i]["image"].shape) for i in range(40)} == {(1, 5, 7)}  # quarter turns skipped off-square
     with pytest.raises(ValueError, match="unknown augmentation"):
         augmented(data, "elastic", 0, 0)
 

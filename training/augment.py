@@ -2,7 +2,8 @@
 
 ``dihedral``: each training case is flipped and/or turned by a multiple of 90 degrees in the image
 plane (the last two spatial axes; in 3D every slice alike), one of the 8 symmetries of the square,
-chosen by ``(seed, epoch, case index)``. Image and mask move together, the in-plane spacing is
+chosen by ``(seed, epoch, case index)`` (on non-square planes only the four that keep the shape:
+identity, half turn and the two flips). Image and mask move together, the in-plane spacing is
 swapped on a quarter turn, and concepts, measurements and labels are unchanged: a nodule's
 spiculation, calcification, diameter and malignancy do not depend on its orientation in the slice.
 Validation, test, push and every other pass over the data see the cases as they are.
@@ -80,7 +81,12 @@ class DihedralAugment(Dataset):
         return derive_seed(self.seed, "dihedral", self.epoch, int(i)) % 8
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return dihedral(self.dataset[i], self.symmetry(i))
+        sample = self.dataset[i]
+        k = self.symmetry(i)
+        shape = torch.as_tensor(sample["image"]).shape
+        if shape[-1] != shape[-2]:  # a quarter turn would change the shape: keep the 4 that do not
+            k -= k % 2
+        return dihedral(sample, k)
 
 
 def augmented(dataset: Dataset, kind: str | None, seed: int, epoch: int) -> Dataset:

@@ -3,8 +3,9 @@
 A procedural stand-in for low-dose chest CT nodule patches (the setting of LIDC-IDRI, Armato et al.,
 Medical Physics 2011), built so that every element of interpretability can be *measured*: the lesion
 mask is exact, the concepts (spiculation, calcification, texture, margin) are the parameters that drew
-the nodule, the physical measurements (diameter in mm, area in mm^2 / volume in mL, mean HU) are
-computed from the mask at the true spacing, and the label follows a documented Lung-RADS-like rule
+the nodule and its Lung-RADS-like size category is read from the measured diameter, the physical
+measurements (diameter in mm, area in mm^2 / volume in mL, mean HU) are computed from the mask at the
+true spacing, and the label follows a documented Lung-RADS-like rule
 (American College of Radiology, Lung-RADS v1.1, 2019; simplified — see ``PHANTOMS.md``).
 
 What we changed with respect to a real CT: the anatomy is a patch of parenchyma (-850 HU with a smooth
@@ -40,6 +41,7 @@ __all__ = [
     "render_background",
     "correlated_noise",
     "nodule_malignancy_rule",
+    "nodule_size_category",
     "equivalent_diameter_mm",
     "LUNG_WINDOW_HU",
 ]
@@ -52,6 +54,8 @@ LARGE_NODULE_MM = 15.0
 PART_SOLID_NODULE_MM = 8.0
 
 TEXTURE_LEVELS = ("solid", "part-solid", "ground-glass")
+# Lung-RADS-like size categories, cut at the label rule's own thresholds (see nodule_size_category).
+SIZE_CATEGORY_LEVELS = ("<8 mm", "8-15 mm", ">=15 mm")
 
 _CENTRE_OFFSET_MM = 1.0  # max |offset| of the nodule centre from the patch centre, per axis
 _BORDER_MM = 1.0  # free margin between the furthest nodule point and the patch edge
@@ -508,6 +512,32 @@ def nodule_malignancy_rule(calcification: Any, spiculation: Any, texture: Any, d
     return np.asarray(malignant).astype(np.int64)
 
 
+def nodule_size_category(diameter_mm: Any) -> Any:
+    """Lung-RADS-like size category of a nodule: 0 ``< 8 mm``, 1 ``8-15 mm``, 2 ``>= 15 mm``; NaN without one.
+
+    The cut points are the label rule's (``PART_SOLID_NODULE_MM``, ``LARGE_NODULE_MM``), so the rule
+    is a linear threshold of the concepts once the category is one of them:
+    ``3 [>= 15] + [8-15] + 2 spiculation + [part-solid] - 10 calcification >= 2``.
+
+    Args:
+        diameter_mm: measured diameter(s), a float, numpy array or tensor; 0 means no nodule.
+
+    Returns:
+        float level index (or NaN), of the same type and shape as the input.
+    """
+    if isinstance(diameter_mm, float):  # the per-case fast path
+        if not diameter_mm > 0:
+            return math.nan
+        return float((diameter_mm >= PART_SOLID_NODULE_MM) + (diameter_mm >= LARGE_NODULE_MM))
+    if isinstance(diameter_mm, torch.Tensor):
+        d = diameter_mm.to(torch.float32)
+        level = (d >= PART_SOLID_NODULE_MM).float() + (d >= LARGE_NODULE_MM).float()
+        return torch.where(d > 0, level, torch.nan)
+    d = np.asarray(diameter_mm, dtype=np.float64)
+    level = (d >= PART_SOLID_NODULE_MM).astype(np.float64) + (d >= LARGE_NODULE_MM)
+    return np.where(d > 0, level, np.nan)
+
+
 # ---------------------------------------------------------------------------------------------
 # the data set
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +599,7 @@ class NodulePhantom(Dataset):
             ConceptSpec("calcification", "binary", group="density"),
             ConceptSpec("texture", "categorical", levels=TEXTURE_LEVELS, group="density"),
             ConceptSpec("margin_sharp", "binary", group="margin"),
+            ConceptSpec("size_category", "ordinal", levels=SIZE_CATEGORY_LEVELS, group="size"),
         )
 
     @property
@@ -658,6 +689,8 @@ class NodulePhantom(Dataset):
             concepts = dict.fromkeys(("spiculation", "calcification", "texture", "margin_sharp"), math.nan)
         sample = self._sample(i, img, mask, spacing, concepts)
         diameter = float(sample["measurements"]["diameter_mm"])
+        # A property of the object measured at its native spacing, like the label (render() keeps it).
+        sample["concepts"]["size_category"] = torch.tensor(nodule_size_category(diameter), dtype=torch.float32)
         clean = int(nodule_malignancy_rule(concepts["calcification"], concepts["spiculation"], concepts["texture"],
                                            diameter))
         sample["label"] = torch.tensor(clean ^ int(flip), dtype=torch.int64)
@@ -705,8 +738,8 @@ class NodulePhantom(Dataset):
 
         Returns:
             A sample like ``self[i]`` at that spacing: mask and measurements are recomputed, the
-            label is the case's label (a property of the object, fixed at its native spacing), and the
-            noise is the same draw; the field of view changes with the spacing.
+            label and ``size_category`` are the case's (properties of the object, fixed at its native
+            spacing), and the noise is the same draw; the field of view changes with the spacing.
         """
         dims = self.config.spatial_dims
         sp = (float(spacing),) * dims if np.isscalar(spacing) else tuple(float(s) for s in spacing)  # type: ignore[arg-type]
@@ -715,7 +748,9 @@ class NodulePhantom(Dataset):
         if self._lidc is not None:
             return self._lidc.sample(int(i), self._rng(int(i)), sp)
         sample, _ = self._render(int(i), sp)
-        sample["label"] = self[int(i)]["label"]
+        native = self[int(i)]
+        sample["label"] = native["label"]
+        sample["concepts"]["size_category"] = native["concepts"]["size_category"]
         return _ordered(sample)
 
     def oracle_label(self, concepts: dict[str, Any], measurements: dict[str, Any]) -> Any:
