@@ -28,6 +28,19 @@ What we changed:
   (sigmoid, in ``[0, 1]``); times the tile's area in mm² (``tile_size`` pixels at
   ``microns_per_pixel``, converted with pint) this is the instance's tumour area, and the bag's
   tumour area is their sum. The measurement is therefore attributed to instances in mm², exactly.
+- Bag context (``bag_context``): each instance's covered-fraction logit is its own evidence plus
+  a prior log-odds computed from the bag's mean embedding, as in a Bayesian posterior whose prior
+  (tumour share, slide-level stain/scanner shift) is estimated from the slide itself; a tile scored
+  alone cannot tell whether its slide is shifted or tumour-free, and summed over hundreds of tiles
+  that per-slide error dominates the area. The same bag summary adds one offset to the raw attention
+  scores of a bag: the softmax is invariant to it, so no prediction changes, but raw scores become
+  comparable across slides (trained only by the optional instance-label loss of
+  :mod:`mlmi_zoo.architectures.mil_training`). Both maps start at zero.
+- The per-instance networks run over the bag in chunks of ``instance_chunk`` instances, with and
+  without autograd. On CPU this keeps every activation small enough to be served from the
+  allocator's free lists: one (N, hidden) tensor of a 100k-instance bag is 51 MB, above glibc's mmap
+  threshold, so it would be mapped fresh and page-faulted in on every step, and the step time would
+  grow faster than N. Chunking changes no result: each instance is processed independently.
 - Raw-tile models encode instances in chunks of ``encoder_chunk`` at inference, so encoder
   activations do not grow with ``N``; training subsamples instances instead (see
   :mod:`mlmi_zoo.architectures.mil_training`).
@@ -103,6 +116,15 @@ class MILConfig(ModelConfig):
         train_max_instances: random subsample per bag during training (augmentation, and a bound on
             encoder memory for raw tiles); ``None`` uses every instance.
         physical_weight: weight of the physical-head loss against cross-entropy.
+        bag_context: add the bag prior to the covered-fraction logits and the bag offset to the raw
+            attention scores (see the module docstring); False scores every instance alone.
+        instance_chunk: instances per chunk of the per-instance networks (embedding, attention,
+            classifier, area head); bounds the size of every activation (see the module docstring).
+        attention_instance_weight: weight of a binary cross-entropy against instance labels, when
+            the bags carry them (``batch["instance_labels"]``), of the raw attention scores and, for
+            additive MIL, of each instance's positive-class term ``psi(h_n)`` (so the sign of its
+            contribution marks tumour); 0 trains from the bag label only, as in Ilse et al. and
+            Javed et al.
     """
 
     backbone: str = FEATURES
@@ -124,6 +146,9 @@ class MILConfig(ModelConfig):
     microns_per_pixel: float = 0.5
     train_max_instances: int | None = 4096
     physical_weight: float = 1.0
+    bag_context: bool = True
+    instance_chunk: int = 8192
+    attention_instance_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.instance_encoder is None:
@@ -138,7 +163,7 @@ class MILConfig(ModelConfig):
         super().__post_init__()
         if self.spatial_dims != 0:
             raise ValueError(f"MIL models take bags: spatial_dims must be 0, got {self.spatial_dims}")
-        for name in ("in_features", "hidden", "attention_hidden", "encoder_chunk", "tile_size"):
+        for name in ("in_features", "hidden", "attention_hidden", "encoder_chunk", "tile_size", "instance_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.classifier_hidden < 0:
@@ -147,6 +172,8 @@ class MILConfig(ModelConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.microns_per_pixel > 0:
             raise ValueError(f"microns_per_pixel must be positive, got {self.microns_per_pixel}")
+        if not self.attention_instance_weight >= 0:
+            raise ValueError(f"attention_instance_weight must be >= 0, got {self.attention_instance_weight}")
         if self.train_max_instances is not None and self.train_max_instances < 1:
             raise ValueError(f"train_max_instances must be positive or None, got {self.train_max_instances}")
         for q in self.quantities:
@@ -263,27 +290,60 @@ def _um2_to(unit: str) -> float:
 class InstanceAreaHead(nn.Module):
     """Per-instance fraction of the tile covered by each quantity (e.g. tumour), in area units.
 
-    ``instance area = sigmoid(w^T h_n + b) * tile area``; the bag's area is the sum over valid
-    instances, so each instance's share is exact and non-negative.
+    ``instance area = sigmoid(w^T h_n + b + prior(bag)) * tile area``; the bag's area is the sum
+    over valid instances, so each instance's share is exact and non-negative. ``prior`` (present
+    when ``bag_context`` is set) is a linear map of the bag's mean embedding: one log-odds shift per
+    bag, the prior term of a Bayesian posterior estimated from the slide itself. It starts at zero,
+    so training starts from the context-free head.
 
     Args:
         in_features: width of the instance embeddings.
         quantities: area quantities (units convertible to mm²).
         tile_size: tile side in pixels.
         microns_per_pixel: default pixel size of the tiles.
+        bag_context: add the bag prior to every instance's logit.
     """
 
     def __init__(self, in_features: int, quantities: tuple[QuantitySpec, ...], tile_size: int,
-                 microns_per_pixel: float) -> None:
+                 microns_per_pixel: float, bag_context: bool = False) -> None:
         super().__init__()
         self.quantities = tuple(quantities)
         self.tile_size = tile_size
         self.microns_per_pixel = microns_per_pixel
         self.fraction = nn.Linear(in_features, len(self.quantities))
+        self.prior: nn.Linear | None = None
+        if bag_context:
+            self.prior = nn.Linear(in_features, len(self.quantities))
+            nn.init.zeros_(self.prior.weight)  # start as the context-free head
+            nn.init.zeros_(self.prior.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, N, F) instance embeddings -> (B, N, Q) covered-fraction logits."""
-        return self.fraction(h)
+    def bag_prior(self, context: torch.Tensor) -> torch.Tensor:
+        """(B, F) mean embedding of each bag's valid instances -> (B, Q) prior log-odds shift.
+
+        Raises:
+            ValueError: when the head was built without ``bag_context``.
+        """
+        if self.prior is None:
+            raise ValueError("this area head has no bag prior (bag_context=False)")
+        return self.prior(context)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Covered-fraction logits of whole bags (the model itself evaluates the parts chunk by chunk).
+
+        Args:
+            h: (B, N, F) instance embeddings.
+            mask: (B, N) bool, True at valid instances; required when the head has a bag prior.
+
+        Returns:
+            (B, N, Q) logits.
+        """
+        logits = self.fraction(h)  # (B, N, Q)
+        if self.prior is None:
+            return logits
+        if mask is None:
+            raise ValueError("this area head adds a bag prior: pass the (B, N) mask of valid instances")
+        w = mask.to(h.dtype)[..., None] / mask.sum(1).to(h.dtype)[:, None, None]  # (B, N, 1) mean weights
+        return logits + self.bag_prior((h * w).sum(1))[:, None, :]
 
     def tile_area(self, batch: int, microns_per_pixel: Any = None, device: torch.device | None = None) -> torch.Tensor:
         """(B, Q) area of one tile in each quantity's unit.
@@ -515,6 +575,7 @@ class BagOutputs:
     mask: torch.Tensor  # (B, N) bool
     contributions: torch.Tensor | None  # (B, N, C) additive MIL only
     area_logits: torch.Tensor | None  # (B, N, Q) covered-fraction logits of the physical head
+    instance_logits: torch.Tensor | None = None  # (B, N, C) additive MIL: psi(h_n), before the attention weight
 
 
 class _MILModel(InterpretableModel):
@@ -534,8 +595,14 @@ class _MILModel(InterpretableModel):
         # In-place ReLUs: on 100k-instance bags every (N, hidden) activation not kept is ~50 MB saved.
         self.embed = nn.Sequential(nn.Linear(config.in_features, config.hidden), nn.ReLU(inplace=True), nn.Dropout(config.dropout))
         self.attention = AttentionPool(config.hidden, config.attention_hidden, config.gated)
-        self.area_head = (InstanceAreaHead(config.hidden, config.quantities, config.tile_size, config.microns_per_pixel)
-                          if config.quantities else None)
+        self.score_offset: nn.Linear | None = None
+        if config.bag_context:
+            # One offset per bag: invisible to the softmax, it only aligns raw scores across bags.
+            self.score_offset = nn.Linear(config.hidden, 1)
+            nn.init.zeros_(self.score_offset.weight)
+            nn.init.zeros_(self.score_offset.bias)
+        self.area_head = (InstanceAreaHead(config.hidden, config.quantities, config.tile_size, config.microns_per_pixel,
+                                           bag_context=config.bag_context) if config.quantities else None)
 
     # -- input contract ------------------------------------------------------------------------------
     @property
@@ -588,9 +655,59 @@ class _MILModel(InterpretableModel):
         out = feats.new_zeros(*mask.shape, feats.shape[-1])  # (B, N, D)
         return out.index_put((b_idx, n_idx), feats)
 
-    def _classify(self, h: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, N, F) embeddings, (B, N) attention, (B, N) mask -> logits (B, C), contributions or None."""
+    def _instance_terms(self, h: torch.Tensor) -> torch.Tensor | None:
+        """(B, n, F) embeddings of one chunk -> per-instance classifier terms, or None (pooled classifier)."""
+        return None
+
+    def _classify(self, hs: list[torch.Tensor], terms: list[torch.Tensor], attn: torch.Tensor,
+                  bounds: list[slice]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, C) and contributions (B, N, C) or None.
+
+        Args:
+            hs: per chunk, (B, n, F) instance embeddings.
+            terms: per chunk, what :meth:`_instance_terms` returned (empty when it returns None).
+            attn: (B, N) attention, 0 at padding.
+            bounds: per chunk, its instance slice of the bag.
+        """
         raise NotImplementedError
+
+    def _instance_pass(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[
+            list[torch.Tensor], list[torch.Tensor], list[slice], torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The per-instance networks, chunk by chunk (see ``instance_chunk``).
+
+        Args:
+            feats: (B, N, D) instance features.
+            mask: (B, N) bool.
+
+        Returns:
+            embeddings and classifier terms per chunk, the chunk slices, raw attention scores
+            (B, N), covered-fraction logits (B, N, Q) or None, and the bag summary (B, F), the
+            mean embedding over valid instances.
+        """
+        n = feats.shape[1]
+        step = self.config.instance_chunk
+        bounds = [slice(start, min(start + step, n)) for start in range(0, n, step)]
+        weights = mask.to(feats.dtype)  # (B, N)
+        hs, terms, scores = [], [], []
+        total = feats.new_zeros(feats.shape[0], self.config.hidden)  # (B, F) sum of valid embeddings
+        for sl in bounds:
+            h = self.embed(feats[:, sl])  # (B, n, F)
+            hs.append(h)
+            scores.append(self.attention.scores(h)[:, 0])  # (B, n)
+            term = self._instance_terms(h)
+            if term is not None:
+                terms.append(term)
+            total = total + torch.einsum("bn,bnf->bf", weights[:, sl], h)
+        context = total / weights.sum(1, keepdim=True)  # (B, F); every bag has a valid instance
+        raw = torch.cat(scores, 1)  # (B, N)
+        if self.score_offset is not None:
+            raw = raw + self.score_offset(context)  # (B, 1) broadcast: one offset per bag
+        area_logits = None
+        if self.area_head is not None:
+            area_logits = torch.cat([self.area_head.fraction(h) for h in hs], 1)  # (B, N, Q) context-free
+            if self.area_head.prior is not None:
+                area_logits = area_logits + self.area_head.bag_prior(context)[:, None, :]
+        return hs, terms, bounds, raw, area_logits, context
 
     def forward_bag(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutputs:
         """One pass over a padded batch of bags.
@@ -607,13 +724,12 @@ class _MILModel(InterpretableModel):
         mask = check_bag_mask(mask, feats.shape[0], feats.shape[1], feats.device)
         if self.encoder is not None:
             feats = self.encode_instances(feats, mask)  # (B, N, D)
-        h = self.embed(feats)  # (B, N, F)
-        att = self.attention(h, mask)
-        attn = att.weights[:, 0]  # (B, N)
-        logits, contributions = self._classify(h, attn, mask)
-        area_logits = self.area_head(h) if self.area_head is not None else None  # (B, N, Q)
-        return BagOutputs(logits=logits, attention=attn, attention_scores=att.scores[:, 0], mask=mask,
-                          contributions=contributions, area_logits=area_logits)
+        hs, terms, bounds, scores, area_logits, _ = self._instance_pass(feats, mask)
+        attn = masked_softmax(scores, mask)  # (B, N)
+        logits, contributions = self._classify(hs, terms, attn, bounds)
+        return BagOutputs(logits=logits, attention=attn, attention_scores=scores, mask=mask,
+                          contributions=contributions, area_logits=area_logits,
+                          instance_logits=torch.cat(terms, 1) if terms else None)
 
     def explanation_bias(self) -> torch.Tensor | None:
         """(C,) the global bias of an exact decomposition, or None when there is none."""
@@ -681,8 +797,9 @@ class ABMIL(_MILModel):
         super().__init__(config)
         self.classifier = _classifier(config.hidden, config.classifier_hidden, config.num_classes, bias=True)
 
-    def _classify(self, h: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, None]:
-        z = torch.einsum("bn,bnf->bf", attn, h)  # (B, F) bag embedding
+    def _classify(self, hs: list[torch.Tensor], terms: list[torch.Tensor], attn: torch.Tensor,
+                  bounds: list[slice]) -> tuple[torch.Tensor, None]:
+        z = sum(torch.einsum("bn,bnf->bf", attn[:, sl], h) for sl, h in zip(bounds, hs))  # (B, F) bag embedding
         return self.classifier(z), None
 
 
@@ -701,8 +818,12 @@ class AdditiveMIL(_MILModel):
         self.classifier = _classifier(config.hidden, config.classifier_hidden, config.num_classes, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.num_classes))
 
-    def _classify(self, h: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        contributions = attn[..., None] * self.classifier(h)  # (B, N, C); attn is exactly 0 at padding
+    def _instance_terms(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(h)  # (B, n, C) psi(h_n), before the attention weight
+
+    def _classify(self, hs: list[torch.Tensor], terms: list[torch.Tensor], attn: torch.Tensor,
+                  bounds: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+        contributions = attn[..., None] * torch.cat(terms, 1)  # (B, N, C); attn is exactly 0 at padding
         return contributions.sum(1) + self.bias, contributions
 
     def explanation_bias(self) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Attention-MIL on long bags of cached features: memory, scaling, and MONAI's MILModel; JSON lines.
 
     python bench/bench_mil.py [--device cuda] [--repeats 5]
+    python bench/bench_mil.py --ceiling [--signal 3 4]   # Bayes ceiling of the tile-bag MIL targets
 
 For each family (``additive_mil_features``, ``abmil_features``), D = 512, one bag of N instances,
 N = 1k, 10k, 100k, each N in a fresh subprocess (train mode, cross-entropy, forward + backward):
@@ -14,10 +15,26 @@ N = 1k, 10k, 100k, each N in a fresh subprocess (train mode, cross-entropy, forw
   model is built with ``backbone=nn.Identity()`` and only its head, ``calc_head(feats)``, is timed:
   its ``forward`` would first reshape the bag into images for its CNN backbone. Value = our time /
   MONAI's time, target <= 1.0.
+
+``--ceiling`` computes what an oracle reaches on the test split of the release recipes (feature
+tile bags, seed 0, bags [750, 950), 50-400 tiles) at each ``feature_signal``: it knows the tumour
+direction ``t`` and the generative model, so ``y_n = <feats_n, t> = s f_n + e_n + b`` with
+``e_n ~ N(0, 1)``, the bag shift ``b ~ N(0, 0.5^2)``, ``f_n`` the tile's tumour fraction. Rows:
+
+- ``instance_auroc_bayes``: pooled AUROC of the posterior ``P(f_n > 0 | y_1..y_N)`` of an
+  exchangeable model (bag positive with probability 1/2; given positive, a tile is tumour with
+  probability ``p ~ U(0.01, 0.45)``, its fraction from the empirical training distribution of
+  positive fractions; ``b`` and ``p`` integrated on grids). Spatial layout is not used (the models
+  do not see it either).
+- ``instance_auroc_per_tile``: the best score of one tile alone, ``y_n``, with the true ``b``
+  subtracted (a bound for scores that use no bag context) and without (``raw``).
+- ``area_relative_error_bayes``: mean ``|A_hat - A| / A`` over positive bags of the posterior-mean
+  area ``sum_n E[f_n | y_1..y_N]`` (in tiles; the tile area cancels).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -101,6 +118,83 @@ def bench_vs_monai(name: str, batch: int, bag_size: int, dim: int, repeats: int,
                      monai_head_params=sum(p.numel() for k, p in theirs.named_parameters() if not k.startswith("net.")))
 
 
+def _oracle_bag(y: Any, sig: float, shift_sd: float, fractions: Any, prior: Any) -> tuple[Any, Any]:
+    """Posterior P(f_n > 0) and E[f_n] of one bag's projections ``y`` (N,) under the exchangeable model."""
+    import numpy as np
+
+    b = np.linspace(-4 * shift_sd, 4 * shift_sd, 81)  # (Nb,) grid of the bag shift
+    b_prior = np.exp(-0.5 * (b / shift_sd) ** 2)
+    b_prior /= b_prior.sum()
+    p = np.linspace(0.01, 0.45, 45)  # (Np,) tumour share of a positive bag, uniform
+    normal = np.exp(-0.5 * (y[:, None] - b[None]) ** 2)  # (N, Nb) likelihood of a tumour-free tile
+    lik = np.exp(-0.5 * (y[:, None, None] - b[None, :, None] - sig * fractions) ** 2) * prior  # (N, Nb, F)
+    tumour, tumour_f = lik.sum(-1), (lik * fractions).sum(-1)  # (N, Nb)
+    mix = (1 - p) * normal[..., None] + p * tumour[..., None]  # (N, Nb, Np)
+    log_pos, log_neg = np.log(mix).sum(0), np.log(normal).sum(0)  # (Nb, Np), (Nb,)
+    top = max(log_pos.max(), log_neg.max())  # both hypotheses share the bag prior 1/2
+    w_pos = np.exp(log_pos - top) * b_prior[:, None] / p.size
+    w_pos /= w_pos.sum() + (np.exp(log_neg - top) * b_prior).sum()
+    share = w_pos * p  # (Nb, Np)
+    return (share * tumour[..., None] / mix).sum((1, 2)), (share * tumour_f[..., None] / mix).sum((1, 2))
+
+
+def _oracle_inputs(ds: Any, i: int) -> tuple[Any, Any, float]:
+    """Bag ``i``: projections ``<feats_n, t>`` (N,), tumour fractions (N,), the true shift along ``t``."""
+    import numpy as np
+
+    from mlmi_zoo.training.datasets.tilebag import SUBCELLS
+
+    cfg, t = ds.config, ds.tumour_direction.astype(np.float64)
+    sample = ds[i]
+    y = sample["feats"].double().numpy() @ t
+    tile = float(ds.coords_um(torch.ones(1))[0]) ** 2 * 1e-6  # mm^2 of one tile
+    cells = SUBCELLS * SUBCELLS
+    fraction = np.rint(sample["instance_area_mm2"].double().numpy() / tile * cells) / cells
+    rng = np.random.default_rng([cfg.seed, i])  # the generator draws the shift right after the layout
+    ds._layout(rng)
+    shift = rng.standard_normal(cfg.feature_dim, dtype=np.float32).astype(np.float64) * cfg.feature_bag_shift
+    return y, fraction, float(shift @ t)
+
+
+def ceiling(signals: list[float]) -> list[dict[str, Any]]:
+    """Oracle instance AUROC and area error on the release recipes' test split (see the docstring)."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from mlmi_zoo.training.datasets.tilebag import SUBCELLS, TileBagPhantom
+
+    cells = SUBCELLS * SUBCELLS
+    rows = []
+    for sig in signals:
+        ds = TileBagPhantom(950, features_only=True, feature_dim=512, feature_signal=sig, tile_size=256,
+                            microns_per_pixel=0.5, bag_size=(50, 400), seed=0)
+        train_f = np.concatenate([_oracle_inputs(ds, i)[1] for i in range(0, 600, 2)])
+        fractions = np.arange(1, cells + 1) / cells
+        counts = np.bincount(np.rint(train_f[train_f > 0] * cells).astype(int), minlength=cells + 1)[1:]
+        prior = counts / counts.sum()
+        post, raw, known, labels, area, true_area = [], [], [], [], [], []
+        for i in range(750, 950):
+            y, f, b = _oracle_inputs(ds, i)
+            p_tumour, e_f = _oracle_bag(y, sig, ds.config.feature_bag_shift, fractions, prior)
+            post.append(p_tumour)
+            raw.append(y)
+            known.append(y - b)
+            labels.append(f > 0)
+            area.append(e_f.sum())
+            true_area.append(f.sum())
+        lab = np.concatenate(labels)
+        area, true_area = np.array(area), np.array(true_area)
+        positive = true_area > 0
+        rel = np.abs(area - true_area)[positive] / true_area[positive]
+        rows.append({"name": f"mil_tilebag_ceiling_signal_{sig:g}", "feature_signal": sig, "bags": 200,
+                     "instances": int(lab.size),
+                     "instance_auroc_bayes": round(float(roc_auc_score(lab, np.concatenate(post))), 4),
+                     "instance_auroc_per_tile_true_shift": round(float(roc_auc_score(lab, np.concatenate(known))), 4),
+                     "instance_auroc_per_tile_raw": round(float(roc_auc_score(lab, np.concatenate(raw))), 4),
+                     "area_relative_error_bayes": round(float(rel.mean()), 4), "positive_bags": int(positive.sum())})
+    return rows
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(sys.argv[2:])
@@ -110,7 +204,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="feature width D (default: 512)")
     parser.add_argument("--monai-batch", type=int, default=1, help="bags per batch for the MONAI comparison")
     parser.add_argument("--monai-bag", type=int, default=10_000, help="instances per bag for the MONAI comparison")
+    parser.add_argument("--ceiling", action="store_true", help="print the oracle ceiling of the tile-bag targets")
+    parser.add_argument("--signal", type=float, nargs="+", default=[3.0, 4.0], help="feature_signal values for --ceiling")
     args = parser.parse_args()
+    if args.ceiling:
+        for row in ceiling(args.signal):
+            print(json.dumps(row), flush=True)
+        return
     device = setup(args)
     for name in FAMILIES:
         family = name.removesuffix("_features")

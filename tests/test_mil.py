@@ -27,7 +27,13 @@ TILE_AREA_MM2 = (256 * 0.5e-3) ** 2  # default tile: 256 px at 0.5 µm = 0.128 m
 
 
 def make(name: str, **overrides) -> mlmi_zoo.InterpretableModel:
-    return mlmi_zoo.create_model(name, **{**TINY, **overrides}).eval()
+    model = mlmi_zoo.create_model(name, **{**TINY, **overrides}).eval()
+    # The bag-context maps start at zero; random weights make every test exercise them.
+    torch.manual_seed(0)
+    for module in (model.score_offset, getattr(model.area_head, "prior", None)):
+        for p in (module.parameters() if module is not None else ()):
+            torch.nn.init.normal_(p)
+    return model
 
 
 def padded(bags: list[torch.Tensor], fill: float = 37.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +87,39 @@ def test_attention_sums_to_one_over_valid_instances_and_is_zero_at_padding(name:
     torch.testing.assert_close(exp.attention[0, :3], exp.attention_scores[0, :3].softmax(0))
 
 
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_chunked_instance_pass_equals_one_chunk(name: str) -> None:
+    model = make(name, instance_chunk=3)
+    whole = make(name, instance_chunk=1000)
+    whole.load_state_dict(model.state_dict())
+    x, mask = padded([torch.randn(n, D) for n in (10, 4)])
+    a, b = model.explain(x, mask), whole.explain(x, mask)
+    for field in ("logits", "attention", "attention_scores"):
+        torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.measurements["tumour_area_mm2"].value, b.measurements["tumour_area_mm2"].value)
+    if a.contributions is not None:
+        torch.testing.assert_close(a.contributions, b.contributions, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_bag_offset_moves_raw_scores_but_not_attention_or_logits(name: str) -> None:
+    model = make(name)
+    x, mask = padded([torch.randn(n, D) for n in (6, 3)])
+    before = model.explain(x, mask)
+    with torch.no_grad():
+        model.score_offset.bias += 5.0
+    after = model.explain(x, mask)
+    torch.testing.assert_close(after.attention_scores[mask], before.attention_scores[mask] + 5.0)
+    torch.testing.assert_close(after.attention, before.attention)
+    torch.testing.assert_close(after.logits, before.logits)
+    plain = make(name, bag_context=False)
+    assert plain.score_offset is None and plain.area_head.prior is None
+    with pytest.raises(ValueError, match="bag prior"):
+        model.area_head(torch.randn(1, 2, 8))
+    with pytest.raises(ValueError, match="no bag prior"):
+        plain.area_head.bag_prior(torch.randn(1, 8))
+
+
 def test_masked_softmax_hand_computed() -> None:
     scores = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[True, True, True, False]])
@@ -118,6 +157,11 @@ def test_bad_inputs_are_refused_with_clear_errors() -> None:
         model(torch.randn(1, 4, D), torch.ones(1, 4))
     with pytest.raises(ValueError, match=r"shape \(B, N\)"):
         check_bag_mask(torch.ones(1, 3, dtype=torch.bool), 1, 4, torch.device("cpu"))
+    for bad in (math.nan, math.inf, -math.inf):  # one bad value among many is found
+        x = torch.randn(2, 50, D)
+        x[1, 37, 5] = bad
+        with pytest.raises(InputSpecError, match="NaN or Inf"):
+            model(x)
     with pytest.raises(ValueError, match="instance_encoder"):
         MILConfig(backbone="resnet8")
     with pytest.raises(ValueError, match="must be an area"):
@@ -185,7 +229,11 @@ def test_instance_areas_are_non_negative_and_sum_to_the_bag_area(name: str) -> N
     assert torch.equal(per_tile[~mask], torch.zeros(int((~mask).sum())))
     torch.testing.assert_close(per_tile.sum(1), bag.value)
     with torch.no_grad():  # fraction x tile area, the tile area from 256 px at 0.5 µm (converted by pint)
-        fraction = torch.sigmoid(model.area_head(model.embed(x)))[..., 0]
+        h = model.embed(x)
+        own = model.area_head.fraction(h)  # (B, N, 1) each tile's own evidence
+        prior = model.area_head.prior((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))  # of the mean embedding
+        fraction = torch.sigmoid(own + prior[:, None])[..., 0]
+        torch.testing.assert_close(model.area_head(h, mask), own + prior[:, None])
     torch.testing.assert_close(per_tile[mask], (fraction * TILE_AREA_MM2)[mask])
     torch.testing.assert_close(bag.to("um^2").value, bag.value * 1e6)
     # the same tiles imaged at twice the pixel size cover four times the area
@@ -288,20 +336,43 @@ def test_training_loss_is_ce_when_areas_are_predicted_exactly(name: str) -> None
 
 
 def test_training_subsamples_and_trains_every_part() -> None:
-    model = make("additive_mil_features", train_max_instances=4).train()
+    model = make("additive_mil_features", train_max_instances=4, attention_instance_weight=1.0).train()
     x, mask = padded([torch.randn(n, D) for n in (9, 3)])
     batch = {"feats": x, "mask": mask, "label": torch.tensor([1, 0]),
              "measurements": {"tumour_area_mm2": torch.tensor([0.05, float("nan")])},
-             "instance_area_mm2": torch.rand(2, 9) * TILE_AREA_MM2}
+             "instance_area_mm2": torch.rand(2, 9) * TILE_AREA_MM2, "instance_labels": torch.randint(0, 2, (2, 9))}
     torch.manual_seed(1)
     out = training_for(model).loss(model, batch, "joint")
     torch.manual_seed(1)
     again = training_for(model).loss(model, batch, "joint")
     assert torch.equal(out.loss, again.loss)  # deterministic given torch's RNG
-    assert {"ce", "tumour_area_mm2_log", "instance_tumour_area_mm2"} <= set(out.logs)
+    assert {"ce", "instance_tumour_area_mm2", "attention_instance", "contribution_instance"} <= set(out.logs)
+    assert "tumour_area_mm2_log" not in out.logs  # per-instance areas replace the bag-area loss
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_attention_instance_loss_is_bce_of_raw_scores_on_valid_instances(name: str) -> None:
+    x, mask = padded([torch.randn(n, D) for n in (5, 3)])
+    labels = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0]])  # padding labels are ignored
+    batch = {"feats": x, "mask": mask, "label": torch.tensor([1, 0]), "instance_labels": labels}
+    plain = make(name, physical_weight=0.0)
+    weighted = make(name, physical_weight=0.0, attention_instance_weight=0.5)
+    weighted.load_state_dict(plain.state_dict())
+    base = training_for(plain).loss(plain, batch, "joint")
+    out = training_for(weighted).loss(weighted, batch, "joint")
+    exp = weighted.explain(x, mask)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(exp.attention_scores[mask], labels[mask].float())
+    if exp.contributions is not None:  # additive MIL: also psi(h_n) of the positive class, = c_n / attn_n
+        expected = expected + bce((exp.contributions[..., 1] / exp.attention)[mask], labels[mask].float())
+    torch.testing.assert_close(out.logs["attention_instance"] + out.logs.get("contribution_instance", 0.0), float(expected))
+    torch.testing.assert_close(out.loss, base.loss + 0.5 * expected)
+    assert "attention_instance" not in base.logs
+    with pytest.raises(ValueError, match="attention_instance_weight"):
+        MILConfig(attention_instance_weight=-1.0)
 
 
 # -- learning on the tile-bag phantom ----------------------------------------------------------------

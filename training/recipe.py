@@ -106,7 +106,9 @@ class Recipe:
         select_metric: validation metric that picks ``checkpoints/best`` and ``final/`` among the
             epochs of the LAST stage (earlier stages may leave the model incomplete, e.g. prototypes
             not yet pushed): ``val_auroc``, ``val_accuracy``, ``val_balanced_accuracy`` (maximised)
-            or ``val_loss`` (minimised). Always computed on the validation split, never on test.
+            or ``val_loss`` (cross-entropy) and ``val_stage_loss`` (the stage's whole training loss,
+            e.g. with a physical head's term; both minimised). Always computed on the validation
+            split, never on test.
         amp: mixed precision (bfloat16 autocast) on CUDA; a logged no-op on CPU.
         compile: ``torch.compile`` the model on CUDA; a logged no-op on CPU.
         num_workers: DataLoader worker processes.
@@ -122,7 +124,8 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     stages: tuple[StageSection, ...] = (StageSection("joint", 1),)
     seed: int = 0
-    select_metric: Literal["val_auroc", "val_accuracy", "val_balanced_accuracy", "val_loss"] = "val_auroc"
+    select_metric: Literal["val_auroc", "val_accuracy", "val_balanced_accuracy", "val_loss",
+                           "val_stage_loss"] = "val_auroc"
     amp: bool = False
     compile: bool = False
     num_workers: int = 0
