@@ -69,9 +69,10 @@ class ProtoPNetConfig(ModelConfig):
         l1_coef: L1 penalty on off-class last-layer weights (ProtoPNet: 1e-4), for sparse, positive
             reasoning.
         fa_coef: weight of the IAIA-BL fine-annotation loss on lesion masks; 0 turns it off.
-        push_on_lesion: with lesion masks, push projects prototypes only onto latent cells that
-            overlap a lesion, so each prototype is a piece of a lesion rather than of the background
-            (a CNN with zero padding otherwise tends to match the crop border).
+        push_on_lesion: with lesion masks, push projects prototypes only onto latent cells whose
+            receptive-field window lies mostly on a lesion, and training pulls prototypes towards
+            such cells (the cluster cost), so each prototype is a piece of a lesion rather than of
+            the background (a CNN with zero padding otherwise tends to match the crop border).
         padding_mode: padding of the backbone's convolutions. Zero padding marks the crop border
             in the features, and prototypes can learn to match that border instead of anatomy;
             ``"reflect"`` pads with the image's own content.

@@ -20,6 +20,9 @@ What we changed:
   upsampling, divided by the number of cells so ``fa_coef`` does not depend on the grid size. Images
   whose mask is empty (no lesion, hence no annotation) are left out; IAIA-BL's penalty on other-class
   prototypes is not used.
+- With ``push_on_lesion``, the cluster cost measures each image's distance to its own-class
+  prototypes over lesion cells only (the cells push may use), so prototypes are learnt where they
+  will be projected; the separation cost and the logits still use every cell.
 - ``joint`` trains the last layer too (ProtoPNet trains it with a small learning rate there).
 """
 from __future__ import annotations
@@ -34,13 +37,14 @@ from einops import rearrange
 from torch import nn
 
 from mlmi_zoo.architectures.protopnet import ProtoPNet
-from mlmi_zoo.architectures.prototypes import _EvalMode, _device_of, push_prototypes
+from mlmi_zoo.architectures.prototypes import _EvalMode, _device_of, lesion_cells, push_prototypes
 from mlmi_zoo.training.family import FamilyTraining, LossOutput, fit_physical_head, register_training
 
 __all__ = [
     "ProtoPNetTraining",
     "cluster_separation_costs",
     "fine_annotation_cost",
+    "lesion_min_distances",
     "off_class_l1",
     "cached_similarities",
     "fit_last_layer",
@@ -106,6 +110,24 @@ def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labe
     if not own.any():
         return similarity_maps.sum() * 0.0
     return per_pair[own].mean()
+
+
+def lesion_min_distances(model: ProtoPNet, distance_maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, P) distance of each prototype to its nearest *lesion* cell of each image.
+
+    Lesion cells are those push may project onto (:func:`~mlmi_zoo.architectures.prototypes.lesion_cells`:
+    receptive-field windows mostly on the lesion, else any overlap); images without a lesion use
+    every cell.
+
+    Args:
+        model: the ProtoPNet (its backbone defines the cells' windows).
+        distance_maps: (B, P, *latent).
+        mask: (B, 1, *spatial) lesion masks.
+    """
+    cells = lesion_cells(model, mask, distance_maps.shape[2:])  # (B, L)
+    cells = torch.where(cells.any(1, keepdim=True), cells, torch.ones_like(cells))
+    flat = rearrange(distance_maps, "b p ... -> b p (...)")  # (B, P, L)
+    return flat.masked_fill(~cells[:, None, :], math.inf).amin(-1)
 
 
 @torch.no_grad()
@@ -221,7 +243,13 @@ class ProtoPNetTraining(FamilyTraining):
         logs = {"ce": float(ce.detach()), "l1": float(l1.detach())}
         if stage == "last_layer":
             return LossOutput(ce + cfg.l1_coef * l1, parts.logits.detach(), logs)
-        cluster, separation = cluster_separation_costs(parts.min_distances, labels, classes)
+        cluster_distances = parts.min_distances
+        if cfg.push_on_lesion and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:
+            # Prototypes will be projected onto lesion cells: pull them towards lesion cells while
+            # training, or push would move them far from where they were learnt.
+            cluster_distances = lesion_min_distances(model, parts.distance_maps, batch["mask"].to(x.device))
+        cluster, _ = cluster_separation_costs(cluster_distances, labels, classes)
+        _, separation = cluster_separation_costs(parts.min_distances, labels, classes)
         loss = ce + cfg.clst_coef * cluster + cfg.sep_coef * separation + cfg.l1_coef * l1
         logs.update(cluster=float(cluster.detach()), separation=float(separation.detach()))
         if cfg.fa_coef and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:

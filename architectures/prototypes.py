@@ -46,6 +46,7 @@ __all__ = [
     "render_prototypes",
     "TopkPatches",
     "latent_box",
+    "lesion_cells",
 ]
 
 log = logging.getLogger(__name__)
@@ -190,19 +191,27 @@ def latent_box(location: Iterable[int], latent_shape: Iterable[int], input_shape
 # ---------------------------------------------------------------------------------------------
 # push
 # ---------------------------------------------------------------------------------------------
-def _lesion_cells(model: "ProtoPNet", batch: dict[str, Any], latent_shape: tuple[int, ...],
-                  device: torch.device) -> torch.Tensor:
+def lesion_cells(model: "ProtoPNet", mask: torch.Tensor, latent_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """(B, L) bool: latent cells whose receptive-field window lies mostly (>= half) on the lesion.
 
     Images whose lesion is too small to cover half of any cell's window fall back to the cells that
-    overlap it at all, so every annotated image keeps candidates.
+    overlap it at all, so every annotated image keeps candidates; an empty mask gives no cell.
+
+    Args:
+        model: the ProtoPNet (its backbone's stride and offset place the windows).
+        mask: (B, 1, *spatial) lesion masks.
+        latent_shape: the latent grid.
     """
-    if batch.get("mask") is None:
-        raise ValueError("push on_lesion=True needs lesion masks: batches without a 'mask' entry")
-    mask = torch.as_tensor(batch["mask"]).to(device).float()  # (B, 1, *spatial)
-    fraction = rearrange(model.backbone.cell_fraction(mask, latent_shape), "b 1 ... -> b (...)")  # (B, L)
+    fraction = rearrange(model.backbone.cell_fraction(mask.float(), tuple(latent_shape)), "b 1 ... -> b (...)")  # (B, L)
     mostly = fraction >= 0.5
     return torch.where(mostly.any(1, keepdim=True), mostly, fraction > 0)
+
+
+def _lesion_cells(model: "ProtoPNet", batch: dict[str, Any], latent_shape: tuple[int, ...],
+                  device: torch.device) -> torch.Tensor:
+    if batch.get("mask") is None:
+        raise ValueError("push on_lesion=True needs lesion masks: batches without a 'mask' entry")
+    return lesion_cells(model, torch.as_tensor(batch["mask"]).to(device), latent_shape)
 
 
 @torch.no_grad()
