@@ -39,6 +39,7 @@ RELEASES = (
     Release("protopnet_resnet8.lidc_nodule", "protopnet_lidc_nodule.yaml", "baseline_resnet8.lidc_nodule"),
     Release("cbm_resnet8.lidc_nodule", "cbm_lidc_nodule.yaml", "baseline_resnet8.lidc_nodule"),
     Release("cbm_resnet8.nodule_phantom", "cbm_nodule_phantom_release.yaml"),
+    Release("protopnet_resnet8.nodule_phantom", "protopnet_nodule_phantom.yaml"),
     Release("additive_mil_features.tilebag", "additive_mil_tilebag_release.yaml"),
     Release("abmil_features.tilebag", "abmil_tilebag_release.yaml"),
     Release("baseline_resnet8.pneumoniamnist", "baseline_pneumoniamnist.yaml"),
