@@ -228,9 +228,15 @@ class BackgroundParams:
     noise_smoothing: float  # side weight a of the [a, 1, a] noise filter (see correlated_noise)
 
 
+def _clip01(a: np.ndarray) -> np.ndarray:
+    """``np.clip(a, 0, 1)`` in place for a fresh temporary: the same values, without np.clip's call overhead."""
+    np.maximum(a, 0.0, out=a)
+    return np.minimum(a, 1.0, out=a)
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     """Rows of ``v`` scaled to unit length."""
-    return v / np.sqrt((v * v).sum(1, keepdims=True)).clip(1e-12)
+    return v / np.maximum(np.sqrt((v * v).sum(1, keepdims=True)), 1e-12)
 
 
 _MAX_VESSELS = 5
@@ -372,13 +378,13 @@ def render_background(bg: BackgroundParams, shape: tuple[int, ...], spacing: Seq
         dist2 = np.maximum(rel2 - along * along - 2.0 * bend * across + bend * bend, 0.0)
     r = col(bg.vessel_radius)
     # a 0.4 mm linear edge, written in squared distances: r^2 - d^2 ~ 2 r (r - d) near the wall
-    alpha = np.clip(np.float32(0.5) + (r * r - dist2) / (np.float32(0.8) * r), 0.0, 1.0)
+    alpha = _clip01(np.float32(0.5) + (r * r - dist2) / (np.float32(0.8) * r))
     img = img + (alpha * (col(bg.vessel_hu) - img)).max(0)
     if bg.wall is not None:
         normal, dist, curv = bg.wall
         along_w = normal.astype(np.float32) @ pos
         depth = along_w + np.float32(curv) * (pos2 - along_w * along_w) - np.float32(dist)
-        alpha_w = np.clip(np.float32(0.5) + depth, 0.0, 1.0)  # 1 mm edge
+        alpha_w = _clip01(np.float32(0.5) + depth)  # 1 mm edge
         img = img + alpha_w * (np.float32(40.0) - img)
     return img.reshape(shape)
 
@@ -458,7 +464,7 @@ def render_nodule(shape: NoduleShape, image: np.ndarray, spacing: Sequence[float
     signed = r - rho  # >= 0 inside (mm along the ray)
     mask = signed >= 0
     if shape.sharp:
-        alpha = np.clip(np.float32(0.5) + signed / np.float32(min(spacing)), 0.0, 1.0)
+        alpha = _clip01(np.float32(0.5) + signed / np.float32(min(spacing)))
     else:
         alpha = np.float32(0.5) + np.float32(0.5) * np.tanh(signed / np.float32(shape.edge_mm))
     q = rho / np.maximum(r, np.float32(1e-6))  # 0 at the centre, 1 on the boundary
@@ -467,10 +473,10 @@ def render_nodule(shape: NoduleShape, image: np.ndarray, spacing: Sequence[float
     elif shape.texture == 2:
         hu = np.float32(shape.hu_ggo)
     else:  # solid core, a linear transition 0.16 r wide
-        core = np.clip(np.float32(0.5) - (q - np.float32(shape.core_frac)) * np.float32(6.25), 0.0, 1.0)
+        core = _clip01(np.float32(0.5) - (q - np.float32(shape.core_frac)) * np.float32(6.25))
         hu = np.float32(shape.hu_ggo) + core * np.float32(shape.hu_solid - shape.hu_ggo)
     if shape.calcified:
-        calc = np.clip(np.float32(0.5) - (q - np.float32(shape.calc_frac)) * np.float32(10.0), 0.0, 1.0)
+        calc = _clip01(np.float32(0.5) - (q - np.float32(shape.calc_frac)) * np.float32(10.0))
         hu = hu + calc * (np.float32(shape.hu_calc) - hu)
     out = image.ravel() + alpha * (hu - image.ravel())
     return out.astype(np.float32, copy=False).reshape(image.shape), mask.reshape(image.shape)
@@ -687,10 +693,11 @@ class NodulePhantom(Dataset):
                         "texture": float(shape.texture), "margin_sharp": float(shape.sharp)}
         else:
             concepts = dict.fromkeys(("spiculation", "calcification", "texture", "margin_sharp"), math.nan)
-        sample = self._sample(i, img, mask, spacing, concepts)
-        diameter = float(sample["measurements"]["diameter_mm"])
+        # The diameter as the sample stores it (float32), so category and label agree with it exactly.
+        diameter = float(np.float32(equivalent_diameter_mm(mask, spacing)[0]))
         # A property of the object measured at its native spacing, like the label (render() keeps it).
-        sample["concepts"]["size_category"] = torch.tensor(nodule_size_category(diameter), dtype=torch.float32)
+        concepts["size_category"] = nodule_size_category(diameter)
+        sample = self._sample(i, img, mask, spacing, concepts)
         clean = int(nodule_malignancy_rule(concepts["calcification"], concepts["spiculation"], concepts["texture"],
                                            diameter))
         sample["label"] = torch.tensor(clean ^ int(flip), dtype=torch.int64)
