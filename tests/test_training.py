@@ -172,22 +172,28 @@ def test_run_directory_layout(reference_run):
     assert model.architecture == "baseline_resnet8"
 
 
-def test_interrupted_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_run, monkeypatch):
-    """Fast in-process version: the run stops by an exception after step 7 instead of SIGKILL."""
-    import mlmi_zoo.training.trainer as trainer_module
+class _Interrupted(Exception):
+    pass
 
-    class Interrupted(Exception):
-        pass
+
+def _train_interrupted_at_step_7(recipe_path: Path, run: Path, monkeypatch) -> None:
+    """Run the recipe until step 7, where it stops by an exception (an in-process stand-in for SIGKILL)."""
+    import mlmi_zoo.training.trainer as trainer_module
 
     def stop_at_7(step):
         if step == 7:
-            raise Interrupted
+            raise _Interrupted
 
     monkeypatch.setattr(trainer_module, "_test_kill_hook", stop_at_7)
-    run = tmp_path / "run"
-    with pytest.raises(Interrupted):
-        train(load_recipe(write_recipe(tmp_path / "r.yaml")), run, quiet=True)
+    with pytest.raises(_Interrupted):
+        train(load_recipe(recipe_path), run, quiet=True)
     monkeypatch.undo()
+
+
+def test_interrupted_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_run, monkeypatch):
+    """Fast in-process version: the run stops by an exception after step 7 instead of SIGKILL."""
+    run = tmp_path / "run"
+    _train_interrupted_at_step_7(write_recipe(tmp_path / "r.yaml"), run, monkeypatch)
     assert load_checkpoint(run / "checkpoints" / "last").state["position"]["batch"] == 1  # mid-epoch
     final = train(load_recipe(run / "recipe.yaml"), run, resume=True, quiet=True)
     assert_bit_identical(weights(final), weights(reference_run / "final"))
@@ -195,24 +201,11 @@ def test_interrupted_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_
 
 def test_augmented_run_resumes_bit_identically_and_differs_from_plain(tmp_path, reference_run, monkeypatch):
     """Dihedral augmentation is a function of (seed, epoch, index): a resumed epoch sees the same transforms."""
-    import mlmi_zoo.training.trainer as trainer_module
-
     data = {**RECIPE["data"], "augment": "dihedral"}
     whole = train(load_recipe(write_recipe(tmp_path / "a.yaml", data=data)), tmp_path / "whole", quiet=True)
     assert not all(torch.equal(a, b) for a, b in zip(weights(whole).values(), weights(reference_run / "final").values()))
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_at_7(step):
-        if step == 7:
-            raise Interrupted
-
-    monkeypatch.setattr(trainer_module, "_test_kill_hook", stop_at_7)
     run = tmp_path / "run"
-    with pytest.raises(Interrupted):
-        train(load_recipe(write_recipe(tmp_path / "b.yaml", data=data)), run, quiet=True)
-    monkeypatch.undo()
+    _train_interrupted_at_step_7(write_recipe(tmp_path / "b.yaml", data=data), run, monkeypatch)
     final = train(load_recipe(run / "recipe.yaml"), run, resume=True, quiet=True)
     assert_bit_identical(weights(final), weights(whole))
 
