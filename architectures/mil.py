@@ -337,13 +337,16 @@ class InstanceAreaHead(nn.Module):
         Returns:
             (B, N, Q) logits.
         """
-        logits = self.fraction(h)  # (B, N, Q)
         if self.prior is None:
-            return logits
+            return self.fraction(h)
         if mask is None:
             raise ValueError("this area head adds a bag prior: pass the (B, N) mask of valid instances")
         w = mask.to(h.dtype)[..., None] / mask.sum(1).to(h.dtype)[:, None, None]  # (B, N, 1) mean weights
-        return logits + self.bag_prior((h * w).sum(1))[:, None, :]
+        return self.with_prior(self.fraction(h), (h * w).sum(1))
+
+    def with_prior(self, own: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(B, N, Q) each instance's own logits + the bag prior of the (B, F) mean embedding (if any)."""
+        return own if self.prior is None else own + self.bag_prior(context)[:, None, :]
 
     def tile_area(self, batch: int, microns_per_pixel: Any = None, device: torch.device | None = None) -> torch.Tensor:
         """(B, Q) area of one tile in each quantity's unit.
@@ -704,9 +707,8 @@ class _MILModel(InterpretableModel):
             raw = raw + self.score_offset(context)  # (B, 1) broadcast: one offset per bag
         area_logits = None
         if self.area_head is not None:
-            area_logits = torch.cat([self.area_head.fraction(h) for h in hs], 1)  # (B, N, Q) context-free
-            if self.area_head.prior is not None:
-                area_logits = area_logits + self.area_head.bag_prior(context)[:, None, :]
+            own = torch.cat([self.area_head.fraction(h) for h in hs], 1)  # (B, N, Q) each tile's own evidence
+            area_logits = self.area_head.with_prior(own, context)
         return hs, terms, bounds, raw, area_logits, context
 
     def forward_bag(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutputs:

@@ -23,8 +23,9 @@ predicted 1% per tile already costs ``log(4)² = 1.9``, against a mean per-tile 
 Instance-label loss, when the bags carry instance labels (``batch["instance_labels"]`` (B, N),
 0/1): a binary cross-entropy of each valid instance's raw attention score (with its bag offset)
 against its label. It makes the scores an instance classifier that is comparable across bags,
-which the softmax alone leaves undetermined up to one constant per bag. For additive MIL it adds the same loss on each instance's positive-class term
-``psi(h_n)[1]`` (two classes only), so that the sign of its contribution marks tumour tiles.
+which the softmax alone leaves undetermined up to one constant per bag. For additive MIL it adds
+the same loss on each instance's positive-class term ``psi(h_n)[1]`` (two classes only), so that
+the sign of its contribution marks tumour tiles.
 
 During training each bag is randomly subsampled to ``train_max_instances`` valid instances
 (deterministic given torch's RNG); the bag-area prediction of a subsample is scaled by

@@ -553,7 +553,7 @@ class Trainer:
             while pos.epoch < stage.epochs:
                 self._train_mode(model)
                 train_sampler.set_epoch(pos.global_epoch, skip=pos.batch * self.batch_size)
-                epoch_set = augmented(train_set, r.data.augment if r.data is not None else None, r.seed, pos.global_epoch)
+                epoch_set = augmented(train_set, r.data.augment, r.seed, pos.global_epoch)
                 loader = self._loader(epoch_set, train_sampler, self.batch_size, collate, pos.global_epoch, pos.batch)
                 started, seen, sums = time.perf_counter(), 0, {"loss": 0.0, "correct": 0.0, "n": 0.0}
                 bar = self._bar(loader, stage, pos, steps_per_epoch)
