@@ -18,8 +18,11 @@ What we changed:
   upsamples; ``explain`` computes maps and their input-resolution localisation.
 - Prototypes can be switched off: a buffer mask multiplies the similarities before the last layer,
   so a disabled prototype contributes exactly 0 and the logit changes by exactly its contribution.
-- An optional physical head (``config.quantities``) reads the globally averaged add-on features and
-  reports quantities in units at a given spacing.
+- An optional physical head (``config.quantities``) reports quantities in units at a given
+  spacing: ``physical_head="regress"`` reads the globally averaged add-on features; ``"count"``
+  measures lesion sizes by counting the lesion pixels of a fraction map predicted on small tiles
+  from the image and the backbone grid (:class:`~mlmi_zoo.architectures.heads.LesionCountHead`),
+  the map being the measurement's explanation.
 - Push records (where each prototype comes from) are JSON metadata saved with the weights.
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import nn
 
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
-from mlmi_zoo.architectures.heads import PhysicalHead
+from mlmi_zoo.architectures.heads import LesionCountHead, PhysicalHead
 from mlmi_zoo.architectures.prototypes import PrototypeLayer
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
@@ -76,6 +79,14 @@ class ProtoPNetConfig(ModelConfig):
         padding_mode: padding of the backbone's convolutions. Zero padding marks the crop border
             in the features, and prototypes can learn to match that border instead of anatomy;
             ``"reflect"`` pads with the image's own content.
+        physical_head: ``"regress"`` (an MLP on the mean add-on features; any quantity) or
+            ``"count"`` (sizes — lengths, areas in 2D, volumes in 3D — measured as the lesion pixel
+            count of a predicted fraction map, as the ground truth of a mask is defined).
+        measure_tile: pixels per axis of a fraction-map tile (``"count"``); divides ``feature_stride``.
+        measure_map_coef: weight of the fraction map's fit to the lesion masks (``"count"``, when
+            the batch has masks).
+        measure_resample: the count head counts on the canonical grid (``spacing``): it resamples
+            each image there first, so one object imaged at two spacings is counted on one grid.
     """
 
     feature_stride: int = 8
@@ -90,6 +101,10 @@ class ProtoPNetConfig(ModelConfig):
     fa_coef: float = 0.0
     push_on_lesion: bool = False
     padding_mode: Literal["zeros", "reflect"] = "zeros"
+    physical_head: Literal["regress", "count"] = "regress"
+    measure_tile: int = 4
+    measure_map_coef: float = 1.0
+    measure_resample: bool = False
 
     @property
     def num_prototypes(self) -> int:
@@ -104,6 +119,11 @@ class ProtoPNetConfig(ModelConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.similarity not in ("log_l2", "cosine"):
             raise ValueError(f"similarity must be 'log_l2' or 'cosine', got {self.similarity!r}")
+        if self.physical_head not in ("regress", "count"):
+            raise ValueError(f"physical_head must be 'regress' or 'count', got {self.physical_head!r}")
+        if self.measure_resample and (self.physical_head != "count" or self.spacing is None):
+            raise ValueError("measure_resample counts on the canonical grid: it needs physical_head='count' and a "
+                             f"canonical spacing; got physical_head={self.physical_head!r}, spacing={self.spacing}")
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,7 @@ class ProtoPNetOutputs:
         similarities: (B, P) similarity at the best location (not masked).
         logits: (B, C).
         quantities: (B, Q) standardised physical-head outputs, or None.
+        lesion_fraction: (B, 1, *tiles) lesion fraction of each tile (``physical_head="count"``), or None.
     """
 
     latent: torch.Tensor  # (B, D, *latent)
@@ -125,6 +146,7 @@ class ProtoPNetOutputs:
     similarities: torch.Tensor  # (B, P)
     logits: torch.Tensor  # (B, C)
     quantities: torch.Tensor | None  # (B, Q)
+    lesion_fraction: torch.Tensor | None = None  # (B, 1, *tiles)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +167,8 @@ class PrototypeExplanation(Explanation):
         enabled: (P,) False for switched-off prototypes.
         prototype_sources: each prototype's push record (see ``push_prototypes``), or None before
             push.
+        measurement_map: (B, 1, *spatial) lesion fraction the physical head counted at each pixel
+            (``physical_head="count"``), or None.
     """
 
     family = "protopnet"
@@ -159,6 +183,7 @@ class PrototypeExplanation(Explanation):
     prototype_classes: torch.Tensor  # (P,)
     enabled: torch.Tensor  # (P,) bool
     prototype_sources: list[dict[str, Any] | None] | None = None
+    measurement_map: torch.Tensor | None = None  # (B, 1, *spatial)
 
     def logits_from_contributions(self) -> torch.Tensor:
         """(B, C) bias + sum of prototype contributions."""
@@ -197,6 +222,11 @@ class PrototypeExplanation(Explanation):
         if gallery:
             table += '<div class="gallery">' + "".join(gallery) + "</div>"
         sections.append((f"Top {len(top)} prototypes for {names[c]}", table))
+        if self.inputs is not None and self.measurement_map is not None and self.measurements:
+            uri = png_data_uri(image_to_png(self.inputs[i], self.measurement_map[i, 0]))
+            sizes = ", ".join(f"{m.name} {float(m.value[i]):.2f} {m.unit}" for m in self.measurements.values())
+            sections.append(("What the measurement counted",
+                             f'<img src="{uri}" width="256"><p>lesion fraction per tile; {html.escape(sizes)}</p>'))
         return sections
 
 
@@ -252,7 +282,13 @@ class ProtoPNet(InterpretableModel):
         # Derived from the config, so not saved; the switch-off mask is state, so it is.
         self.register_buffer("prototype_class_identity", F.one_hot(classes, config.num_classes).float(), persistent=False)  # (P, C)
         self.register_buffer("prototype_mask", torch.ones(P))  # (P,) 1 = enabled
-        self.physical = PhysicalHead(D, config.quantities) if config.quantities else None
+        self.physical: PhysicalHead | LesionCountHead | None = None
+        if config.quantities and config.physical_head == "count":
+            self.physical = LesionCountHead(self.backbone.out_channels, config.quantities, dims, self.backbone.stride,
+                                            config.measure_tile, config.in_channels, self.backbone.offset,
+                                            canonical_spacing=config.spacing if config.measure_resample else None)
+        elif config.quantities:
+            self.physical = PhysicalHead(D, config.quantities)
         self._prototype_sources: list[dict[str, Any] | None] | None = None
         self.reset_last_layer()
 
@@ -317,15 +353,26 @@ class ProtoPNet(InterpretableModel):
         min_d = self.prototype_layer.nearest_distances(self.latent(x))  # (B, P)
         return self.last_layer(self.prototype_layer.similarity(min_d) * self.prototype_mask)
 
-    def forward_parts(self, x: torch.Tensor) -> ProtoPNetOutputs:
-        """One pass returning latent, distances, similarities, logits and physical outputs."""
+    def forward_parts(self, x: torch.Tensor, spacing: torch.Tensor | None = None) -> ProtoPNetOutputs:
+        """One pass returning latent, distances, similarities, logits and physical outputs.
+
+        Args:
+            x: (B, C_in, *spatial) network input.
+            spacing: (B, dims) mm per pixel of ``x``; only a count head that resamples uses it
+                (without it, ``x`` is taken to be at the canonical spacing).
+        """
         self.validate_input(x)
-        z = self.latent(x)
+        feats = self.backbone(x)  # (B, F, *latent)
+        z = self.add_on(feats)
         maps, min_d = self.prototype_layer.min_distances(z)
         sims = self.prototype_layer.similarity(min_d)  # (B, P)
         logits = self.last_layer(sims * self.prototype_mask)
-        quantities = self.physical(reduce(z, "b d ... -> b d", "mean")) if self.physical is not None else None
-        return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities)
+        quantities, fractions = None, None
+        if isinstance(self.physical, LesionCountHead):
+            quantities, fractions = self.physical(x, feats, spacing)
+        elif self.physical is not None:
+            quantities = self.physical(reduce(z, "b d ... -> b d", "mean"))
+        return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities, fractions)
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, spacing: Any = None) -> PrototypeExplanation:
@@ -336,13 +383,13 @@ class ProtoPNet(InterpretableModel):
             spacing: mm per axis, one for the batch or one row per image, for the physical head;
                 default: the model's canonical spacing.
         """
-        parts = self.forward_parts(x)
+        s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        parts = self.forward_parts(x, s)
         maps = self.prototype_layer.similarity(parts.distance_maps)  # (B, P, *latent)
         localization = self.backbone.to_input(maps, x.shape[2:])  # (B, P, *spatial), on receptive-field centres
         masked = parts.similarities * self.prototype_mask  # (B, P)
         contributions = torch.einsum("bp,cp->bcp", masked, self.last_layer.weight)  # (B, C, P)
         measurements = {}
-        s = resolve_spacing(self, spacing, x.shape[0], x.device)
         if parts.quantities is not None and s is not None:
             measurements = self.physical.measure(parts.quantities, s)
         return PrototypeExplanation(
@@ -359,6 +406,7 @@ class ProtoPNet(InterpretableModel):
             prototype_classes=self.prototype_classes,
             enabled=self.enabled,
             prototype_sources=copy.deepcopy(self._prototype_sources),
+            measurement_map=None if parts.lesion_fraction is None else self.physical.to_input(parts.lesion_fraction, x.shape[2:], s),
         )
 
     # -- metadata ---------------------------------------------------------------------------------

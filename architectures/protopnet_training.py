@@ -236,7 +236,9 @@ class ProtoPNetTraining(FamilyTraining):
             model.set_prototype_sources(None)
         x = self.inputs(model, batch)
         labels = batch["label"].to(x.device)
-        parts = model.forward_parts(x)
+        spacing = batch.get("spacing")
+        spacing = None if spacing is None else torch.as_tensor(spacing).to(x.device, torch.float32).reshape(x.shape[0], -1)
+        parts = model.forward_parts(x, spacing)
         classes = model.prototype_classes
         ce = F.cross_entropy(parts.logits, labels)
         l1 = off_class_l1(model.last_layer.weight, classes)
@@ -263,6 +265,12 @@ class ProtoPNetTraining(FamilyTraining):
                                        batch["spacing"].to(x.device, parts.quantities.dtype))
             loss = loss + phys
             logs["physical"] = float(phys.detach())
+        if parts.lesion_fraction is not None and cfg.measure_map_coef and batch.get("mask") is not None \
+                and batch["mask"].ndim == x.ndim:
+            # The count head's map is fitted to each tile's lesion share: dense supervision of what is counted.
+            fit = model.physical.map_loss(parts.lesion_fraction, batch["mask"].to(x.device), spacing)
+            loss = loss + cfg.measure_map_coef * fit
+            logs["measure_map"] = float(fit.detach())
         return LossOutput(loss, parts.logits.detach(), logs)
 
     def trainable_parameters(self, model: ProtoPNet, stage: str) -> list[nn.Parameter]:

@@ -15,10 +15,12 @@ What we changed:
 - Push streams over the loader and is vectorised over prototypes and images: one distance
   computation per batch, then a class-restricted masked minimum over (images, locations) for all
   prototypes at once, keeping only the running best per prototype (memory ``O(P * D)``).
-- The push record of a prototype stores its source as the latent cell scaled to input pixels
-  (``box_px``, half-open ``[start, stop)`` per axis; ``box_mm`` when the spacing is known). This
-  *cell box* is a lower bound of the receptive field, not ProtoPNet's 95th-percentile region of the
-  upsampled similarity map; :func:`render_prototypes` draws that map on request.
+- The push record of a prototype stores its source as the latent cell's window in input pixels
+  (``box_px``, half-open ``[start, stop)`` per axis; ``box_mm`` when the spacing is known): the
+  ``stride``-wide box centred on the cell's receptive-field centre, the window the maps and the
+  lesion fractions use. This *cell box* is a lower bound of the receptive field, not ProtoPNet's
+  95th-percentile region of the upsampled similarity map; :func:`render_prototypes` draws that map
+  on request.
 - The nearest training patches of each prototype (:func:`prototype_topk_patches`), for prototype
   purity, keep the nearest location of each image and the ``k`` nearest images, as ProtoPNet's
   nearest-patch analysis does.
@@ -169,22 +171,32 @@ def _batch_indices(batch: dict[str, Any], start: int, n: int) -> torch.Tensor:
     return torch.arange(start, start + n)
 
 
-def latent_box(location: Iterable[int], latent_shape: Iterable[int], input_shape: Iterable[int]) -> list[list[int]]:
+def latent_box(location: Iterable[int], latent_shape: Iterable[int], input_shape: Iterable[int],
+               stride: int | None = None, offset: float | None = None) -> list[list[int]]:
     """The input-pixel box of one latent cell: half-open ``[start, stop)`` per spatial axis.
 
-    The cell is scaled by the actual input/latent size ratio (not the nominal stride), so odd input
-    sizes and backbones whose 3D stride differs from the 2D one stay exact. It is the cell, a lower
-    bound of the true receptive field.
+    With the backbone's ``stride`` and ``offset`` (the input pixel of cell 0's receptive-field
+    centre), the box is the ``stride``-wide window centred on cell ``i``'s centre
+    ``offset + stride * i``, clipped to the image — where the cell's map value is drawn. Without
+    them, the cell is scaled by the actual input/latent size ratio. Either way it is a lower bound
+    of the true receptive field.
 
     Args:
         location: latent index per axis.
         latent_shape: latent grid size per axis.
         input_shape: input size per axis.
+        stride: the backbone's total stride, or None.
+        offset: the input-pixel coordinate of cell 0's centre, or None.
     """
     box = []
     for i, n_lat, n_in in zip(location, latent_shape, input_shape):
-        scale = n_in / n_lat
-        box.append([int(math.floor(i * scale)), int(min(n_in, math.ceil((i + 1) * scale)))])
+        if stride is not None and offset is not None and math.isfinite(offset):
+            centre = offset + stride * i
+            start, stop = math.floor(centre - stride / 2 + 0.5), math.floor(centre + stride / 2 + 0.5)
+        else:
+            scale = n_in / n_lat
+            start, stop = math.floor(i * scale), math.ceil((i + 1) * scale)
+        box.append([int(max(0, start)), int(min(n_in, stop))])
     return box
 
 
@@ -302,7 +314,7 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             records.append(None)
             continue
         loc = [int(v) for v in torch.unravel_index(best_loc[j], latent_shape)]
-        box = latent_box(loc, latent_shape, input_shape)
+        box = latent_box(loc, latent_shape, input_shape, model.backbone.stride, model.backbone.offset)
         sp = None if torch.isnan(best_spacing[j]).any() else [float(v) for v in best_spacing[j]]
         records.append({
             "prototype": j,

@@ -393,6 +393,8 @@ class _Collected:
     measured: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     truth: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     units: dict[str, str] = dataclasses.field(default_factory=dict)
+    counted_on_lesion: list[torch.Tensor] = dataclasses.field(default_factory=list)  # count head: share on the mask
+    keep_counted: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (n, *spatial) counted maps
     # cbm
     concept_pred: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     concept_true: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
@@ -508,8 +510,24 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
             _localize(col, maps, batch, limits.activation_q)
         if family == "cbm":
             _collect_concepts(col, model, exp, batch, spacing, concept_values_from_batch)
+        counted = getattr(exp, "measurement_map", None)
+        if counted is not None:
+            _collect_counted(col, counted, batch, limits)
         _keep(col, limits, x, maps, batch, spacing)
     return col
+
+
+def _collect_counted(col: _Collected, counted: torch.Tensor, batch: Mapping[str, Any], limits: EvaluationLimits) -> None:
+    """A count head's map (B, 1, *spatial): keep the first for the figure, and the share of the
+    counted area that lies on the lesion mask."""
+    room = limits.examples - sum(m.shape[0] for m in col.keep_counted)
+    if room > 0:
+        col.keep_counted.append(counted[:room, 0].cpu())
+    mask = batch.get("mask")
+    if mask is not None:
+        flat, on = counted.flatten(1).cpu(), mask.reshape(counted.shape[0], -1).float().cpu()
+        total = flat.sum(1)
+        col.counted_on_lesion.append(torch.where(total > 0, (flat * on).sum(1) / total.clamp_min(1e-12), torch.nan))
 
 
 def _collect_concepts(col: _Collected, model: Any, exp: Any, batch: Mapping[str, Any],
@@ -646,6 +664,20 @@ def _physical_block(col: _Collected, model: Any, ds: Dataset, limits: Evaluation
         details[name] = {"unit": unit, "n": ba.n, "bland_altman": dataclasses.asdict(ba)}
         if ba.n >= 2:
             figures += fig.draw(f"bland_altman_{name}", figs.plot_bland_altman, pred, true, unit=unit)
+    if col.counted_on_lesion:
+        share = _cat(col.counted_on_lesion)
+        # The count head's map is the measurement: how much of what it counted lies on the drawn lesion.
+        metrics["counted_area_on_lesion_share"] = _nanmean(share)
+    if col.keep_counted:
+        n = sum(m.shape[0] for m in col.keep_counted)
+        x = _cat(col.keep_x)[:n]
+        titles = []
+        for i in range(n):
+            parts = [f"{name} {float(_cat(col.measured[name])[i]):.1f} (true {float(_cat(col.truth[name])[i]):.1f}) {col.units[name]}"
+                     for name in col.measured]
+            titles.append("\n".join(parts) or "counted lesion fraction")
+        if n and len(x) == n:
+            figures += fig.draw("measurement_maps", figs.plot_examples, list(x), list(_cat(col.keep_counted)), titles)
     if explain_values is not None:
         invariance = _spacing_invariance(col, model, ds, limits, explain_values)
         if invariance is None:

@@ -48,7 +48,7 @@ def protopnet_run(tmp_path_factory) -> tuple[dict, Path]:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("protopnet")
     model = create_model("protopnet_resnet8", img_size=(32, 32), intensity=WINDOW,
-                         quantities=(QuantitySpec("diameter_mm", "mm", 0.0, 100.0),)).eval()
+                         quantities=(QuantitySpec("diameter_mm", "mm", 0.0, 100.0),), physical_head="count").eval()
     push_prototypes(model, DataLoader(build_dataset(NODULES, "train"), batch_size=8))
     uri = _save(model, root / "model", NODULES)
     return _run(uri, NODULES, root), root
@@ -87,6 +87,9 @@ def test_protopnet_document(protopnet_run) -> None:
     phys = el["physical_attribution"]["metrics"]
     assert phys["diameter_mm_mae"] >= 0 and "diameter_mm_spacing_invariance_mean_abs_diff" in phys
     assert el["physical_attribution"]["details"]["spacing_invariance"]["spacings_mm"] == [0.5, 1.0]
+    # the count head's map: the share of what it counted that lies on the lesion, and the figure of it
+    assert 0.0 <= phys["counted_area_on_lesion_share"] <= 1.0
+    assert "figures/measurement_maps.png" in el["physical_attribution"]["figures"]
     gap = doc["faithfulness"]["metrics"]
     assert gap["faithfulness_gap"] == pytest.approx(gap["deletion_auc_random"] - gap["deletion_auc_attribution"])
     assert doc["bootstrap"]["n"] == 30 and "30 resamples" in doc["bootstrap"]["description"]

@@ -161,7 +161,8 @@ def test_push_equals_brute_force_and_prototypes_are_training_patches() -> None:
         torch.testing.assert_close(z[(slice(None),) + tuple(rec["location"])], model.prototype_layer.prototypes[j], rtol=0, atol=1e-6)
         torch.testing.assert_close(model.prototype_layer.prototypes[j], vector, rtol=0, atol=1e-6)
         y, x = rec["location"]
-        assert rec["box_px"] == [[8 * y, 8 * y + 8], [8 * x, 8 * x + 8]]
+        # the 8-px window centred on the cell's receptive-field centre (pixel 8 * i), clipped to the image
+        assert rec["box_px"] == [[max(0, 8 * y - 4), 8 * y + 4], [max(0, 8 * x - 4), 8 * x + 4]]
         assert sum(rec["box_mm"], []) == pytest.approx([0.7 * v for v in sum(rec["box_px"], [])])
     # A pushed prototype is at distance ~0 from its source: similarity ~log(1/eps) there.
     exp = model.explain(ds[records[0]["index"]]["image"][None])
@@ -364,3 +365,19 @@ def test_trains_on_nodule_phantoms() -> None:
     auroc = roc_auc_score(test_batch["label"].numpy(), probs.numpy())
     print(f"NodulePhantom test AUROC after warmup/joint/push/last_layer: {auroc:.3f}")
     assert auroc > 0.8
+
+
+def test_push_boxes_are_the_cell_windows_centred_on_the_receptive_field() -> None:
+    from mlmi_zoo.architectures.prototypes import latent_box
+
+    # stride 8, cell centres at pixels 0, 8, 16, 24 of a 32-px axis: windows [-4, 4) clipped, [4, 12), ...
+    assert latent_box([0, 1], [4, 4], [32, 32], stride=8, offset=0.0) == [[0, 4], [4, 12]]
+    assert latent_box([3, 2], [4, 4], [30, 32], stride=8, offset=0.0) == [[20, 28], [12, 20]]
+    assert latent_box([3], [4], [32]) == [[24, 32]]  # without a known offset: the cell's share of the input
+    model = tiny().eval()
+    ds = Images(4, (1, 32, 32))
+    records = push_prototypes(model, loader_for(ds), torch.device("cpu"))
+    stride, offset = model.backbone.stride, model.backbone.offset
+    for rec in records:
+        centre = [offset + stride * i for i in rec["location"]]
+        assert rec["box_px"] == [[max(0, int(c - stride // 2)), min(32, int(c + stride // 2))] for c in centre]
