@@ -26,7 +26,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from mlmi_zoo.architectures.backbones import latent_to_input

@@ -1,7 +1,6 @@
 """ProtoPNet: exact decomposition, push onto real patches, switch-off, losses, cached last layer."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -13,7 +12,6 @@ from mlmi_zoo.architectures.protopnet import ProtoPNet, PrototypeExplanation
 from mlmi_zoo.architectures.protopnet_training import (
     cluster_separation_costs,
     fine_annotation_cost,
-    fit_last_layer,
     off_class_l1,
 )
 from mlmi_zoo.architectures.prototypes import PrototypeLayer, prototype_topk_patches, push_prototypes, render_prototypes
