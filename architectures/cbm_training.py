@@ -14,6 +14,14 @@ Stages:
 
 ``L_c`` is the sum over concepts of each concept's masked, class-balanced loss
 (:meth:`~mlmi_zoo.architectures.concepts.ConceptCodec.loss`).
+
+With attention pooling and ``fa_coef > 0`` the concept and joint stages add ``fa_coef`` times a
+fine-annotation cost after IAIA-BL (Barnett, Schwartz, Tao, Chen, Ren, Lo and Rudin, Nature Machine
+Intelligence 2021), who penalise a prototype's activation outside the lesion a radiologist drew: here
+the attention mass on latent cells whose receptive-field window holds no lesion pixel
+(:func:`attention_off_lesion`), averaged over the cases that carry a non-empty mask. Cells that
+touch the lesion cost nothing, so the model stays free to read a concept from the lesion's rim or
+from any part of it. The masks are moved onto the canonical grid like the images.
 What we changed: typed concepts with units, masking of missing labels, class balance (see
 :mod:`.concepts`). Training images can be flipped and turned by the recipe (``data.augment``,
 :mod:`mlmi_zoo.training.augment`): the nodule concepts do not change with orientation.
@@ -23,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from einops import rearrange, reduce
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -30,7 +39,7 @@ from mlmi_zoo.architectures.cbm import CBM
 from mlmi_zoo.architectures.concepts import concept_values_from_batch
 from mlmi_zoo.training.family import FamilyTraining, LossOutput, register_training
 
-__all__ = ["CBMTraining", "STAGES_BY_MODE", "fit_concept_statistics"]
+__all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "fit_concept_statistics"]
 
 # The recipe stages each training mode runs, in order.
 STAGES_BY_MODE: dict[str, tuple[str, ...]] = {
@@ -61,6 +70,31 @@ def fit_concept_statistics(model: CBM, dataset: Dataset, max_cases: int = 2000) 
     if all(r.get("spacing") is not None for r in rows):
         spacing = torch.stack([torch.as_tensor(r["spacing"], dtype=torch.float64).reshape(-1) for r in rows])  # (N, dims)
     model.codec.fit(values, model.codec_spacing(spacing))
+
+
+def attention_off_lesion(attention: torch.Tensor, cell_fraction: torch.Tensor) -> torch.Tensor:
+    """Fine-annotation cost: the attention mass on cells with no lesion in their window.
+
+    Args:
+        attention: (B, 1, *latent) spatial attention, summing to 1 over the grid per case.
+        cell_fraction: (B, 1, *latent) lesion fraction of each cell's window, e.g.
+            :meth:`Backbone.cell_fraction` of the lesion masks on the same grid.
+
+    Returns:
+        scalar in [0, 1]: the mean over cases with a lesion of the attention off the lesion; 0 (with
+        a gradient graph) when no case has one.
+
+    Raises:
+        ValueError: when the two shapes differ.
+    """
+    if attention.shape != cell_fraction.shape:
+        raise ValueError(f"attention {tuple(attention.shape)} and cell fractions {tuple(cell_fraction.shape)} "
+                         f"must have the same (B, 1, *latent) shape")
+    off = rearrange((attention * (cell_fraction <= 0)), "b 1 ... -> b (...)").sum(-1)  # (B,)
+    annotated = rearrange(cell_fraction, "b 1 ... -> b (...)").amax(-1) > 0  # (B,)
+    if not annotated.any():
+        return attention.sum() * 0.0
+    return off[annotated].mean()
 
 
 @register_training
@@ -104,10 +138,19 @@ class CBMTraining(FamilyTraining):
             logits = model.predict_label(vector)
             ce = nn.functional.cross_entropy(logits, labels)
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
-        raw = model.concept_logits(x, spacing)  # (B, K)
+        maps, attention = model.concept_maps_and_attention(x, spacing)  # (B, K, *latent), (B, 1, *latent)
+        raw = reduce(maps, "b k ... -> b k", "mean")  # (B, K), as model.concept_logits
         concept_loss, parts = model.codec.loss(raw, self.concept_targets(model, batch, x.device))
         logs = {f"concept/{k}": float(v.detach()) for k, v in parts.items()}
         logs["concepts"] = float(concept_loss.detach())
+        mask = batch.get("mask")
+        if model.config.fa_coef > 0 and attention is not None and mask is not None and mask.ndim == x.ndim:
+            # the masks go onto the canonical grid with the images (bilinear, then cut at one half)
+            canonical_mask = model.to_canonical(mask.to(device=x.device, dtype=x.dtype), spacing)
+            fractions = model.backbone.cell_fraction(canonical_mask > 0.5, attention.shape[2:])
+            fa = attention_off_lesion(attention, fractions)
+            concept_loss = concept_loss + model.config.fa_coef * fa
+            logs["fine_annotation"] = float(fa.detach())
         if stage == "concepts":
             with torch.no_grad():
                 logits = model.predict_label(model.codec.bottleneck(raw))
@@ -120,7 +163,8 @@ class CBMTraining(FamilyTraining):
     def trainable_parameters(self, model: CBM, stage: str) -> list[nn.Parameter]:
         self._check_stage(model, stage)
         if stage == "concepts":
-            return [*model.backbone.parameters(), *model.concept_head.parameters()]
+            attention = [] if model.attention_head is None else list(model.attention_head.parameters())
+            return [*model.backbone.parameters(), *model.concept_head.parameters(), *attention]
         if stage == "label_head":
             return list(model.label_head.parameters())
         return list(model.parameters())
