@@ -24,18 +24,33 @@ What we changed:
   padding contributes nothing, the logits do not drift with the bag size ``N`` (a per-instance bias
   would add ``N`` times itself), and we compute ``c_n = attn_n * psi(h_n)``, the same number
   without an ``(B, N, hidden)`` rescaled copy of the embeddings.
-- A bag-level physical head: each instance predicts the fraction of its tile covered by tumour
-  (sigmoid, in ``[0, 1]``); times the tile's area in mm² (``tile_size`` pixels at
+- A bag-level physical head (:class:`InstanceAreaHead`): each instance gets the fraction of its
+  tile covered by tumour, in ``[0, 1]``; times the tile's area in mm² (``tile_size`` pixels at
   ``microns_per_pixel``, converted with pint) this is the instance's tumour area, and the bag's
-  tumour area is their sum. The measurement is therefore attributed to instances in mm², exactly.
-- Bag context (``bag_context``): each instance's covered-fraction logit is its own evidence plus
-  a prior log-odds computed from the bag's mean embedding, as in a Bayesian posterior whose prior
-  (tumour share, slide-level stain/scanner shift) is estimated from the slide itself; a tile scored
-  alone cannot tell whether its slide is shifted or tumour-free, and summed over hundreds of tiles
-  that per-slide error dominates the area. The same bag summary adds one offset to the raw attention
-  scores of a bag: the softmax is invariant to it, so no prediction changes, but raw scores become
-  comparable across slides (trained only by the optional instance-label loss of
-  :mod:`mlmi_zoo.architectures.mil_training`). Both maps start at zero.
+  tumour area is their sum. The measurement is therefore attributed to instances in mm², exactly,
+  and every share is non-negative. The fraction is computed from a linear score of the instance's
+  *features* (not of the embedding: a slide-wide shift of the features then moves every score of
+  the slide by one constant, whereas through the ReLU embedding it also changes which units are
+  active, i.e. the slope of the score per slide).
+- Bag context (``bag_context``) of the area head: summed over hundreds of tiles, one per-slide
+  error of the fraction logits dominates the bag area, so the logits are those of an
+  empirical-Bayes posterior whose slide-level terms are estimated from the slide itself: an offset
+  that aligns the scores with the slide's tumour-free tiles (stain or scanner shift) and the prior
+  log-odds of the slide's tumour share, both an MLP of the quantiles of the slide's instance scores
+  (one mean cannot tell a shifted tumour-free slide from one with much tumour; the quantiles can),
+  plus a calibration of the centred score (see :class:`InstanceAreaHead`). Its parameters are
+  stored divided by a constant gain (the equalised learning rate of Karras et al., ICLR 2018), so
+  that at the model's learning rate it reaches its much larger optimal weights.
+- Bag context of the attention: one offset from the bag's mean embedding is added to the raw
+  attention scores of a bag: the softmax is invariant to it, so no prediction changes, but raw
+  scores become comparable across slides (trained only by the optional instance-label loss of
+  :mod:`mlmi_zoo.architectures.mil_training`). It starts at zero.
+- Bag normalisation (``bag_normalise``): the bag's mean feature is subtracted from every instance
+  before the embedding, so attention scores and logits do not change when every feature of a slide
+  is shifted by the same vector (a slide-level stain or scanner effect); without it such a shift
+  also changes which ReLU units are active, i.e. how each tile is scored. In a bag with tumour the
+  mean includes the tumour tiles, which moves every centred tile of that bag by the same amount
+  along the tumour direction (at most the tumour share times the signal of a tumour tile).
 - The per-instance networks run over the bag in chunks of ``instance_chunk`` instances, with and
   without autograd. On CPU this keeps every activation small enough to be served from the
   allocator's free lists: one (N, hidden) tensor of a 100k-instance bag is 51 MB, above glibc's mmap
@@ -118,6 +133,10 @@ class MILConfig(ModelConfig):
         physical_weight: weight of the physical-head loss against cross-entropy.
         bag_context: add the bag prior to the covered-fraction logits and the bag offset to the raw
             attention scores (see the module docstring); False scores every instance alone.
+        bag_normalise: subtract each bag's mean instance feature before the embedding (for the
+            attention and the classifier; the area head has its own bag statistics), so that a
+            slide-level shift of every feature neither moves the attention scores nor changes which
+            ReLU units of the embedding are active (see the module docstring).
         instance_chunk: instances per chunk of the per-instance networks (embedding, attention,
             classifier, area head); bounds the size of every activation (see the module docstring).
         attention_instance_weight: weight of a binary cross-entropy against instance labels, when
@@ -125,6 +144,8 @@ class MILConfig(ModelConfig):
             additive MIL, of each instance's positive-class term ``psi(h_n)`` (so the sign of its
             contribution marks tumour); 0 trains from the bag label only, as in Ilse et al. and
             Javed et al.
+        area_head_gain: the area head's parameters are stored divided by this constant, so that at
+            the model's learning rate they move this many times faster (see :class:`InstanceAreaHead`).
     """
 
     backbone: str = FEATURES
@@ -147,8 +168,10 @@ class MILConfig(ModelConfig):
     train_max_instances: int | None = 4096
     physical_weight: float = 1.0
     bag_context: bool = True
+    bag_normalise: bool = False
     instance_chunk: int = 8192
     attention_instance_weight: float = 0.0
+    area_head_gain: float = 20.0
 
     def __post_init__(self) -> None:
         if self.instance_encoder is None:
@@ -172,6 +195,8 @@ class MILConfig(ModelConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.microns_per_pixel > 0:
             raise ValueError(f"microns_per_pixel must be positive, got {self.microns_per_pixel}")
+        if not self.area_head_gain > 0:
+            raise ValueError(f"area_head_gain must be positive, got {self.area_head_gain}")
         if not self.attention_instance_weight >= 0:
             raise ValueError(f"attention_instance_weight must be >= 0, got {self.attention_instance_weight}")
         if self.train_max_instances is not None and self.train_max_instances < 1:
@@ -287,66 +312,175 @@ def _um2_to(unit: str) -> float:
     return float(convert(1.0, _TILE_AREA_UNIT, unit))
 
 
+class _ScaledLinear(nn.Linear):
+    """``nn.Linear`` whose parameters are stored divided by a constant ``gain`` and multiplied back in
+    ``forward`` (the equalised learning rate of Karras et al., "Progressive Growing of GANs", ICLR 2018).
+
+    The function and its initial values are those of ``nn.Linear``; only the optimiser's view
+    changes: Adam moves every stored parameter by about the learning rate per step, so the effective
+    parameters move ``gain`` times as fast.
+    """
+
+    def __init__(self, in_features: int, out_features: int, gain: float) -> None:
+        super().__init__(in_features, out_features)
+        self.gain = float(gain)
+        with torch.no_grad():
+            self.weight.div_(self.gain)
+            self.bias.div_(self.gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight * self.gain, self.bias * self.gain)
+
+
 class InstanceAreaHead(nn.Module):
     """Per-instance fraction of the tile covered by each quantity (e.g. tumour), in area units.
 
-    ``instance area = sigmoid(w^T h_n + b + prior(bag)) * tile area``; the bag's area is the sum
-    over valid instances, so each instance's share is exact and non-negative. ``prior`` (present
-    when ``bag_context`` is set) is a linear map of the bag's mean embedding: one log-odds shift per
-    bag, the prior term of a Bayesian posterior estimated from the slide itself. It starts at zero,
-    so training starts from the context-free head.
+    Each instance has its own evidence, a linear score ``u_n = w^T x_n + b`` of its features per
+    quantity (the model passes the instance features, not the embedding; see the module docstring). Without
+    bag context the covered fraction is ``sigmoid(u_n)``. With ``bag_context`` it is the posterior
+    of an empirical-Bayes model whose slide-level terms are estimated from the slide itself::
+
+        fraction_n = sigmoid(c(u_n - beta) + gamma),   (beta, gamma) = g(stats of u_1..u_N)
+
+    ``stats`` are the bag's mean score, ``len(QUANTILE_LEVELS)`` quantiles of the scores relative to
+    that mean, and ``log N``; ``g`` is a small MLP. ``beta`` aligns the instance scores with the
+    bag's tumour-free tiles (a slide-level stain or scanner shift moves every score of a slide by the
+    same amount) and ``gamma`` is the prior log-odds of the slide's tumour share. The scores' quantiles
+    are what identifies both: a tumour-free slide's scores form one noise-wide mode, a slide with
+    tumour has an upper tail whose mass is the share; one mean (or a linear map of the mean
+    embedding) cannot tell a shifted tumour-free slide from one with much tumour. ``c(z) = z +
+    sum_k v_k tanh(a_k z + d_k)`` is a monotone-at-start calibration of the centred score: the
+    posterior mean of a tile's covered fraction is not a logistic function of a linear score (most
+    tiles are tumour-free, tumour tiles are often fully covered). Summed over hundreds of tiles, a
+    per-slide error of the logit dominates the bag area, which is why the head is built around it.
+    ``g``'s last layer and the ``v_k`` start at zero, so training starts from the context-free head.
+
+    The bag area is the sum of the instance areas, each in ``[0, tile area]``: every instance's
+    share is exact and non-negative. Quantiles are the order statistics at ``round(q (N - 1))``
+    (padding excluded); gradients flow through the selected scores.
 
     Args:
-        in_features: width of the instance embeddings.
+        in_features: width of the instance features the head scores.
         quantities: area quantities (units convertible to mm²).
         tile_size: tile side in pixels.
         microns_per_pixel: default pixel size of the tiles.
-        bag_context: add the bag prior to every instance's logit.
+        bag_context: estimate ``beta`` and ``gamma`` from the bag (see above); False scores every
+            instance alone.
+        context_hidden: hidden width of ``g``.
+        calibration_hidden: number of ``tanh`` terms of ``c`` per quantity.
+        gain: every parameter of the head is stored divided by ``gain`` (see :class:`_ScaledLinear`):
+            the head trains alongside the rest of the model at one learning rate, and its optimal
+            weights (a linear score of hundreds of features, log-odds of a few units) are far larger
+            than the steps of that learning rate; the function computed does not depend on it.
     """
 
+    QUANTILE_LEVELS: ClassVar[tuple[float, ...]] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
     def __init__(self, in_features: int, quantities: tuple[QuantitySpec, ...], tile_size: int,
-                 microns_per_pixel: float, bag_context: bool = False) -> None:
+                 microns_per_pixel: float, bag_context: bool = False, context_hidden: int = 32,
+                 calibration_hidden: int = 8, gain: float = 1.0) -> None:
         super().__init__()
+        if not gain > 0:
+            raise ValueError(f"gain must be positive, got {gain}")
         self.quantities = tuple(quantities)
         self.tile_size = tile_size
         self.microns_per_pixel = microns_per_pixel
-        self.fraction = nn.Linear(in_features, len(self.quantities))
-        self.prior: nn.Linear | None = None
+        q = len(self.quantities)
+        self.gain = float(gain)
+        self.fraction = _ScaledLinear(in_features, q, self.gain)
+        nn.init.zeros_(self.fraction.weight)  # grows along the directions that predict the fraction only
+        self.prior: nn.Sequential | None = None
         if bag_context:
-            self.prior = nn.Linear(in_features, len(self.quantities))
-            nn.init.zeros_(self.prior.weight)  # start as the context-free head
-            nn.init.zeros_(self.prior.bias)
+            n_stats = q * (len(self.QUANTILE_LEVELS) + 1) + 1
+            self.prior = nn.Sequential(_ScaledLinear(n_stats, context_hidden, self.gain), nn.ReLU(),
+                                       _ScaledLinear(context_hidden, 2 * q, self.gain))
+            nn.init.zeros_(self.prior[-1].weight)  # start as the context-free head
+            nn.init.zeros_(self.prior[-1].bias)
+            # c(z) = z + sum_k v_k tanh(a_k z + d_k), per quantity; v = 0 starts at the identity. Stored
+            # divided by the gain, like the linear maps.
+            self.calibration_in = nn.Parameter(torch.randn(q, calibration_hidden) / self.gain)  # a (Q, K)
+            self.calibration_bias = nn.Parameter(torch.linspace(-2.0, 2.0, calibration_hidden).repeat(q, 1) / self.gain)  # d
+            self.calibration_out = nn.Parameter(torch.zeros(q, calibration_hidden))  # v (Q, K)
 
-    def bag_prior(self, context: torch.Tensor) -> torch.Tensor:
-        """(B, F) mean embedding of each bag's valid instances -> (B, Q) prior log-odds shift.
+    def bag_statistics(self, own: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The bag summary that ``g`` reads.
+
+        Args:
+            own: (B, N, Q) each instance's own score ``u_n``.
+            mask: (B, N) bool, True at valid instances (at least one per bag).
+
+        Returns:
+            (B, Q + Q K + 1): the mean score per quantity, the K quantiles relative to it per
+            quantity, then ``log N``.
+        """
+        n = mask.sum(1)  # (B,) >= 1
+        weights = mask.to(own.dtype)[..., None]  # (B, N, 1)
+        mean = (own * weights).sum(1) / n[:, None].to(own.dtype)  # (B, Q)
+        ordered = own.masked_fill(~mask[..., None], math.inf).sort(dim=1).values  # (B, N, Q) valid first
+        levels = torch.tensor(self.QUANTILE_LEVELS, dtype=own.dtype, device=own.device)  # (K,)
+        rank = torch.round(levels[None] * (n[:, None] - 1).to(own.dtype)).long()  # (B, K)
+        quantiles = ordered.gather(1, rank[..., None].expand(-1, -1, own.shape[-1]))  # (B, K, Q)
+        centred = rearrange(quantiles - mean[:, None], "b k q -> b (q k)")
+        return torch.cat([mean, centred, torch.log(n.to(own.dtype))[:, None]], 1)  # (B, Q + Q K + 1)
+
+    def bag_prior(self, own: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slide-level terms of each bag: score offset ``beta`` and prior log-odds ``gamma``.
+
+        Args:
+            own: (B, N, Q) each instance's own score ``u_n``.
+            mask: (B, N) bool, True at valid instances.
+
+        Returns:
+            ``beta`` and ``gamma``, each (B, Q).
 
         Raises:
             ValueError: when the head was built without ``bag_context``.
         """
         if self.prior is None:
             raise ValueError("this area head has no bag prior (bag_context=False)")
-        return self.prior(context)
+        beta, gamma = self.prior(self.bag_statistics(own, mask)).chunk(2, dim=-1)
+        return beta, gamma
+
+    def calibrate(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, N, Q) centred scores -> (B, N, Q) ``c(z)`` (identity when built without bag context)."""
+        if self.prior is None:
+            return z
+        t = torch.tanh((z[..., None] * self.calibration_in + self.calibration_bias) * self.gain)  # (B, N, Q, K)
+        return z + (t * self.calibration_out).sum(-1) * self.gain
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Covered-fraction logits of whole bags (the model itself evaluates the parts chunk by chunk).
+        """Covered-fraction logits of whole bags (the model evaluates ``u_n`` chunk by chunk).
 
         Args:
-            h: (B, N, F) instance embeddings.
+            h: (B, N, F) instance features.
             mask: (B, N) bool, True at valid instances; required when the head has a bag prior.
 
         Returns:
             (B, N, Q) logits.
         """
+        if self.prior is not None and mask is None:
+            raise ValueError("this area head adds a bag prior: pass the (B, N) mask of valid instances")
+        return self.with_prior(self.fraction(h), mask)
+
+    def with_prior(self, own: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Covered-fraction logits of each instance in its bag.
+
+        Args:
+            own: (B, N, Q) each instance's own score ``u_n``.
+            mask: (B, N) bool, True at valid instances; may be None only without bag context.
+
+        Returns:
+            (B, N, Q) logits ``c(u_n - beta) + gamma``, or ``u_n`` without bag context.
+
+        Raises:
+            ValueError: when the head has a bag prior and ``mask`` is None.
+        """
         if self.prior is None:
-            return self.fraction(h)
+            return own
         if mask is None:
             raise ValueError("this area head adds a bag prior: pass the (B, N) mask of valid instances")
-        w = mask.to(h.dtype)[..., None] / mask.sum(1).to(h.dtype)[:, None, None]  # (B, N, 1) mean weights
-        return self.with_prior(self.fraction(h), (h * w).sum(1))
-
-    def with_prior(self, own: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """(B, N, Q) each instance's own logits + the bag prior of the (B, F) mean embedding (if any)."""
-        return own if self.prior is None else own + self.bag_prior(context)[:, None, :]
+        beta, gamma = self.bag_prior(own, mask)  # (B, Q) each
+        return self.calibrate(own - beta[:, None]) + gamma[:, None]
 
     def tile_area(self, batch: int, microns_per_pixel: Any = None, device: torch.device | None = None) -> torch.Tensor:
         """(B, Q) area of one tile in each quantity's unit.
@@ -604,8 +738,9 @@ class _MILModel(InterpretableModel):
             self.score_offset = nn.Linear(config.hidden, 1)
             nn.init.zeros_(self.score_offset.weight)
             nn.init.zeros_(self.score_offset.bias)
-        self.area_head = (InstanceAreaHead(config.hidden, config.quantities, config.tile_size, config.microns_per_pixel,
-                                           bag_context=config.bag_context) if config.quantities else None)
+        self.area_head = (InstanceAreaHead(config.in_features, config.quantities, config.tile_size, config.microns_per_pixel,
+                                           bag_context=config.bag_context, gain=config.area_head_gain)
+                          if config.quantities else None)
 
     # -- input contract ------------------------------------------------------------------------------
     @property
@@ -691,11 +826,22 @@ class _MILModel(InterpretableModel):
         step = self.config.instance_chunk
         bounds = [slice(start, min(start + step, n)) for start in range(0, n, step)]
         weights = mask.to(feats.dtype)  # (B, N)
-        hs, terms, scores = [], [], []
+        hs, terms, scores, own = [], [], [], []
         total = feats.new_zeros(feats.shape[0], self.config.hidden)  # (B, F) sum of valid embeddings
+        project = self.embed[0]
+        centre = None
+        if self.config.bag_normalise:
+            # embed(x - m) = ReLU(W x + b - W m): subtracting W m (B, F) after the projection is the
+            # same number without a centred (B, N, D) copy of the features kept for backward.
+            mean = torch.einsum("bn,bnd->bd", weights, feats) / weights.sum(1, keepdim=True)  # (B, D)
+            centre = nn.functional.linear(mean, project.weight)[:, None]  # (B, 1, F)
         for sl in bounds:
-            h = self.embed(feats[:, sl])  # (B, n, F)
+            pre = project(feats[:, sl])  # (B, n, F)
+            h = self.embed[1:](pre if centre is None else pre - centre)  # (B, n, F)
             hs.append(h)
+            if self.area_head is not None:
+                # The area head scores the instance features linearly (see InstanceAreaHead).
+                own.append(self.area_head.fraction(feats[:, sl]))  # (B, n, Q) each tile's own evidence
             scores.append(self.attention.scores(h)[:, 0])  # (B, n)
             term = self._instance_terms(h)
             if term is not None:
@@ -707,8 +853,7 @@ class _MILModel(InterpretableModel):
             raw = raw + self.score_offset(context)  # (B, 1) broadcast: one offset per bag
         area_logits = None
         if self.area_head is not None:
-            own = torch.cat([self.area_head.fraction(h) for h in hs], 1)  # (B, N, Q) each tile's own evidence
-            area_logits = self.area_head.with_prior(own, context)
+            area_logits = self.area_head.with_prior(torch.cat(own, 1), mask)  # (B, N, Q)
         return hs, terms, bounds, raw, area_logits, context
 
     def forward_bag(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutputs:

@@ -30,9 +30,12 @@ def make(name: str, **overrides) -> mlmi_zoo.InterpretableModel:
     model = mlmi_zoo.create_model(name, **{**TINY, **overrides}).eval()
     # The bag-context maps start at zero; random weights make every test exercise them.
     torch.manual_seed(0)
-    for module in (model.score_offset, getattr(model.area_head, "prior", None)):
-        for p in (module.parameters() if module is not None else ()):
-            torch.nn.init.normal_(p)
+    for p in (model.score_offset.parameters() if model.score_offset is not None else ()):
+        torch.nn.init.normal_(p)
+    head = model.area_head
+    if head is not None and head.prior is not None:  # stored divided by the head's gain
+        for p in [*head.prior.parameters(), head.calibration_out, *head.fraction.parameters()]:
+            torch.nn.init.normal_(p, std=1.0 / head.gain)
     return model
 
 
@@ -117,7 +120,7 @@ def test_bag_offset_moves_raw_scores_but_not_attention_or_logits(name: str) -> N
     with pytest.raises(ValueError, match="bag prior"):
         model.area_head(torch.randn(1, 2, 8))
     with pytest.raises(ValueError, match="no bag prior"):
-        plain.area_head.bag_prior(torch.randn(1, 8))
+        plain.area_head.bag_prior(torch.randn(1, 2, 1), torch.ones(1, 2, dtype=torch.bool))
 
 
 def test_masked_softmax_hand_computed() -> None:
@@ -229,16 +232,79 @@ def test_instance_areas_are_non_negative_and_sum_to_the_bag_area(name: str) -> N
     assert torch.equal(per_tile[~mask], torch.zeros(int((~mask).sum())))
     torch.testing.assert_close(per_tile.sum(1), bag.value)
     with torch.no_grad():  # fraction x tile area, the tile area from 256 px at 0.5 µm (converted by pint)
-        h = model.embed(x)
-        own = model.area_head.fraction(h)  # (B, N, 1) each tile's own evidence
-        prior = model.area_head.prior((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))  # of the mean embedding
-        fraction = torch.sigmoid(own + prior[:, None])[..., 0]
-        torch.testing.assert_close(model.area_head(h, mask), own + prior[:, None])
+        own = model.area_head.fraction(x)  # (B, N, 1) each tile's own evidence: a linear score of its features
+        beta, gamma = model.area_head.bag_prior(own, mask)  # (B, 1) each
+        logits = model.area_head.calibrate(own - beta[:, None]) + gamma[:, None]  # (B, N, 1)
+        fraction = torch.sigmoid(logits)[..., 0]
+        torch.testing.assert_close(model.area_head(x, mask), logits)
     torch.testing.assert_close(per_tile[mask], (fraction * TILE_AREA_MM2)[mask])
     torch.testing.assert_close(bag.to("um^2").value, bag.value * 1e6)
     # the same tiles imaged at twice the pixel size cover four times the area
     doubled = model.explain(x, mask, microns_per_pixel=torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(doubled.measurements["tumour_area_mm2"].value, 4 * bag.value)
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_bag_normalise_centres_the_features_of_each_bag(name: str) -> None:
+    model = make(name, bag_normalise=True)
+    bags = [torch.randn(n, D) for n in (6, 3)]
+    x, mask = padded(bags)
+    before = model.explain(x, mask)
+    # a slide-wide shift of every feature changes neither the attention, its raw scores nor the logits
+    shifted = model.explain(x + 3.0 * torch.randn(2, 1, D), mask)
+    torch.testing.assert_close(shifted.attention, before.attention, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shifted.attention_scores[mask], before.attention_scores[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shifted.logits, before.logits, atol=1e-4, rtol=1e-4)
+    # the same as a model without normalisation fed the explicitly centred bags one by one
+    plain = make(name)
+    plain.load_state_dict(model.state_dict())
+    for i, bag in enumerate(bags):
+        alone = plain.explain((bag - bag.mean(0))[None])
+        torch.testing.assert_close(alone.logits[0], before.logits[i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone.attention[0], before.attention[i, : len(bag)], atol=1e-6, rtol=1e-5)
+
+
+def test_area_head_bag_statistics_hand_computed() -> None:
+    head = make("additive_mil_features").area_head
+    levels = head.QUANTILE_LEVELS
+    own = torch.tensor([[4.0, 0.0, 2.0, 1.0, 3.0, 99.0], [5.0, -1.0, 99.0, 99.0, 99.0, 99.0]])[..., None]  # (B, N, 1)
+    mask = torch.tensor([[True] * 5 + [False], [True, True] + [False] * 4])
+    stats = head.bag_statistics(own, mask)  # (B, 1 + K + 1)
+    assert stats.shape == (2, len(levels) + 2)
+    # bag 0: scores 0..4, mean 2, order statistic round(q * 4); bag 1: scores -1, 5, mean 2, order statistic round(q)
+    expected0 = [2.0] + [float(round(q * 4)) - 2.0 for q in levels] + [math.log(5)]
+    expected1 = [2.0] + [(-1.0 if round(q) == 0 else 5.0) - 2.0 for q in levels] + [math.log(2)]
+    torch.testing.assert_close(stats, torch.tensor([expected0, expected1]))
+    # a slide-wide shift of every score moves only the mean column
+    shifted = head.bag_statistics(own + 3.0, mask)
+    torch.testing.assert_close(shifted[:, 1:], stats[:, 1:])
+    torch.testing.assert_close(shifted[:, 0], stats[:, 0] + 3.0)
+    # without bag context the head is the per-tile sigmoid of the own score and has no calibration
+    plain = make("additive_mil_features", bag_context=False).area_head
+    z = torch.randn(2, 6, 1)
+    assert torch.equal(plain.calibrate(z), z) and torch.equal(plain.with_prior(z, None), z)
+
+
+def test_area_head_gain_changes_the_stored_parameters_not_the_function() -> None:
+    torch.manual_seed(3)
+    low = mlmi_zoo.create_model("additive_mil_features", **TINY, area_head_gain=1.0).eval()
+    high = mlmi_zoo.create_model("additive_mil_features", **TINY, area_head_gain=8.0).eval()
+    state = {k: v / 8.0 if k.startswith("area_head.") else v for k, v in low.state_dict().items()}
+    high.load_state_dict(state)
+    x, mask = padded([torch.randn(n, D) for n in (5, 3)])
+    torch.testing.assert_close(high.forward_bag(x, mask).area_logits, low.forward_bag(x, mask).area_logits)
+    with pytest.raises(ValueError, match="area_head_gain must be positive"):
+        MILConfig(area_head_gain=0.0)
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_area_head_scores_the_features_not_the_dropped_out_embedding(name: str) -> None:
+    model = make(name, dropout=0.5).train()
+    x, mask = padded([torch.randn(n, D) for n in (7, 4)])
+    torch.manual_seed(1)
+    train_logits = model.forward_bag(x, mask).area_logits
+    model.eval()
+    torch.testing.assert_close(model.forward_bag(x, mask).area_logits, train_logits)
 
 
 # -- raw tiles --------------------------------------------------------------------------------------
