@@ -87,6 +87,9 @@ class ProtoPNetConfig(ModelConfig):
             the batch has masks).
         measure_resample: the count head counts on the canonical grid (``spacing``): it resamples
             each image there first, so one object imaged at two spacings is counted on one grid.
+        measure_detach: the count head reads the backbone's features without training them, so
+            the measurement's losses leave the features the prototypes are learnt on as the
+            classification alone shapes them.
     """
 
     feature_stride: int = 8
@@ -105,6 +108,7 @@ class ProtoPNetConfig(ModelConfig):
     measure_tile: int = 4
     measure_map_coef: float = 1.0
     measure_resample: bool = False
+    measure_detach: bool = False
 
     @property
     def num_prototypes(self) -> int:
@@ -369,7 +373,7 @@ class ProtoPNet(InterpretableModel):
         logits = self.last_layer(sims * self.prototype_mask)
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):
-            quantities, fractions = self.physical(x, feats, spacing)
+            quantities, fractions = self.physical(x, feats.detach() if self.config.measure_detach else feats, spacing)
         elif self.physical is not None:
             quantities = self.physical(reduce(z, "b d ... -> b d", "mean"))
         return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities, fractions)

@@ -156,3 +156,14 @@ def test_protopnet_count_head_resampling_needs_a_canonical_spacing_and_uses_it()
     torch.testing.assert_close(exp.measurements["diameter_mm"].value, 2 * (counted / math.pi).sqrt(), rtol=1e-5, atol=1e-4)
     assert exp.measurement_map.shape == (2, 1, 32, 32)
     torch.testing.assert_close(exp.logits, model(x))  # the decision does not depend on the spacing
+
+
+def test_a_detached_count_head_does_not_train_the_backbone() -> None:
+    x = torch.rand(2, 1, 32, 32)
+    for detach in (False, True):
+        model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=2, prototype_dim=8,
+                                      quantities=(DIAMETER,), physical_head="count", measure_detach=detach)
+        model.forward_parts(x).quantities.sum().backward()
+        backbone_grad = sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None)
+        assert (backbone_grad == 0.0) == detach
+        assert model.physical.fraction[0].weight.grad.abs().sum() > 0
