@@ -62,7 +62,7 @@ from torch import nn
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
 from mlmi_zoo.architectures.concepts import ConceptCodec, parse_concept_value
-from mlmi_zoo.architectures.heads import spacing_exponent
+from mlmi_zoo.architectures.heads import scaled_sample, spacing_exponent
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones
@@ -326,16 +326,6 @@ class CBM(InterpretableModel):
         scale = (canonical / given).expand(x.shape[0], -1).flip(-1)  # (B, dims), x axis first
         return None if bool((scale == 1).all()) else scale
 
-    @staticmethod
-    def _scaled_sample(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """Sample ``x`` (B, C, *S) on a grid of the same size and centre whose pixels are ``scale``
-        (B, dims) of x's pixels; outside x's field of view gives 0."""
-        b, dims = x.shape[0], x.ndim - 2
-        theta = torch.zeros(b, dims, dims + 1, dtype=x.dtype, device=x.device)
-        theta[:, torch.arange(dims), torch.arange(dims)] = scale
-        grid = nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-        return nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
     def to_canonical(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
         """(B, C, *S) images at ``spacing`` -> the same field around the centre on the canonical grid.
 
@@ -344,12 +334,12 @@ class CBM(InterpretableModel):
         canonical grid) the value is 0, the low end of the intensity window.
         """
         scale = self._grid_scale(x, spacing)
-        return x if scale is None else self._scaled_sample(x, scale)
+        return x if scale is None else scaled_sample(x, scale)
 
     def from_canonical(self, maps: torch.Tensor, spacing: Any = None) -> torch.Tensor:
         """Inverse of :meth:`to_canonical` for maps (B, K, *S) on the canonical grid."""
         scale = self._grid_scale(maps, spacing)
-        return maps if scale is None else self._scaled_sample(maps, 1.0 / scale)
+        return maps if scale is None else scaled_sample(maps, 1.0 / scale)
 
     def codec_spacing(self, spacing: Any) -> torch.Tensor | None:
         """The spacing that converts this model's pixel-domain values: the canonical one when the

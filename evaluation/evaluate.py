@@ -673,8 +673,8 @@ def _physical_block(col: _Collected, model: Any, ds: Dataset, limits: Evaluation
         x = _cat(col.keep_x)[:n]
         titles = []
         for i in range(n):
-            parts = [f"{name} {float(_cat(col.measured[name])[i]):.1f} (true {float(_cat(col.truth[name])[i]):.1f}) {col.units[name]}"
-                     for name in col.measured]
+            parts = [f"{name}: {float(_cat(col.measured[name])[i]):.1f} {col.units[name]}\n"
+                     f"(true {float(_cat(col.truth[name])[i]):.1f})" for name in col.measured]
             titles.append("\n".join(parts) or "counted lesion fraction")
         if n and len(x) == n:
             figures += fig.draw("measurement_maps", figs.plot_examples, list(x), list(_cat(col.keep_counted)), titles)
