@@ -394,6 +394,7 @@ class _Collected:
     truth: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     units: dict[str, str] = dataclasses.field(default_factory=dict)
     counted_on_lesion: list[torch.Tensor] = dataclasses.field(default_factory=list)  # count head: share on the mask
+    counted_on_lesion_ceiling: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the mask's own tiles
     keep_counted: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (n, *spatial) counted maps
     # cbm
     concept_pred: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
@@ -512,22 +513,31 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
             _collect_concepts(col, model, exp, batch, spacing, concept_values_from_batch)
         counted = getattr(exp, "measurement_map", None)
         if counted is not None:
-            _collect_counted(col, counted, batch, limits)
+            _collect_counted(col, counted, batch, limits, model.physical, spacing)
         _keep(col, limits, x, maps, batch, spacing)
     return col
 
 
-def _collect_counted(col: _Collected, counted: torch.Tensor, batch: Mapping[str, Any], limits: EvaluationLimits) -> None:
+def _collect_counted(col: _Collected, counted: torch.Tensor, batch: Mapping[str, Any], limits: EvaluationLimits,
+                     head: Any, spacing: torch.Tensor | None) -> None:
     """A count head's map (B, 1, *spatial): keep the first for the figure, and the share of the
-    counted area that lies on the lesion mask."""
+    counted area that lies on the lesion mask, beside the same share for the mask's own tile
+    fractions (a perfect map: tiles that straddle the boundary put part of it off the mask)."""
     room = limits.examples - sum(m.shape[0] for m in col.keep_counted)
     if room > 0:
         col.keep_counted.append(counted[:room, 0].cpu())
     mask = batch.get("mask")
-    if mask is not None:
-        flat, on = counted.flatten(1).cpu(), mask.reshape(counted.shape[0], -1).float().cpu()
+    if mask is None:
+        return
+    mask = mask.reshape(counted.shape).float().to(counted.device)
+    s = None if spacing is None else spacing.to(counted.device)
+    tiles = tuple(-(-int(n) // head.tile) for n in counted.shape[2:])
+    exact = head.to_input(head.mask_fractions(head.to_canonical(mask, s), tiles), counted.shape[2:], s)
+    on = mask.flatten(1).cpu()
+    for maps, out in ((counted, col.counted_on_lesion), (exact, col.counted_on_lesion_ceiling)):
+        flat = maps.flatten(1).cpu()
         total = flat.sum(1)
-        col.counted_on_lesion.append(torch.where(total > 0, (flat * on).sum(1) / total.clamp_min(1e-12), torch.nan))
+        out.append(torch.where(total > 0, (flat * on).sum(1) / total.clamp_min(1e-12), torch.nan))
 
 
 def _collect_concepts(col: _Collected, model: Any, exp: Any, batch: Mapping[str, Any],
@@ -668,6 +678,8 @@ def _physical_block(col: _Collected, model: Any, ds: Dataset, limits: Evaluation
         share = _cat(col.counted_on_lesion)
         # The count head's map is the measurement: how much of what it counted lies on the drawn lesion.
         metrics["counted_area_on_lesion_share"] = _nanmean(share)
+        # What the mask's own tile fractions score: the tiles' blockiness alone keeps this below 1.
+        metrics["counted_area_on_lesion_share_ceiling"] = _nanmean(_cat(col.counted_on_lesion_ceiling))
     if col.keep_counted:
         n = sum(m.shape[0] for m in col.keep_counted)
         x = _cat(col.keep_x)[:n]

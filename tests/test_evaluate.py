@@ -89,6 +89,7 @@ def test_protopnet_document(protopnet_run) -> None:
     assert el["physical_attribution"]["details"]["spacing_invariance"]["spacings_mm"] == [0.5, 1.0]
     # the count head's map: the share of what it counted that lies on the lesion, and the figure of it
     assert 0.0 <= phys["counted_area_on_lesion_share"] <= 1.0
+    assert 0.0 < phys["counted_area_on_lesion_share_ceiling"] <= 1.0
     assert "figures/measurement_maps.png" in el["physical_attribution"]["figures"]
     gap = doc["faithfulness"]["metrics"]
     assert gap["faithfulness_gap"] == pytest.approx(gap["deletion_auc_random"] - gap["deletion_auc_attribution"])
