@@ -62,7 +62,7 @@ from torch import nn
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
 from mlmi_zoo.architectures.concepts import ConceptCodec, parse_concept_value
-from mlmi_zoo.architectures.heads import scaled_sample, spacing_exponent
+from mlmi_zoo.architectures.heads import canonical_scale, scaled_sample, spacing_exponent
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones
@@ -321,10 +321,7 @@ class CBM(InterpretableModel):
         ``None`` when the input is used as given (no resampling, no spacing, or already canonical)."""
         if not self.config.resample or spacing is None:
             return None
-        given = self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(device=x.device, dtype=x.dtype)
-        canonical = torch.as_tensor(self.config.spacing, dtype=x.dtype, device=x.device)
-        scale = (canonical / given).expand(x.shape[0], -1).flip(-1)  # (B, dims), x axis first
-        return None if bool((scale == 1).all()) else scale
+        return canonical_scale(self.config.spacing, self.input_spec.check_spacing(spacing, batch=x.shape[0]), x)
 
     def to_canonical(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
         """(B, C, *S) images at ``spacing`` -> the same field around the centre on the canonical grid.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from mlmi_zoo.architectures.backbones import latent_to_input
 from mlmi_zoo.specs import Measurement, QuantitySpec
 from mlmi_zoo.units import convert, ureg
 
-__all__ = ["PhysicalHead", "LesionCountHead", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
+__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,9 +228,7 @@ class LesionCountHead(_UnitHead):
         """(B, dims) canonical / given spacing in ``affine_grid`` axis order, or None (no resampling)."""
         if self.canonical_spacing is None or spacing is None:
             return None
-        canonical = torch.tensor(self.canonical_spacing, dtype=like.dtype, device=like.device)
-        scale = (canonical / spacing.to(like.device, like.dtype)).expand(like.shape[0], -1).flip(-1)
-        return None if bool((scale == 1).all()) else scale
+        return canonical_scale(self.canonical_spacing, spacing, like)
 
     def pixel_spacing(self, spacing: torch.Tensor) -> torch.Tensor:
         """The canonical spacing when the head resamples, else ``spacing``."""
@@ -254,10 +253,13 @@ class LesionCountHead(_UnitHead):
         """Network input (B, C, *spatial) and backbone features (B, F, *latent) -> (B, 1, *tiles)
         lesion fraction of each tile, in [0, 1]; ``tiles = ceil(spatial / tile)``. With a canonical
         spacing and ``spacing`` (B, dims) the tiles lie on the canonical grid."""
-        n_tiles = tuple(-(-int(n) // self.tile) for n in x.shape[2:])
-        context = latent_to_input(feats, n_tiles, self.stride // self.tile, self.context_offset)  # (B, F, *tiles)
+        context = latent_to_input(feats, self.tiles(x.shape[2:]), self.stride // self.tile, self.context_offset)  # (B, F, *tiles)
         local = self.local(self.to_canonical(x, spacing))  # (B, H, *tiles)
         return torch.sigmoid(self.fraction(torch.cat([local, self.to_canonical(context, spacing)], 1)))
+
+    def tiles(self, size: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+        """Tiles per axis of the map of an input of ``size`` pixels: ``ceil(size / tile)``."""
+        return tuple(-(-int(n) // self.tile) for n in size)
 
     def count(self, fractions: torch.Tensor) -> torch.Tensor:
         """(B, 1, *tiles) fraction map -> (B,) lesion pixel count."""
@@ -308,6 +310,20 @@ class LesionCountHead(_UnitHead):
         for axis in range(self.spatial_dims):
             out = out.repeat_interleave(self.tile, dim=2 + axis)
         return self.from_canonical(out[(slice(None), slice(None), *(slice(0, int(n)) for n in size))], spacing)
+
+
+def canonical_scale(canonical: Any, given: torch.Tensor, like: torch.Tensor) -> torch.Tensor | None:
+    """(B, dims) ``canonical / given`` spacing, last axis first (the order of ``affine_grid``), for
+    :func:`scaled_sample` onto the canonical grid; None when ``given`` is already canonical.
+
+    Args:
+        canonical: (dims,) mm per pixel of the canonical grid.
+        given: (dims,) or (B, dims) mm per pixel of the images.
+        like: a (B, ...) tensor whose batch size, dtype and device the scale takes.
+    """
+    target = torch.as_tensor(canonical, dtype=like.dtype, device=like.device)
+    scale = (target / given.to(like.device, like.dtype)).expand(like.shape[0], -1).flip(-1)
+    return None if bool((scale == 1).all()) else scale
 
 
 def scaled_sample(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -531,7 +531,7 @@ def _collect_counted(col: _Collected, counted: torch.Tensor, batch: Mapping[str,
         return
     mask = mask.reshape(counted.shape).float().to(counted.device)
     s = None if spacing is None else spacing.to(counted.device)
-    tiles = tuple(-(-int(n) // head.tile) for n in counted.shape[2:])
+    tiles = head.tiles(counted.shape[2:])
     exact = head.to_input(head.mask_fractions(head.to_canonical(mask, s), tiles), counted.shape[2:], s)
     on = mask.flatten(1).cpu()
     for maps, out in ((counted, col.counted_on_lesion), (exact, col.counted_on_lesion_ceiling)):
