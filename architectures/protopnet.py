@@ -90,6 +90,15 @@ class ProtoPNetConfig(ModelConfig):
         measure_detach: the count head reads the backbone's features without training them, so
             the measurement's losses leave the features the prototypes are learnt on as the
             classification alone shapes them.
+        prototype_init: where the prototypes start. ``"uniform"`` (ProtoPNet): uniform in
+            ``[0, 1]^D``, the range of the Sigmoid add-on output. ``"data"``: before the first
+            training stage, the trainer sets each class's prototypes to latent vectors (add-on
+            output cells) of training images of that class, picked by k-means++ seeding
+            (:func:`~mlmi_zoo.architectures.protopnet_training.initialise_prototypes_from_data`),
+            so every prototype starts on the data. With the log similarity, uniform prototypes
+            in 64 dimensions mostly start far from every cell; the cluster cost then moves only
+            the nearest one of each class, and push projects the others onto arbitrary patches.
+            The model itself never reads data: the option only tells the trainer what to do.
     """
 
     feature_stride: int = 8
@@ -109,6 +118,7 @@ class ProtoPNetConfig(ModelConfig):
     measure_map_coef: float = 1.0
     measure_resample: bool = False
     measure_detach: bool = False
+    prototype_init: Literal["uniform", "data"] = "uniform"
 
     @property
     def num_prototypes(self) -> int:
@@ -123,6 +133,8 @@ class ProtoPNetConfig(ModelConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.similarity not in ("log_l2", "cosine"):
             raise ValueError(f"similarity must be 'log_l2' or 'cosine', got {self.similarity!r}")
+        if self.prototype_init not in ("uniform", "data"):
+            raise ValueError(f"prototype_init must be 'uniform' or 'data', got {self.prototype_init!r}")
         if self.physical_head not in ("regress", "count"):
             raise ValueError(f"physical_head must be 'regress' or 'count', got {self.physical_head!r}")
         if self.measure_resample and (self.physical_head != "count" or self.spacing is None):

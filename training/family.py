@@ -50,6 +50,19 @@ class FamilyTraining:
     def prepare(self, model: InterpretableModel, train_set: Dataset) -> None:
         """Fit training-split statistics the model stores (e.g. physical-head normalisation)."""
 
+    def initialise(self, model: InterpretableModel, train_set: Dataset, seed: int,
+                   device: torch.device) -> dict[str, Any] | None:
+        """Data-dependent initialisation before the first stage of a fresh run (default: none).
+
+        The trainer calls it once, after :meth:`prepare` and after moving the model to ``device``,
+        only when the run neither resumes (the checkpoint holds the weights) nor starts from
+        ``model.init_from`` weights. It must use ``seed`` for any randomness, never the global RNG.
+
+        Returns:
+            a JSON-safe summary, or None when nothing was done.
+        """
+        return None
+
     def inputs(self, model: InterpretableModel, batch: dict[str, Any]) -> torch.Tensor:
         """The network input for a collated batch: raw images through the model's intensity transform."""
         return model.input_spec.intensity(batch["image"])

@@ -501,6 +501,10 @@ class Trainer:
         self._check_stages(adapter)
         adapter.prepare(model, train_set)  # before restoring: a resumed run restores what it set
         model.to(self.device)
+        if checkpoint is None and not r.model.init_from:
+            # Data-dependent start (e.g. ProtoPNet's prototype_init="data"), from its own seed; a
+            # resumed run restores the weights and init_from weights are trained already.
+            adapter.initialise(model, train_set, derive_seed(r.seed, "initialise"), self.device)
         self._switches(model)
 
         pos, pending = Position(), None
