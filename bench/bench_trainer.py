@@ -83,7 +83,7 @@ def trainer_run(data: dict[str, Dataset], config: dict, batch: int, epochs: int,
         Trainer(recipe, Path(tmp) / "run", quiet=True, datasets=data).fit()
         total = time.perf_counter() - start
         lines = [json.loads(s) for s in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    loop_time = sum(l["train_time_s"] for l in lines if l["type"] == "epoch")
+    loop_time = sum(rec["train_time_s"] for rec in lines if rec["type"] == "epoch")
     images = len(data["train"]) * epochs
     return images / loop_time, images / total
 

@@ -1,7 +1,6 @@
 """``mlmi-zoo card`` and ``mlmi-zoo publish``."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence

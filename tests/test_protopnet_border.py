@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mlmi_zoo
 from mlmi_zoo.architectures.prototypes import push_prototypes

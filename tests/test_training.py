@@ -156,7 +156,7 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path, reference_run):
 
 def test_run_directory_layout(reference_run):
     lines = [json.loads(s) for s in (reference_run / "metrics.jsonl").read_text().splitlines()]
-    assert [l["type"] for l in lines] == ["epoch", "epoch", "final"]
+    assert [rec["type"] for rec in lines] == ["epoch", "epoch", "final"]
     assert lines[1]["global_step"] == 2 * STEPS_PER_EPOCH
     env = json.loads((reference_run / "env.json").read_text())
     assert env["seed"] == 0 and env["torch"] and env["python"]
