@@ -1,0 +1,195 @@
+"""The concept-bottleneck section of an evaluation: its five elements and its faithfulness.
+
+Localization of concept maps, per-concept quality (and, where nodules were rated by several
+radiologists, model-reader beside inter-reader agreement), continuous concepts in physical units,
+the exact decomposition of a linear label head, intervention curves under three policies against
+an oracle, and deletion curves along the top-concept map.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mlmi_zoo.evaluation import figures as figs
+from mlmi_zoo.evaluation._collect import _Collected
+from mlmi_zoo.evaluation._common import _base_dataset, _cat, _Context, _subset
+from mlmi_zoo.evaluation._elements import (
+    _deletion,
+    _examples_into,
+    _localization_block,
+    _not_applicable,
+    _physical_block,
+    _tp_mask,
+    _transparency_block,
+)
+from mlmi_zoo.evaluation.metrics import concept_metrics, inter_reader_agreement, model_reader_agreement
+from mlmi_zoo.evaluation.results import element
+
+
+def _cbm(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
+    logits, labels = _cat(col.logits), _cat(col.labels)
+    predicted = logits.argmax(-1)
+    out: dict[str, Any] = {}
+    if not col.contributions:
+        reason = "not applicable: the MLP concept->label head is not an exact sum of concept contributions"
+        out["localization"] = _not_applicable(reason, "")
+        out["transparency"] = _not_applicable(reason, "An MLP head can combine concepts in ways no single number shows.")
+    else:
+        out["localization"] = _localization_block(
+            col, "concept map of the concept unit with the largest contribution to the predicted class",
+            "A concept map on the lesion shows where the concept was read, not that the concept's value is correct.",
+            _tp_mask(labels, predicted, model.num_classes))
+        out["transparency"] = _transparency_block(
+            col, "concept value x label-head weight, one term per bottleneck unit",
+            "An exact sum over concepts shows how concepts are weighed, not that the concepts capture everything the "
+            "image shows.")
+    out["visual_recognizability"] = _concept_quality(model, col, ctx)
+    out["physical_attribution"], lim = _physical_block(
+        col, model, ctx.dataset, ctx.limits, ctx.figures, _concept_measure_fn(model),
+        "Agreement in units on these data does not show agreement on other scanners or spacings outside the "
+        "evaluated range.", "the model has no continuous concept in physical units")
+    ctx.limitations += lim
+    out["actionability"] = _interventions(model, col, ctx)
+    if col.keep_maps:
+        ctx.faithfulness = _deletion(model, col, ctx.limits, ctx.seed, ctx.figures, "top-concept map",
+                                     "A faithful concept map shows what the concept predictor uses, not that it "
+                                     "matches the radiological definition of the concept.")
+        _examples_into(out, col, model, labels, logits.softmax(-1), ctx, "top concept")
+    return out
+
+
+def _concept_measure_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None:
+    if not any(s.kind == "continuous" and s.unit for s in model.concept_specs):
+        return None
+
+    def values(x: torch.Tensor, spacing: torch.Tensor) -> dict[str, torch.Tensor]:
+        exp = model.explain(x, spacing=spacing)
+        return {name: torch.as_tensor(m.value) for name, m in exp.measurements.items()}
+
+    return values
+
+
+def _concept_quality(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
+    does_not_show = ("Accurate concepts show that the named findings are predicted well on these data, not that the "
+                     "model uses them the way a radiologist does.")
+    if not col.concept_pred:
+        return _not_applicable("not applicable: these data carry no ground truth for the model's concepts", does_not_show)
+    metrics: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for spec in model.concept_specs:
+        if spec.name not in col.concept_pred:
+            continue
+        pred, true = _cat(col.concept_pred[spec.name]), _cat(col.concept_true[spec.name])
+        if spec.kind in ("ordinal", "categorical"):
+            finite = true[torch.isfinite(true)]
+            if finite.numel() and (finite.min() < 0 or finite.max() >= spec.width):
+                raise ValueError(f"concept {spec.name!r}: the data give values {sorted(set(finite.tolist()))[:8]} but the "
+                                 f"model's levels are indices 0..{spec.width - 1}; the data set and model disagree on "
+                                 f"the level coding")
+        result = concept_metrics(pred, true, spec.kind)
+        details[spec.name] = result
+        keys = {"binary": ("auroc", "f1"), "ordinal": ("accuracy", "kappa"), "categorical": ("accuracy", "auroc"),
+                "continuous": ("mae",)}[spec.kind]
+        for key in keys:
+            metrics[f"{spec.name}_{key}"] = result[key]
+    if col.nodule_ids:
+        metrics.update(_reader_agreement(model, col, details))
+    block = element(True, metrics=metrics, does_not_show=does_not_show)
+    block["details"] = details
+    return block
+
+
+def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any]) -> dict[str, Any]:
+    """Model vs radiologists beside radiologists vs each other, per rated concept (LIDC-IDRI)."""
+    metrics: dict[str, Any] = {}
+    nodules = np.asarray(col.nodule_ids)
+    for spec in model.concept_specs:
+        if spec.kind == "continuous" or spec.name not in col.concept_pred:
+            continue
+        pred, true = _cat(col.concept_pred[spec.name]), _cat(col.concept_true[spec.name]).numpy()
+        ratings: dict[str, list[float]] = {}
+        model_by: dict[str, float] = {}
+        for nodule in np.unique(nodules):
+            rows = np.flatnonzero(nodules == nodule)
+            ratings[str(nodule)] = [float(v) for v in true[rows]]
+            mean = pred[rows].mean(0)  # a nodule's readings are renderings of one object: average the model
+            model_by[str(nodule)] = float(mean.argmax()) if mean.ndim else float(mean >= 0.5)
+        weights = "quadratic" if spec.kind == "ordinal" else None
+        labels = list(range(spec.width)) if spec.kind != "binary" else [0, 1]
+        inter = inter_reader_agreement(ratings, weights=weights, labels=labels)
+        model_k = model_reader_agreement(model_by, ratings, weights=weights, labels=labels)
+        metrics[f"{spec.name}_model_reader_kappa"] = model_k
+        metrics[f"{spec.name}_inter_reader_kappa"] = inter
+        details.setdefault(spec.name, {})["reader_agreement"] = {
+            "weights": weights, "nodules": len(ratings), "model_reader_kappa": model_k, "inter_reader_kappa": inter}
+    return metrics
+
+
+def _interventions(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
+    from mlmi_zoo.architectures.interventions import (CachedConcepts, FixedOrderPolicy, RandomPolicy,
+                                                      UncertaintyPolicy, intervention_curve)
+
+    does_not_show = ("Intervention curves show how much correcting concepts can fix the decision on these data, not "
+                     "how often a clinician would correct them correctly.")
+    if col.missing_concepts or not col.cache_parts:
+        return _not_applicable(f"not applicable: these data carry no ground truth for the concept(s) "
+                               f"{', '.join(col.missing_concepts)}, so no concept can be corrected", does_not_show)
+    cache = CachedConcepts(*(_cat(col.cache_parts[k]) for k in ("predicted", "true", "labelled", "labels")))
+    cache = dataclasses.replace(cache, labelled=cache.labelled.bool(), labels=cache.labels.long())
+    policies: list[Any] = [RandomPolicy(ctx.seed), UncertaintyPolicy()]
+    val = ctx.split_dataset("val")
+    if val is not None and len(val):
+        policies.append(FixedOrderPolicy.fit(model, _subset(val, ctx.limits.val_cases), batch_size=ctx.batch_size))
+    else:
+        ctx.limitations.append("No validation split was available, so the fixed intervention order was not fitted.")
+    curves = {p.name: intervention_curve(model, cache, p, "accuracy", repeats=ctx.limits.intervention_repeats)
+              for p in policies}
+    all_corrected = next(iter(curves.values()))["all_corrected"]
+    oracle, definition = _oracle_accuracy(model, col, cache, ctx)
+    metrics: dict[str, Any] = {"accuracy_no_intervention": next(iter(curves.values()))["none_corrected"],
+                               "accuracy_all_concepts_corrected": all_corrected}
+    for name, c in curves.items():
+        metrics[f"accuracy_after_{max(1, len(c['values']) // 2)}_corrected_{name}"] = c["values"][max(1, len(c["values"]) // 2)]
+        metrics[f"intervention_auc_{name}"] = float(np.mean(c["values"]))
+    metrics["oracle_accuracy"] = oracle
+    metrics["gap_all_corrected_to_oracle"] = oracle - all_corrected
+    figures = ctx.figures.draw("intervention_curves", figs.plot_intervention_curves,
+                               {n: (c["num_corrected"], c["values"]) for n, c in curves.items()}, oracle,
+                               ylabel="task accuracy (fraction correct)")
+    block = element(True, metrics=metrics, figures=figures, does_not_show=does_not_show)
+    block["details"] = {"curves": curves, "oracle": definition,
+                        "fixed_order": list(policies[-1].concept_order) if len(policies) == 3 else None}
+    return block
+
+
+def _oracle_accuracy(model: Any, col: _Collected, cache: Any, ctx: _Context) -> tuple[float, str]:
+    """Accuracy reachable from the true concepts: the data set's label rule when it has one, else a
+    logistic regression fitted on the training split's true concept vectors."""
+    labels = cache.labels.numpy()
+    rule = getattr(_base_dataset(ctx.dataset), "oracle_label", None)
+    if callable(rule) and getattr(getattr(_base_dataset(ctx.dataset), "config", None), "source", "") != "lidc":
+        concepts = {k: _cat(v) for k, v in col.data_concepts.items()}
+        measurements = {k: _cat(v) for k, v in col.data_measurements.items()}
+        predicted = np.asarray(rule(concepts, measurements)).reshape(-1)
+        return float((predicted == labels).mean()), (
+            "the data set's label rule applied to the true concepts and measurements of this split (label noise "
+            "makes it lower than 1)")
+    from sklearn.linear_model import LogisticRegression
+
+    from mlmi_zoo.architectures.interventions import cache_concepts
+
+    train = ctx.train_dataset()
+    if train is None or len(train) == 0:
+        return math.nan, "not computed: no training split to fit the oracle on"
+    train_cache = cache_concepts(model, _subset(train, ctx.limits.oracle_train_cases), batch_size=ctx.batch_size)
+    y = train_cache.labels.cpu().numpy()
+    if np.unique(y).size < 2:
+        return math.nan, "not computed: the training cases searched hold a single class"
+    reg = LogisticRegression(max_iter=2000).fit(train_cache.true.cpu().numpy(), y)
+    score = float((reg.predict(cache.true.cpu().numpy()) == labels).mean())
+    return score, (f"a logistic regression (scikit-learn, L2, C=1) fitted on the true concept vectors of the first "
+                   f"{len(y)} training cases, evaluated on this split's true concept vectors")

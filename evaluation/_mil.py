@@ -1,0 +1,86 @@
+"""The MIL section of an evaluation (attention and additive MIL): its five elements and faithfulness.
+
+Instance AUROC of the instance scores against tile labels with a slide heatmap, the tumour share
+of the top instances, tumour area agreement, the exact decomposition (additive MIL only), the
+effect of excluding the top instances, and instance deletion curves collected by the bag pass.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from mlmi_zoo.evaluation import figures as figs
+from mlmi_zoo.evaluation._collect import _Collected
+from mlmi_zoo.evaluation._common import _cat, _Context
+from mlmi_zoo.evaluation._elements import (
+    _faithfulness_from_curves,
+    _not_applicable,
+    _physical_block,
+    _transparency_block,
+)
+from mlmi_zoo.evaluation.metrics import Curve, instance_auroc
+from mlmi_zoo.evaluation.results import element
+
+
+def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
+    additive = model.family == "additive_mil"
+    scores_name = "contribution to the positive class" if additive else "attention score (pre-softmax)"
+    out: dict[str, Any] = {}
+    loc_dns = (f"A high instance AUROC shows that the {scores_name} ranks tumour tiles first, not that every tumour "
+               "region of a slide is found.")
+    if col.inst_scores:
+        res = instance_auroc(_cat(col.inst_scores)[None], _cat(col.inst_labels)[None])
+        figures = []
+        if col.heatmap is not None:
+            grid, kind = col.heatmap
+            figures = ctx.figures.draw("mil_heatmap", figs.plot_heatmap, grid, title=f"instance {kind} (one slide)",
+                                       xlabel="tile column", ylabel="tile row", colorbar_label=f"normalised {kind}")
+        out["localization"] = element(True, metrics={"instance_auroc": res["auroc"], "instance_ap": res["ap"],
+                                                     "instances": res["n_instances"]},
+                                      figures=figures, does_not_show=loc_dns)
+        share = np.asarray(col.topk_share)
+        out["visual_recognizability"] = element(
+            True, metrics={f"top{ctx.limits.top_instances}_tumour_share": float(share.mean()) if share.size else math.nan,
+                           "positive_bags": int(share.size)},
+            does_not_show="A tumour-rich top list shows the evidence tiles are tumour, not that a pathologist would "
+                          "accept the tiles as diagnostic.")
+    else:
+        reason = "not applicable: these bags carry no instance labels"
+        out["localization"] = _not_applicable(reason, loc_dns)
+        out["visual_recognizability"] = _not_applicable(reason, "")
+    out["physical_attribution"], lim = _physical_block(
+        col, model, ctx.dataset, ctx.limits, ctx.figures, None,
+        "Area agreement at the configured microns per pixel does not show agreement at other magnifications or stains.",
+        "the model has no area head or the bags carry no reference area")
+    ctx.limitations += lim
+    if out["physical_attribution"]["applicable"]:
+        for name in col.measured:
+            pred, true = _cat(col.measured[name]), _cat(col.truth[name])
+            positive = true > 0
+            rel = ((pred - true).abs() / true)[positive]
+            out["physical_attribution"]["metrics"][f"{name}_relative_error_positive_bags"] = float(rel.mean()) if rel.numel() else math.nan
+    if additive:
+        out["transparency"] = _transparency_block(
+            col, "per-instance contribution to the class, one term per tile",
+            "Exact per-tile contributions show how tiles add up, not why the instance classifier scores a tile high.")
+    else:
+        out["transparency"] = _not_applicable(
+            "not applicable: attention weights are not an exact decomposition of the logit (the classifier acts on the "
+            "pooled embedding)", "Attention shows where the model pooled from, not how much each tile moved the logit.")
+    delta, flipped = _cat(col.exclusion_delta), _cat(col.exclusion_flipped)
+    out["actionability"] = element(True, metrics={
+        "mean_logit_change_top_instances_excluded": float(delta.mean()),
+        "positive_bags_flipped_share": float(flipped.double().mean()) if flipped.numel() else math.nan,
+        "positive_bags_predicted": int(flipped.numel()),
+    }, does_not_show="Excluding tiles shows how the decision rests on them, not that the remaining tiles are benign.")
+    out["actionability"]["details"] = {"k": f"min({ctx.limits.top_instances}, valid instances - 1)", "ranked_by": scores_name}
+    if col.curves:
+        per = {o: torch.cat(v) for o, v in col.curves.items()}
+        curves = {o: Curve(col.curve_fractions, p.mean(0), p, "instance_deletion", o, "probability") for o, p in per.items()}
+        ctx.faithfulness = _faithfulness_from_curves(curves["attribution"], curves["random"], ctx.figures, scores_name,
+                                                     f"A faithful {scores_name} shows what the model uses, not what a "
+                                                     "pathologist would look at.", "instances")
+    return out
