@@ -47,6 +47,12 @@ What we changed with respect to the paper:
   the image is resampled to the canonical spacing (same size and centre) before the concept
   predictor and its maps are sampled back onto the input's pixels, so sizes the network sees are
   physical ones; the same object at two spacings then gives nearly the same concepts.
+- optional **dihedral averaging at inference** (:attr:`CBMConfig.dihedral_views`): in eval mode the
+  concept maps (and the attention) are the mean over the eight flips and quarter turns of the
+  image plane, each map turned back onto the original grid. Every concept logit is still the exact
+  mean of its map and the label head is unchanged, so the decomposition stays exact; what one
+  view gets wrong at a boundary pixel the others average out (test-time augmentation with the
+  group the model was trained under, so the predictor no longer depends on the orientation).
 
 Training modes (Koh et al. section 3) are run by :class:`~.cbm_training.CBMTraining`.
 """
@@ -62,7 +68,7 @@ from torch import nn
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
 from mlmi_zoo.architectures.concepts import ConceptCodec, parse_concept_value
-from mlmi_zoo.architectures.heads import canonical_scale, scaled_sample, spacing_exponent
+from mlmi_zoo.architectures.heads import canonical_scale, dihedral_views, scaled_sample, spacing_exponent
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones
@@ -82,6 +88,7 @@ NODULE_CONCEPTS: tuple[ConceptSpec, ...] = (
     ConceptSpec("diameter_mm", "continuous", unit="mm", group="size"),
     ConceptSpec("mean_hu", "continuous", unit="HU", group="density"),
 )
+
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,10 @@ class CBMConfig(ModelConfig):
             different spacings reach the network as nearly the same image. Needs ``spacing``.
             Without it the network sees the pixels as given and lengths follow the spacing
             exactly (``diameter_mm`` doubles when the spacing does).
+        dihedral_views: in eval mode, average the concept network over the 8 flips and quarter
+            turns of the image plane (see the module docstring); training is unchanged and costs
+            the same, inference costs 8 passes. Meant for models trained with dihedral
+            augmentation (``data.augment: dihedral``). Square image planes only.
     """
 
     concepts: tuple[ConceptSpec, ...] = NODULE_CONCEPTS
@@ -129,6 +140,7 @@ class CBMConfig(ModelConfig):
     pooling: Literal["mean", "attention"] = "mean"
     fa_coef: float = 0.0
     resample: bool = False
+    dihedral_views: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,6 +167,9 @@ class CBMConfig(ModelConfig):
             raise ValueError(f"fa_coef must be >= 0, got {self.fa_coef}")
         if self.fa_coef > 0 and self.pooling != "attention":
             raise ValueError("fa_coef > 0 penalises the attention outside the lesion and needs pooling='attention'")
+        if self.dihedral_views and (self.spatial_dims < 2 or self.img_size[-1] != self.img_size[-2]):
+            raise ValueError(f"dihedral_views turns the image plane by quarter turns and needs a square plane, "
+                             f"got img_size {self.img_size}")
         if self.resample and self.spacing is None:
             raise ValueError("resample=True resamples inputs onto the canonical grid and needs the canonical "
                              "`spacing` (mm per pixel, one value per axis)")
@@ -374,6 +389,24 @@ class CBM(InterpretableModel):
             ``None`` with mean pooling. On the canonical grid when the model resamples.
         """
         self.validate_input(x)
+        if self.config.dihedral_views and not self.training:
+            return self._dihedral_mean(x, spacing)
+        return self._maps_and_attention(x, spacing)
+
+    def _dihedral_mean(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`_maps_and_attention` averaged over the 8 views, each latent map turned back cell by
+        cell: the means (the concept logits) are exact; where a cell lies is exact only to within the
+        stride (the explanation's maps are averaged on the input's pixels, :meth:`_concept_pass`)."""
+        maps_sum, attention_sum = None, None
+        for view, view_spacing, back in dihedral_views(x, self._given_spacing(x, spacing)):
+            maps, attention = self._maps_and_attention(view, view_spacing)
+            maps_sum = back(maps) if maps_sum is None else maps_sum + back(maps)
+            if attention is not None:
+                attention_sum = back(attention) if attention_sum is None else attention_sum + back(attention)
+        return maps_sum / 8, None if attention_sum is None else attention_sum / 8
+
+    def _maps_and_attention(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass of the concept network; see :meth:`concept_maps_and_attention`."""
         feats = self.backbone(self.to_canonical(x, spacing))
         maps = self.concept_head(feats)  # (B, K, *latent)
         if self.attention_head is None:
@@ -440,14 +473,10 @@ class CBM(InterpretableModel):
                      spacing: torch.Tensor | None, intervened: torch.Tensor,
                      attention: torch.Tensor | None = None) -> ConceptExplanation:
         logits = self.predict_label(vector)  # (B, C)
-        upsampled = self.backbone.to_input(maps, x.shape[2:])  # (B, K, *spatial), on receptive-field centres
-        upsampled = self.from_canonical(upsampled, spacing)  # back onto the input's pixels
-        if attention is not None:
-            attention = self.from_canonical(self.backbone.to_input(attention, x.shape[2:]), spacing)
         concepts = self.codec.describe(vector, self.codec_spacing(spacing))
         measurements = {k: v for k, v in concepts.items() if isinstance(v, Measurement)}
         common = dict(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x,
-                      concepts=concepts, concept_vector=vector, concept_logits=raw, concept_maps=upsampled,
+                      concepts=concepts, concept_vector=vector, concept_logits=raw, concept_maps=maps,
                       concept_names=self.concept_names, concept_specs=self.concept_specs, intervened=intervened,
                       attention=attention)
         if self.config.head == "linear":
@@ -457,8 +486,31 @@ class CBM(InterpretableModel):
         return MLPConceptExplanation(contributions=None, bias=None, **common)
 
     def _concept_pass(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        maps, attention = self.concept_maps_and_attention(x, spacing)  # (B, K, *latent), (B, 1, *latent)
-        return maps, reduce(maps, "b k ... -> b k", "mean"), attention
+        """Concept maps (B, K, *spatial) and attention (B, 1, *spatial) on the input's pixels, and
+        the raw concept outputs (B, K). With ``dihedral_views`` (eval mode) the outputs are the mean
+        over the 8 views and each view's maps are turned back on the input's pixels, where a flip
+        is exact (on the latent grid it is not: its cells sit off the image's centre)."""
+        if not (self.config.dihedral_views and not self.training):
+            return self._one_view(x, spacing)
+        total: list[torch.Tensor | None] = [None, None, None]
+        for view, view_spacing, back in dihedral_views(x, self._given_spacing(x, spacing)):
+            for i, part in enumerate(self._one_view(view, view_spacing)):
+                if part is not None:
+                    part = part if i == 1 else back(part)
+                    total[i] = part if total[i] is None else total[i] + part
+        maps, raw, attention = (None if t is None else t / 8 for t in total)
+        return maps, raw, attention
+
+    def _one_view(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        maps, attention = self._maps_and_attention(x, spacing)  # (B, K, *latent), (B, 1, *latent)
+        raw = reduce(maps, "b k ... -> b k", "mean")
+        upsampled = self.from_canonical(self.backbone.to_input(maps, x.shape[2:]), spacing)  # on the input's pixels
+        if attention is not None:
+            attention = self.from_canonical(self.backbone.to_input(attention, x.shape[2:]), spacing)
+        return upsampled, raw, attention
+
+    def _given_spacing(self, x: torch.Tensor, spacing: Any) -> torch.Tensor | None:
+        return None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, spacing: Any = None) -> ConceptExplanation:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from mlmi_zoo.architectures.backbones import latent_to_input
 from mlmi_zoo.specs import Measurement, QuantitySpec
 from mlmi_zoo.units import convert, ureg
 
-__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
+__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "dihedral_views", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -282,7 +283,11 @@ class LesionCountHead(_UnitHead):
         """Input (B, C, *spatial), features (B, F, *latent) and (B, dims) spacing -> ((B, Q)
         standardised pixel-domain sizes, (B, 1, *tiles) fraction map)."""
         fractions = self.fraction_map(x, feats, spacing)
-        return (self.pixel_values(self.count(fractions)) - self.loc) / self.scale, fractions
+        return self.standardised(fractions), fractions
+
+    def standardised(self, fractions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, *tiles) fraction map -> (B, Q) standardised pixel-domain sizes (what ``forward`` returns)."""
+        return (self.pixel_values(self.count(fractions)) - self.loc) / self.scale
 
     def mask_fractions(self, mask: torch.Tensor, tiles: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """(B, 1, *spatial) lesion mask -> (B, 1, *tiles) share of each tile on the mask (pixels past
@@ -334,3 +339,26 @@ def scaled_sample(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     theta[:, torch.arange(dims), torch.arange(dims)] = scale
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def dihedral_views(x: torch.Tensor, spacing: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The 8 flips and quarter turns of the image plane (the last two axes) of ``x`` (B, C, *S).
+
+    Yields ``(view, view_spacing, back)``, the identity first: ``back`` turns a tensor laid out
+    like the view (any leading axes, the same plane) back onto ``x``'s layout, and a quarter turn
+    swaps the plane's two spacings in ``view_spacing`` ((B, dims) or None). Averaging a network's
+    maps over the views, each turned back, makes them exactly equivariant (and their means
+    invariant) to the group a model was trained to be indifferent to (``data.augment: dihedral``).
+    """
+    plane = (-2, -1)
+    for turns in range(4):
+        view_spacing = spacing
+        if spacing is not None and turns % 2:
+            view_spacing = spacing[:, [*range(spacing.shape[1] - 2), -1, -2]]
+        for flip in (False, True):
+            view = torch.rot90(x, turns, plane)
+
+            def back(t: torch.Tensor, turns: int = turns, flip: bool = flip) -> torch.Tensor:
+                return torch.rot90(t.flip(-1) if flip else t, -turns, plane)
+
+            yield (view.flip(-1) if flip else view), view_spacing, back

@@ -41,7 +41,7 @@ from torch import nn
 
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
-from mlmi_zoo.architectures.heads import LesionCountHead, PhysicalHead
+from mlmi_zoo.architectures.heads import LesionCountHead, PhysicalHead, dihedral_views
 from mlmi_zoo.architectures.prototypes import PrototypeLayer
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
@@ -90,6 +90,11 @@ class ProtoPNetConfig(ModelConfig):
         measure_detach: the count head reads the backbone's features without training them, so
             the measurement's losses leave the features the prototypes are learnt on as the
             classification alone shapes them.
+        measure_dihedral_views: in eval mode the count head's fraction map is the mean over the
+            8 flips and quarter turns of the image plane, each map turned back tile by tile (exact
+            when ``measure_tile`` divides the plane's size), and the sizes are counted on it; the
+            decision path is untouched, training is unchanged, and an explanation costs 7 more
+            backbone passes. Meant for models trained with dihedral augmentation.
         prototype_init: where the prototypes start. ``"uniform"`` (ProtoPNet): uniform in
             ``[0, 1]^D``, the range of the Sigmoid add-on output. ``"data"``: before the first
             training stage, the trainer sets each class's prototypes to latent vectors (add-on
@@ -118,6 +123,7 @@ class ProtoPNetConfig(ModelConfig):
     measure_map_coef: float = 1.0
     measure_resample: bool = False
     measure_detach: bool = False
+    measure_dihedral_views: bool = False
     prototype_init: Literal["uniform", "data"] = "uniform"
 
     @property
@@ -133,6 +139,11 @@ class ProtoPNetConfig(ModelConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.similarity not in ("log_l2", "cosine"):
             raise ValueError(f"similarity must be 'log_l2' or 'cosine', got {self.similarity!r}")
+        if self.measure_dihedral_views and (self.physical_head != "count" or self.img_size[-1] != self.img_size[-2]
+                                            or self.img_size[-1] % self.measure_tile):
+            raise ValueError("measure_dihedral_views averages a count head's tile map over quarter turns: it needs "
+                             "physical_head='count' and a square image plane whose side measure_tile divides, got "
+                             f"physical_head={self.physical_head!r}, img_size={self.img_size}")
         if self.prototype_init not in ("uniform", "data"):
             raise ValueError(f"prototype_init must be 'uniform' or 'data', got {self.prototype_init!r}")
         if self.physical_head not in ("regress", "count"):
@@ -385,10 +396,24 @@ class ProtoPNet(InterpretableModel):
         logits = self.last_layer(sims * self.prototype_mask)
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):
-            quantities, fractions = self.physical(x, feats.detach() if self.config.measure_detach else feats, spacing)
+            head_feats = feats.detach() if self.config.measure_detach else feats
+            quantities, fractions = self.physical(x, head_feats, spacing)
+            if self.config.measure_dihedral_views and not self.training:
+                fractions = self._dihedral_fractions(x, fractions, spacing)
+                quantities = self.physical.standardised(fractions)
         elif self.physical is not None:
             quantities = self.physical(reduce(z, "b d ... -> b d", "mean"))
         return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities, fractions)
+
+    def _dihedral_fractions(self, x: torch.Tensor, identity: torch.Tensor, spacing: torch.Tensor | None) -> torch.Tensor:
+        """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
+        (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
+        total = identity
+        views = dihedral_views(x, None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device))
+        next(views)  # the identity, already computed
+        for view, view_spacing, back in views:
+            total = total + back(self.physical.fraction_map(view, self.backbone(view), view_spacing))
+        return total / 8
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, spacing: Any = None) -> PrototypeExplanation:
