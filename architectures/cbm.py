@@ -68,7 +68,7 @@ from torch import nn
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
 from mlmi_zoo.architectures.concepts import ConceptCodec, parse_concept_value
-from mlmi_zoo.architectures.heads import canonical_scale, dihedral_views, scaled_sample, spacing_exponent
+from mlmi_zoo.architectures.heads import canonical_scale, dihedral_mean, scaled_sample, spacing_exponent
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones
@@ -88,7 +88,6 @@ NODULE_CONCEPTS: tuple[ConceptSpec, ...] = (
     ConceptSpec("diameter_mm", "continuous", unit="mm", group="size"),
     ConceptSpec("mean_hu", "continuous", unit="HU", group="density"),
 )
-
 
 
 @dataclass(frozen=True)
@@ -389,21 +388,17 @@ class CBM(InterpretableModel):
             ``None`` with mean pooling. On the canonical grid when the model resamples.
         """
         self.validate_input(x)
-        if self.config.dihedral_views and not self.training:
-            return self._dihedral_mean(x, spacing)
+        if self._averages_views:
+            # the means (the concept logits) are exact; a latent cell turned back lies right only to
+            # within the stride (the explanation's maps are averaged on the input's pixels, _concept_pass)
+            maps, attention = dihedral_mean(self._maps_and_attention, x, self._given_spacing(x, spacing), (True, True))
+            return maps, attention
         return self._maps_and_attention(x, spacing)
 
-    def _dihedral_mean(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """:meth:`_maps_and_attention` averaged over the 8 views, each latent map turned back cell by
-        cell: the means (the concept logits) are exact; where a cell lies is exact only to within the
-        stride (the explanation's maps are averaged on the input's pixels, :meth:`_concept_pass`)."""
-        maps_sum, attention_sum = None, None
-        for view, view_spacing, back in dihedral_views(x, self._given_spacing(x, spacing)):
-            maps, attention = self._maps_and_attention(view, view_spacing)
-            maps_sum = back(maps) if maps_sum is None else maps_sum + back(maps)
-            if attention is not None:
-                attention_sum = back(attention) if attention_sum is None else attention_sum + back(attention)
-        return maps_sum / 8, None if attention_sum is None else attention_sum / 8
+    @property
+    def _averages_views(self) -> bool:
+        """Whether outputs are averaged over the dihedral views (``dihedral_views``, eval mode)."""
+        return self.config.dihedral_views and not self.training
 
     def _maps_and_attention(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pass of the concept network; see :meth:`concept_maps_and_attention`."""
@@ -490,15 +485,9 @@ class CBM(InterpretableModel):
         the raw concept outputs (B, K). With ``dihedral_views`` (eval mode) the outputs are the mean
         over the 8 views and each view's maps are turned back on the input's pixels, where a flip
         is exact (on the latent grid it is not: its cells sit off the image's centre)."""
-        if not (self.config.dihedral_views and not self.training):
+        if not self._averages_views:
             return self._one_view(x, spacing)
-        total: list[torch.Tensor | None] = [None, None, None]
-        for view, view_spacing, back in dihedral_views(x, self._given_spacing(x, spacing)):
-            for i, part in enumerate(self._one_view(view, view_spacing)):
-                if part is not None:
-                    part = part if i == 1 else back(part)
-                    total[i] = part if total[i] is None else total[i] + part
-        maps, raw, attention = (None if t is None else t / 8 for t in total)
+        maps, raw, attention = dihedral_mean(self._one_view, x, self._given_spacing(x, spacing), (True, False, True))
         return maps, raw, attention
 
     def _one_view(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

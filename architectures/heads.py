@@ -34,7 +34,7 @@ from mlmi_zoo.architectures.backbones import latent_to_input
 from mlmi_zoo.specs import Measurement, QuantitySpec
 from mlmi_zoo.units import convert, ureg
 
-__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "dihedral_views", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
+__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "dihedral_mean", "dihedral_views", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,7 +341,10 @@ def scaled_sample(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def dihedral_views(x: torch.Tensor, spacing: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, Callable[[torch.Tensor], torch.Tensor]]]:
+_Views = Iterator[tuple[torch.Tensor, "torch.Tensor | None", Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def dihedral_views(x: torch.Tensor, spacing: torch.Tensor | None) -> _Views:
     """The 8 flips and quarter turns of the image plane (the last two axes) of ``x`` (B, C, *S).
 
     Yields ``(view, view_spacing, back)``, the identity first: ``back`` turns a tensor laid out
@@ -362,3 +365,20 @@ def dihedral_views(x: torch.Tensor, spacing: torch.Tensor | None) -> Iterator[tu
                 return torch.rot90(t.flip(-1) if flip else t, -turns, plane)
 
             yield (view.flip(-1) if flip else view), view_spacing, back
+
+
+def dihedral_mean(fn: Callable[[torch.Tensor, "torch.Tensor | None"], tuple["torch.Tensor | None", ...]],
+                  x: torch.Tensor, spacing: torch.Tensor | None, planar: tuple[bool, ...],
+                  identity: tuple["torch.Tensor | None", ...] | None = None) -> tuple["torch.Tensor | None", ...]:
+    """Mean over the 8 :func:`dihedral_views` of ``fn(view, view_spacing)``, a tuple of tensors or
+    Nones; the outputs flagged in ``planar`` lie on the image plane and are turned back onto
+    ``x``'s layout first (the others, e.g. pooled vectors, are averaged as they are).
+    ``identity``: ``fn``'s outputs for ``x`` itself when the caller has them already."""
+    total: list[torch.Tensor | None] = [None] * len(planar)
+    for i, (view, view_spacing, back) in enumerate(dihedral_views(x, spacing)):
+        outputs = identity if i == 0 and identity is not None else fn(view, view_spacing)
+        for j, (out, turn) in enumerate(zip(outputs, planar)):
+            if out is not None:
+                out = back(out) if turn else out
+                total[j] = out if total[j] is None else total[j] + out
+    return tuple(None if t is None else t / 8 for t in total)

@@ -41,7 +41,7 @@ from torch import nn
 
 from mlmi_zoo.architectures.backbones import create_backbone
 from mlmi_zoo.architectures.baseline import resolve_spacing
-from mlmi_zoo.architectures.heads import LesionCountHead, PhysicalHead, dihedral_views
+from mlmi_zoo.architectures.heads import LesionCountHead, PhysicalHead, dihedral_mean
 from mlmi_zoo.architectures.prototypes import PrototypeLayer
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
@@ -408,12 +408,12 @@ class ProtoPNet(InterpretableModel):
     def _dihedral_fractions(self, x: torch.Tensor, identity: torch.Tensor, spacing: torch.Tensor | None) -> torch.Tensor:
         """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
         (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
-        total = identity
-        views = dihedral_views(x, None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device))
-        next(views)  # the identity, already computed
-        for view, view_spacing, back in views:
-            total = total + back(self.physical.fraction_map(view, self.backbone(view), view_spacing))
-        return total / 8
+        def one_view(view: torch.Tensor, view_spacing: torch.Tensor | None) -> tuple[torch.Tensor]:
+            feats = self.backbone(view)
+            return (self.physical.fraction_map(view, feats.detach() if self.config.measure_detach else feats, view_spacing),)
+
+        given = None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
+        return dihedral_mean(one_view, x, given, (True,), identity=(identity,))[0]
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, spacing: Any = None) -> PrototypeExplanation:

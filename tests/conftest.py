@@ -20,6 +20,15 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (bit-reproducible training runs), restoring the count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """The folder of real data files; tests that need it skip cleanly when it is absent."""
     if not SHARED_DATA.is_dir():

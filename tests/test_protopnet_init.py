@@ -23,12 +23,7 @@ from mlmi_zoo.training.recipe import load_recipe
 from mlmi_zoo.training.trainer import derive_seed, train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(similarity: str = "log_l2", **overrides) -> ProtoPNet:
