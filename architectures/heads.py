@@ -250,13 +250,19 @@ class LesionCountHead(_UnitHead):
         return maps if scale is None else scaled_sample(maps, 1.0 / scale)
 
     # -- the map and the count ------------------------------------------------------------------
-    def fraction_map(self, x: torch.Tensor, feats: torch.Tensor, spacing: torch.Tensor | None = None) -> torch.Tensor:
+    def fraction_map(self, x: torch.Tensor, feats: torch.Tensor, spacing: torch.Tensor | None = None,
+                     canonical_feats: bool = False) -> torch.Tensor:
         """Network input (B, C, *spatial) and backbone features (B, F, *latent) -> (B, 1, *tiles)
         lesion fraction of each tile, in [0, 1]; ``tiles = ceil(spatial / tile)``. With a canonical
-        spacing and ``spacing`` (B, dims) the tiles lie on the canonical grid."""
+        spacing and ``spacing`` (B, dims) the tiles lie on the canonical grid.
+
+        ``canonical_feats``: ``feats`` were computed from ``to_canonical(x, spacing)``, so they lie
+        on the canonical grid already and are not resampled (the default takes features of ``x``
+        as given and resamples their interpolated context)."""
         context = latent_to_input(feats, self.tiles(x.shape[2:]), self.stride // self.tile, self.context_offset)  # (B, F, *tiles)
         local = self.local(self.to_canonical(x, spacing))  # (B, H, *tiles)
-        return torch.sigmoid(self.fraction(torch.cat([local, self.to_canonical(context, spacing)], 1)))
+        context = context if canonical_feats else self.to_canonical(context, spacing)
+        return torch.sigmoid(self.fraction(torch.cat([local, context], 1)))
 
     def tiles(self, size: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
         """Tiles per axis of the map of an input of ``size`` pixels: ``ceil(size / tile)``."""
@@ -278,11 +284,12 @@ class LesionCountHead(_UnitHead):
                 cols.append(count)
         return torch.stack(cols, -1)
 
-    def forward(self, x: torch.Tensor, feats: torch.Tensor,
-                spacing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, feats: torch.Tensor, spacing: torch.Tensor | None = None,
+                canonical_feats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Input (B, C, *spatial), features (B, F, *latent) and (B, dims) spacing -> ((B, Q)
-        standardised pixel-domain sizes, (B, 1, *tiles) fraction map)."""
-        fractions = self.fraction_map(x, feats, spacing)
+        standardised pixel-domain sizes, (B, 1, *tiles) fraction map); ``canonical_feats`` as in
+        :meth:`fraction_map`."""
+        fractions = self.fraction_map(x, feats, spacing, canonical_feats)
         return self.standardised(fractions), fractions
 
     def standardised(self, fractions: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,11 @@ Implements:
   Pathology", NeurIPS 2022 (:class:`AdditiveMIL`): the classifier ``psi`` is applied to *each*
   attention-weighted instance, ``c_n = psi(attn_n h_n)`` (B, N, C), and the logits are their sum,
   so every instance's signed, per-class contribution is exact.
+- Zhang et al., "Attention-Challenging Multiple Instance Learning for Whole Slide Image
+  Classification", ECCV 2024: Stochastic Top-K Instance Masking (``top_instance_masking``,
+  ``top_instance_k``). In training, each of a bag's ``K`` highest-scored instances is left out of
+  the softmax with probability ``p``, so the attention's mass passes to the other instances and the
+  classifier must also learn from instances that are not the bag's most salient ones.
 
 What we changed:
 
@@ -93,6 +98,7 @@ __all__ = [
     "MILExplanation",
     "AdditiveMILExplanation",
     "masked_softmax",
+    "challenge_mask",
     "check_bag_mask",
     "percentile_normalise",
 ]
@@ -146,6 +152,11 @@ class MILConfig(ModelConfig):
             Javed et al.
         area_head_gain: the area head's parameters are stored divided by this constant, so that at
             the model's learning rate they move this many times faster (see :class:`InstanceAreaHead`).
+        top_instance_masking: probability ``p`` with which, in training, each of a bag's
+            ``top_instance_k`` highest raw attention scores is masked out of the softmax (Zhang et
+            al.'s STKIM); at most ``n_valid - 1`` instances of a bag are candidates, so one always
+            remains. 0 turns it off; evaluation never masks.
+        top_instance_k: ``K``, the number of highest-scored instances of a bag that may be masked.
     """
 
     backbone: str = FEATURES
@@ -172,6 +183,8 @@ class MILConfig(ModelConfig):
     instance_chunk: int = 8192
     attention_instance_weight: float = 0.0
     area_head_gain: float = 20.0
+    top_instance_masking: float = 0.0
+    top_instance_k: int = 10
 
     def __post_init__(self) -> None:
         if self.instance_encoder is None:
@@ -197,6 +210,10 @@ class MILConfig(ModelConfig):
             raise ValueError(f"microns_per_pixel must be positive, got {self.microns_per_pixel}")
         if not self.area_head_gain > 0:
             raise ValueError(f"area_head_gain must be positive, got {self.area_head_gain}")
+        if not 0.0 <= self.top_instance_masking < 1.0:
+            raise ValueError(f"top_instance_masking is a probability in [0, 1), got {self.top_instance_masking}")
+        if self.top_instance_k < 1:
+            raise ValueError(f"top_instance_k must be >= 1, got {self.top_instance_k}")
         if not self.attention_instance_weight >= 0:
             raise ValueError(f"attention_instance_weight must be >= 0, got {self.attention_instance_weight}")
         if self.train_max_instances is not None and self.train_max_instances < 1:
@@ -236,6 +253,32 @@ def check_bag_mask(mask: torch.Tensor | None, batch: int, length: int, device: t
         raise ValueError(f"bag(s) {empty.tolist()} have no valid instance (all-False mask); "
                          f"attention over an empty bag is undefined: drop them")
     return mask
+
+
+def challenge_mask(scores: torch.Tensor, mask: torch.Tensor, k: int, p: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastic top-K instance masking (Zhang et al., ECCV 2024): ``mask`` without a random part
+    of each bag's highest-scored instances.
+
+    Each of the ``min(k, n_valid - 1)`` valid instances with the highest ``scores`` of a bag is
+    dropped independently with probability ``p``; every bag keeps at least one instance.
+
+    Args:
+        scores: (B, N) raw attention scores (only their order within a bag is used; no gradient).
+        mask: (B, N) bool, True at valid instances.
+        k: candidates per bag.
+        p: drop probability of each candidate.
+        generator: random source; default: torch's global one.
+
+    Returns:
+        (B, N) bool, a subset of ``mask``.
+    """
+    n_valid = mask.sum(1, keepdim=True)  # (B, 1)
+    ranked = scores.detach().masked_fill(~mask, -math.inf).argsort(-1, descending=True)  # (B, N)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(mask.shape[1], device=mask.device).expand_as(ranked))
+    candidates = (rank < torch.clamp(n_valid - 1, max=k)) & mask  # (B, N)
+    drop = torch.rand(mask.shape, generator=generator, device=mask.device) < p
+    return mask & ~(candidates & drop)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -872,7 +915,10 @@ class _MILModel(InterpretableModel):
         if self.encoder is not None:
             feats = self.encode_instances(feats, mask)  # (B, N, D)
         hs, terms, bounds, scores, area_logits, _ = self._instance_pass(feats, mask)
-        attn = masked_softmax(scores, mask)  # (B, N)
+        pooled = mask
+        if self.training and self.config.top_instance_masking > 0:
+            pooled = challenge_mask(scores, mask, self.config.top_instance_k, self.config.top_instance_masking)
+        attn = masked_softmax(scores, pooled)  # (B, N); 0 at padding and at masked instances
         logits, contributions = self._classify(hs, terms, attn, bounds)
         return BagOutputs(logits=logits, attention=attn, attention_scores=scores, mask=mask,
                           contributions=contributions, area_logits=area_logits,

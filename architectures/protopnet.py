@@ -90,6 +90,13 @@ class ProtoPNetConfig(ModelConfig):
         measure_detach: the count head reads the backbone's features without training them, so
             the measurement's losses leave the features the prototypes are learnt on as the
             classification alone shapes them.
+        measure_context: where the count head's context features come from (``"count"`` with
+            ``measure_resample``). ``"given"``: the backbone's features of the image as given
+            (the prototypes' pass), interpolated to the tiles and resampled with them, so the
+            context of one object imaged at two spacings was computed at two scales.
+            ``"canonical"``: a second backbone pass on the image resampled to the canonical grid,
+            so the whole count path sees every object at one scale, at the cost of that pass
+            (in training too; the prototypes still see the image as given).
         measure_dihedral_views: in eval mode the count head's fraction map is the mean over the
             8 flips and quarter turns of the image plane, each map turned back tile by tile (exact
             when ``measure_tile`` divides the plane's size), and the sizes are counted on it; the
@@ -123,6 +130,7 @@ class ProtoPNetConfig(ModelConfig):
     measure_map_coef: float = 1.0
     measure_resample: bool = False
     measure_detach: bool = False
+    measure_context: Literal["given", "canonical"] = "given"
     measure_dihedral_views: bool = False
     prototype_init: Literal["uniform", "data"] = "uniform"
 
@@ -148,6 +156,11 @@ class ProtoPNetConfig(ModelConfig):
             raise ValueError(f"prototype_init must be 'uniform' or 'data', got {self.prototype_init!r}")
         if self.physical_head not in ("regress", "count"):
             raise ValueError(f"physical_head must be 'regress' or 'count', got {self.physical_head!r}")
+        if self.measure_context not in ("given", "canonical"):
+            raise ValueError(f"measure_context must be 'given' or 'canonical', got {self.measure_context!r}")
+        if self.measure_context == "canonical" and not self.measure_resample:
+            raise ValueError("measure_context='canonical' computes the count head's context on the canonical grid: "
+                             "it needs measure_resample=true")
         if self.measure_resample and (self.physical_head != "count" or self.spacing is None):
             raise ValueError("measure_resample counts on the canonical grid: it needs physical_head='count' and a "
                              f"canonical spacing; got physical_head={self.physical_head!r}, spacing={self.spacing}")
@@ -396,8 +409,7 @@ class ProtoPNet(InterpretableModel):
         logits = self.last_layer(sims * self.prototype_mask)
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):
-            head_feats = feats.detach() if self.config.measure_detach else feats
-            quantities, fractions = self.physical(x, head_feats, spacing)
+            quantities, fractions = self.physical(x, *self._count_context(x, feats, spacing))
             if self.config.measure_dihedral_views and not self.training:
                 fractions = self._dihedral_fractions(x, fractions, spacing)
                 quantities = self.physical.standardised(fractions)
@@ -405,12 +417,23 @@ class ProtoPNet(InterpretableModel):
             quantities = self.physical(reduce(z, "b d ... -> b d", "mean"))
         return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities, fractions)
 
+    def _count_context(self, x: torch.Tensor, feats: torch.Tensor | None,
+                       spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """``(feats, spacing, canonical_feats)`` for the count head: the given pass's features
+        (``feats``), or with ``measure_context="canonical"`` a backbone pass on ``x`` resampled
+        to the canonical grid; detached with ``measure_detach``."""
+        canonical = self.config.measure_context == "canonical"
+        if canonical:
+            feats = self.backbone(self.physical.to_canonical(x, spacing))
+        assert feats is not None
+        return (feats.detach() if self.config.measure_detach else feats), spacing, canonical
+
     def _dihedral_fractions(self, x: torch.Tensor, identity: torch.Tensor, spacing: torch.Tensor | None) -> torch.Tensor:
         """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
         (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
         def one_view(view: torch.Tensor, view_spacing: torch.Tensor | None) -> tuple[torch.Tensor]:
-            feats = self.backbone(view)
-            return (self.physical.fraction_map(view, feats.detach() if self.config.measure_detach else feats, view_spacing),)
+            feats = None if self.config.measure_context == "canonical" else self.backbone(view)
+            return (self.physical.fraction_map(view, *self._count_context(view, feats, view_spacing)),)
 
         given = None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
         return dihedral_mean(one_view, x, given, (True,), identity=(identity,))[0]

@@ -167,3 +167,34 @@ def test_a_detached_count_head_does_not_train_the_backbone() -> None:
         backbone_grad = sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None)
         assert (backbone_grad == 0.0) == detach
         assert model.physical.fraction[0].weight.grad.abs().sum() > 0
+
+
+def test_a_canonical_context_reads_the_backbone_on_the_resampled_image() -> None:
+    """With measure_context='canonical' the count head's features are the backbone's of the image
+    resampled to the canonical grid: the map equals fraction_map on those features, unresampled."""
+    with pytest.raises(ValueError, match="measure_resample"):
+        mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), spacing=(0.75, 0.75), quantities=(DIAMETER,),
+                              physical_head="count", measure_context="canonical")
+    with pytest.raises(ValueError, match="measure_context"):
+        mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), spacing=(0.75, 0.75), quantities=(DIAMETER,),
+                              physical_head="count", measure_resample=True, measure_context="both")
+    kwargs = dict(img_size=(32, 32), prototypes_per_class=2, prototype_dim=8, spacing=(0.75, 0.75),
+                  quantities=(DIAMETER,), physical_head="count", measure_resample=True)
+    model = mlmi_zoo.create_model("protopnet_resnet8", measure_context="canonical", **kwargs).eval()
+    given = mlmi_zoo.create_model("protopnet_resnet8", **kwargs).eval()
+    given.load_state_dict(model.state_dict())  # same parameters: the option adds none
+    x, spacing = torch.rand(2, 1, 32, 32), torch.tensor([[0.5, 0.5], [1.0, 1.0]])
+    with torch.no_grad():
+        parts = model.forward_parts(x, spacing)
+        feats = model.backbone(model.physical.to_canonical(x, spacing))
+        expected = model.physical.fraction_map(x, feats, spacing, canonical_feats=True)
+        torch.testing.assert_close(parts.lesion_fraction, expected)
+        assert not torch.allclose(parts.lesion_fraction, given.forward_parts(x, spacing).lesion_fraction)
+        torch.testing.assert_close(parts.logits, given.forward_parts(x, spacing).logits)  # the decision is the same
+        # at the canonical spacing the two contexts coincide
+        canonical = torch.tensor([[0.75, 0.75]] * 2)
+        torch.testing.assert_close(model.forward_parts(x, canonical).lesion_fraction,
+                                   given.forward_parts(x, canonical).lesion_fraction)
+    model.train()
+    model.forward_parts(x, spacing).quantities.sum().backward()  # the second pass trains the backbone too
+    assert sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None) > 0

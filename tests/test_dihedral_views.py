@@ -57,10 +57,12 @@ def test_cbm_dihedral_views_give_invariant_concepts_equivariant_maps_and_an_exac
         mlmi_zoo.create_model("cbm_resnet8", img_size=(64, 48), dihedral_views=True)
 
 
-def test_protopnet_dihedral_count_is_invariant_and_leaves_the_decision_alone() -> None:
+@pytest.mark.parametrize("context", ["given", "canonical"])
+def test_protopnet_dihedral_count_is_invariant_and_leaves_the_decision_alone(context: str) -> None:
     torch.manual_seed(0)
     kwargs = dict(img_size=(64, 64), spacing=(0.75, 0.75), quantities=(DIAMETER,), physical_head="count",
-                  measure_resample=True, feature_stride=16, prototypes_per_class=2, prototype_dim=8)
+                  measure_resample=True, feature_stride=16, prototypes_per_class=2, prototype_dim=8,
+                  measure_context=context)
     model = mlmi_zoo.create_model("protopnet_resnet8", measure_dihedral_views=True, **kwargs).eval()
     x, spacing = torch.rand(2, 1, 64, 64), torch.tensor([[0.5, 0.6], [1.0, 1.0]])
     exp = model.explain(x, spacing=spacing)

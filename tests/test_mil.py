@@ -13,6 +13,7 @@ from mlmi_zoo import InputSpecError, QuantitySpec
 from mlmi_zoo.architectures.mil import (
     AttentionPool,
     MILConfig,
+    challenge_mask,
     check_bag_mask,
     masked_softmax,
     percentile_normalise,
@@ -129,6 +130,47 @@ def test_masked_softmax_hand_computed() -> None:
     e = [math.exp(v) for v in (1.0, 2.0, 3.0)]
     expected = torch.tensor([[v / sum(e) for v in e] + [0.0]])
     torch.testing.assert_close(masked_softmax(scores, mask), expected)
+
+
+def test_challenge_mask_drops_only_top_scored_instances_and_keeps_one() -> None:
+    scores = torch.tensor([[5.0, 1.0, 4.0, 3.0, 2.0, 9.0], [0.0, 2.0, 1.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 5 + [False], [True, True, True, False, False, False]])
+    g = torch.Generator().manual_seed(0)
+    dropped = torch.zeros_like(mask, dtype=torch.long)
+    for _ in range(2000):
+        kept = challenge_mask(scores, mask, k=2, p=0.5, generator=g)
+        assert not (kept & ~mask).any() and kept.any(1).all()
+        dropped += (mask & ~kept).long()
+    # bag 0: only its two highest valid scores (5, 4; 9 is padding) are ever dropped, each about half the time
+    assert dropped[0].tolist()[1::2] == [0, 0, 0] and dropped[0, 4] == 0
+    assert 850 < dropped[0, 0] < 1150 and 850 < dropped[0, 2] < 1150
+    # bag 1 has 3 valid instances: at most 2 candidates (scores 2 and 1), the lowest always stays
+    assert dropped[1, 0] == 0 and dropped[1, 1] > 0 and dropped[1, 2] > 0 and dropped[1, 3:].sum() == 0
+    # p = 0 drops nothing; a single-instance bag keeps its instance
+    assert torch.equal(challenge_mask(scores, mask, k=3, p=0.0), mask)
+    one = torch.tensor([[True, False]])
+    assert torch.equal(challenge_mask(torch.zeros(1, 2), one, k=5, p=0.99), one)
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_top_instance_masking_acts_in_training_only(name: str) -> None:
+    with pytest.raises(ValueError, match="top_instance_masking"):
+        make(name, top_instance_masking=1.0)
+    with pytest.raises(ValueError, match="top_instance_k"):
+        make(name, top_instance_k=0)
+    model = make(name, top_instance_masking=0.9, top_instance_k=3, dropout=0.0)
+    plain = make(name, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 12, D)
+    torch.testing.assert_close(model.forward_bag(x).attention, plain.forward_bag(x).attention)  # eval: no masking
+    model.train()
+    torch.manual_seed(1)
+    out = model.forward_bag(x)
+    masked = (out.attention == 0) & out.mask
+    assert masked.any() and (masked.sum(1) <= 3).all()
+    top3 = out.attention_scores.argsort(-1, descending=True)[:, :3]
+    assert all(set(masked[i].nonzero().flatten().tolist()) <= set(top3[i].tolist()) for i in range(2))
+    torch.testing.assert_close(out.attention.sum(1), torch.ones(2))
 
 
 def test_single_instance_bag() -> None:
