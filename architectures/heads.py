@@ -189,6 +189,9 @@ class LesionCountHead(_UnitHead):
         hidden: width of the local path and of the 1x1 network.
         canonical_spacing: mm per axis of the grid the head counts on, or None to count on the
             input's own pixels.
+        context_backbone: the head's own backbone (same stride and ``offset`` as the model's),
+            which computes the context from the image on the canonical grid; None when the context
+            comes from the model's backbone (the caller passes its features).
 
     Raises:
         ValueError: for a quantity that is not a size of the lesion (an intensity, an area of a 3D
@@ -197,7 +200,8 @@ class LesionCountHead(_UnitHead):
 
     def __init__(self, in_channels: int, quantities: tuple[QuantitySpec, ...], spatial_dims: int, stride: int,
                  tile: int = 4, image_channels: int = 1, offset: float | None = 0.0, hidden: int = 32,
-                 canonical_spacing: tuple[float, ...] | None = None) -> None:
+                 canonical_spacing: tuple[float, ...] | None = None,
+                 context_backbone: nn.Module | None = None) -> None:
         super().__init__(quantities)
         for q in self.quantities:
             k = spacing_exponent(q.unit)
@@ -223,6 +227,7 @@ class LesionCountHead(_UnitHead):
         local += [conv(width, hidden, 3, padding=1), nn.ReLU()]  # boundary evidence from neighbouring tiles
         self.local = nn.Sequential(*local)
         self.fraction = nn.Sequential(conv(width + in_channels, hidden, 1), nn.ReLU(), conv(hidden, 1, 1))
+        self.context_backbone = context_backbone
 
     # -- the canonical grid ---------------------------------------------------------------------
     def _scale(self, spacing: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -96,7 +96,10 @@ class ProtoPNetConfig(ModelConfig):
             context of one object imaged at two spacings was computed at two scales.
             ``"canonical"``: a second backbone pass on the image resampled to the canonical grid,
             so the whole count path sees every object at one scale, at the cost of that pass
-            (in training too; the prototypes still see the image as given).
+            (in training too; the prototypes still see the image as given). ``"own"``: as
+            ``"canonical"``, but the pass is through the count head's own backbone (same
+            architecture), so the measurement's losses never reach the features the prototypes
+            are learnt on, nor the canonical images the prototypes' backbone.
         measure_dihedral_views: in eval mode the count head's fraction map is the mean over the
             8 flips and quarter turns of the image plane, each map turned back tile by tile (exact
             when ``measure_tile`` divides the plane's size), and the sizes are counted on it; the
@@ -130,7 +133,7 @@ class ProtoPNetConfig(ModelConfig):
     measure_map_coef: float = 1.0
     measure_resample: bool = False
     measure_detach: bool = False
-    measure_context: Literal["given", "canonical"] = "given"
+    measure_context: Literal["given", "canonical", "own"] = "given"
     measure_dihedral_views: bool = False
     prototype_init: Literal["uniform", "data"] = "uniform"
 
@@ -156,14 +159,26 @@ class ProtoPNetConfig(ModelConfig):
             raise ValueError(f"prototype_init must be 'uniform' or 'data', got {self.prototype_init!r}")
         if self.physical_head not in ("regress", "count"):
             raise ValueError(f"physical_head must be 'regress' or 'count', got {self.physical_head!r}")
-        if self.measure_context not in ("given", "canonical"):
-            raise ValueError(f"measure_context must be 'given' or 'canonical', got {self.measure_context!r}")
-        if self.measure_context == "canonical" and not self.measure_resample:
-            raise ValueError("measure_context='canonical' computes the count head's context on the canonical grid: "
-                             "it needs measure_resample=true")
+        if self.measure_context not in ("given", "canonical", "own"):
+            raise ValueError(f"measure_context must be 'given', 'canonical' or 'own', got {self.measure_context!r}")
+        if self.measure_context != "given" and not self.measure_resample:
+            raise ValueError(f"measure_context={self.measure_context!r} computes the count head's context on the "
+                             f"canonical grid: it needs measure_resample=true")
+        if self.measure_context == "own" and self.measure_detach:
+            raise ValueError("measure_detach keeps the measurement's losses out of the model's backbone; with "
+                             "measure_context='own' they never reach it, and detaching would freeze the head's own")
         if self.measure_resample and (self.physical_head != "count" or self.spacing is None):
             raise ValueError("measure_resample counts on the canonical grid: it needs physical_head='count' and a "
                              f"canonical spacing; got physical_head={self.physical_head!r}, spacing={self.spacing}")
+
+
+def _set_padding(backbone: nn.Module, mode: str) -> None:
+    """Set the padding mode of every padded convolution of ``backbone`` (``"zeros"``: unchanged)."""
+    if mode == "zeros":
+        return
+    for module in backbone.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and any(p > 0 for p in module.padding):
+            module.padding_mode = mode
 
 
 @dataclass(frozen=True)
@@ -311,10 +326,7 @@ class ProtoPNet(InterpretableModel):
         super().__init__(config)
         dims, D, P = config.spatial_dims, config.prototype_dim, config.num_prototypes
         self.backbone = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
-        if config.padding_mode != "zeros":
-            for module in self.backbone.modules():
-                if isinstance(module, nn.modules.conv._ConvNd) and any(p > 0 for p in module.padding):
-                    module.padding_mode = config.padding_mode
+        _set_padding(self.backbone, config.padding_mode)
         self.add_on = AddOn(self.backbone.out_channels, D, dims)
         self.prototype_layer = PrototypeLayer(P, D, config.similarity, config.epsilon)
         self.last_layer = nn.Linear(P, config.num_classes, bias=False)
@@ -324,9 +336,14 @@ class ProtoPNet(InterpretableModel):
         self.register_buffer("prototype_mask", torch.ones(P))  # (P,) 1 = enabled
         self.physical: PhysicalHead | LesionCountHead | None = None
         if config.quantities and config.physical_head == "count":
+            own = None
+            if config.measure_context == "own":
+                own = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
+                _set_padding(own, config.padding_mode)
             self.physical = LesionCountHead(self.backbone.out_channels, config.quantities, dims, self.backbone.stride,
                                             config.measure_tile, config.in_channels, self.backbone.offset,
-                                            canonical_spacing=config.spacing if config.measure_resample else None)
+                                            canonical_spacing=config.spacing if config.measure_resample else None,
+                                            context_backbone=own)
         elif config.quantities:
             self.physical = PhysicalHead(D, config.quantities)
         self._prototype_sources: list[dict[str, Any] | None] | None = None
@@ -420,11 +437,13 @@ class ProtoPNet(InterpretableModel):
     def _count_context(self, x: torch.Tensor, feats: torch.Tensor | None,
                        spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """``(feats, spacing, canonical_feats)`` for the count head: the given pass's features
-        (``feats``), or with ``measure_context="canonical"`` a backbone pass on ``x`` resampled
-        to the canonical grid; detached with ``measure_detach``."""
-        canonical = self.config.measure_context == "canonical"
+        (``feats``), or a pass on ``x`` resampled to the canonical grid through the model's
+        backbone (``measure_context="canonical"``) or the head's own (``"own"``); detached with
+        ``measure_detach``."""
+        canonical = self.config.measure_context != "given"
         if canonical:
-            feats = self.backbone(self.physical.to_canonical(x, spacing))
+            own = self.physical.context_backbone
+            feats = (self.backbone if own is None else own)(self.physical.to_canonical(x, spacing))
         assert feats is not None
         return (feats.detach() if self.config.measure_detach else feats), spacing, canonical
 
@@ -432,7 +451,7 @@ class ProtoPNet(InterpretableModel):
         """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
         (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
         def one_view(view: torch.Tensor, view_spacing: torch.Tensor | None) -> tuple[torch.Tensor]:
-            feats = None if self.config.measure_context == "canonical" else self.backbone(view)
+            feats = self.backbone(view) if self.config.measure_context == "given" else None
             return (self.physical.fraction_map(view, *self._count_context(view, feats, view_spacing)),)
 
         given = None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)

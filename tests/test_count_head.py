@@ -198,3 +198,29 @@ def test_a_canonical_context_reads_the_backbone_on_the_resampled_image() -> None
     model.train()
     model.forward_parts(x, spacing).quantities.sum().backward()  # the second pass trains the backbone too
     assert sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None) > 0
+
+
+def test_an_own_context_backbone_keeps_the_measurement_out_of_the_prototypes_backbone() -> None:
+    with pytest.raises(ValueError, match="measure_detach"):
+        mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), spacing=(0.75, 0.75), quantities=(DIAMETER,),
+                              physical_head="count", measure_resample=True, measure_context="own", measure_detach=True)
+    model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=2, prototype_dim=8,
+                                  spacing=(0.75, 0.75), quantities=(DIAMETER,), physical_head="count",
+                                  measure_resample=True, measure_context="own")
+    own = model.physical.context_backbone
+    assert own is not None and own is not model.backbone
+    assert any(k.startswith("physical.context_backbone.") for k in model.state_dict())
+    x, spacing = torch.rand(2, 1, 32, 32), torch.tensor([[0.5, 0.5], [1.0, 1.0]])
+    with torch.no_grad():
+        parts = model.eval().forward_parts(x, spacing)
+        expected = model.physical.fraction_map(x, own(model.physical.to_canonical(x, spacing)), spacing, canonical_feats=True)
+        torch.testing.assert_close(parts.lesion_fraction, expected)
+    model.train()
+    parts = model.forward_parts(x, spacing)
+    parts.quantities.sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())  # the measurement trains only its own backbone
+    assert sum(float(p.grad.abs().sum()) for p in own.parameters() if p.grad is not None) > 0
+    # the warm-up stage trains the head, own backbone included
+    from mlmi_zoo.training.family import training_for
+    warm = {id(p) for p in training_for(model).trainable_parameters(model, "warmup")}
+    assert all(id(p) in warm for p in own.parameters())

@@ -57,7 +57,7 @@ def test_cbm_dihedral_views_give_invariant_concepts_equivariant_maps_and_an_exac
         mlmi_zoo.create_model("cbm_resnet8", img_size=(64, 48), dihedral_views=True)
 
 
-@pytest.mark.parametrize("context", ["given", "canonical"])
+@pytest.mark.parametrize("context", ["given", "canonical", "own"])
 def test_protopnet_dihedral_count_is_invariant_and_leaves_the_decision_alone(context: str) -> None:
     torch.manual_seed(0)
     kwargs = dict(img_size=(64, 64), spacing=(0.75, 0.75), quantities=(DIAMETER,), physical_head="count",
