@@ -155,6 +155,14 @@ class MILConfig(ModelConfig):
             additive MIL, of each instance's positive-class term ``psi(h_n)`` (so the sign of its
             contribution marks tumour); 0 trains from the bag label only, as in Ilse et al. and
             Javed et al.
+        attention_bag_weight: weight of a binary cross-entropy of the raw attention scores (with
+            their bag offset) against what the *bag* labels say of instances under the standard
+            MIL assumption (Dietterich et al. 1997): every instance of a negative bag (class 0) is
+            negative, and a positive bag's highest-scored instance is positive (the max-pooling
+            instance classifier of Wang et al.'s mi-Net, 2018). The two terms are averaged over
+            negative instances and over positive bags. Uses no instance label; two classes only.
+            The softmax leaves raw scores free up to one constant per bag, so instance scores of
+            different bags are not comparable; this loss ties them to one scale.
         area_head_gain: the area head's parameters are stored divided by this constant, so that at
             the model's learning rate they move this many times faster (see :class:`InstanceAreaHead`).
         top_instance_masking: probability ``p`` with which, in training, each of a bag's
@@ -187,6 +195,7 @@ class MILConfig(ModelConfig):
     bag_normalise: bool = False
     instance_chunk: int = 8192
     attention_instance_weight: float = 0.0
+    attention_bag_weight: float = 0.0
     area_head_gain: float = 20.0
     top_instance_masking: float = 0.0
     top_instance_k: int = 10
@@ -219,6 +228,11 @@ class MILConfig(ModelConfig):
             raise ValueError(f"top_instance_masking is a probability in [0, 1), got {self.top_instance_masking}")
         if self.top_instance_k < 1:
             raise ValueError(f"top_instance_k must be >= 1, got {self.top_instance_k}")
+        if not self.attention_bag_weight >= 0:
+            raise ValueError(f"attention_bag_weight must be >= 0, got {self.attention_bag_weight}")
+        if self.attention_bag_weight > 0 and self.num_classes != 2:
+            raise ValueError(f"attention_bag_weight reads bag labels as negative (class 0) and positive (class 1); "
+                             f"it needs two classes, got {self.num_classes}")
         if not self.attention_instance_weight >= 0:
             raise ValueError(f"attention_instance_weight must be >= 0, got {self.attention_instance_weight}")
         if self.train_max_instances is not None and self.train_max_instances < 1:

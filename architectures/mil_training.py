@@ -8,7 +8,7 @@ per-instance areas ``batch["instance_measurements"][name]`` (B, N) (or ``batch["
 the configured pixel size per slide.
 
 Loss = cross-entropy + ``physical_weight`` x physical loss + ``attention_instance_weight`` x
-instance-label loss.
+instance-label loss + ``attention_bag_weight`` x bag-label instance loss.
 
 Physical loss. Per-instance areas, when present, give a binary cross-entropy on each tile's covered
 fraction: a proper scoring rule, so each predicted fraction estimates the tile's expected fraction
@@ -27,6 +27,14 @@ which the softmax alone leaves undetermined up to one constant per bag. For addi
 the same loss on each instance's positive-class term ``psi(h_n)[1]`` (two classes only), so that
 the sign of its contribution marks tumour tiles.
 
+Bag-label instance loss (:func:`bag_label_instance_loss`), from the bag labels alone under the
+standard MIL assumption (Dietterich, Lathrop & Lozano-Pérez, "Solving the multiple instance problem
+with axis-parallel rectangles", Artificial Intelligence 1997: a bag is positive if and only if at
+least one of its instances is): a binary cross-entropy of the raw attention scores, against 0 for
+every instance of a negative bag and against 1 for the highest-scored instance of a positive bag,
+as the max-pooling instance classifier of Wang et al., "Revisiting multiple instance neural
+networks", Pattern Recognition 2018 (mi-Net), is trained.
+
 During training each bag is randomly subsampled to ``train_max_instances`` valid instances
 (deterministic given torch's RNG); the bag-area prediction of a subsample is scaled by
 ``n_valid / n_kept``, the unbiased estimate of the full-bag sum under uniform sampling.
@@ -42,7 +50,35 @@ from mlmi_zoo.architectures.mil import BagOutputs, _MILModel
 from mlmi_zoo.training.family import FamilyTraining, LossOutput, register_training
 from mlmi_zoo.units import convert
 
-__all__ = ["MILInputs", "MILTraining", "AdditiveMILTraining", "subsample_instances", "gather_instances"]
+__all__ = ["MILInputs", "MILTraining", "AdditiveMILTraining", "subsample_instances", "gather_instances",
+           "bag_label_instance_loss"]
+
+
+def bag_label_instance_loss(scores: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of raw instance scores against what two-class bag labels imply.
+
+    Every valid instance of a negative bag (label 0) has target 0; the highest-scored valid
+    instance of a positive bag (label 1) has target 1. The negative term is the mean over all
+    negative instances of the batch, the positive term the mean over positive bags; a batch
+    without one kind of bag contributes only the other term.
+
+    Args:
+        scores: (B, N) raw instance scores (logits).
+        mask: (B, N) bool, True at valid instances.
+        labels: (B,) bag labels in {0, 1}.
+    """
+    labels = labels.to(scores.device).long()
+    if bool(((labels != 0) & (labels != 1)).any()):
+        raise ValueError(f"bag labels must be 0 (negative) or 1 (positive), got {sorted(set(labels.tolist()))}")
+    loss = scores.new_zeros(())
+    negative = mask & (labels == 0)[:, None]  # (B, N)
+    if negative.any():
+        loss = loss + nn.functional.binary_cross_entropy_with_logits(scores[negative], torch.zeros_like(scores[negative]))
+    positive = labels == 1  # (B,)
+    if positive.any():
+        top = scores[positive].masked_fill(~mask[positive], -torch.inf).amax(1)  # (P,)
+        loss = loss + nn.functional.binary_cross_entropy_with_logits(top, torch.ones_like(top))
+    return loss
 
 
 class MILInputs(NamedTuple):
@@ -140,6 +176,10 @@ class MILTraining(FamilyTraining):
                 logs["contribution_instance"] = float(term.detach())
                 att = att + term
             loss = loss + att_weight * att
+        if model.config.attention_bag_weight > 0:
+            bag_term = bag_label_instance_loss(out.attention_scores, mask, batch["label"])
+            logs["attention_bag"] = float(bag_term.detach())
+            loss = loss + model.config.attention_bag_weight * bag_term
         return LossOutput(loss, out.logits.detach(), logs)
 
     # -- physical head ---------------------------------------------------------------------------------

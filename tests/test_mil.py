@@ -525,3 +525,34 @@ def test_additive_mil_learns_tile_bags_and_localises_tumour(record_property) -> 
     assert instance_auroc > 0.75  # contributions point at tumour tiles
     assert exp.decomposition_error() <= 1e-5
     assert exp.heatmap(0, "contributions").ndim == 2
+
+
+def test_bag_label_instance_loss_follows_the_mil_assumption() -> None:
+    from mlmi_zoo.architectures.mil_training import bag_label_instance_loss
+
+    scores = torch.tensor([[0.0, 2.0, -1.0], [1.0, 3.0, 50.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    # bag 0 negative: all three instances against 0; bag 1 positive: its top valid score (3, not padding) against 1
+    expected = bce(scores[0], torch.zeros(3)) + bce(torch.tensor([3.0]), torch.ones(1))
+    torch.testing.assert_close(bag_label_instance_loss(scores, mask, torch.tensor([0, 1])), expected)
+    torch.testing.assert_close(bag_label_instance_loss(scores, mask, torch.tensor([1, 1])),
+                               bce(torch.tensor([2.0, 3.0]), torch.ones(2)))
+    with pytest.raises(ValueError, match="0 \\(negative\\) or 1"):
+        bag_label_instance_loss(scores, mask, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="two classes"):
+        make("abmil_features", attention_bag_weight=1.0, label_names=("a", "b", "c"))
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_bag_label_instance_loss_is_added_with_its_weight(name: str) -> None:
+    torch.manual_seed(0)
+    batch = {"feats": torch.randn(2, 6, D), "mask": torch.ones(2, 6, dtype=torch.bool), "label": torch.tensor([0, 1])}
+    losses = []
+    for weight in (0.0, 2.0):
+        torch.manual_seed(1)  # the same initial weights for both
+        model = make(name, attention_bag_weight=weight, dropout=0.0, quantities=()).train()
+        out = training_for(model).loss(model, batch, "joint")
+        losses.append(float(out.loss.detach()))
+        assert ("attention_bag" in out.logs) == (weight > 0)
+    assert losses[1] == pytest.approx(losses[0] + 2.0 * out.logs["attention_bag"], rel=1e-5)
