@@ -9,7 +9,8 @@ N = 1k, 10k, 100k, each N in a fresh subprocess (train mode, cross-entropy, forw
 - ``mil_peak_memory_100k_<family>``: peak memory of one forward + backward at N = 100k, input
   features included (created after the memory baseline); GB = 1e9 bytes; target <= 1.5.
 - ``mil_time_scaling_<family>``: time(100k) / time(10k) of forward + backward; target <= 11
-  (10 would be linear).
+  (10 would be linear). Each time is the median of at least ``--repeats`` steps and of enough
+  steps to fill ``MIN_TIMED_S`` seconds (``timed_steps`` in the row).
 - ``mil_forward_vs_monai_att_<family>``: our ``model(feats)`` vs MONAI's
   ``MILModel(mil_mode="att")`` head on the same (B, N, D) features, eval mode, no autograd. MONAI's
   model is built with ``backbone=nn.Identity()`` and only its head, ``calc_head(feats)``, is timed:
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -46,6 +48,8 @@ from _common import (MemoryProbe, add_common_args, compare, guarded, machine, ra
 
 FAMILIES = ("additive_mil_features", "abmil_features")
 SIZES = (1_000, 10_000, 100_000)
+MIN_TIMED_S = 3.0  # seconds of timed steps per bag size at least (medians of short steps are noisy)
+MAX_REPEATS = 60
 GB = 1e9
 
 
@@ -73,8 +77,12 @@ def _worker(argv: list[str]) -> None:
 
     step()  # the first step sets the peak; it is also the warm-up
     peak = probe.peak_bytes()
-    t = time_fn(step, repeats=a.repeats, warmup=0, device=a.device)
-    worker_result({"peak_bytes": peak, "wall_s": t.wall_s, "cpu_s": t.cpu_s, **probe.describe()})
+    # A 10k-instance step takes ~0.2 s: a median of 3 such steps moved the 100k/10k ratio between 8 and
+    # 12.5 from run to run. Short steps are therefore repeated until about MIN_TIMED_S of timing.
+    first = time_fn(step, repeats=1, warmup=0, device=a.device).wall_s
+    repeats = min(MAX_REPEATS, max(a.repeats, math.ceil(MIN_TIMED_S / max(first, 1e-3))))
+    t = time_fn(step, repeats=repeats, warmup=0, device=a.device)
+    worker_result({"peak_bytes": peak, "wall_s": t.wall_s, "cpu_s": t.cpu_s, "repeats": repeats, **probe.describe()})
 
 
 def bench_scaling(name: str, dim: int, repeats: int, device: str) -> list[dict[str, Any]]:
@@ -87,6 +95,7 @@ def bench_scaling(name: str, dim: int, repeats: int, device: str) -> list[dict[s
               "peak_gb": [round(runs[n]["peak_bytes"] / GB, 3) for n in SIZES],
               "fwd_bwd_s": [round(runs[n]["wall_s"], 4) for n in SIZES],
               "fwd_bwd_cpu_s": [round(runs[n]["cpu_s"], 4) for n in SIZES],
+              "timed_steps": [runs[n]["repeats"] for n in SIZES],
               "memory_measure": runs[100_000]["memory_measure"]}
     scaling = runs[100_000]["wall_s"] / runs[10_000]["wall_s"]
     return [
