@@ -98,8 +98,8 @@ class ProtoPNetConfig(ModelConfig):
             so the whole count path sees every object at one scale, at the cost of that pass
             (in training too; the prototypes still see the image as given). ``"own"``: as
             ``"canonical"``, but the pass is through the count head's own backbone (same
-            architecture), so the measurement's losses never reach the features the prototypes
-            are learnt on, nor the canonical images the prototypes' backbone.
+            architecture), so the measurement's losses never reach the backbone the prototypes
+            are learnt on, and that backbone only ever sees images as given.
         measure_dihedral_views: in eval mode the count head's fraction map is the mean over the
             8 flips and quarter turns of the image plane, each map turned back tile by tile (exact
             when ``measure_tile`` divides the plane's size), and the sizes are counted on it; the
