@@ -28,7 +28,8 @@ from torch import nn
 from mlmi_zoo.specs import QuantitySpec
 from mlmi_zoo.units import convert
 
-__all__ = ["AttentionPool", "AttentionWeights", "InstanceAreaHead", "challenge_mask", "check_bag_mask", "masked_softmax"]
+__all__ = ["AttentionPool", "AttentionWeights", "InstanceAreaHead", "challenge_mask", "check_bag_mask", "instance_ranks",
+           "masked_softmax"]
 
 _TILE_AREA_UNIT = "um**2"  # tile_size * microns_per_pixel, squared
 
@@ -64,6 +65,19 @@ def check_bag_mask(mask: torch.Tensor | None, batch: int, length: int, device: t
     return mask
 
 
+def instance_ranks(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) position of each instance in its bag's order of decreasing score (0 = highest);
+    padding (``mask`` False) comes after every valid instance.
+
+    Args:
+        scores: (B, N) instance scores.
+        mask: (B, N) bool, True at valid instances.
+    """
+    ranked = scores.masked_fill(~mask, -math.inf).argsort(-1, descending=True)  # (B, N)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(ranked)
+    return torch.empty_like(ranked).scatter_(1, ranked, positions)
+
+
 def challenge_mask(scores: torch.Tensor, mask: torch.Tensor, k: int, p: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """Stochastic top-K instance masking (Zhang et al., ECCV 2024): ``mask`` without a random part
@@ -83,9 +97,7 @@ def challenge_mask(scores: torch.Tensor, mask: torch.Tensor, k: int, p: float,
         (B, N) bool, a subset of ``mask``.
     """
     n_valid = mask.sum(1, keepdim=True)  # (B, 1)
-    ranked = scores.detach().masked_fill(~mask, -math.inf).argsort(-1, descending=True)  # (B, N)
-    rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(mask.shape[1], device=mask.device).expand_as(ranked))
-    candidates = (rank < torch.clamp(n_valid - 1, max=k)) & mask  # (B, N)
+    candidates = (instance_ranks(scores.detach(), mask) < torch.clamp(n_valid - 1, max=k)) & mask  # (B, N)
     drop = torch.rand(mask.shape, generator=generator, device=mask.device) < p
     return mask & ~(candidates & drop)
 

@@ -10,7 +10,6 @@ sections turn these records into the results document.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
+from mlmi_zoo.architectures.mil_heads import instance_ranks
 from mlmi_zoo.evaluation._common import (
     EvaluationLimits,
     _batch_groups,
@@ -274,8 +274,7 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
         # top-k instances: tumour share (positive bags) and the effect of excluding them
         n_valid = mask.sum(1)  # (B,)
         k = torch.clamp(n_valid - 1, min=0).clamp(max=limits.top_instances)  # keep >= 1 instance
-        ranked = scores.masked_fill(~mask, -math.inf).argsort(-1, descending=True)  # (B, N)
-        rank = torch.empty_like(ranked).scatter_(1, ranked, torch.arange(mask.shape[1]).expand_as(ranked))
+        rank = instance_ranks(scores, mask)  # (B, N)
         top_k = (rank < k[:, None]) & mask  # (B, N)
         if inst is not None:
             share_k = torch.minimum(n_valid, torch.tensor(limits.top_instances))
