@@ -426,18 +426,17 @@ class ProtoPNet(InterpretableModel):
         logits = self.last_layer(sims * self.prototype_mask)
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):
-            quantities, fractions = self.physical(x, *self._count_context(x, feats, spacing))
+            fractions = self._count_fractions(x, feats, spacing)
             if self.config.measure_dihedral_views and not self.training:
                 fractions = self._dihedral_fractions(x, fractions, spacing)
-                quantities = self.physical.standardised(fractions)
+            quantities = self.physical.standardised(fractions)
         elif self.physical is not None:
             quantities = self.physical(reduce(z, "b d ... -> b d", "mean"))
         return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities, fractions)
 
-    def _count_context(self, x: torch.Tensor, feats: torch.Tensor | None,
-                       spacing: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-        """``(feats, spacing, canonical_feats)`` for the count head: the given pass's features
-        (``feats``), or a pass on ``x`` resampled to the canonical grid through the model's
+    def _count_fractions(self, x: torch.Tensor, feats: torch.Tensor | None, spacing: torch.Tensor | None) -> torch.Tensor:
+        """The count head's (B, 1, *tiles) fraction map of ``x``. Its context is the given pass's
+        features ``feats``, or a pass on ``x`` resampled to the canonical grid through the model's
         backbone (``measure_context="canonical"``) or the head's own (``"own"``); detached with
         ``measure_detach``."""
         canonical = self.config.measure_context != "given"
@@ -445,14 +444,15 @@ class ProtoPNet(InterpretableModel):
             own = self.physical.context_backbone
             feats = (self.backbone if own is None else own)(self.physical.to_canonical(x, spacing))
         assert feats is not None
-        return (feats.detach() if self.config.measure_detach else feats), spacing, canonical
+        feats = feats.detach() if self.config.measure_detach else feats
+        return self.physical.fraction_map(x, feats, spacing, canonical_feats=canonical)
 
     def _dihedral_fractions(self, x: torch.Tensor, identity: torch.Tensor, spacing: torch.Tensor | None) -> torch.Tensor:
         """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
         (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
         def one_view(view: torch.Tensor, view_spacing: torch.Tensor | None) -> tuple[torch.Tensor]:
             feats = self.backbone(view) if self.config.measure_context == "given" else None
-            return (self.physical.fraction_map(view, *self._count_context(view, feats, view_spacing)),)
+            return (self._count_fractions(view, feats, view_spacing),)
 
         given = None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
         return dihedral_mean(one_view, x, given, (True,), identity=(identity,))[0]
