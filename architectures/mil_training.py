@@ -66,6 +66,9 @@ def bag_label_instance_loss(scores: torch.Tensor, mask: torch.Tensor, labels: to
         scores: (B, N) raw instance scores (logits).
         mask: (B, N) bool, True at valid instances.
         labels: (B,) bag labels in {0, 1}.
+
+    Raises:
+        ValueError: for a label other than 0 or 1.
     """
     labels = labels.to(scores.device).long()
     if bool(((labels != 0) & (labels != 1)).any()):
