@@ -3,7 +3,7 @@
 Implements Chen, Li, Tao, Barnett, Su, Rudin, "This Looks Like That: Deep Learning for
 Interpretable Image Recognition" (NeurIPS 2019): backbone -> add-on 1x1 convolutions (ReLU, Sigmoid)
 -> prototype layer (similarity of ``P`` prototypes to every latent location) -> global max pooling
--> a bias-free last layer initialised to +1 for a prototype's own class and -0.5 otherwise. The
+(or IAIA-BL's top-k average pooling, ``pool_top_k``) -> a bias-free last layer initialised to +1 for a prototype's own class and -0.5 otherwise. The
 optional fine-annotation loss (:mod:`.protopnet_training`) follows IAIA-BL (Barnett, Schwartz, Tao,
 Chen, Ren, Lo, Rudin, "A case-based interpretable deep learning model for classification of mass
 lesions in digital mammography", Nature Machine Intelligence 2021).
@@ -79,6 +79,11 @@ class ProtoPNetConfig(ModelConfig):
         padding_mode: padding of the backbone's convolutions. Zero padding marks the crop border
             in the features, and prototypes can learn to match that border instead of anatomy;
             ``"reflect"`` pads with the image's own content.
+        pool_top_k: each prototype's similarity to an image is the mean over its ``k`` most
+            similar latent locations (IAIA-BL's top-k average pooling); 1 is ProtoPNet's max
+            pooling. Above 1, a pattern seen at several places weighs more than one seen once,
+            which suits grades that rise with the number of lesions. Push still projects each
+            prototype onto its single nearest training patch.
         physical_head: ``"regress"`` (an MLP on the mean add-on features; any quantity) or
             ``"count"`` (sizes — lengths, areas in 2D, volumes in 3D — measured as the lesion pixel
             count of a predicted fraction map, as the ground truth of a mask is defined).
@@ -128,6 +133,7 @@ class ProtoPNetConfig(ModelConfig):
     fa_coef: float = 0.0
     push_on_lesion: bool = False
     padding_mode: Literal["zeros", "reflect"] = "zeros"
+    pool_top_k: int = 1
     physical_head: Literal["regress", "count"] = "regress"
     measure_tile: int = 4
     measure_map_coef: float = 1.0
@@ -145,7 +151,7 @@ class ProtoPNetConfig(ModelConfig):
         super().__post_init__()
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"ProtoPNet needs image inputs with spatial_dims 2 or 3, got {self.spatial_dims}")
-        for name in ("prototype_dim", "prototypes_per_class", "feature_stride"):
+        for name in ("prototype_dim", "prototypes_per_class", "feature_stride", "pool_top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.similarity not in ("log_l2", "cosine"):
@@ -189,7 +195,8 @@ class ProtoPNetOutputs:
         latent: (B, D, *latent) add-on output.
         distance_maps: (B, P, *latent) distance of each prototype to each location.
         min_distances: (B, P) minimum over the grid.
-        similarities: (B, P) similarity at the best location (not masked).
+        similarities: (B, P) similarity at the best location, or the mean over the ``pool_top_k``
+            best (not masked).
         logits: (B, C).
         quantities: (B, Q) standardised physical-head outputs, or None.
         lesion_fraction: (B, 1, *tiles) lesion fraction of each tile (``physical_head="count"``), or None.
@@ -211,8 +218,8 @@ class PrototypeExplanation(Explanation):
     ``logits == bias + contributions.sum(-1)`` exactly (to float rounding); the bias is zero.
 
     Attributes:
-        similarities: (B, P) each prototype's best similarity in the image (before the switch-off
-            mask).
+        similarities: (B, P) each prototype's pooled similarity in the image: the best location's,
+            or the mean of the ``pool_top_k`` best (before the switch-off mask).
         similarity_maps: (B, P, *latent) similarity at every latent location.
         localization: (B, P, *spatial) similarity maps upsampled (bi/trilinear) to the input size.
         contributions: (B, C, P) last-layer weight x similarity x enabled.
@@ -313,7 +320,7 @@ class AddOn(nn.Sequential):
 
 
 class ProtoPNet(InterpretableModel):
-    """Backbone -> add-on -> prototype layer -> max pooling -> bias-free last layer.
+    """Backbone -> add-on -> prototype layer -> max (or top-k average) pooling -> bias-free last layer.
 
     Args:
         config: a :class:`ProtoPNetConfig`.
@@ -404,11 +411,17 @@ class ProtoPNet(InterpretableModel):
         """(B, C_in, *spatial) network input -> (B, D, *latent) add-on output (no input checks)."""
         return self.add_on(self.backbone(x))
 
+    def pooled_similarities(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, *latent) add-on output -> (B, P) pooled similarities (before the switch-off mask)."""
+        layer, k = self.prototype_layer, self.config.pool_top_k
+        if k == 1:  # min pooling of distances: the similarity is computed on (B, P) values only
+            return layer.similarity(layer.nearest_distances(z))
+        return layer.pooled_similarity(layer.distances(z), k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, *spatial) -> (B, C) logits."""
         self.validate_input(x)
-        min_d = self.prototype_layer.nearest_distances(self.latent(x))  # (B, P)
-        return self.last_layer(self.prototype_layer.similarity(min_d) * self.prototype_mask)
+        return self.last_layer(self.pooled_similarities(self.latent(x)) * self.prototype_mask)
 
     def forward_parts(self, x: torch.Tensor, spacing: torch.Tensor | None = None) -> ProtoPNetOutputs:
         """One pass returning latent, distances, similarities, logits and physical outputs.
@@ -422,7 +435,8 @@ class ProtoPNet(InterpretableModel):
         feats = self.backbone(x)  # (B, F, *latent)
         z = self.add_on(feats)
         maps, min_d = self.prototype_layer.min_distances(z)
-        sims = self.prototype_layer.similarity(min_d)  # (B, P)
+        k = self.config.pool_top_k
+        sims = self.prototype_layer.similarity(min_d) if k == 1 else self.prototype_layer.pooled_similarity(maps, k)  # (B, P)
         logits = self.last_layer(sims * self.prototype_mask)
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):

@@ -152,8 +152,7 @@ def cached_similarities(model: ProtoPNet, loader: Iterable[dict[str, Any]],
         for batch in loader:
             x = model.input_spec.intensity(batch["image"].to(device))
             model.validate_input(x)
-            min_d = model.prototype_layer.nearest_distances(model.latent(x))  # (B, P)
-            sims.append(model.prototype_layer.similarity(min_d) * model.prototype_mask)
+            sims.append(model.pooled_similarities(model.latent(x)) * model.prototype_mask)  # (B, P)
             labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(device))
     if not sims:
         raise ValueError("the loader yielded no batches; the last layer needs training data")

@@ -115,6 +115,23 @@ class PrototypeLayer(nn.Module):
             return 1.0 - distances
         return torch.log((distances + 1.0) / (distances + self.eps))
 
+    def pooled_similarity(self, distances: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """Pool distance maps into one similarity per prototype: the mean similarity of the ``k``
+        nearest locations (IAIA-BL's top-k average pooling; ``k=1`` is ProtoPNet's max pooling).
+
+        Args:
+            distances: (B, P, *latent) distance maps (:meth:`distances`).
+            k: locations averaged, at most the number of latent locations.
+
+        Returns:
+            (B, P) similarities.
+        """
+        flat = distances.flatten(2)  # (B, P, L)
+        if not 1 <= k <= flat.shape[-1]:
+            raise ValueError(f"top-k pooling needs 1 <= k <= {flat.shape[-1]} latent locations, got k={k}")
+        nearest = flat.amin(-1, keepdim=True) if k == 1 else flat.topk(k, dim=-1, largest=False).values  # (B, P, k)
+        return self.similarity(nearest).mean(-1)
+
     def nearest_distances(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, *latent) -> (B, P) distance of each prototype to its nearest location (min pooling)."""
         # Clamping after the minimum gives the same value (clamping is monotone) on P, not L x P, values.

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 import mlmi_zoo
 from mlmi_zoo.architectures.protopnet import ProtoPNet, PrototypeExplanation
 from mlmi_zoo.architectures.protopnet_training import (
+    cached_similarities,
     cluster_separation_costs,
     fine_annotation_cost,
     off_class_l1,
@@ -283,6 +284,32 @@ def test_last_layer_fit_uses_cached_similarities_and_reduces_its_loss() -> None:
         logits = model(ds.images)
         expected = torch.nn.functional.cross_entropy(logits, ds.labels) + 1e-4 * off_class_l1(model.last_layer.weight, model.prototype_classes)
     assert result["loss_after"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_top_k_pooling_averages_the_k_best_locations_and_still_decomposes() -> None:
+    layer = PrototypeLayer(1, 2)
+    d = torch.tensor([3.0, 0.0, 1.0, 7.0]).view(1, 1, 2, 2)  # (B, P, 2, 2) distance map
+    sim = layer.similarity
+    assert float(layer.pooled_similarity(d, 1)) == pytest.approx(float(sim(torch.tensor(0.0))))
+    assert float(layer.pooled_similarity(d, 3)) == pytest.approx(float(sim(torch.tensor([0.0, 1.0, 3.0])).mean()))
+    for k in (0, 5):
+        with pytest.raises(ValueError, match=r"1 <= k <= 4 latent locations"):
+            layer.pooled_similarity(d, k)
+    with pytest.raises(ValueError, match="pool_top_k must be >= 1"):
+        tiny(pool_top_k=0)
+    model = tiny(pool_top_k=3).eval()
+    x = torch.rand(3, 1, 32, 32)
+    exp = model.explain(x)
+    assert torch.equal(exp.logits, model(x))
+    assert exp.decomposition_error() <= 1e-5
+    # Each similarity is the mean of its map's three largest values, below the maximum unless they tie.
+    torch.testing.assert_close(exp.similarity_maps.flatten(2).topk(3, -1).values.mean(-1), exp.similarities)
+    assert (exp.similarities <= exp.similarity_maps.flatten(2).amax(-1) + 1e-6).all()
+    assert (exp.similarities < exp.similarity_maps.flatten(2).amax(-1)).any()
+    # The last layer's cache holds the same pooled similarities.
+    ds = Images(4, (1, 32, 32))
+    sims, _ = cached_similarities(model, loader_for(ds))
+    torch.testing.assert_close(sims, model.explain(ds.images).similarities)
 
 
 # -- persistence and rendering ------------------------------------------------------------------------
