@@ -226,9 +226,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, reference_run)
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, reference_run, monkeypatch):
-    import mlmi_zoo.training.trainer as trainer_module
+    import mlmi_zoo.training.checkpoint as checkpoint_module
 
-    real = trainer_module.save_weights
+    real = checkpoint_module.save_weights
     calls = {"n": 0}
 
     def failing(state, path, metadata=None):
@@ -238,13 +238,13 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, refe
             raise OSError("disk full (simulated)")
         return real(state, path, metadata)
 
-    monkeypatch.setattr(trainer_module, "save_weights", failing)
+    monkeypatch.setattr(checkpoint_module, "save_weights", failing)
     run = tmp_path / "run"
     with pytest.raises(OSError, match="simulated"):
         train(load_recipe(write_recipe(tmp_path / "r.yaml")), run, quiet=True)
     ckpt = load_checkpoint(run / "checkpoints" / "last")  # verified against its manifest
     assert ckpt.state["position"]["global_step"] == 2
-    monkeypatch.setattr(trainer_module, "save_weights", real)
+    monkeypatch.setattr(checkpoint_module, "save_weights", real)
     final = train(load_recipe(run / "recipe.yaml"), run, resume=True, quiet=True)
     assert_bit_identical(weights(final), weights(reference_run / "final"))
 

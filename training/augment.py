@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mlmi_zoo.training.distributed import derive_seed
+
 __all__ = ["AUGMENTATIONS", "DihedralAugment", "dihedral", "augmented"]
 
 AUGMENTATIONS = ("dihedral",)
@@ -67,19 +69,16 @@ class DihedralAugment(Dataset):
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
-        from mlmi_zoo.training.trainer import derive_seed  # the trainer imports this module
-
         self.dataset = dataset
         self.seed = int(seed)
         self.epoch = int(epoch)
-        self._derive_seed = derive_seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def symmetry(self, i: int) -> int:
         """The symmetry applied to case ``i`` in this epoch."""
-        return self._derive_seed(self.seed, "dihedral", self.epoch, int(i)) % 8
+        return derive_seed(self.seed, "dihedral", self.epoch, int(i)) % 8
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self.dataset[i]

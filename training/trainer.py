@@ -17,7 +17,7 @@ run directory::
 
 Determinism and exact resume. Everything random is a function of ``recipe.seed``: the model is
 initialised under ``torch.manual_seed(seed)``; the order of epoch ``e`` is a permutation drawn from
-a generator seeded with ``(seed, e)`` (:class:`EpochSampler`), so a resumed epoch skips the batches
+a generator seeded with ``(seed, e)`` (:class:`~mlmi_zoo.training.distributed.EpochSampler`), so a resumed epoch skips the batches
 already done and sees the rest in the same order; DataLoaders get their own seeded generators and
 never touch the global RNG; the python/numpy/torch RNG states are saved in every checkpoint and
 restored. ``checkpoints/last`` is written after every epoch and every ``checkpoint_every_steps``
@@ -25,7 +25,7 @@ optimiser steps. On CPU a run killed mid-epoch and resumed ends with bit-identic
 
 Checkpoints are never half-written: a checkpoint is written to ``.last.tmp/``, its manifest last,
 then swapped in by renames; loading checks the manifest's sha256s, and falls back to the previous
-checkpoint (``.last.old/``) if a crash hit between the two renames.
+checkpoint (``.last.old/``) if a crash hit between the two renames (:mod:`mlmi_zoo.training.checkpoint`).
 
 Test hook: environment variable ``MLMI_ZOO_TEST_KILL_AT_STEP=k`` makes the process SIGKILL itself
 right after optimiser step ``k`` (and its step checkpoint, if one is due) — the resume tests use it
@@ -35,39 +35,57 @@ Distributed (``torchrun --nproc_per_node=N -m mlmi_zoo.training train ...``): gl
 GPU, DDP, :class:`EpochSampler` shards each epoch's permutation between processes so that the
 union of the N per-process batches of a step is the single-process batch of that step
 (``optim.batch_size`` is global). With ``sync_batchnorm`` (default) batch norm uses global-batch
-statistics (``nn.SyncBatchNorm`` on GPU; :class:`GlobalBatchNorm` on CPU, where the former is not
+statistics (``nn.SyncBatchNorm`` on GPU; :class:`~mlmi_zoo.training.distributed.GlobalBatchNorm` on CPU, where the former is not
 supported), so N processes compute what one process would, up to floating-point summation order.
 Metrics are gathered from every process; only rank 0 writes files. Every process holds the same
 RNG state.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import platform
 import random
-import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from mlmi_zoo._config import to_jsonable
-from mlmi_zoo._weights import load_weights, save_weights, sha256_file, write_json_atomic, write_text_atomic
+from mlmi_zoo._weights import write_json_atomic, write_text_atomic
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.training.augment import augmented
+from mlmi_zoo.training.checkpoint import (
+    STATE_JSON,
+    Checkpoint,
+    find_checkpoint,
+    Position,
+    load_checkpoint,
+    load_optimizer,
+    optimizer_tensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from mlmi_zoo.training.data_spec import build_dataset, collate_for, describe
 from mlmi_zoo.training.family import FamilyTraining, training_for
+from mlmi_zoo.training.distributed import (
+    EpochSampler,
+    GlobalBatchNorm,
+    convert_batchnorm,
+    derive_seed,
+    init_distributed,
+    seed_worker,
+)
 from mlmi_zoo.training.recipe import Recipe, StageSection, model_config, recipe_differences, recipe_to_yaml
 
 __all__ = ["Trainer", "train", "EpochSampler", "GlobalBatchNorm", "load_checkpoint", "KILL_AT_STEP_ENV"]
@@ -75,157 +93,6 @@ __all__ = ["Trainer", "train", "EpochSampler", "GlobalBatchNorm", "load_checkpoi
 log = logging.getLogger(__name__)
 
 KILL_AT_STEP_ENV = "MLMI_ZOO_TEST_KILL_AT_STEP"
-MODEL_FILE = "model.safetensors"
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
-MANIFEST = "manifest.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# seeds and data order
-# ---------------------------------------------------------------------------------------------
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A 63-bit seed that depends on ``seed`` and ``parts`` (so (seed=0, epoch=1) != (seed=1, epoch=0))."""
-    digest = hashlib.sha256(json.dumps([seed, *map(str, parts)]).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed."""
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
-
-
-class EpochSampler(Sampler[int]):
-    """Indices of one epoch: a permutation fixed by ``(seed, epoch)``, sharded, resumable.
-
-    Process ``rank`` of ``world_size`` takes positions ``rank, rank + world_size, ...`` of the
-    (padded) permutation, so with a per-process batch of ``B / world_size`` the processes' j-th
-    batches together are exactly the single-process j-th batch of size ``B``.
-
-    Args:
-        length: data set size.
-        seed: recipe seed.
-        shuffle: permute (training) or keep the order (validation, special stages).
-        rank / world_size: this process and the number of processes.
-        pad: repeat leading indices so every process gets as many (training); validation does not
-            pad (each case is evaluated exactly once).
-    """
-
-    def __init__(self, length: int, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
-        self.length, self.seed, self.shuffle = length, seed, shuffle
-        self.rank, self.world_size, self.pad = rank, world_size, pad
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's permutation and drop the first ``skip`` indices of this process."""
-        self.epoch, self.skip = epoch, skip
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
-        if self.pad and self.world_size > 1 and order:
-            total = math.ceil(len(order) / self.world_size) * self.world_size
-            order = (order * math.ceil(total / len(order)))[:total]
-        return order[self.rank::self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, len(self._indices()) - self.skip)
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed plumbing
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_kind: str) -> _Dist:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (gloo on CPU, NCCL on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Batch norm whose training statistics span the batches of every process.
-
-    ``nn.SyncBatchNorm`` does the same on GPUs only; this version works with any backend (gloo on
-    CPU) through the differentiable ``torch.distributed.nn.functional.all_reduce``. Two passes (mean,
-    then centred squares) keep the variance as accurate as single-process batch norm. State-dict
-    keys are those of ``nn.BatchNorm*d``, so checkpoints load into the unconverted model.
-    """
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.ndim < 2:
-            raise ValueError(f"expected (B, C, ...) input, got shape {tuple(x.shape)}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                            False, 0.0, self.eps)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0, *range(2, x.ndim)]
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        count = all_reduce(x.new_tensor(float(x.numel() // x.shape[1])))
-        mean = all_reduce(x.sum(dims)) / count  # (C,)
-        centred = x - mean.view(shape)
-        var = all_reduce((centred * centred).sum(dims)) / count  # (C,) biased, as batch norm normalises
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
-                unbiased = var.detach() * count / (count - 1).clamp_min(1)
-                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
-        y = centred * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
-
-
-def convert_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
-    """Swap ``nn.BatchNorm{1,2,3}d`` for global-batch batch norm, keeping the same parameters and buffers."""
-    if cuda:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
-            if child.affine:
-                new.weight, new.bias = child.weight, child.bias
-            if child.track_running_stats:
-                new.running_mean, new.running_var = child.running_mean, child.running_var
-                new.num_batches_tracked = child.num_batches_tracked
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            convert_batchnorm(child, cuda)
-    return module
 
 
 class _StageLoss(nn.Module):
@@ -238,159 +105,6 @@ class _StageLoss(nn.Module):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         out = self.adapter.loss(self.model, batch, self.stage)
         return out.loss, out.logits, out.logs
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints (safetensors + JSON only, written atomically)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Position:
-    """Where a run stands; saved in every checkpoint.
-
-    Attributes:
-        stage: index of the current recipe stage (``len(stages)``: all done).
-        epoch: epochs completed in that stage.
-        batch: batches completed in the current epoch.
-        global_step: optimiser steps since the start.
-        global_epoch: epochs since the start over all stages (seeds the data order).
-        metrics_lines: lines in metrics.jsonl when the checkpoint was written.
-        best_value: best ``select_metric`` so far in the last stage (``None``: none yet).
-        best: the metrics line of that epoch.
-    """
-
-    stage: int = 0
-    epoch: int = 0
-    batch: int = 0
-    global_step: int = 0
-    global_epoch: int = 0
-    metrics_lines: int = 0
-    best_value: float | None = None
-    best: dict[str, Any] = field(default_factory=dict)
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimiser state_dict into tensors (for safetensors) and the rest (for JSON)."""
-    if optimizer is None:
-        return {}, {}
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer/{pid}/{key}"] = value
-            else:
-                scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "state_scalars": scalars}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer/"):
-            _, pid, name = key.split("/", 2)
-            state.setdefault(int(pid), {})[name] = value
-    for pid, values in meta["state_scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
-    # JSON turned tuples (e.g. Adam's betas) into lists; only "params" is a list in torch's format.
-    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-              for g in meta["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{i}"] = s
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return tensors, {"python": [version, list(internal), gauss],
-                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng/cuda/"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = meta["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_checkpoint(dest: Path, model: InterpretableModel, state: dict[str, Any],
-                    tensors: dict[str, torch.Tensor]) -> None:
-    """Write a checkpoint folder atomically.
-
-    The files go to ``.{dest.name}.tmp/`` with ``manifest.json`` (their sha256s) last; the folder
-    then replaces ``dest`` by renames (``dest`` -> ``.{name}.old``, tmp -> ``dest``). A crash at
-    any point leaves either the old or the new checkpoint complete (see :func:`find_checkpoint`).
-
-    Args:
-        dest: e.g. ``RUN_DIR/checkpoints/last``.
-        model: its state_dict goes to ``model.safetensors`` and ``export_metadata()`` into the JSON.
-        state: JSON-safe trainer state.
-        tensors: trainer tensors (optimiser state, RNG states) for ``trainer_state.safetensors``.
-    """
-    tmp = dest.parent / f".{dest.name}.tmp"
-    old = dest.parent / f".{dest.name}.old"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shas = {
-        MODEL_FILE: save_weights(model.state_dict(), tmp / MODEL_FILE, metadata={"architecture": model.architecture}),
-        STATE_TENSORS: save_weights(tensors, tmp / STATE_TENSORS),
-    }
-    write_json_atomic(tmp / STATE_JSON, to_jsonable({**state, "model_metadata": model.export_metadata()}))
-    shas[STATE_JSON] = sha256_file(tmp / STATE_JSON)
-    write_json_atomic(tmp / MANIFEST, {"files": shas})
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def find_checkpoint(dest: Path) -> Path | None:
-    """``dest`` if it holds a complete checkpoint, else the previous one a crash left in ``.old``."""
-    for candidate in (dest, dest.parent / f".{dest.name}.old"):
-        if (candidate / MANIFEST).is_file():
-            return candidate
-    return None
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint read back and verified (every file against the manifest's sha256)."""
-
-    path: Path
-    model_state: dict[str, torch.Tensor]
-    tensors: dict[str, torch.Tensor]
-    state: dict[str, Any]
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint folder written by :func:`save_checkpoint`, checking every sha256 first.
-
-    Raises:
-        FileNotFoundError: no complete checkpoint at ``path`` (nor in its ``.old`` fallback).
-        WeightsError: a file differs from the manifest.
-    """
-    found = find_checkpoint(Path(path))
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint at {path} (a complete one has {MANIFEST})")
-    shas = json.loads((found / MANIFEST).read_text())["files"]
-    if sha256_file(found / STATE_JSON) != shas[STATE_JSON]:
-        from mlmi_zoo._weights import WeightsError
-
-        raise WeightsError(f"{found / STATE_JSON} differs from its manifest; the checkpoint is corrupt")
-    return Checkpoint(found, load_weights(found / MODEL_FILE, shas[MODEL_FILE]),
-                      load_weights(found / STATE_TENSORS, shas[STATE_TENSORS]),
-                      json.loads((found / STATE_JSON).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +187,7 @@ class Trainer:
         want_cuda = recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available())
         if recipe.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("recipe.device is 'cuda' but torch sees no GPU; use device=auto or device=cpu")
-        self.dist = _init_distributed("cuda" if want_cuda else "cpu")
+        self.dist = init_distributed("cuda" if want_cuda else "cpu")
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if want_cuda else "cpu")
         if want_cuda:
             torch.cuda.set_device(self.device)
@@ -530,7 +244,7 @@ class Trainer:
             stage = r.stages[pos.stage]
             if stage.name in adapter.special_stages:
                 if pending is not None:
-                    _set_rng_state(pending.tensors, pending.state["rng"])
+                    set_rng_state(pending.tensors, pending.state["rng"])
                     pending = None
                 seq = self._loader(train_set, EpochSampler(len(train_set), r.seed, False), self.eval_batch_size, collate, 0)
                 records = adapter.run_special_stage(model, stage.name, seq, self.device, **_stage_options(adapter, stage))
@@ -549,9 +263,9 @@ class Trainer:
                                                  find_unused_parameters=True)
             if pending is not None:
                 if pos.epoch or pos.batch:  # mid-stage: the optimiser and schedule continue
-                    _load_optimizer(optimizer, pending.tensors, pending.state["optimizer"])
+                    load_optimizer(optimizer, pending.tensors, pending.state["optimizer"])
                     scheduler.load_state_dict(pending.state["scheduler"])
-                _set_rng_state(pending.tensors, pending.state["rng"])
+                set_rng_state(pending.tensors, pending.state["rng"])
                 pending = None
 
             while pos.epoch < stage.epochs:
@@ -861,8 +575,8 @@ class Trainer:
                     scheduler: Any, pos: Position) -> None:
         if not self.dist.main:
             return
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        rng_tensors, rng_meta = _rng_state()
+        opt_tensors, opt_meta = optimizer_tensors(optimizer)
+        rng_tensors, rng_meta = rng_state()
         state = {"position": asdict(pos), "optimizer": opt_meta, "rng": rng_meta,
                  "scheduler": scheduler.state_dict() if scheduler is not None else None}
         save_checkpoint(self.ckpt_dir / which, model, state, {**opt_tensors, **rng_tensors})
