@@ -65,6 +65,9 @@ class ProtoPNetConfig(ModelConfig):
             modes of a lesion class.
         similarity: ``"log_l2"`` (ProtoPNet) or ``"cosine"``.
         epsilon: the ``eps`` of ``log((d + 1) / (d + eps))``; bounds the similarity by ``log(1/eps)``.
+            ProtoPNet's 1e-4 makes the similarity steep near ``d = 0``: once prototypes lie close to
+            real patches (``prototype_init="data"``), the short move of push still changes every
+            similarity a lot. A larger value (0.1) flattens it, and push then costs little.
         incorrect_class_weight: initial last-layer weight from a prototype to other classes
             (ProtoPNet: -0.5), so prototypes start as evidence *for* their class only.
         clst_coef: weight of the cluster cost (ProtoPNet: 0.8).
