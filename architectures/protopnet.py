@@ -3,10 +3,11 @@
 Implements Chen, Li, Tao, Barnett, Su, Rudin, "This Looks Like That: Deep Learning for
 Interpretable Image Recognition" (NeurIPS 2019): backbone -> add-on 1x1 convolutions (ReLU, Sigmoid)
 -> prototype layer (similarity of ``P`` prototypes to every latent location) -> global max pooling
-(or IAIA-BL's top-k average pooling, ``pool_top_k``) -> a bias-free last layer initialised to +1 for a prototype's own class and -0.5 otherwise. The
-optional fine-annotation loss (:mod:`.protopnet_training`) follows IAIA-BL (Barnett, Schwartz, Tao,
-Chen, Ren, Lo, Rudin, "A case-based interpretable deep learning model for classification of mass
-lesions in digital mammography", Nature Machine Intelligence 2021).
+(or IAIA-BL's top-k average pooling, ``pool_top_k``) -> a bias-free last layer initialised to +1 for
+a prototype's own class and -0.5 otherwise. The optional fine-annotation loss
+(:mod:`.protopnet_training`) follows IAIA-BL (Barnett, Schwartz, Tao, Chen, Ren, Lo, Rudin, "A
+case-based interpretable deep learning model for classification of mass lesions in digital
+mammography", Nature Machine Intelligence 2021).
 
 What we changed:
 

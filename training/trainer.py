@@ -15,17 +15,19 @@ run directory::
     RUN_DIR/final/                 ``save_pretrained`` folder of the selected weights, with the recipe
                                    and the data description in config.json
 
-Determinism and exact resume. Everything random is a function of ``recipe.seed``: the model is
-initialised under ``torch.manual_seed(seed)``; the order of epoch ``e`` is a permutation drawn from
-a generator seeded with ``(seed, e)`` (:class:`~mlmi_zoo.training.distributed.EpochSampler`), so a resumed epoch skips the batches
-already done and sees the rest in the same order; DataLoaders get their own seeded generators and
-never touch the global RNG; the python/numpy/torch RNG states are saved in every checkpoint and
-restored. ``checkpoints/last`` is written after every epoch and every ``checkpoint_every_steps``
-optimiser steps. On CPU a run killed mid-epoch and resumed ends with bit-identical weights.
+Determinism and exact resume (:mod:`mlmi_zoo.training.distributed`). Everything random is a
+function of ``recipe.seed``: the model is initialised under ``torch.manual_seed(seed)``; the order
+of epoch ``e`` is a permutation drawn from a generator seeded with ``(seed, e)``
+(:class:`EpochSampler`), so a resumed epoch skips the batches already done and sees the rest in the
+same order; DataLoaders get their own seeded generators and never touch the global RNG; the
+python/numpy/torch RNG states are saved in every checkpoint and restored. ``checkpoints/last`` is
+written after every epoch and every ``checkpoint_every_steps`` optimiser steps. On CPU a run
+killed mid-epoch and resumed ends with bit-identical weights.
 
 Checkpoints are never half-written: a checkpoint is written to ``.last.tmp/``, its manifest last,
 then swapped in by renames; loading checks the manifest's sha256s, and falls back to the previous
-checkpoint (``.last.old/``) if a crash hit between the two renames (:mod:`mlmi_zoo.training.checkpoint`).
+checkpoint (``.last.old/``) if a crash hit between the two renames
+(:mod:`mlmi_zoo.training.checkpoint`).
 
 Test hook: environment variable ``MLMI_ZOO_TEST_KILL_AT_STEP=k`` makes the process SIGKILL itself
 right after optimiser step ``k`` (and its step checkpoint, if one is due) — the resume tests use it
@@ -35,7 +37,7 @@ Distributed (``torchrun --nproc_per_node=N -m mlmi_zoo.training train ...``): gl
 GPU, DDP, :class:`EpochSampler` shards each epoch's permutation between processes so that the
 union of the N per-process batches of a step is the single-process batch of that step
 (``optim.batch_size`` is global). With ``sync_batchnorm`` (default) batch norm uses global-batch
-statistics (``nn.SyncBatchNorm`` on GPU; :class:`~mlmi_zoo.training.distributed.GlobalBatchNorm` on CPU, where the former is not
+statistics (``nn.SyncBatchNorm`` on GPU; :class:`GlobalBatchNorm` on CPU, where the former is not
 supported), so N processes compute what one process would, up to floating-point summation order.
 Metrics are gathered from every process; only rank 0 writes files. Every process holds the same
 RNG state.
@@ -67,8 +69,8 @@ from mlmi_zoo.training.augment import augmented
 from mlmi_zoo.training.checkpoint import (
     STATE_JSON,
     Checkpoint,
-    find_checkpoint,
     Position,
+    find_checkpoint,
     load_checkpoint,
     load_optimizer,
     optimizer_tensors,
