@@ -1,0 +1,146 @@
+"""Build the bundled release: train each model from its recipe, evaluate it, generate its card.
+
+    python -m mlmi_zoo.model_cards.release                 # every model, in order
+    python -m mlmi_zoo.model_cards.release NAME [NAME ...] # some of them
+
+For each model: ``train`` (the shared trainer, from ``training/recipes/<recipe>.yaml``) into
+``runs/release/<name>``; copy the final ``save_pretrained`` folder and the recipe into
+``model_cards/<name>/``; ``evaluate`` it on the held-out test split (with its black-box baseline, when
+there is one, on the same split); write the card from the results; store two test cases under
+``samples/`` for ``mlmi-zoo demo``. Baselines come before the models that cite them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mlmi_zoo.release")
+
+PACKAGE = Path(__file__).resolve().parents[1]
+RECIPES = PACKAGE / "training" / "recipes"
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str  # family_backbone.tag
+    recipe: str  # file name in src/mlmi_zoo/training/recipes
+    baseline: str | None = None  # bundled name of the black-box baseline on the same data
+
+
+RELEASES = (
+    Release("baseline_resnet8.lidc_nodule", "baseline_lidc_nodule.yaml"),
+    Release("protopnet_resnet8.lidc_nodule", "protopnet_lidc_nodule.yaml", "baseline_resnet8.lidc_nodule"),
+    Release("cbm_resnet8.lidc_nodule", "cbm_lidc_nodule.yaml", "baseline_resnet8.lidc_nodule"),
+    Release("cbm_resnet8.nodule_phantom", "cbm_nodule_phantom_release.yaml"),
+    Release("protopnet_resnet8.nodule_phantom", "protopnet_nodule_phantom.yaml"),
+    Release("additive_mil_features.tilebag", "additive_mil_tilebag_release.yaml"),
+    Release("abmil_features.tilebag", "abmil_tilebag_release.yaml"),
+    Release("baseline_resnet8.pneumoniamnist", "baseline_pneumoniamnist.yaml"),
+    Release("protopnet_resnet8.pneumoniamnist", "protopnet_pneumoniamnist.yaml", "baseline_resnet8.pneumoniamnist"),
+    Release("baseline_resnet8.retinamnist", "baseline_retinamnist.yaml"),
+    Release("protopnet_resnet8.retinamnist", "protopnet_retinamnist.yaml", "baseline_resnet8.retinamnist"),
+    Release("baseline_resnet8.adrenalmnist3d", "baseline_adrenalmnist3d.yaml"),
+    Release("protopnet_resnet8.adrenalmnist3d", "protopnet_adrenalmnist3d.yaml", "baseline_resnet8.adrenalmnist3d"),
+    Release("baseline_resnet8.lidc_nodule3d", "baseline_lidc_nodule3d.yaml"),
+    Release("protopnet_resnet8.lidc_nodule3d", "protopnet_lidc_nodule3d.yaml", "baseline_resnet8.lidc_nodule3d"),
+)
+
+
+def _store_samples(folder: Path, recipe_path: Path, n: int = 2) -> None:
+    """Save ``n`` test cases (raw tensors + ground truth) for the demo."""
+    from mlmi_zoo.model_cards.demo import save_samples
+    from mlmi_zoo.training.data_spec import build_dataset
+    from mlmi_zoo.training.datasets.catalog import source_for
+    from mlmi_zoo.training.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, [])
+    spec = recipe.data
+    if spec.cache:  # rendering two cases is cheaper than caching the whole split
+        from dataclasses import replace
+
+        spec = replace(spec, cache=False)
+    dataset = build_dataset(spec, "test")
+    source = source_for({"kind": spec.kind, "params": spec.params})
+    shutil.rmtree(folder / "samples", ignore_errors=True)
+    for i in range(min(n, len(dataset))):
+        sample = dataset[i]
+        tensors = {k: v for k, v in sample.items() if isinstance(v, torch.Tensor) and k != "index"}
+        names = getattr(dataset, "label_names", None)
+        label = int(sample["label"])
+        meta = {"source": source.name, "license": source.license, "split": "test", "case": int(sample.get("index", i)),
+                "label": names[label] if names else label}
+        for key, value in sample.get("measurements", {}).items():
+            meta[f"true {key}"] = round(float(value), 3)
+        save_samples(folder, f"test_case_{i}", tensors, meta)
+
+
+def build(release: Release, runs: Path, cards: Path) -> dict:
+    """Train, evaluate and card one model; returns its results document."""
+    from mlmi_zoo.training.recipe import load_recipe
+    from mlmi_zoo.training.trainer import train
+
+    recipe_path = RECIPES / release.recipe
+    run_dir = runs / release.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    final = train(load_recipe(recipe_path, []), run_dir, quiet=True)
+    log.info("%s: trained in %.0f s", release.name, time.perf_counter() - start)
+    folder = cards / release.name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(final / name, folder / name)
+    shutil.copyfile(recipe_path, folder / "recipe.yaml")
+    return evaluate_and_card(release, cards)
+
+
+def evaluate_and_card(release: Release, cards: Path) -> dict:
+    """Evaluate a bundled model folder on its test split, write its card and demo samples."""
+    from mlmi_zoo.evaluation import evaluate
+    from mlmi_zoo.model_cards.card import write_card
+
+    folder = cards / release.name
+    recipe_path = RECIPES / release.recipe
+    shutil.rmtree(folder / "figures", ignore_errors=True)
+    baseline = release.baseline if release.baseline and (cards / release.baseline / "model.safetensors").is_file() else None
+    command = (f"mlmi-zoo evaluate {release.name} --split test --out src/mlmi_zoo/model_cards/{release.name}/results.json "
+               f"--figures src/mlmi_zoo/model_cards/{release.name}/figures" + (f" --baseline {baseline}" if baseline else ""))
+    results = evaluate(release.name, None, split="test", out=folder / "results.json", figures_dir=folder / "figures",
+                       baseline_uri=baseline, command=command)
+    write_card(folder, folder / "results.json", folder / "figures")
+    _store_samples(folder, recipe_path)
+    log.info("%s: test AUROC %.4f", release.name, results["task"]["auroc"]["estimate"])
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help="bundled names to build (default: all, in order)")
+    p.add_argument("--runs", type=Path, default=Path("runs") / "release")
+    p.add_argument("--evaluate-only", action="store_true", help="re-evaluate and re-card existing model folders")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    known = {r.name: r for r in RELEASES}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        p.error(f"unknown release name(s) {unknown}; known: {sorted(known)}")
+    todo = [known[n] for n in args.names] if args.names else list(RELEASES)
+    cards = Path(__file__).resolve().parent
+    for release in todo:
+        if args.evaluate_only:
+            evaluate_and_card(release, cards)
+        else:
+            build(release, args.runs, cards)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
