@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlmi_zoo.architectures.backbones import create_backbone, latent_to_input
+from mlmi_zoo.architectures.blocks.backbones import create_backbone, latent_to_input
 
 
 @pytest.mark.parametrize("spatial_dims, size", [(2, 64), (3, 32)])

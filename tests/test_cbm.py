@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mlmi_zoo.architectures.cbm import CBM, CBMConfig, ConceptExplanation, MLPConceptExplanation
-from mlmi_zoo.architectures.cbm_training import CBMTraining, fit_concept_statistics
-from mlmi_zoo.architectures.concepts import ConceptCodec
-from mlmi_zoo.architectures.interventions import (
+from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig, ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.architectures.cbm.training import CBMTraining, fit_concept_statistics
+from mlmi_zoo.architectures.cbm.concepts import ConceptCodec
+from mlmi_zoo.architectures.cbm.interventions import (
     FixedOrderPolicy,
     RandomPolicy,
     UncertaintyPolicy,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlmi_zoo.architectures.cbm import CBM, CBMConfig
-from mlmi_zoo.architectures.cbm_training import CBMTraining, attention_off_lesion
+from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig
+from mlmi_zoo.architectures.cbm.training import CBMTraining, attention_off_lesion
 
 from test_cbm import SPACING, ToyNodules, batch_of, make_model, set_stats
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mlmi_zoo.architectures.cbm import CBMConfig
+from mlmi_zoo.architectures.cbm.model import CBMConfig
 from mlmi_zoo.registry import create_model
 from mlmi_zoo.training.datasets.phantoms import NodulePhantom
 

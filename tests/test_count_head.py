@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import mlmi_zoo
-from mlmi_zoo.architectures.backbones import latent_to_input
-from mlmi_zoo.architectures.heads import LesionCountHead
+from mlmi_zoo.architectures.blocks.backbones import latent_to_input
+from mlmi_zoo.architectures.blocks.heads import LesionCountHead
 from mlmi_zoo.specs import QuantitySpec
 from mlmi_zoo.training.datasets.phantoms import equivalent_diameter_mm
-from mlmi_zoo.training.family import training_for
+from mlmi_zoo.architectures.blocks.stages import training_for
 
 DIAMETER = QuantitySpec("diameter_mm", "mm", 0.0, 100.0)
 AREA = QuantitySpec("area_mm2", "mm**2", 0.0, 1e4)
@@ -221,6 +221,6 @@ def test_an_own_context_backbone_keeps_the_measurement_out_of_the_prototypes_bac
     assert all(p.grad is None for p in model.backbone.parameters())  # the measurement trains only its own backbone
     assert sum(float(p.grad.abs().sum()) for p in own.parameters() if p.grad is not None) > 0
     # the warm-up stage trains the head, own backbone included
-    from mlmi_zoo.training.family import training_for
+    from mlmi_zoo.architectures.blocks.stages import training_for
     warm = {id(p) for p in training_for(model).trainable_parameters(model, "warmup")}
     assert all(id(p) in warm for p in own.parameters())

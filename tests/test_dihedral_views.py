@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mlmi_zoo
-from mlmi_zoo.architectures.heads import dihedral_views
+from mlmi_zoo.architectures.blocks.heads import dihedral_views
 from mlmi_zoo.specs import QuantitySpec
 
 DIAMETER = QuantitySpec("diameter_mm", "mm", 0.0, 40.0)

@@ -10,7 +10,7 @@ import torch
 
 import mlmi_zoo
 from mlmi_zoo import InputSpecError, QuantitySpec
-from mlmi_zoo.architectures.mil import (
+from mlmi_zoo.architectures.mil.model import (
     AttentionPool,
     MILConfig,
     challenge_mask,
@@ -18,8 +18,8 @@ from mlmi_zoo.architectures.mil import (
     masked_softmax,
     percentile_normalise,
 )
-from mlmi_zoo.architectures.mil_training import MILInputs, gather_instances, subsample_instances
-from mlmi_zoo.training.family import training_for
+from mlmi_zoo.architectures.mil.training import MILInputs, gather_instances, subsample_instances
+from mlmi_zoo.architectures.blocks.stages import training_for
 
 D = 16
 TINY = {"in_features": D, "hidden": 8, "attention_hidden": 8, "classifier_hidden": 6, "train_max_instances": None}
@@ -528,7 +528,7 @@ def test_additive_mil_learns_tile_bags_and_localises_tumour(record_property) -> 
 
 
 def test_bag_label_instance_loss_follows_the_mil_assumption() -> None:
-    from mlmi_zoo.architectures.mil_training import bag_label_instance_loss
+    from mlmi_zoo.architectures.mil.training import bag_label_instance_loss
 
     scores = torch.tensor([[0.0, 2.0, -1.0], [1.0, 3.0, 50.0]])
     mask = torch.tensor([[True, True, True], [True, True, False]])

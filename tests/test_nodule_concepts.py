@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlmi_zoo.architectures.cbm import NODULE_CONCEPTS
-from mlmi_zoo.architectures.cbm_training import fit_concept_statistics
-from mlmi_zoo.architectures.concepts import concept_values_from_batch
-from mlmi_zoo.architectures.interventions import RandomPolicy, intervention_curve
+from mlmi_zoo.architectures.cbm.model import NODULE_CONCEPTS
+from mlmi_zoo.architectures.cbm.training import fit_concept_statistics
+from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
+from mlmi_zoo.architectures.cbm.interventions import RandomPolicy, intervention_curve
 from mlmi_zoo.registry import create_model
 from mlmi_zoo.training.datasets import phantoms
 from mlmi_zoo.training.datasets.phantoms import NodulePhantom, nodule_size_category

@@ -8,16 +8,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import mlmi_zoo
-from mlmi_zoo.architectures.protopnet import ProtoPNet, PrototypeExplanation
-from mlmi_zoo.architectures.protopnet_training import (
+from mlmi_zoo.architectures.protopnet.model import ProtoPNet, PrototypeExplanation
+from mlmi_zoo.architectures.protopnet.training import (
     cached_similarities,
     cluster_separation_costs,
     fine_annotation_cost,
     off_class_l1,
 )
-from mlmi_zoo.architectures.prototypes import PrototypeLayer, prototype_topk_patches, push_prototypes, render_prototypes
+from mlmi_zoo.architectures.protopnet.prototypes import PrototypeLayer, prototype_topk_patches, push_prototypes, render_prototypes
 from mlmi_zoo.specs import InputSpecError, QuantitySpec
-from mlmi_zoo.training.family import training_for
+from mlmi_zoo.architectures.blocks.stages import training_for
 
 
 def tiny(size: tuple[int, ...] = (32, 32), **overrides) -> ProtoPNet:
@@ -393,7 +393,7 @@ def test_trains_on_nodule_phantoms() -> None:
 
 
 def test_push_boxes_are_the_cell_windows_centred_on_the_receptive_field() -> None:
-    from mlmi_zoo.architectures.prototypes import latent_box
+    from mlmi_zoo.architectures.protopnet.prototypes import latent_box
 
     # stride 8, cell centres at pixels 0, 8, 16, 24 of a 32-px axis: windows [-4, 4) clipped, [4, 12), ...
     assert latent_box([0, 1], [4, 4], [32, 32], stride=8, offset=0.0) == [[0, 4], [4, 12]]

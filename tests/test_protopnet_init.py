@@ -15,10 +15,10 @@ from einops import rearrange
 from torch.utils.data import Dataset
 
 import mlmi_zoo
-from mlmi_zoo.architectures import protopnet_training
-from mlmi_zoo.architectures.protopnet import ProtoPNet, ProtoPNetConfig
-from mlmi_zoo.architectures.protopnet_training import initialise_prototypes_from_data, kmeans_pp_pick
-from mlmi_zoo.training.family import training_for
+from mlmi_zoo.architectures.protopnet import training as protopnet_training
+from mlmi_zoo.architectures.protopnet.model import ProtoPNet, ProtoPNetConfig
+from mlmi_zoo.architectures.protopnet.training import initialise_prototypes_from_data, kmeans_pp_pick
+from mlmi_zoo.architectures.blocks.stages import training_for
 from mlmi_zoo.training.recipe import load_recipe
 from mlmi_zoo.training.trainer import derive_seed, train
 

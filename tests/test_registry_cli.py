@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import mlmi_zoo
-from mlmi_zoo.architectures.baseline import BaselineClassifier
+from mlmi_zoo.architectures.baseline.model import BaselineClassifier
 from mlmi_zoo.cli import main
 from mlmi_zoo.registry import UnknownModelError
 

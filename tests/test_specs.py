@@ -6,7 +6,7 @@ import torch
 
 import mlmi_zoo
 from mlmi_zoo import InputSpecError, Measurement, QuantitySpec
-from mlmi_zoo.architectures.heads import from_pixel_domain, spacing_exponent, to_pixel_domain
+from mlmi_zoo.architectures.blocks.heads import from_pixel_domain, spacing_exponent, to_pixel_domain
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,11 @@
-"""Model families. Importing this package registers every architecture."""
-from mlmi_zoo.architectures.backbones import create_backbone
-from mlmi_zoo.architectures.heads import PhysicalHead
-from mlmi_zoo.architectures import baseline  # noqa: F401  (registers baseline_*)
-from mlmi_zoo.architectures import protopnet  # noqa: F401  (registers protopnet_* and its training)
-from mlmi_zoo.architectures import cbm, cbm_training  # noqa: F401  (registers cbm_* and its training)
-from mlmi_zoo.architectures import mil, mil_training  # noqa: F401  (registers abmil_*, additive_mil_* and their training)
+"""Model families, one package each, on shared building blocks (:mod:`.blocks`).
 
-__all__ = ["create_backbone", "PhysicalHead"]
+Importing this package registers every architecture and its training stages. It imports nothing
+from :mod:`mlmi_zoo.training`, :mod:`mlmi_zoo.evaluation` or :mod:`mlmi_zoo.model_cards`
+(``tests/test_layering.py``).
+"""
+from mlmi_zoo.architectures import baseline, cbm, mil, protopnet
+from mlmi_zoo.architectures.blocks.backbones import create_backbone
+from mlmi_zoo.architectures.blocks.heads import PhysicalHead
+
+__all__ = ["create_backbone", "PhysicalHead", "baseline", "cbm", "mil", "protopnet"]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from mlmi_zoo.architectures.mil_heads import instance_ranks
+from mlmi_zoo.architectures.mil.heads import instance_ranks
 from mlmi_zoo.evaluation._common import (
     EvaluationLimits,
     _batch_groups,
@@ -152,7 +152,7 @@ def _size(col: _Collected, contributions: torch.Tensor, predicted: torch.Tensor)
 
 
 def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits) -> _Collected:
-    from mlmi_zoo.architectures.concepts import concept_values_from_batch
+    from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
 
     col = _Collected()
     family = model.family
@@ -237,7 +237,7 @@ def _collect_concepts(col: _Collected, model: Any, exp: Any, batch: Mapping[str,
 
 
 def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits, seed: int) -> _Collected:
-    from mlmi_zoo.training.family import training_for
+    from mlmi_zoo.architectures.blocks.stages import training_for
 
     adapter = training_for(model)
     col = _Collected()

@@ -39,15 +39,15 @@ from torch.utils.data import DataLoader
 
 from mlmi_zoo._version import __version__
 from mlmi_zoo.evaluation import figures as figs
-from mlmi_zoo.evaluation._baseline import BLACK_BOX as BLACK_BOX  # re-exported: part of what this module offers
-from mlmi_zoo.evaluation._baseline import _baseline
-from mlmi_zoo.evaluation._cbm import _cbm
+from mlmi_zoo.architectures.baseline.evaluation import BLACK_BOX as BLACK_BOX  # re-exported: part of what this module offers
+from mlmi_zoo.architectures.baseline.evaluation import _baseline
+from mlmi_zoo.architectures.cbm.evaluation import _cbm
 from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
 from mlmi_zoo.evaluation._elements import _not_applicable
-from mlmi_zoo.evaluation._mil import _mil
-from mlmi_zoo.evaluation._protopnet import _protopnet
+from mlmi_zoo.architectures.mil.evaluation import _mil
+from mlmi_zoo.architectures.protopnet.evaluation import _protopnet
 from mlmi_zoo.evaluation.metrics import task_metrics
 from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
@@ -66,7 +66,7 @@ MIL_FAMILIES = ("abmil", "additive_mil")
 
 def _predict(model: Any, loader: Iterable[Mapping[str, Any]]) -> torch.Tensor:
     """(N, C) probabilities of any zoo model over a loader."""
-    from mlmi_zoo.training.family import training_for
+    from mlmi_zoo.architectures.blocks.stages import training_for
 
     adapter = training_for(model)
     probs = []

@@ -92,7 +92,7 @@ def finetune(
         ``base_model`` (the uri) and ``data`` (the description of the data).
     """
     import mlmi_zoo
-    from mlmi_zoo.training.family import training_for
+    from mlmi_zoo.architectures.blocks.stages import training_for
     from mlmi_zoo.training.trainer import train
 
     spec = data if isinstance(data, DataSpec) else data_spec_from_path(data, label_names, split_seed=seed)

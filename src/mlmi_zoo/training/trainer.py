@@ -1,7 +1,7 @@
 """The one training loop of the zoo: stages, validation, checkpoints, exact resume, ``torchrun``.
 
 Read :meth:`Trainer.fit` top to bottom: it builds the data and the model, then runs each recipe
-stage — gradient epochs with the family adapter's loss (:mod:`mlmi_zoo.training.family`), or the
+stage — gradient epochs with the family adapter's loss (:mod:`mlmi_zoo.architectures.blocks.stages`), or the
 adapter's special stage (e.g. ProtoPNet's push) — validating after every epoch and writing the
 run directory::
 
@@ -79,7 +79,7 @@ from mlmi_zoo.training.checkpoint import (
     set_rng_state,
 )
 from mlmi_zoo.training.data_spec import build_dataset, collate_for, describe
-from mlmi_zoo.training.family import FamilyTraining, training_for
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, training_for
 from mlmi_zoo.training.distributed import (
     EpochSampler,
     GlobalBatchNorm,

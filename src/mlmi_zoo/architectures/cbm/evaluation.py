@@ -130,7 +130,7 @@ def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any]) -> d
 
 
 def _interventions(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
-    from mlmi_zoo.architectures.interventions import (CachedConcepts, FixedOrderPolicy, RandomPolicy,
+    from mlmi_zoo.architectures.cbm.interventions import (CachedConcepts, FixedOrderPolicy, RandomPolicy,
                                                       UncertaintyPolicy, intervention_curve)
 
     does_not_show = ("Intervention curves show how much correcting concepts can fix the decision on these data, not "
@@ -180,7 +180,7 @@ def _oracle_accuracy(model: Any, col: _Collected, cache: Any, ctx: _Context) -> 
             "makes it lower than 1)")
     from sklearn.linear_model import LogisticRegression
 
-    from mlmi_zoo.architectures.interventions import cache_concepts
+    from mlmi_zoo.architectures.cbm.interventions import cache_concepts
 
     train = ctx.train_dataset()
     if train is None or len(train) == 0:

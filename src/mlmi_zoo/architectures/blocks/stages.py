@@ -110,7 +110,7 @@ def fit_physical_head(head: nn.Module, dataset: Dataset, max_cases: int = 2000) 
     Reads ``sample["measurements"]`` and ``sample["spacing"]`` of up to ``max_cases`` cases (evenly
     spread over the data set) and stores the mean/std of their pixel-domain values.
     """
-    from mlmi_zoo.architectures.heads import to_pixel_domain
+    from mlmi_zoo.architectures.blocks.heads import to_pixel_domain
 
     n = len(dataset)
     idx = torch.linspace(0, n - 1, steps=min(n, max_cases)).round().long().unique().tolist()

@@ -22,7 +22,7 @@ What we changed:
 - An optional physical head (``config.quantities``) reports quantities in units at a given
   spacing: ``physical_head="regress"`` reads the globally averaged add-on features; ``"count"``
   measures lesion sizes by counting the lesion pixels of a fraction map predicted on small tiles
-  from the image and the backbone grid (:class:`~mlmi_zoo.architectures.heads.LesionCountHead`),
+  from the image and the backbone grid (:class:`~mlmi_zoo.architectures.blocks.heads.LesionCountHead`),
   the map being the measurement's explanation.
 - Push records (where each prototype comes from) are JSON metadata saved with the weights.
 """
@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import nn
 
-from mlmi_zoo.architectures.backbones import create_backbone
-from mlmi_zoo.architectures.baseline import resolve_spacing
-from mlmi_zoo.architectures.heads import LesionCountHead, PhysicalHead, dihedral_mean
-from mlmi_zoo.architectures.prototypes import PrototypeLayer
+from mlmi_zoo.architectures.blocks.backbones import create_backbone
+from mlmi_zoo.architectures.baseline.model import resolve_spacing
+from mlmi_zoo.architectures.blocks.heads import LesionCountHead, PhysicalHead, dihedral_mean
+from mlmi_zoo.architectures.protopnet.prototypes import PrototypeLayer
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones
@@ -118,7 +118,7 @@ class ProtoPNetConfig(ModelConfig):
             ``[0, 1]^D``, the range of the Sigmoid add-on output. ``"data"``: before the first
             training stage, the trainer sets each class's prototypes to latent vectors (add-on
             output cells) of training images of that class, picked by k-means++ seeding
-            (:func:`~mlmi_zoo.architectures.protopnet_training.initialise_prototypes_from_data`),
+            (:func:`~mlmi_zoo.architectures.protopnet.training.initialise_prototypes_from_data`),
             so every prototype starts on the data. With the log similarity, uniform prototypes
             in 64 dimensions mostly start far from every cell; the cluster cost then moves only
             the nearest one of each class, and push projects the others onto arbitrary patches.
@@ -527,5 +527,3 @@ class ProtoPNet(InterpretableModel):
 
 register_backbones(ProtoPNet, ("resnet8", "resnet18"), "ProtoPNet (This Looks Like That) on a {backbone} backbone.")
 
-# The training adapter registers itself with the trainer on import.
-from mlmi_zoo.architectures import protopnet_training  # noqa: E402,F401

@@ -9,7 +9,7 @@ changed:
   categorical (one logit per level, softmax and cross-entropy; an ordinal concept's order lives in
   its level names, not in the loss), or continuous with a pint unit (1 value). Continuous
   concepts whose unit is a power of length (mm, mm^2, mL) are predicted in the *pixel domain* and
-  converted with the image spacing, exactly as :class:`~mlmi_zoo.architectures.heads.PhysicalHead`
+  converted with the image spacing, exactly as :class:`~mlmi_zoo.architectures.blocks.heads.PhysicalHead`
   does, so that ``diameter_mm`` follows the spacing the user passes; intensities (HU) are not scaled.
   Continuous values are standardised with training-split mean/std held in buffers (saved with the
   weights).
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mlmi_zoo.architectures.heads import from_pixel_domain, spacing_exponent, to_pixel_domain
+from mlmi_zoo.architectures.blocks.heads import from_pixel_domain, spacing_exponent, to_pixel_domain
 from mlmi_zoo.specs import ConceptSpec, Measurement, QuantitySpec
 from mlmi_zoo.units import quantity
 

@@ -1,4 +1,4 @@
-"""The per-instance parts of the MIL models of :mod:`mlmi_zoo.architectures.mil`: masked attention
+"""The per-instance parts of the MIL models of :mod:`mlmi_zoo.architectures.mil.model`: masked attention
 pooling and the tumour-area head (see that module's docstring for the models and what we changed).
 
 Implements:

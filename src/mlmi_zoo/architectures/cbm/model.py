@@ -65,10 +65,10 @@ import torch
 from einops import rearrange, reduce
 from torch import nn
 
-from mlmi_zoo.architectures.backbones import create_backbone
-from mlmi_zoo.architectures.baseline import resolve_spacing
-from mlmi_zoo.architectures.concepts import ConceptCodec, parse_concept_value
-from mlmi_zoo.architectures.heads import canonical_scale, dihedral_mean, scaled_sample, spacing_exponent
+from mlmi_zoo.architectures.blocks.backbones import create_backbone
+from mlmi_zoo.architectures.baseline.model import resolve_spacing
+from mlmi_zoo.architectures.cbm.concepts import ConceptCodec, parse_concept_value
+from mlmi_zoo.architectures.blocks.heads import canonical_scale, dihedral_mean, scaled_sample, spacing_exponent
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation, html_table, image_to_png, png_data_uri
 from mlmi_zoo.registry import register_backbones

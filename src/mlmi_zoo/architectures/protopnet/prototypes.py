@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from mlmi_zoo.architectures.protopnet import ProtoPNet
+    from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 
 __all__ = [
     "PrototypeLayer",
@@ -254,7 +254,7 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
     add-on output at one latent location of one training image of its class.
 
     Args:
-        model: a :class:`~mlmi_zoo.architectures.protopnet.ProtoPNet`.
+        model: a :class:`~mlmi_zoo.architectures.protopnet.model.ProtoPNet`.
         loader: collated batches with ``"image"`` (raw intensities; the model's intensity
             transform is applied), ``"label"``, and ideally ``"index"`` (data-set index; without it
             the running position in the loader is recorded, valid only for an unshuffled loader)

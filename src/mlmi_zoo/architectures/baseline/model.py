@@ -13,12 +13,12 @@ import torch
 from einops import reduce
 from torch import nn
 
-from mlmi_zoo.architectures.backbones import create_backbone
-from mlmi_zoo.architectures.heads import PhysicalHead
+from mlmi_zoo.architectures.blocks.backbones import create_backbone
+from mlmi_zoo.architectures.blocks.heads import PhysicalHead
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation
 from mlmi_zoo.registry import register_backbones
-from mlmi_zoo.training.family import FamilyTraining, LossOutput, fit_physical_head, register_training
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head, register_training
 
 __all__ = ["BaselineConfig", "BaselineClassifier", "BaselineExplanation", "resolve_spacing"]
 

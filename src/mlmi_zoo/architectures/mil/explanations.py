@@ -1,6 +1,6 @@
 """What a MIL explanation holds and shows: attention, exact per-instance contributions, heat maps.
 
-:class:`MILExplanation` is what :meth:`ABMIL.explain <mlmi_zoo.architectures.mil.ABMIL.explain>`
+:class:`MILExplanation` is what :meth:`ABMIL.explain <mlmi_zoo.architectures.mil.model.ABMIL.explain>`
 returns: the attention over a bag's instances, each instance's share of the bag's physical
 measurement, and, with tile coordinates, a heat map of either on the slide grid.
 :class:`AdditiveMILExplanation` adds the exact per-instance, per-class logit contributions of

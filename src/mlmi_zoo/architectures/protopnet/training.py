@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mlmi_zoo.architectures.protopnet import ProtoPNet
-from mlmi_zoo.architectures.prototypes import _EvalMode, _device_of, lesion_cells, push_prototypes
-from mlmi_zoo.training.family import FamilyTraining, LossOutput, fit_physical_head, register_training
+from mlmi_zoo.architectures.protopnet.model import ProtoPNet
+from mlmi_zoo.architectures.protopnet.prototypes import _EvalMode, _device_of, lesion_cells, push_prototypes
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head, register_training
 
 __all__ = [
     "ProtoPNetTraining",
@@ -123,7 +123,7 @@ def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labe
 def lesion_min_distances(model: ProtoPNet, distance_maps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, P) distance of each prototype to its nearest *lesion* cell of each image.
 
-    Lesion cells are those push may project onto (:func:`~mlmi_zoo.architectures.prototypes.lesion_cells`:
+    Lesion cells are those push may project onto (:func:`~mlmi_zoo.architectures.protopnet.prototypes.lesion_cells`:
     receptive-field windows mostly on the lesion, else any overlap); images without a lesion use
     every cell.
 

@@ -13,7 +13,7 @@ Stages:
   the concept loss, the label loss keeps weight 1).
 
 ``L_c`` is the sum over concepts of each concept's masked, class-balanced loss
-(:meth:`~mlmi_zoo.architectures.concepts.ConceptCodec.loss`).
+(:meth:`~mlmi_zoo.architectures.cbm.concepts.ConceptCodec.loss`).
 
 With attention pooling and ``fa_coef > 0`` the concept and joint stages add ``fa_coef`` times a
 fine-annotation cost after IAIA-BL (Barnett, Schwartz, Tao, Chen, Ren, Lo and Rudin, Nature Machine
@@ -35,9 +35,9 @@ from einops import rearrange, reduce
 from torch import nn
 from torch.utils.data import Dataset
 
-from mlmi_zoo.architectures.cbm import CBM
-from mlmi_zoo.architectures.concepts import concept_values_from_batch
-from mlmi_zoo.training.family import FamilyTraining, LossOutput, register_training
+from mlmi_zoo.architectures.cbm.model import CBM
+from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, register_training
 
 __all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "fit_concept_statistics"]
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlmi_zoo.architectures.backbones import latent_to_input
+from mlmi_zoo.architectures.blocks.backbones import latent_to_input
 from mlmi_zoo.specs import Measurement, QuantitySpec
 from mlmi_zoo.units import convert, ureg
 

@@ -16,10 +16,10 @@ Implements:
   so every instance's signed, per-class contribution is exact.
 - Zhang et al., "Attention-Challenging Multiple Instance Learning for Whole Slide Image
   Classification", ECCV 2024: its Stochastic Top-K Instance Masking, as a training option of both
-  models (``top_instance_masking``; :func:`~mlmi_zoo.architectures.mil_heads.challenge_mask`).
+  models (``top_instance_masking``; :func:`~mlmi_zoo.architectures.mil.heads.challenge_mask`).
 
-The attention pooling and the tumour-area head live in :mod:`mlmi_zoo.architectures.mil_heads`, the
-explanations in :mod:`mlmi_zoo.architectures.mil_explanations`.
+The attention pooling and the tumour-area head live in :mod:`mlmi_zoo.architectures.mil.heads`, the
+explanations in :mod:`mlmi_zoo.architectures.mil.explanations`.
 
 What we changed:
 
@@ -50,7 +50,7 @@ What we changed:
 - Bag context of the attention: one offset from the bag's mean embedding is added to the raw
   attention scores of a bag: the softmax is invariant to it, so no prediction changes, but raw
   scores become comparable across slides (trained only by the optional instance-label loss of
-  :mod:`mlmi_zoo.architectures.mil_training`). It starts at zero.
+  :mod:`mlmi_zoo.architectures.mil.training`). It starts at zero.
 - Bag normalisation (``bag_normalise``): the bag's mean feature is subtracted from every instance
   before the embedding, so attention scores and logits do not change when every feature of a slide
   is shifted by the same vector (a slide-level stain or scanner effect); without it such a shift
@@ -64,7 +64,7 @@ What we changed:
   grow faster than N. Chunking changes no result: each instance is processed independently.
 - Raw-tile models encode instances in chunks of ``encoder_chunk`` at inference, so encoder
   activations do not grow with ``N``; training subsamples instances instead (see
-  :mod:`mlmi_zoo.architectures.mil_training`).
+  :mod:`mlmi_zoo.architectures.mil.training`).
 - Unlike MONAI's ``MILModel`` there is no ``mode=`` string; attention is returned, not discarded.
 """
 from __future__ import annotations
@@ -77,9 +77,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mlmi_zoo.architectures.backbones import RESNET_LAYOUTS, create_backbone
-from mlmi_zoo.architectures.heads import spacing_exponent
-from mlmi_zoo.architectures.mil_heads import (
+from mlmi_zoo.architectures.blocks.backbones import RESNET_LAYOUTS, create_backbone
+from mlmi_zoo.architectures.blocks.heads import spacing_exponent
+from mlmi_zoo.architectures.mil.heads import (
     AttentionPool,
     AttentionWeights,
     InstanceAreaHead,
@@ -88,7 +88,7 @@ from mlmi_zoo.architectures.mil_heads import (
     masked_softmax,
 )
 from mlmi_zoo.base import InterpretableModel, ModelConfig, replace_config
-from mlmi_zoo.architectures.mil_explanations import AdditiveMILExplanation, MILExplanation, percentile_normalise
+from mlmi_zoo.architectures.mil.explanations import AdditiveMILExplanation, MILExplanation, percentile_normalise
 from mlmi_zoo.registry import build_config, register_model
 from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement, QuantitySpec
 

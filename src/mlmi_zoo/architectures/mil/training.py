@@ -1,4 +1,4 @@
-"""How the shared trainer trains attention MIL and additive MIL (:mod:`mlmi_zoo.architectures.mil`).
+"""How the shared trainer trains attention MIL and additive MIL (:mod:`mlmi_zoo.architectures.mil.model`).
 
 Batches are padded bags: ``batch["feats"]`` (B, N, D) cached features or ``batch["tiles"]``
 (B, N, C, t, t) raw tiles, ``batch["mask"]`` (B, N) bool, ``batch["label"]`` (B,), and for the
@@ -46,8 +46,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from mlmi_zoo.architectures.mil import BagOutputs, _MILModel
-from mlmi_zoo.training.family import FamilyTraining, LossOutput, register_training
+from mlmi_zoo.architectures.mil.model import BagOutputs, _MILModel
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, register_training
 from mlmi_zoo.units import convert
 
 __all__ = ["MILInputs", "MILTraining", "AdditiveMILTraining", "subsample_instances", "gather_instances",
