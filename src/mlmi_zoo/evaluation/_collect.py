@@ -31,6 +31,7 @@ from mlmi_zoo.evaluation.metrics import (
     instance_deletion_curve,
     pointing_game,
 )
+from mlmi_zoo.families import family_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
     from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
 
     col = _Collected()
-    family = model.family
+    record = family_of(model)
     for batch in loader:
         x, spacing = _image_batch(model, batch)
         col.spacing_seen |= spacing is not None
@@ -168,17 +169,17 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
         col.add_groups(_batch_groups(batch, n))
         _collect_measurements(col, exp.measurements, batch)
         maps = None
-        if family in ("protopnet", "cbm") and exp.decomposable:
+        if record.evidence_maps is not None and exp.decomposable:
             rows = torch.arange(n)
             top = exp.contributions[rows, predicted].argmax(-1)  # (B,) largest contribution to the decision
-            source = exp.localization if family == "protopnet" else exp.concept_maps  # (B, P|K, *spatial)
+            source = record.evidence_maps(exp)  # (B, T, *spatial): one map per contribution
             maps = source[rows, top]  # (B, *spatial)
             col.top.append(top.cpu())
             col.contributions.append(exp.contributions.cpu())
             col.decomposition = max(col.decomposition, decomposition_error(exp))
             _size(col, exp.contributions, predicted)
             _localize(col, maps, batch, limits.activation_q)
-        if family == "cbm":
+        if record.concepts:
             _collect_concepts(col, model, exp, batch, spacing, concept_values_from_batch)
         counted = getattr(exp, "measurement_map", None)
         if counted is not None:
@@ -241,7 +242,7 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
 
     adapter = training_for(model)
     col = _Collected()
-    additive = model.family == "additive_mil"
+    additive = family_of(model).instance_scores == "contributions"
     kept = 0
     for batch in loader:
         x, mask = adapter.inputs(model, batch)

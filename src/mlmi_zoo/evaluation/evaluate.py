@@ -39,26 +39,18 @@ from torch.utils.data import DataLoader
 
 from mlmi_zoo._version import __version__
 from mlmi_zoo.evaluation import figures as figs
-from mlmi_zoo.architectures.baseline.evaluation import BLACK_BOX as BLACK_BOX  # re-exported: part of what this module offers
-from mlmi_zoo.architectures.baseline.evaluation import _baseline
-from mlmi_zoo.architectures.cbm.evaluation import _cbm
 from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
 from mlmi_zoo.evaluation._elements import _not_applicable
-from mlmi_zoo.architectures.mil.evaluation import _mil
-from mlmi_zoo.architectures.protopnet.evaluation import _protopnet
 from mlmi_zoo.evaluation.metrics import task_metrics
 from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
+from mlmi_zoo.families import family_of
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
 
 __all__ = ["evaluate", "EvaluationLimits", "load_data_spec", "check_split_overlap", "data_spec_to_text"]
 
 log = logging.getLogger(__name__)
-
-IMAGE_FAMILIES = ("protopnet", "cbm", "baseline")
-MIL_FAMILIES = ("abmil", "additive_mil")
-
 
 # ---------------------------------------------------------------------------------------------
 # the runner
@@ -177,13 +169,9 @@ def evaluate(
     ctx = _Context(spec, train_spec, split, dataset, limits, fig, seed, batch_size, collate, limitations)
 
     family = model.family
+    record = family_of(model)
     with torch.no_grad():
-        if family in MIL_FAMILIES:
-            col = _run_bags(model, loader, limits, seed)
-        elif family in IMAGE_FAMILIES:
-            col = _run_images(model, loader, limits)
-        else:
-            raise ValueError(f"no evaluation is defined for family {family!r}; known: {IMAGE_FAMILIES + MIL_FAMILIES}")
+        col = _run_bags(model, loader, limits, seed) if record.inputs == "bags" else _run_images(model, loader, limits)
     logits, labels = _cat(col.logits), _cat(col.labels).long()
     probs = logits.softmax(-1)
     groups = np.asarray(col.groups) if col.has_groups and col.groups else None
@@ -192,7 +180,7 @@ def evaluate(
     fig.draw("roc", figs.plot_roc, probs, labels)
     fig.draw("reliability", figs.plot_reliability, probs, labels)
 
-    blocks = {"protopnet": _protopnet, "cbm": _cbm, "baseline": _baseline, "abmil": _mil, "additive_mil": _mil}[family](model, col, ctx)
+    blocks = record.evaluation_section()(model, col, ctx)
     faithfulness = ctx.faithfulness or _not_applicable("not applicable: no attribution map to delete along")
 
     baseline = None

@@ -20,6 +20,7 @@ from mlmi_zoo._version import __version__
 from mlmi_zoo._weights import sha256_file, write_text_atomic
 from mlmi_zoo.base import CONFIG_FILE, WEIGHTS_FILE
 from mlmi_zoo.evaluation.results import ELEMENTS, TASK_METRICS, metric_value, read_results
+from mlmi_zoo.families import family_of
 from mlmi_zoo.training.datasets.catalog import ZOO_BIBTEX, source_for
 
 __all__ = ["write_card", "render_card", "check_card", "CARD_FILE", "RESULTS_FILE"]
@@ -29,48 +30,6 @@ RESULTS_FILE = "results.json"
 TEMPLATE = Path(__file__).with_name("card_template.md.j2")
 PLACEHOLDERS = re.compile(r"\b(TODO|TBD|FIXME|XXX|PLACEHOLDER|lorem ipsum)\b", re.IGNORECASE)
 
-FAMILY = {
-    "protopnet": ("prototype network", "ProtoPNet (Chen et al., NeurIPS 2019) with the IAIA-BL fine-annotation loss (Barnett et al., 2021)"),
-    "cbm": ("concept-bottleneck model", "Concept Bottleneck Model (Koh et al., ICML 2020) with typed concepts in physical units"),
-    "abmil": ("gated-attention MIL", "attention-based deep MIL (Ilse et al., ICML 2018)"),
-    "additive_mil": ("additive MIL", "Additive MIL (Javed et al., NeurIPS 2022) on attention MIL (Ilse et al., 2018)"),
-    "baseline": ("black-box baseline", "backbone + global average pooling + linear layer"),
-}
-
-METHOD_BIBTEX = {
-    "protopnet": ["""@inproceedings{chen2019looks,
-  title     = {This Looks Like That: Deep Learning for Interpretable Image Recognition},
-  author    = {Chen, Chaofan and Li, Oscar and Tao, Daniel and Barnett, Alina and Rudin, Cynthia and Su, Jonathan K.},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2019}
-}""", """@article{barnett2021iaiabl,
-  title   = {A case-based interpretable deep learning model for classification of mass lesions in digital mammography},
-  author  = {Barnett, Alina Jade and Schwartz, Fides Regina and Tao, Chaofan and Chen, Chaofan and Ren, Yinhao and Lo, Joseph Y. and Rudin, Cynthia},
-  journal = {Nature Machine Intelligence},
-  volume  = {3},
-  pages   = {1061--1070},
-  year    = {2021}
-}"""],
-    "cbm": ["""@inproceedings{koh2020concept,
-  title     = {Concept Bottleneck Models},
-  author    = {Koh, Pang Wei and Nguyen, Thao and Tang, Yew Siang and Mussmann, Stephen and Pierson, Emma and Kim, Been and Liang, Percy},
-  booktitle = {International Conference on Machine Learning},
-  year      = {2020}
-}"""],
-    "abmil": ["""@inproceedings{ilse2018attention,
-  title     = {Attention-based Deep Multiple Instance Learning},
-  author    = {Ilse, Maximilian and Tomczak, Jakub M. and Welling, Max},
-  booktitle = {International Conference on Machine Learning},
-  year      = {2018}
-}"""],
-    "additive_mil": ["""@inproceedings{javed2022additive,
-  title     = {Additive {MIL}: Intrinsically Interpretable Multiple Instance Learning for Pathology},
-  author    = {Javed, Syed Ashar and Juyal, Dinkar and Padigela, Harshith and Taylor-Weiner, Amaro and Yu, Limin and Prakash, Aaditya},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2022}
-}"""],
-    "baseline": [],
-}
 FRAMEWORK_BIBTEX = """@article{wang2024framework,
   title   = {A Framework for Interpretability in Machine Learning for Medical Imaging},
   author  = {Wang, Alan Q. and Karaman, Batuhan K. and Kim, Heejong and Rosenthal, Jacob and Saluja, Rachit and Young, Sean I. and Sabuncu, Mert R.},
@@ -144,7 +103,7 @@ def _front_matter(config_doc: dict[str, Any], results: dict[str, Any], source: A
         "license": source.license,
         "library_name": "mlmi-zoo",
         "tags": ["medical-imaging", source.modality.lower().replace(" ", "-"), source.body_part.lower().replace(" ", "-"),
-                 family.replace("_", "-"), "interpretable" if family != "baseline" else "black-box-baseline"],
+                 family.replace("_", "-"), "interpretable" if family_of(family).interpretable else "black-box-baseline"],
         "datasets": [source.hub_id],
         "pipeline_tag": "image-classification",
         "model-index": [{
@@ -227,7 +186,8 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
 
     spacing = cfg.get("spacing")
     quantities = cfg.get("quantities") or []
-    family_title, method = FAMILY.get(family, (family, family))
+    record = family_of(family)
+    family_title, method = record.title, record.method
     limitations = list(results.get("limitations", []))
     limitations += [
         f"Trained and evaluated only on {source.name}; performance on other scanners, sites, populations or "
@@ -237,10 +197,10 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
     ]
     if not source.has_spacing:
         limitations.append("The images carry no physical spacing, so the model makes no statement in physical units.")
-    bibtex = [_card_bibtex(name, config_doc)] + METHOD_BIBTEX.get(family, []) + list(source.bibtex) + [FRAMEWORK_BIBTEX]
+    bibtex = [_card_bibtex(name, config_doc)] + list(record.bibtex) + list(source.bibtex) + [FRAMEWORK_BIBTEX]
     if ZOO_BIBTEX not in bibtex:
         bibtex.append(ZOO_BIBTEX)
-    usage = _usage(family, cfg)
+    usage = _usage(record.decomposes, cfg)
     template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)), undefined=jinja2.StrictUndefined,
                                   keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True).get_template(TEMPLATE.name)
     text = template.render(
@@ -282,7 +242,7 @@ def _intensity_text(t: dict[str, Any]) -> str:
     return "none (inputs in [0, 1])"
 
 
-def _usage(family: str, cfg: dict[str, Any]) -> str:
+def _usage(decomposes: bool, cfg: dict[str, Any]) -> str:
     if cfg["spatial_dims"] == 0:
         return ("exp = model.explain(feats, mask=mask, coords=coords)   # feats (B, N, D)\n"
                 "exp.attention, exp.measurements")
@@ -290,7 +250,7 @@ def _usage(family: str, cfg: dict[str, Any]) -> str:
     arg = f", spacing={tuple(spacing)!r}" if spacing else ""
     lines = ["x = model.input_spec.intensity(raw_image)   # raw intensities -> network range",
              f"exp = model.explain(x{arg})"]
-    if family in ("protopnet", "cbm", "additive_mil"):
+    if decomposes:
         lines.append("assert (exp.logits_from_contributions() - exp.logits).abs().max() < 1e-5   # exact decomposition")
     lines.append('exp.save_html("report.html")')
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from mlmi_zoo.architectures.blocks.heads import PhysicalHead
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.explanations import Explanation
 from mlmi_zoo.registry import register_backbones
-from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head, register_training
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head
 
 __all__ = ["BaselineConfig", "BaselineClassifier", "BaselineExplanation", "resolve_spacing"]
 
@@ -92,7 +92,6 @@ class BaselineClassifier(InterpretableModel):
         return BaselineExplanation(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x)
 
 
-@register_training
 class BaselineTraining(FamilyTraining):
     """Cross-entropy, plus the physical-head loss when the model has one."""
 

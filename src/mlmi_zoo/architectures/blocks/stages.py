@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlmi_zoo.base import InterpretableModel
 
-__all__ = ["FamilyTraining", "LossOutput", "register_training", "training_for", "fit_physical_head"]
+__all__ = ["FamilyTraining", "LossOutput", "training_for", "fit_physical_head"]
 
 
 @dataclass
@@ -84,24 +84,11 @@ class FamilyTraining:
         raise ValueError(f"{self.family} has no special stage {stage!r}; its stages are {self.stage_names}")
 
 
-_TRAINING: dict[str, FamilyTraining] = {}
-
-
-def register_training(cls: type[FamilyTraining]) -> type[FamilyTraining]:
-    """Class decorator: make ``cls`` the training adapter of ``cls.family`` (duplicates raise)."""
-    if cls.family in _TRAINING:
-        raise ValueError(f"training for family {cls.family!r} is already registered")
-    _TRAINING[cls.family] = cls()
-    return cls
-
-
 def training_for(model: InterpretableModel) -> FamilyTraining:
-    """The training adapter for ``model``'s family."""
-    import mlmi_zoo.architectures  # noqa: F401  (families register their adapters on import)
+    """The training stages of ``model``'s family (from its :class:`~mlmi_zoo.families.Family` record)."""
+    from mlmi_zoo.families import family_of
 
-    if model.family not in _TRAINING:
-        raise ValueError(f"no training adapter for family {model.family!r}; registered: {sorted(_TRAINING)}")
-    return _TRAINING[model.family]
+    return family_of(model).training
 
 
 def fit_physical_head(head: nn.Module, dataset: Dataset, max_cases: int = 2000) -> None:

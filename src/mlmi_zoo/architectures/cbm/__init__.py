@@ -7,5 +7,21 @@ trainer on import) and the family's evaluation section (:mod:`.evaluation`, load
 """
 from mlmi_zoo.architectures.cbm import training as training  # registers the training stages
 from mlmi_zoo.architectures.cbm.model import CBM, NODULE_CONCEPTS, CBMConfig, ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.families import Family, register_family
+
+FAMILY = register_family(Family(
+    name="cbm", model_class=CBM, training=training.CBMTraining(), inputs="images",
+    evaluation="mlmi_zoo.architectures.cbm.evaluation:_cbm",
+    title="concept-bottleneck model",
+    method="Concept Bottleneck Model (Koh et al., ICML 2020) with typed concepts in physical units",
+    bibtex=("""@inproceedings{koh2020concept,
+  title     = {Concept Bottleneck Models},
+  author    = {Koh, Pang Wei and Nguyen, Thao and Tang, Yew Siang and Mussmann, Stephen and Pierson, Emma and Kim, Been and Liang, Percy},
+  booktitle = {International Conference on Machine Learning},
+  year      = {2020}
+}""",),
+    evidence_maps=lambda exp: exp.concept_maps,  # (B, K, *spatial): each concept's map
+    concepts=True,
+))
 
 __all__ = ["CBMConfig", "CBM", "ConceptExplanation", "MLPConceptExplanation", "NODULE_CONCEPTS"]

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from mlmi_zoo.architectures.cbm.model import CBM
 from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
-from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, register_training
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 
 __all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "fit_concept_statistics"]
 
@@ -97,7 +97,6 @@ def attention_off_lesion(attention: torch.Tensor, cell_fraction: torch.Tensor) -
     return off[annotated].mean()
 
 
-@register_training
 class CBMTraining(FamilyTraining):
     """Losses and trainable parameters of each CBM training stage (see the module docstring)."""
 

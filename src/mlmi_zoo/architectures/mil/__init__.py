@@ -8,5 +8,31 @@ loaded by :mod:`mlmi_zoo.evaluation` only).
 from mlmi_zoo.architectures.mil import training as training  # registers the training stages
 from mlmi_zoo.architectures.mil.explanations import AdditiveMILExplanation, MILExplanation
 from mlmi_zoo.architectures.mil.model import ABMIL, AdditiveMIL, BagOutputs, MILConfig
+from mlmi_zoo.families import Family, register_family
+
+ABMIL_FAMILY = register_family(Family(
+    name="abmil", model_class=ABMIL, training=training.MILTraining(), inputs="bags",
+    evaluation="mlmi_zoo.architectures.mil.evaluation:_mil",
+    title="gated-attention MIL", method="attention-based deep MIL (Ilse et al., ICML 2018)",
+    bibtex=("""@inproceedings{ilse2018attention,
+  title     = {Attention-based Deep Multiple Instance Learning},
+  author    = {Ilse, Maximilian and Tomczak, Jakub M. and Welling, Max},
+  booktitle = {International Conference on Machine Learning},
+  year      = {2018}
+}""",),
+    instance_scores="attention",
+))
+ADDITIVE_MIL_FAMILY = register_family(Family(
+    name="additive_mil", model_class=AdditiveMIL, training=training.AdditiveMILTraining(), inputs="bags",
+    evaluation="mlmi_zoo.architectures.mil.evaluation:_mil",
+    title="additive MIL", method="Additive MIL (Javed et al., NeurIPS 2022) on attention MIL (Ilse et al., 2018)",
+    bibtex=("""@inproceedings{javed2022additive,
+  title     = {Additive {MIL}: Intrinsically Interpretable Multiple Instance Learning for Pathology},
+  author    = {Javed, Syed Ashar and Juyal, Dinkar and Padigela, Harshith and Taylor-Weiner, Amaro and Yu, Limin and Prakash, Aaditya},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2022}
+}""",),
+    instance_scores="contributions",
+))
 
 __all__ = ["MILConfig", "ABMIL", "AdditiveMIL", "BagOutputs", "MILExplanation", "AdditiveMILExplanation"]

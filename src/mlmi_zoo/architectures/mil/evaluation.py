@@ -23,10 +23,11 @@ from mlmi_zoo.evaluation._elements import (
 )
 from mlmi_zoo.evaluation.metrics import Curve, instance_auroc
 from mlmi_zoo.evaluation.results import element
+from mlmi_zoo.families import family_of
 
 
 def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
-    additive = model.family == "additive_mil"
+    additive = family_of(model).instance_scores == "contributions"
     scores_name = "contribution to the positive class" if additive else "attention score (pre-softmax)"
     out: dict[str, Any] = {}
     loc_dns = (f"A high instance AUROC shows that the {scores_name} ranks tumour tiles first, not that every tumour "

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from mlmi_zoo.architectures.mil.model import BagOutputs, _MILModel
-from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, register_training
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 from mlmi_zoo.units import convert
 
 __all__ = ["MILInputs", "MILTraining", "AdditiveMILTraining", "subsample_instances", "gather_instances",
@@ -115,7 +115,6 @@ def gather_instances(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[rows, index.to(x.device)]
 
 
-@register_training
 class MILTraining(FamilyTraining):
     """Attention MIL: cross-entropy plus the physical-head loss, on randomly subsampled bags."""
 
@@ -228,7 +227,6 @@ class MILTraining(FamilyTraining):
         return torch.stack(terms).sum()
 
 
-@register_training
 class AdditiveMILTraining(MILTraining):
     """Training adapter of additive MIL (same losses; the decomposition needs no extra term)."""
 

@@ -6,5 +6,27 @@ family's evaluation section (:mod:`.evaluation`, loaded by :mod:`mlmi_zoo.evalua
 """
 from mlmi_zoo.architectures.protopnet import training as training  # registers the training stages
 from mlmi_zoo.architectures.protopnet.model import AddOn, ProtoPNet, ProtoPNetConfig, ProtoPNetOutputs, PrototypeExplanation
+from mlmi_zoo.families import Family, register_family
+
+FAMILY = register_family(Family(
+    name="protopnet", model_class=ProtoPNet, training=training.ProtoPNetTraining(), inputs="images",
+    evaluation="mlmi_zoo.architectures.protopnet.evaluation:_protopnet",
+    title="prototype network",
+    method="ProtoPNet (Chen et al., NeurIPS 2019) with the IAIA-BL fine-annotation loss (Barnett et al., 2021)",
+    bibtex=("""@inproceedings{chen2019looks,
+  title     = {This Looks Like That: Deep Learning for Interpretable Image Recognition},
+  author    = {Chen, Chaofan and Li, Oscar and Tao, Daniel and Barnett, Alina and Rudin, Cynthia and Su, Jonathan K.},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2019}
+}""", """@article{barnett2021iaiabl,
+  title   = {A case-based interpretable deep learning model for classification of mass lesions in digital mammography},
+  author  = {Barnett, Alina Jade and Schwartz, Fides Regina and Tao, Chaofan and Chen, Chaofan and Ren, Yinhao and Lo, Joseph Y. and Rudin, Cynthia},
+  journal = {Nature Machine Intelligence},
+  volume  = {3},
+  pages   = {1061--1070},
+  year    = {2021}
+}"""),
+    evidence_maps=lambda exp: exp.localization,  # (B, P, *spatial): each prototype's similarity map
+))
 
 __all__ = ["ProtoPNetConfig", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs", "AddOn"]

@@ -44,7 +44,7 @@ from torch import nn
 
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 from mlmi_zoo.architectures.protopnet.prototypes import _EvalMode, _device_of, lesion_cells, push_prototypes
-from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head, register_training
+from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head
 
 __all__ = [
     "ProtoPNetTraining",
@@ -343,7 +343,6 @@ def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, i
     return summary
 
 
-@register_training
 class ProtoPNetTraining(FamilyTraining):
     """ProtoPNet's stages and losses for the shared trainer.
 
