@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -75,17 +75,24 @@ class LoadReport:
     unexpected: tuple[str, ...] = ()  # in the file, not in the model
 
 
-class InterpretableModel(nn.Module):
-    """Base class of every zoo model.
+ConfigT = TypeVar("ConfigT", bound=ModelConfig)
+M = TypeVar("M", bound="InterpretableModel[Any]")
+
+
+class InterpretableModel(nn.Module, Generic[ConfigT]):
+    """Base class of every zoo model, generic over its config type.
 
     Subclasses set ``family`` (e.g. ``"protopnet"``), ``config_class`` and implement ``forward``
-    and ``explain``. Their registered name is ``f"{family}_{config.backbone}"``.
+    and ``explain`` (returning the family's explanation type). Their registered name is
+    ``f"{family}_{config.backbone}"``. ``class ProtoPNet(InterpretableModel[ProtoPNetConfig])``
+    makes ``model.config`` a ``ProtoPNetConfig`` for a type checker.
     """
 
     family: ClassVar[str] = "base"
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    config: ConfigT
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ConfigT) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
@@ -168,7 +175,7 @@ class InterpretableModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, uri: str | Path, strict: bool = True, **overrides: Any) -> "InterpretableModel":
+    def from_pretrained(cls: type[M], uri: str | Path, strict: bool = True, **overrides: Any) -> M:
         """Load a model saved by :meth:`save_pretrained` from a zoo name or URI.
 
         Args:
@@ -180,10 +187,7 @@ class InterpretableModel(nn.Module):
         """
         from mlmi_zoo.hub import load
 
-        model = load(str(uri), strict=strict, **overrides)
-        if not isinstance(model, cls):
-            raise TypeError(f"{uri} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
+        return load(str(uri), cls, strict=strict, **overrides)
 
     def load_weights_from(self, state: dict[str, torch.Tensor], strict: bool = True, allow_resized: bool = False) -> LoadReport:
         """Copy ``state`` into this model and report what did not fit.

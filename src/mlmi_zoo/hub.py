@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from mlmi_zoo._config import apply_overrides
 from mlmi_zoo._weights import PICKLE_SUFFIXES, WeightsError, load_weights
 from mlmi_zoo.base import CONFIG_FILE, WEIGHTS_FILE, InterpretableModel
+
+M = TypeVar("M", bound=InterpretableModel[Any])
 from mlmi_zoo.registry import bundled_dir, get_entry, list_models, read_config
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,21 @@ def card_sha256(folder: Path) -> str | None:
     return (meta.get("mlmi_zoo") or {}).get("weights_sha256")
 
 
-def load(uri: str, strict: bool = True, cache_dir: str | os.PathLike | None = None, **overrides: Any) -> InterpretableModel:
+@overload
+def load(uri: str, model_class: None = None, *, strict: bool = True, cache_dir: str | os.PathLike | None = None,
+         **overrides: Any) -> InterpretableModel[Any]: ...
+@overload
+def load(uri: str, model_class: type[M], *, strict: bool = True, cache_dir: str | os.PathLike | None = None,
+         **overrides: Any) -> M: ...
+def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
+         cache_dir: str | os.PathLike | None = None, **overrides: Any) -> InterpretableModel[Any] | M:
     """Load a zoo model (see the module docstring for ``uri``).
 
     Args:
         uri: where the model lives.
+        model_class: the class the caller expects (e.g. ``ProtoPNet``): the return value is then
+            typed as that class (with its config and explanation types), and any other class raises
+            ``TypeError``.
         strict: refuse missing/unexpected tensors.
         cache_dir: Hugging Face cache folder for ``hf-hub:`` URIs (default: the HF default).
         overrides: config fields to change for fine-tuning (e.g. ``label_names``); tensors whose
@@ -110,6 +122,8 @@ def load(uri: str, strict: bool = True, cache_dir: str | os.PathLike | None = No
     model.import_metadata(doc.get("metadata") or {})
     model.load_weights_from(state, strict=strict, allow_resized=bool(overrides))
     model.eval()
+    if model_class is not None and not isinstance(model, model_class):
+        raise TypeError(f"{uri} holds a {type(model).__name__}, not a {model_class.__name__}")
     return model
 
 

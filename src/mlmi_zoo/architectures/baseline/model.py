@@ -54,7 +54,7 @@ def resolve_spacing(model: InterpretableModel, spacing: Any, batch: int, device:
     return s.expand(batch, -1).to(device) if s.shape[0] == 1 else s.to(device)
 
 
-class BaselineClassifier(InterpretableModel):
+class BaselineClassifier(InterpretableModel[BaselineConfig]):
     """Backbone + global average pool + linear layer (+ optional physical head)."""
 
     family = "baseline"

@@ -279,7 +279,7 @@ class MLPConceptExplanation(ConceptExplanation):
                                   "use head='linear' for a decomposable model")
 
 
-class CBM(InterpretableModel):
+class CBM(InterpretableModel[CBMConfig]):
     """Backbone -> 1x1-conv concept maps -> global mean (or attention) pooling -> concept bottleneck
     -> label head.
 

@@ -259,7 +259,7 @@ class BagOutputs:
     instance_logits: torch.Tensor | None = None  # (B, N, C) additive MIL: psi(h_n), before the attention weight
 
 
-class _MILModel(InterpretableModel):
+class _MILModel(InterpretableModel[MILConfig]):
     """Shared plumbing of both MIL families: encoding, embedding, attention, physical head."""
 
     config_class = MILConfig

@@ -323,7 +323,7 @@ class AddOn(nn.Sequential):
         return z.unflatten(0, (feats.shape[0], *feats.shape[2:])).movedim(-1, 1)
 
 
-class ProtoPNet(InterpretableModel):
+class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
     """Backbone -> add-on -> prototype layer -> max (or top-k average) pooling -> bias-free last layer.
 
     Args:
