@@ -14,7 +14,8 @@ from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
 from mlmi_zoo.architectures.cbm.interventions import RandomPolicy, intervention_curve
 from mlmi_zoo.registry import create_model
 from mlmi_zoo.training.datasets import phantoms
-from mlmi_zoo.training.datasets.phantoms import NodulePhantom, nodule_size_category
+from mlmi_zoo.training.datasets.nodule_rule import nodule_size_category
+from mlmi_zoo.training.datasets.phantoms import NodulePhantom
 
 WINDOW = {"kind": "window", "low": -1000.0, "high": 1000.0, "unit": "HU"}
 

@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 
 from mlmi_zoo.training.datasets.collate import collate_bags
-from mlmi_zoo.training.datasets.phantoms import NodulePhantom, nodule_malignancy_rule
+from mlmi_zoo.training.datasets.nodule_rule import nodule_malignancy_rule
+from mlmi_zoo.training.datasets.phantoms import NodulePhantom
 from mlmi_zoo.training.datasets.tilebag import TileBagPhantom
 
 

