@@ -11,7 +11,7 @@ import mlmi_zoo
 from mlmi_zoo.architectures.blocks.backbones import latent_to_input
 from mlmi_zoo.architectures.blocks.heads import LesionCountHead
 from mlmi_zoo.specs import QuantitySpec
-from mlmi_zoo.training.datasets.phantoms import equivalent_diameter_mm
+from mlmi_zoo.training.datasets.nodule_sample import equivalent_diameter_mm
 from mlmi_zoo.architectures.blocks.stages import training_for
 
 DIAMETER = QuantitySpec("diameter_mm", "mm", 0.0, 100.0)
