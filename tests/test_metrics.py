@@ -27,6 +27,7 @@ from mlmi_zoo.evaluation import (
     model_reader_agreement,
     pointing_game,
     prototype_purity,
+    reliability_bins,
     rmse,
     task_metrics,
     unique_prototypes,
@@ -62,10 +63,52 @@ def test_task_metrics_multiclass_and_refusals() -> None:
     assert out["balanced_accuracy"].estimate == pytest.approx((1 + 0.5 + 1) / 3)
     expected_brier = ((0.09 + 0.04 + 0.01) + (0.01 + 0.04 + 0.01) + (0.04 + 0.04 + 0.16) + (0.25 + 0.36 + 0.01)) / 4
     assert out["brier"].estimate == pytest.approx(expected_brier)
+    # arg-max 0, 1, 2, 0: per-class TN / (TN + FP) = 2/3, 2/2, 3/3
+    assert out["specificity"].estimate == pytest.approx((2 / 3 + 1 + 1) / 3)
     with pytest.raises(ValueError, match="sum to 1"):
         task_metrics(torch.randn(4, 3) * 5, labels, n_boot=5)
     with pytest.raises(ValueError, match="labels must lie"):
         task_metrics(probs, torch.tensor([0, 1, 3, 1]), n_boot=5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_task_auroc_equals_scikit_learn_on_random_data(n_classes: int) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(n_classes)
+    logits = rng.normal(size=(300, n_classes))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = rng.integers(0, n_classes, 300)
+    expected = roc_auc_score(labels, probs[:, 1]) if n_classes == 2 else roc_auc_score(labels, probs, multi_class="ovr")
+    assert task_metrics(probs, labels, n_boot=5)["auroc"].estimate == expected
+
+
+def test_concept_auroc_is_the_mean_over_the_levels_present() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    scores = rng.random((300, 4))  # four levels; level 3 never occurs in the ground truth
+    levels = rng.integers(0, 3, 300).astype(float)
+    levels[::7] = np.nan  # missing ground truth is left out
+    keep = ~np.isnan(levels)
+    per_level = [roc_auc_score(levels[keep] == lv, scores[keep, lv]) for lv in range(3)]
+    assert concept_metrics(scores, levels, "categorical")["auroc"] == pytest.approx(np.mean(per_level), abs=1e-15)
+
+
+def test_reliability_bins_match_scikit_learn_calibration_curve() -> None:
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(4)
+    probs, labels = rng.random(500), rng.integers(0, 2, 500)
+    stats = reliability_bins(probs, labels, n_bins=10)
+    confidence, correct = np.maximum(probs, 1 - probs), (probs >= 0.5) == labels
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=10)
+    used = stats["count"] > 0
+    assert stats["count"].sum() == 500 and used.sum() == 5  # top-label confidence lies in [0.5, 1]
+    np.testing.assert_allclose(stats["accuracy"][used], accuracy, rtol=1e-12)
+    np.testing.assert_allclose(stats["confidence"][used], mean_confidence, rtol=1e-12)
+    # right-closed bins: a confidence of exactly 0.75 with 4 bins joins (0.5, 0.75], not (0.75, 1]
+    assert reliability_bins(np.array([0.75]), np.array([1]), n_bins=4)["count"].tolist() == [0, 0, 1, 0]
 
 
 def test_ece_perfectly_calibrated_and_overconfident() -> None:
@@ -119,6 +162,53 @@ def test_bootstrap_skips_undefined_resamples() -> None:
     # P(no positive in a resample of 6) = (5/6)^6 ~ 0.33: about 40 of 60 are used (sd ~ 3.6)
     assert 25 < ci.n < 55
     assert ci.estimate == pytest.approx(1.0)
+
+
+def test_bootstrap_over_groups_draws_whole_groups_and_counts_groups() -> None:
+    # 12 patients with 1..4 images each; the statistic sees the patient id of every drawn image
+    sizes = np.array([1, 2, 3, 4] * 3)
+    patient = np.repeat(np.arange(12), sizes)
+    draws: list[np.ndarray] = []
+
+    def distinct_patients(ids: np.ndarray) -> float:
+        draws.append(ids)
+        return float(np.unique(ids).size)
+
+    ci = bootstrap_ci(distinct_patients, patient, n=300, seed=5, groups=patient)
+    assert ci.estimate == 12.0 and ci.n == 300
+    for ids in draws[1:]:
+        drawn, images = np.unique(ids, return_counts=True)
+        copies = images / sizes[drawn]
+        assert np.all(copies == np.round(copies))  # a drawn patient comes with all of its images
+        assert copies.sum() == 12  # 12 patients drawn with replacement, not 30 images
+    # about 1 - 1/e of the patients appear in a resample (7.6 of 12); never more than 12
+    assert 6.0 <= ci.low < ci.high <= 10.0
+    draws.clear()
+    bootstrap_ci(distinct_patients, patient, n=50, seed=5)
+    assert all(ids.size == patient.size for ids in draws)
+    assert any(np.any(np.bincount(ids, minlength=12) % sizes != 0) for ids in draws[1:])  # cases split patients
+
+
+def test_bootstrap_is_reproducible_by_seed_and_refuses_no_resamples() -> None:
+    values = np.random.default_rng(2).normal(size=60)
+    groups = np.arange(60) // 3
+    first = bootstrap_ci(np.mean, values, n=200, seed=11, groups=groups)
+    assert bootstrap_ci(np.mean, values, n=200, seed=11, groups=groups) == first
+    assert bootstrap_ci(np.mean, values, n=200, seed=12, groups=groups) != first
+    # a single patient: every resample is the data itself
+    one = bootstrap_ci(np.mean, values, n=20, groups=np.zeros(60))
+    assert one.low == one.high == one.estimate and one.n == 20
+    with pytest.raises(ValueError, match="must be >= 1"):
+        bootstrap_ci(np.mean, values, n=0)
+
+
+def test_bootstrap_pairs_two_models_on_the_same_draw() -> None:
+    # the same scores passed twice: every resample sees identical rows, so the difference is exactly 0
+    rng = np.random.default_rng(3)
+    y, a = rng.integers(0, 2, 80), rng.random(80)
+    diff = bootstrap_ci(lambda s, t, yy: float(np.mean((s - yy) ** 2) - np.mean((t - yy) ** 2)), a, a.copy(), y,
+                        n=100, groups=np.arange(80) // 4)
+    assert diff.low == diff.high == 0.0
 
 
 # -- localization ---------------------------------------------------------------------------------

@@ -10,33 +10,26 @@ from mlmi_zoo.evaluation.figures import (
     plot_roc,
 )
 from mlmi_zoo.evaluation.evaluate import evaluate
-from mlmi_zoo.evaluation.metrics import (
-    CI,
-    BlandAltman,
+from mlmi_zoo.evaluation.bootstrap import CI, bootstrap_ci
+from mlmi_zoo.evaluation.faithfulness import (
     Curve,
-    activation_precision,
-    agreement,
-    bland_altman,
-    bootstrap_ci,
-    concept_metrics,
-    decomposition_error,
     deletion_curve,
-    expected_calibration_error,
-    explanation_size,
     faithfulness_gap,
     insertion_curve,
-    instance_auroc,
     instance_deletion_curve,
+)
+from mlmi_zoo.evaluation.localization import activation_precision, instance_auroc, pointing_game
+from mlmi_zoo.evaluation.physical import BlandAltman, bland_altman, mae, rmse
+from mlmi_zoo.evaluation.recognizability import (
+    agreement,
+    concept_metrics,
     inter_reader_agreement,
-    mae,
     model_reader_agreement,
-    pointing_game,
     prototype_purity,
-    reliability_bins,
-    rmse,
-    task_metrics,
     unique_prototypes,
 )
+from mlmi_zoo.evaluation.task import expected_calibration_error, reliability_bins, task_metrics
+from mlmi_zoo.evaluation.transparency import decomposition_error, explanation_size
 
 __all__ = [
     "BlandAltman",

@@ -24,13 +24,9 @@ from mlmi_zoo.evaluation._common import (
     _positive_class,
     _to_tensor_list,
 )
-from mlmi_zoo.evaluation.metrics import (
-    activation_precision,
-    decomposition_error,
-    explanation_size,
-    instance_deletion_curve,
-    pointing_game,
-)
+from mlmi_zoo.evaluation.faithfulness import instance_deletion_curve
+from mlmi_zoo.evaluation.localization import activation_precision, pointing_game
+from mlmi_zoo.evaluation.transparency import decomposition_error, explanation_size
 from mlmi_zoo.families import family_of
 
 

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
 from mlmi_zoo.evaluation._common import EvaluationLimits, _base_dataset, _cat, _Context, _Figures, _nanmean
-from mlmi_zoo.evaluation.metrics import Curve, bland_altman, deletion_curve, mae, rmse
+from mlmi_zoo.evaluation.faithfulness import Curve, deletion_curve
+from mlmi_zoo.evaluation.physical import bland_altman, mae, rmse
 from mlmi_zoo.evaluation.results import element
 
 

@@ -43,7 +43,7 @@ from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
 from mlmi_zoo.evaluation._elements import _not_applicable
-from mlmi_zoo.evaluation.metrics import task_metrics
+from mlmi_zoo.evaluation.task import task_metrics
 from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
 from mlmi_zoo.families import family_of
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe

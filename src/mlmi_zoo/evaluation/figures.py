@@ -15,13 +15,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mlmi_zoo.evaluation.metrics import (
-    Curve,
-    _as_prob_matrix,
-    bland_altman,
-    expected_calibration_error,
-    reliability_bins,
-)
+from mlmi_zoo.evaluation.faithfulness import Curve
+from mlmi_zoo.evaluation.physical import bland_altman
+from mlmi_zoo.evaluation.task import _as_prob_matrix, expected_calibration_error, reliability_bins
 
 __all__ = [
     "plot_bland_altman",
@@ -208,7 +204,7 @@ def plot_deletion(curves: Mapping[str, Curve], path: str | Path) -> Path:
     """Deletion/insertion curves (mean target score vs share removed), AUC in the legend.
 
     Args:
-        curves: name -> :class:`~mlmi_zoo.evaluation.metrics.Curve`.
+        curves: name -> :class:`~mlmi_zoo.evaluation.faithfulness.Curve`.
         path: output PNG.
 
     Returns:

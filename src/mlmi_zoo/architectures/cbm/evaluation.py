@@ -26,7 +26,7 @@ from mlmi_zoo.evaluation._elements import (
     _tp_mask,
     _transparency_block,
 )
-from mlmi_zoo.evaluation.metrics import concept_metrics, inter_reader_agreement, model_reader_agreement
+from mlmi_zoo.evaluation.recognizability import concept_metrics, inter_reader_agreement, model_reader_agreement
 from mlmi_zoo.evaluation.results import element
 
 

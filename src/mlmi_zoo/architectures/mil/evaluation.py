@@ -21,7 +21,8 @@ from mlmi_zoo.evaluation._elements import (
     _physical_block,
     _transparency_block,
 )
-from mlmi_zoo.evaluation.metrics import Curve, instance_auroc
+from mlmi_zoo.evaluation.faithfulness import Curve
+from mlmi_zoo.evaluation.localization import instance_auroc
 from mlmi_zoo.evaluation.results import element
 from mlmi_zoo.families import family_of
 

@@ -27,7 +27,7 @@ from mlmi_zoo.evaluation._elements import (
     _tp_mask,
     _transparency_block,
 )
-from mlmi_zoo.evaluation.metrics import prototype_purity, unique_prototypes
+from mlmi_zoo.evaluation.recognizability import prototype_purity, unique_prototypes
 from mlmi_zoo.evaluation.results import element
 from mlmi_zoo.training.data_spec import IndexSubset
 
