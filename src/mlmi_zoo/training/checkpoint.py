@@ -6,6 +6,10 @@ metadata) and ``manifest.json`` (the sha256 of each file, written last). It is w
 ``.NAME.tmp/`` and swapped in by renames, so a crash at any point leaves a complete checkpoint:
 the new one, or the previous one in ``.NAME.old/`` (:func:`find_checkpoint`). Reading checks every
 file against the manifest before anything is used. Nothing is unpickled.
+
+:func:`save_training_state` writes what an exact resume needs (weights, :class:`Position`,
+optimiser, learning-rate scheduler, RNG states); :func:`restore_optimisation` puts the optimiser
+and scheduler back, :func:`set_rng_state` the generators.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +28,8 @@ from mlmi_zoo._config import to_jsonable
 from mlmi_zoo._weights import load_weights, save_weights, sha256_file, write_json_atomic
 from mlmi_zoo.base import InterpretableModel
 
-__all__ = ["Position", "Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint",
-           "optimizer_tensors", "load_optimizer", "rng_state", "set_rng_state"]
+__all__ = ["Position", "Checkpoint", "save_checkpoint", "find_checkpoint", "load_checkpoint", "save_training_state",
+           "restore_optimisation", "optimizer_tensors", "load_optimizer", "rng_state", "set_rng_state"]
 
 MODEL_FILE = "model.safetensors"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -96,7 +100,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{i}"] = s
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state(legacy=True)  # numpy's default: the tuple form, a dict only if not MT19937
+    if isinstance(state, dict):
+        raise TypeError(f"numpy's global generator is {state['bit_generator']}; checkpoints save MT19937 only")
+    kind, keys, pos, has_gauss, cached = state
     return tensors, {"python": [version, list(internal), gauss],
                      "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
 
@@ -184,3 +191,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(found, load_weights(found / MODEL_FILE, shas[MODEL_FILE]),
                       load_weights(found / STATE_TENSORS, shas[STATE_TENSORS]),
                       json.loads((found / STATE_JSON).read_text()))
+
+
+def save_training_state(dest: Path, model: InterpretableModel, pos: Position,
+                        optimizer: torch.optim.Optimizer | None = None,
+                        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """Checkpoint everything an exact resume needs: weights, position, optimiser, LR scheduler, RNG states.
+
+    Args:
+        dest: e.g. ``RUN_DIR/checkpoints/last``.
+        optimizer / scheduler: those of the current gradient stage (a resume at a stage boundary
+            ignores them: the next stage starts fresh ones); ``None`` after a special stage and for
+            ``checkpoints/best``.
+    """
+    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    rng_tensors, rng_meta = rng_state()
+    state = {"position": asdict(pos), "optimizer": opt_meta, "rng": rng_meta,
+             "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    save_checkpoint(dest, model, state, {**opt_tensors, **rng_tensors})
+
+
+def restore_optimisation(checkpoint: Checkpoint, optimizer: torch.optim.Optimizer,
+                         scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Put a mid-stage optimiser and its scheduler (step count, hence the next rate) back as they were saved."""
+    load_optimizer(optimizer, checkpoint.tensors, checkpoint.state["optimizer"])
+    scheduler.load_state_dict(checkpoint.state["scheduler"])

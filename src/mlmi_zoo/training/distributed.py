@@ -5,7 +5,8 @@ and a purpose (``"order"``, an epoch, ...) into an independent 63-bit seed, and
 :class:`EpochSampler` draws epoch ``e``'s permutation from ``(seed, e)`` and shards it between
 processes, so a resumed epoch skips exactly the batches already done and N processes see what one
 would. :class:`GlobalBatchNorm` gives batch norm global-batch statistics on CPU (gloo), where
-``nn.SyncBatchNorm`` is not supported.
+``nn.SyncBatchNorm`` is not supported. :func:`all_reduce_sum` and :func:`gather_rows` combine
+metrics across processes (each a no-op in a single process).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-__all__ = ["derive_seed", "seed_worker", "EpochSampler", "Dist", "init_distributed", "GlobalBatchNorm", "convert_batchnorm"]
+__all__ = ["derive_seed", "seed_worker", "EpochSampler", "Dist", "init_distributed", "all_reduce_sum", "gather_rows",
+           "GlobalBatchNorm", "convert_batchnorm"]
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -111,6 +113,33 @@ def init_distributed(device_kind: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def all_reduce_sum(values: dict[str, float], group: Dist, device: torch.device) -> dict[str, float]:
+    """Sum each value over the processes (float64, so counts stay exact)."""
+    if not group.enabled:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def gather_rows(t: torch.Tensor, group: Dist) -> torch.Tensor:
+    """Concatenate ``t`` (N_rank, ...) from every process in rank order (the N_rank may differ)."""
+    if not group.enabled:
+        return t
+    import torch.distributed as dist
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(group.world_size)]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)  # all_gather needs equal shapes
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(group.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm whose training statistics span the batches of every process.
 
@@ -137,16 +166,21 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         centred = x - mean.view(shape)
         var = all_reduce((centred * centred).sum(dims)) / count  # (C,) biased, as batch norm normalises
         if self.track_running_stats:
+            running_mean, running_var, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+            assert running_mean is not None and running_var is not None and tracked is not None  # tracked stats exist
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                tracked.add_(1)
+                factor = (1.0 / float(tracked)) if self.momentum is None else self.momentum
+                running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
                 unbiased = var.detach() * count / (count - 1).clamp_min(1)
-                self.running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+                running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
         y = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
+
+
+_PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def convert_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
@@ -154,7 +188,8 @@ def convert_batchnorm(module: nn.Module, cuda: bool) -> nn.Module:
     if cuda:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        # exactly these classes (a subclass may compute something else); isinstance narrows the type
+        if type(child) in _PLAIN_BATCHNORMS and isinstance(child, nn.modules.batchnorm._BatchNorm):
             new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
             if child.affine:
                 new.weight, new.bias = child.weight, child.bias
