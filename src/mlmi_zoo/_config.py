@@ -63,7 +63,7 @@ def from_jsonable(tp: Any, value: Any, where: str = "config") -> Any:
         if value not in args:
             raise OverrideError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

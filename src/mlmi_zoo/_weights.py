@@ -26,8 +26,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result onto ``path`` atomically.
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp_path)`` (its return value is ignored) and move the result onto ``path`` atomically.
 
     A crash at any point leaves the previous ``path`` intact: the new content is written to a
     temporary file in the same directory, flushed to disk, then renamed over the target.

@@ -77,6 +77,7 @@ class LoadReport:
 
 ConfigT = TypeVar("ConfigT", bound=ModelConfig)
 M = TypeVar("M", bound="InterpretableModel[Any]")
+C = TypeVar("C", bound=ModelConfig)
 
 
 class InterpretableModel(nn.Module, Generic[ConfigT]):
@@ -221,7 +222,7 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         return f"architecture={self.architecture!r}, num_classes={self.num_classes}"
 
 
-def replace_config(config: ModelConfig, **changes: Any) -> ModelConfig:
+def replace_config(config: C, **changes: Any) -> C:
     """``dataclasses.replace`` with type checking of the new values."""
     from mlmi_zoo._config import apply_overrides
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 __all__ = ["main"]
 
@@ -18,7 +18,7 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump) and exit status 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

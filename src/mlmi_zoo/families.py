@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Generic, Literal, TypeVar
 
 import torch
 
@@ -21,10 +21,14 @@ if TYPE_CHECKING:  # the training-stage interface lives one layer up, in archite
 
 __all__ = ["Family", "register_family", "family_of", "families"]
 
+ExplanationT = TypeVar("ExplanationT", bound="Explanation")
+
 
 @dataclass(frozen=True)
-class Family:
+class Family(Generic[ExplanationT]):
     """What the trainer, the evaluation and the cards need to know about one model family.
+
+    Generic over the family's explanation type, which ``evidence_maps`` reads.
 
     Attributes:
         name: the family's name, the prefix of its registered architectures (``protopnet``).
@@ -46,7 +50,7 @@ class Family:
     """
 
     name: str
-    model_class: type[InterpretableModel]
+    model_class: type[InterpretableModel[Any]]
     training: FamilyTraining
     inputs: Literal["images", "bags"]
     evaluation: str
@@ -54,7 +58,7 @@ class Family:
     method: str
     bibtex: tuple[str, ...] = ()
     interpretable: bool = True
-    evidence_maps: Callable[[Explanation], torch.Tensor] | None = None
+    evidence_maps: Callable[[ExplanationT], torch.Tensor] | None = None
     instance_scores: Literal["attention", "contributions"] | None = None
     concepts: bool = False
 
@@ -69,10 +73,10 @@ class Family:
         return getattr(importlib.import_module(module), function)
 
 
-_FAMILIES: dict[str, Family] = {}
+_FAMILIES: dict[str, Family[Any]] = {}
 
 
-def register_family(family: Family) -> Family:
+def register_family(family: Family[ExplanationT]) -> Family[ExplanationT]:
     """Register ``family`` (a second record under one name raises)."""
     if family.name in _FAMILIES:
         raise ValueError(f"family {family.name!r} is already registered")
@@ -82,13 +86,13 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def families() -> dict[str, Family]:
+def families() -> dict[str, Family[Any]]:
     """Every registered family, by name."""
     importlib.import_module("mlmi_zoo.architectures")  # the family packages register on import
     return dict(_FAMILIES)
 
 
-def family_of(model_or_name: InterpretableModel | str) -> Family:
+def family_of(model_or_name: InterpretableModel[Any] | str) -> Family[Any]:
     """The record of a model's family (or of a family name)."""
     name = model_or_name if isinstance(model_or_name, str) else model_or_name.family
     known = families()

@@ -30,7 +30,7 @@ __all__ = ["load", "resolve", "publish", "card_sha256"]
 HUB_PATTERNS = ["config.json", "model.safetensors", "README.md", "results.json", "recipe.yaml", "figures/*"]
 
 
-def resolve(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve(uri: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the local folder that ``uri`` names (downloading nothing when offline)."""
     if uri.startswith("hf-hub:"):
         from huggingface_hub import snapshot_download
@@ -38,7 +38,8 @@ def resolve(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
         repo, _, revision = uri[len("hf-hub:"):].partition("@")
         if repo.count("/") != 1:
             raise ValueError(f"expected hf-hub:ORG/REPO[@REVISION], got {uri!r}")
-        return Path(snapshot_download(repo_id=repo, revision=revision or None, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS))
+        cache = None if cache_dir is None else os.fspath(cache_dir)  # huggingface_hub takes str or Path
+        return Path(snapshot_download(repo_id=repo, revision=revision or None, cache_dir=cache, allow_patterns=HUB_PATTERNS))
     if uri.startswith("local-dir:"):
         path = Path(uri[len("local-dir:"):]).expanduser()
         if not path.is_dir():
@@ -79,13 +80,13 @@ def card_sha256(folder: Path) -> str | None:
 
 
 @overload
-def load(uri: str, model_class: None = None, *, strict: bool = True, cache_dir: str | os.PathLike | None = None,
+def load(uri: str, model_class: None = None, *, strict: bool = True, cache_dir: str | os.PathLike[str] | None = None,
          **overrides: Any) -> InterpretableModel[Any]: ...
 @overload
-def load(uri: str, model_class: type[M], *, strict: bool = True, cache_dir: str | os.PathLike | None = None,
+def load(uri: str, model_class: type[M], *, strict: bool = True, cache_dir: str | os.PathLike[str] | None = None,
          **overrides: Any) -> M: ...
 def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
-         cache_dir: str | os.PathLike | None = None, **overrides: Any) -> InterpretableModel[Any] | M:
+         cache_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> InterpretableModel[Any] | M:
     """Load a zoo model (see the module docstring for ``uri``).
 
     Args:

@@ -31,13 +31,13 @@ class ModelEntry:
     """A registered architecture: its factory and the model class the factory builds."""
 
     name: str
-    factory: Callable[..., InterpretableModel]
-    model_class: type[InterpretableModel]
+    factory: Callable[..., InterpretableModel[Any]]
+    model_class: type[InterpretableModel[Any]]
     doc: str
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
-F = TypeVar("F", bound=Callable[..., InterpretableModel])
+F = TypeVar("F", bound=Callable[..., InterpretableModel[Any]])
 
 
 def register_model(name: str) -> Callable[[F], F]:
@@ -72,15 +72,15 @@ def build_config(config_class: type, backbone: str, overrides: dict[str, Any]) -
     return apply_overrides(config_class(backbone=backbone), overrides)
 
 
-def register_backbones(model_class: type[InterpretableModel], backbones: tuple[str, ...], summary: str) -> None:
+def register_backbones(model_class: type[InterpretableModel[Any]], backbones: tuple[str, ...], summary: str) -> None:
     """Register ``f"{family}_{backbone}"`` for each backbone with the standard factory.
 
     The factory builds ``model_class(config)`` from the family's config dataclass with the backbone set
     and the overrides type-checked. ``summary`` is formatted with ``{backbone}``.
     """
 
-    def factory(backbone: str) -> Callable[..., InterpretableModel]:
-        def build(**overrides: Any) -> InterpretableModel:
+    def factory(backbone: str) -> Callable[..., InterpretableModel[Any]]:
+        def build(**overrides: Any) -> InterpretableModel[Any]:
             return model_class(build_config(model_class.config_class, backbone, overrides))
 
         build.__doc__ = summary.format(backbone=backbone)
@@ -112,7 +112,7 @@ def get_entry(name: str) -> ModelEntry:
     return entries[name]
 
 
-def create_model(name: str, **overrides: Any) -> InterpretableModel:
+def create_model(name: str, **overrides: Any) -> InterpretableModel[Any]:
     """Build a registered architecture with random initialisation.
 
     Args:
@@ -130,6 +130,7 @@ def bundled_dir() -> Path:
     """The folder of bundled pretrained models (``model_cards/`` in the repository)."""
     # find_spec locates the folder without importing the card tooling (and its dependencies).
     spec = importlib.util.find_spec("mlmi_zoo.model_cards")
+    assert spec is not None and spec.submodule_search_locations is not None  # a package of this distribution
     return Path(next(iter(spec.submodule_search_locations)))
 
 

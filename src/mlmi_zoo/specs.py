@@ -195,7 +195,10 @@ class ConceptSpec:
     @property
     def width(self) -> int:
         """Number of outputs this concept occupies in a concept vector."""
-        return len(self.levels) if self.kind in ("ordinal", "categorical") else 1
+        if self.kind in ("ordinal", "categorical"):
+            assert self.levels is not None  # __post_init__ requires levels for these kinds
+            return len(self.levels)
+        return 1
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

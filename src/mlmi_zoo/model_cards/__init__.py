@@ -1,7 +1,10 @@
 """Bundled model folders (one per published model: card, config, weights, figures) and card tooling."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # loaded lazily by __getattr__ below
+    from mlmi_zoo.model_cards.card import check_card, render_card, write_card
 
 __all__ = ["check_card", "render_card", "write_card"]
 

@@ -325,8 +325,9 @@ def check_card(model_dir: str | Path) -> list[str]:
     for key in ("version", "weights_sha256", "input_spec", "label_names", "operating_point"):
         if block.get(key) in (None, "", []):
             problems.append(f"front matter field 'mlmi_zoo.{key}' is missing or empty")
-    if PLACEHOLDERS.search(card_text):
-        problems.append(f"{CARD_FILE} contains a placeholder: {PLACEHOLDERS.search(card_text).group(0)!r}")
+    placeholder = PLACEHOLDERS.search(card_text)
+    if placeholder:
+        problems.append(f"{CARD_FILE} contains a placeholder: {placeholder.group(0)!r}")
 
     stated_metrics = {}
     for entry in (meta.get("model-index") or [{}])[0].get("results", [{}])[0].get("metrics", []):

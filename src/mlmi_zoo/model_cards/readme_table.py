@@ -70,6 +70,7 @@ def update_readme(readme: Path, check: bool = False) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # the module docstring's first line describes the command
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[3] / "README.md")
     p.add_argument("--check", action="store_true")

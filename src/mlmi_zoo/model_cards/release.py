@@ -16,6 +16,7 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2) -> None:
 
         spec = replace(spec, cache=False)
     dataset = build_dataset(spec, "test")
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"bundled samples are drawn from a map-style data set with a length, got {type(dataset).__name__}")
     source = source_for({"kind": spec.kind, "params": spec.params})
     shutil.rmtree(folder / "samples", ignore_errors=True)
     for i in range(min(n, len(dataset))):
@@ -122,6 +125,7 @@ def evaluate_and_card(release: Release, cards: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    assert __doc__ is not None  # the module docstring's first line describes the command
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help="bundled names to build (default: all, in order)")
     p.add_argument("--runs", type=Path, default=Path("runs") / "release")

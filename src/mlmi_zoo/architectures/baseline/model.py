@@ -44,7 +44,7 @@ class BaselineExplanation(Explanation):
     family = "baseline"
 
 
-def resolve_spacing(model: InterpretableModel, spacing: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+def resolve_spacing(model: InterpretableModel[Any], spacing: Any, batch: int, device: torch.device) -> torch.Tensor | None:
     """(B, dims) spacing for measurements: the given one, else the model's canonical spacing."""
     if spacing is None:
         spacing = model.config.spacing
@@ -87,7 +87,7 @@ class BaselineClassifier(InterpretableModel[BaselineConfig]):
         logits, quantities = self.forward_with_quantities(x)
         measurements = {}
         s = resolve_spacing(self, spacing, x.shape[0], x.device)
-        if quantities is not None and s is not None:
+        if self.physical is not None and quantities is not None and s is not None:
             measurements = self.physical.measure(quantities, s)
         return BaselineExplanation(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x)
 
@@ -108,7 +108,7 @@ class BaselineTraining(FamilyTraining):
         ce = nn.functional.cross_entropy(logits, batch["label"])
         logs = {"ce": ce.item()}
         loss = ce
-        if quantities is not None:
+        if model.physical is not None and quantities is not None:
             phys = model.physical.loss(quantities, batch["measurements"], batch["spacing"].to(quantities.dtype))
             loss = loss + phys
             logs["physical"] = phys.item()

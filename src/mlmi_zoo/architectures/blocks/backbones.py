@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mlmi_zoo.architectures.blocks.pretrained import WeightsProvenance, resolve_init
+
+if TYPE_CHECKING:  # timm is imported lazily, when a timm backbone is built
+    from timm.models import FeatureInfo
 
 __all__ = ["create_backbone", "Backbone", "RESNET_LAYOUTS", "latent_to_input"]
 
@@ -84,8 +88,11 @@ class Backbone(nn.Module):
         dims = len(latent_shape)
         mask = mask.float()
         if self.offset is None or self.offset != int(self.offset) or self.stride % 2 or not 0 <= self.offset <= self.stride // 2:
-            pool = F.adaptive_avg_pool2d if dims == 2 else F.adaptive_avg_pool3d
-            return pool(mask, latent_shape)
+            if dims == 2:
+                h, w = latent_shape
+                return F.adaptive_avg_pool2d(mask, (h, w))
+            d, h, w = latent_shape
+            return F.adaptive_avg_pool3d(mask, (d, h, w))
         half, shift = self.stride // 2, int(self.offset)
         # pad so that pooling window i starts at pixel offset + stride*i - stride/2
         pad: list[int] = []
@@ -158,10 +165,13 @@ def _resnet_body(name: str, in_channels: int, spatial_dims: int, n_stages: int) 
     if spatial_dims == 2:
         from timm.models.resnet import BasicBlock, ResNet
 
-        net = ResNet(BasicBlock, layers, channels=widths, in_chans=in_channels, num_classes=0, global_pool="")
+        # timm annotates `block` as an instance (Union[BasicBlock, Bottleneck]) but builds its stages
+        # by calling it, as its own resnet18() does with the class: the annotation is wrong.
+        net = ResNet(BasicBlock, layers, channels=widths, in_chans=in_channels, num_classes=0,  # pyright: ignore[reportArgumentType]
+                     global_pool="")
         stem = [net.conv1, net.bn1, net.act1, net.maxpool]
     else:
-        from monai.networks.nets import ResNet as MonaiResNet  # imported lazily: MONAI is slow to import
+        from monai.networks.nets.resnet import ResNet as MonaiResNet  # imported lazily: MONAI is slow to import
 
         # conv1_t_stride=2: the same stem reduction as the 2D ResNet (MONAI's default is 1), so that
         # `feature_stride` means the same in 2D and 3D.
@@ -210,12 +220,19 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
     if name not in timm.list_models():
         raise ValueError(f"unknown backbone {name!r}: expected one of {sorted(RESNET_LAYOUTS)} or a timm model name")
     probe = timm.create_model(name, pretrained=False, in_chans=in_channels, features_only=True)
-    reductions = probe.feature_info.reduction()
+    reductions = _feature_info(probe).reduction()
     index = max((i for i, r in enumerate(reductions) if r <= feature_stride), default=None)
     if index is None:
         raise ValueError(f"{name}: no stage with reduction <= {feature_stride} (stages reduce by {reductions})")
     weights = resolve_init(init, name, in_channels)
     body = timm.create_model(name, pretrained=weights.pretrained, pretrained_cfg_overlay=weights.pretrained_cfg_overlay,
                              in_chans=in_channels, features_only=True, out_indices=(index,))
-    info = BackboneInfo(body.feature_info.channels()[-1], reductions[index], provenance=weights.loaded_provenance())
+    info = BackboneInfo(_feature_info(body).channels()[-1], reductions[index], provenance=weights.loaded_provenance())
     return Backbone(body, info, list_output=True)
+
+
+def _feature_info(model: nn.Module) -> FeatureInfo:
+    """The ``feature_info`` of a timm model built with ``features_only=True``."""
+    # timm.create_model is annotated to return a plain nn.Module (whose attributes type as
+    # Tensor | Module); its features_only wrappers all carry a FeatureInfo here.
+    return cast("FeatureInfo", model.feature_info)

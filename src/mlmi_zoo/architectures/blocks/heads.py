@@ -86,6 +86,9 @@ class _UnitHead(nn.Module):
     training split's mean and std of the pixel-domain targets) travel with the weights.
     """
 
+    loc: torch.Tensor  # (Q,) buffer
+    scale: torch.Tensor  # (Q,) buffer
+
     def __init__(self, quantities: tuple[QuantitySpec, ...]) -> None:
         super().__init__()
         self.quantities = tuple(quantities)
@@ -392,5 +395,6 @@ def dihedral_mean(fn: Callable[[torch.Tensor, "torch.Tensor | None"], tuple["tor
         for j, (out, turn) in enumerate(zip(outputs, planar)):
             if out is not None:
                 out = back(out) if turn else out
-                total[j] = out if total[j] is None else total[j] + out
+                running = total[j]
+                total[j] = out if running is None else running + out
     return tuple(None if t is None else t / 8 for t in total)

@@ -7,14 +7,18 @@ and the stages that are not gradient descent (ProtoPNet's push and convex last-l
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mlmi_zoo.base import InterpretableModel
+
+if TYPE_CHECKING:
+    from mlmi_zoo.architectures.blocks.heads import LesionCountHead, PhysicalHead
 
 __all__ = ["FamilyTraining", "LossOutput", "training_for", "fit_physical_head"]
 
@@ -63,7 +67,7 @@ class FamilyTraining:
         """
         return None
 
-    def inputs(self, model: InterpretableModel, batch: dict[str, Any]) -> torch.Tensor:
+    def inputs(self, model: InterpretableModel, batch: Mapping[str, Any]) -> torch.Tensor:
         """The network input for a collated batch: raw images through the model's intensity transform."""
         return model.input_spec.intensity(batch["image"])
 
@@ -91,7 +95,7 @@ def training_for(model: InterpretableModel) -> FamilyTraining:
     return family_of(model).training
 
 
-def fit_physical_head(head: nn.Module, dataset: Dataset, max_cases: int = 2000) -> None:
+def fit_physical_head(head: PhysicalHead | LesionCountHead, dataset: Dataset, max_cases: int = 2000) -> None:
     """Set a :class:`PhysicalHead`'s normalisation from the training split's measurements.
 
     Reads ``sample["measurements"]`` and ``sample["spacing"]`` of up to ``max_cases`` cases (evenly
@@ -99,6 +103,8 @@ def fit_physical_head(head: nn.Module, dataset: Dataset, max_cases: int = 2000) 
     """
     from mlmi_zoo.architectures.blocks.heads import to_pixel_domain
 
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"fitting a physical head needs a map-style data set with a length, got {type(dataset).__name__}")
     n = len(dataset)
     idx = torch.linspace(0, n - 1, steps=min(n, max_cases)).round().long().unique().tolist()
     rows = [dataset[i] for i in idx]

@@ -5,9 +5,17 @@ The model (:mod:`.model`), typed concepts with units (:mod:`.concepts`), test-ti
 trainer on import) and the family's evaluation section (:mod:`.evaluation`, loaded by
 :mod:`mlmi_zoo.evaluation` only).
 """
+import torch
+
 from mlmi_zoo.architectures.cbm import training as training  # registers the training stages
 from mlmi_zoo.architectures.cbm.model import CBM, NODULE_CONCEPTS, CBMConfig, ConceptExplanation, MLPConceptExplanation
 from mlmi_zoo.families import Family, register_family
+
+
+def _concept_maps(exp: ConceptExplanation) -> torch.Tensor:
+    """(B, K, *spatial): each concept's map, on the input's pixels."""
+    return exp.concept_maps
+
 
 FAMILY = register_family(Family(
     name="cbm", model_class=CBM, training=training.CBMTraining(), inputs="images",
@@ -20,7 +28,7 @@ FAMILY = register_family(Family(
   booktitle = {International Conference on Machine Learning},
   year      = {2020}
 }""",),
-    evidence_maps=lambda exp: exp.concept_maps,  # (B, K, *spatial): each concept's map
+    evidence_maps=_concept_maps,
     concepts=True,
 ))
 

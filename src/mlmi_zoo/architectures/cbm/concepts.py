@@ -52,7 +52,8 @@ def unit_names(specs: Sequence[ConceptSpec]) -> tuple[str, ...]:
     names: list[str] = []
     for s in specs:
         if s.kind in ("ordinal", "categorical"):
-            names.extend(f"{s.name}={level}" for level in s.levels)  # type: ignore[union-attr]
+            assert s.levels is not None  # ConceptSpec requires levels for these kinds
+            names.extend(f"{s.name}={level}" for level in s.levels)
         else:
             names.append(s.name)
     return tuple(names)
@@ -93,6 +94,7 @@ def parse_concept_value(spec: ConceptSpec, value: Any) -> torch.Tensor:
             raise ValueError(f"concept {spec.name!r} takes a level name {list(levels)} or an index 0..{len(levels) - 1}, got {value!r}")
         return torch.tensor(float(value))
     # continuous
+    assert spec.unit is not None  # ConceptSpec refuses a continuous concept without a unit
     if isinstance(value, Measurement):
         return torch.as_tensor(value.to(spec.unit).value, dtype=torch.float32)
     if isinstance(value, str) or hasattr(value, "dimensionality"):
@@ -152,6 +154,12 @@ class ConceptCodec(nn.Module):
             level weights for ordinal/categorical ones).
         max_weight: cap on a class weight, so a concept with a handful of positives cannot dominate.
     """
+
+    unit_owner: torch.Tensor  # (K,) buffer
+    binary_prior: torch.Tensor  # (n_binary,) buffer
+    level_prior: torch.Tensor  # (n_level_units,) buffer
+    loc: torch.Tensor  # (n_continuous,) buffer
+    scale: torch.Tensor  # (n_continuous,) buffer
 
     def __init__(self, specs: Sequence[ConceptSpec], balance: bool = True, max_weight: float = 10.0) -> None:
         super().__init__()
@@ -429,7 +437,8 @@ class ConceptCodec(nn.Module):
             elif s.kind == "continuous":
                 value = self.continuous_value(vector, j, spacing)
                 if value is not None:
-                    out[s.name] = Measurement(s.name, value, s.unit)  # type: ignore[arg-type]
+                    assert s.unit is not None  # ConceptSpec requires a unit for continuous concepts
+                    out[s.name] = Measurement(s.name, value, s.unit)
             else:
                 out[s.name] = vector[:, sl]
         return out

@@ -219,13 +219,20 @@ class ConceptExplanation(Explanation):
 
     def logits_from_contributions(self) -> torch.Tensor:
         """(B, C) bias + sum of concept contributions."""
-        return self.contributions.sum(-1) + self.bias  # type: ignore[union-attr]
+        assert self.contributions is not None and self.bias is not None  # a linear head sets both (MLP: the subclass)
+        return self.contributions.sum(-1) + self.bias
 
     def concept_contributions(self, i: int, c: int) -> dict[str, float]:
-        """Concept name -> its contribution (summed over its units) to class ``c`` of case ``i``."""
+        """Concept name -> its contribution (summed over its units) to class ``c`` of case ``i``.
+
+        Raises:
+            TypeError: for an MLP head's explanation, which has no contributions.
+        """
+        if self.contributions is None:
+            raise TypeError(f"{type(self).__name__} has no concept contributions (an MLP head); use head='linear'")
         out, start = {}, 0
         for s in self.concept_specs:
-            out[s.name] = float(self.contributions[i, c, start:start + s.width].sum())  # type: ignore[index]
+            out[s.name] = float(self.contributions[i, c, start:start + s.width].sum())
             start += s.width
         return out
 
@@ -238,7 +245,8 @@ class ConceptExplanation(Explanation):
         if spec.kind == "binary":
             return f"p = {float(v[i]):.3f}"
         level = int(v[i].argmax())
-        return f"{spec.levels[level]} (p = {float(v[i, level]):.3f})"  # type: ignore[index]
+        assert spec.levels is not None  # ConceptSpec requires levels for ordinal and categorical concepts
+        return f"{spec.levels[level]} (p = {float(v[i, level]):.3f})"
 
     def html_sections(self, i: int) -> list[tuple[str, str]]:
         sections = super().html_sections(i)
@@ -253,7 +261,8 @@ class ConceptExplanation(Explanation):
                          html_table(("concept", "value", f"contribution to {label}"), rows)))
         if self.inputs is not None and self.inputs.ndim >= 4:
             if self.decomposable:
-                units = self.contributions[i, c].abs().argsort(descending=True)[:3].tolist()  # type: ignore[index]
+                assert self.contributions is not None  # a decomposable (linear-head) explanation carries them
+                units = self.contributions[i, c].abs().argsort(descending=True)[:3].tolist()
             else:
                 units = list(range(min(3, len(self.concept_names))))
             imgs = []
@@ -292,6 +301,8 @@ class CBM(InterpretableModel[CBMConfig]):
 
     family = "cbm"
     config_class = CBMConfig
+
+    _attended: torch.Tensor  # (K,) buffer
 
     def __init__(self, config: CBMConfig) -> None:
         super().__init__(config)
@@ -392,6 +403,7 @@ class CBM(InterpretableModel[CBMConfig]):
             # the means (the concept logits) are exact; a latent cell turned back lies right only to
             # within the stride (the explanation's maps are averaged on the input's pixels, _concept_pass)
             maps, attention = dihedral_mean(self._maps_and_attention, x, self._given_spacing(x, spacing), (True, True))
+            assert maps is not None  # every view gives maps
             return maps, attention
         return self._maps_and_attention(x, spacing)
 
@@ -470,15 +482,17 @@ class CBM(InterpretableModel[CBMConfig]):
         logits = self.predict_label(vector)  # (B, C)
         concepts = self.codec.describe(vector, self.codec_spacing(spacing))
         measurements = {k: v for k, v in concepts.items() if isinstance(v, Measurement)}
-        common = dict(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x,
-                      concepts=concepts, concept_vector=vector, concept_logits=raw, concept_maps=maps,
-                      concept_names=self.concept_names, concept_specs=self.concept_specs, intervened=intervened,
-                      attention=attention)
-        if self.config.head == "linear":
+        explanation_class: type[ConceptExplanation] = MLPConceptExplanation
+        contributions, bias = None, None  # the mlp head is not a sum of concept terms
+        if isinstance(self.label_head, nn.Linear):  # head="linear"
             weight = self.label_head.weight.detach()  # (C, K)
             contributions = rearrange(vector, "b k -> b 1 k") * weight  # (B, C, K)
-            return ConceptExplanation(contributions=contributions, bias=self.label_head.bias.detach().clone(), **common)
-        return MLPConceptExplanation(contributions=None, bias=None, **common)
+            bias = self.label_head.bias.detach().clone()  # (C,)
+            explanation_class = ConceptExplanation
+        return explanation_class(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x,
+                                 concepts=concepts, concept_vector=vector, concept_logits=raw, concept_maps=maps,
+                                 concept_names=self.concept_names, concept_specs=self.concept_specs,
+                                 contributions=contributions, bias=bias, intervened=intervened, attention=attention)
 
     def _concept_pass(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Concept maps (B, K, *spatial) and attention (B, 1, *spatial) on the input's pixels, and
@@ -488,6 +502,7 @@ class CBM(InterpretableModel[CBMConfig]):
         if not self._averages_views:
             return self._one_view(x, spacing)
         maps, raw, attention = dihedral_mean(self._one_view, x, self._given_spacing(x, spacing), (True, False, True))
+        assert maps is not None and raw is not None  # every view gives maps and concept outputs
         return maps, raw, attention
 
     def _one_view(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -28,6 +28,7 @@ What we changed: typed concepts with units, masking of missing labels, class bal
 """
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 import torch
@@ -60,6 +61,8 @@ def fit_concept_statistics(model: CBM, dataset: Dataset, max_cases: int = 2000) 
     Reads up to ``max_cases`` samples evenly spread over the training split; concepts come from
     ``sample["concepts"]`` or ``sample["measurements"]``, spacing from ``sample["spacing"]``.
     """
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"fitting concept statistics needs a map-style data set with a length, got {type(dataset).__name__}")
     n = len(dataset)
     if n == 0:
         raise ValueError("cannot fit concept statistics on an empty training split")

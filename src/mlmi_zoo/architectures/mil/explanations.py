@@ -207,4 +207,5 @@ class AdditiveMILExplanation(MILExplanation):
 
     def logits_from_contributions(self) -> torch.Tensor:
         """(B, C) bias + sum of the per-instance contributions."""
+        assert self.contributions is not None and self.bias is not None  # AdditiveMIL.explain sets both
         return self.contributions.sum(1) + self.bias

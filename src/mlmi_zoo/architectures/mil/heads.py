@@ -256,10 +256,11 @@ class InstanceAreaHead(nn.Module):
         self.prior: nn.Sequential | None = None
         if bag_context:
             n_stats = q * (len(self.QUANTILE_LEVELS) + 1) + 1
-            self.prior = nn.Sequential(_ScaledLinear(n_stats, context_hidden, self.gain), nn.ReLU(),
-                                       _ScaledLinear(context_hidden, 2 * q, self.gain))
-            nn.init.zeros_(self.prior[-1].weight)  # start as the context-free head
-            nn.init.zeros_(self.prior[-1].bias)
+            first = _ScaledLinear(n_stats, context_hidden, self.gain)
+            last = _ScaledLinear(context_hidden, 2 * q, self.gain)
+            self.prior = nn.Sequential(first, nn.ReLU(), last)
+            nn.init.zeros_(last.weight)  # start as the context-free head
+            nn.init.zeros_(last.bias)
             # c(z) = z + sum_k v_k tanh(a_k z + d_k), per quantity; v = 0 starts at the identity. Stored
             # divided by the gain, like the linear maps.
             self.calibration_in = nn.Parameter(torch.randn(q, calibration_hidden) / self.gain)  # a (Q, K)

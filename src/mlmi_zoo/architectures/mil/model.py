@@ -373,6 +373,7 @@ class _MILModel(InterpretableModel[MILConfig]):
         hs, terms, scores, own = [], [], [], []
         total = feats.new_zeros(feats.shape[0], self.config.hidden)  # (B, F) sum of valid embeddings
         project = self.embed[0]
+        assert isinstance(project, nn.Linear)  # built in __init__
         centre = None
         if self.config.bag_normalise:
             # embed(x - m) = ReLU(W x + b - W m): subtracting W m (B, F) after the projection is the

@@ -41,11 +41,13 @@ During training each bag is randomly subsampled to ``train_max_instances`` valid
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from mlmi_zoo.architectures.mil.heads import InstanceAreaHead
 from mlmi_zoo.architectures.mil.model import BagOutputs, _MILModel
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 from mlmi_zoo.units import convert
@@ -121,7 +123,7 @@ class MILTraining(FamilyTraining):
     family = "abmil"
     stage_names = ("joint",)
 
-    def inputs(self, model: _MILModel, batch: dict[str, Any]) -> MILInputs:
+    def inputs(self, model: _MILModel, batch: Mapping[str, Any]) -> MILInputs:
         """(feats or tiles, mask) of a collated bag batch; tiles go through the intensity transform.
 
         Raises:
@@ -163,7 +165,7 @@ class MILTraining(FamilyTraining):
         logs = {"ce": float(ce.detach())}
         loss = ce
         if model.area_head is not None and model.config.physical_weight > 0:
-            phys = self._physical_loss(model, out, batch, scale, instance_targets, logs)
+            phys = self._physical_loss(model.area_head, out, batch, scale, instance_targets, logs)
             loss = loss + model.config.physical_weight * phys
         if instance_labels is not None:
             valid = mask & torch.isfinite(instance_labels)
@@ -197,12 +199,14 @@ class MILTraining(FamilyTraining):
         return {q.name: given[q.name].float() for q in model.area_head.quantities if q.name in given}
 
     @staticmethod
-    def _physical_loss(model: _MILModel, out: BagOutputs, batch: dict[str, Any], scale: torch.Tensor,
+    def _physical_loss(head: InstanceAreaHead, out: BagOutputs, batch: dict[str, Any], scale: torch.Tensor,
                        instance_targets: dict[str, torch.Tensor], logs: dict[str, float]) -> torch.Tensor:
-        head = model.area_head
+        """The area loss of the model's area head ``head`` on one batch."""
+        area_logits = out.area_logits
+        assert area_logits is not None  # a model with an area head scores every instance
         mpp = batch.get("microns_per_pixel")
         tile_area = head.tile_area(out.mask.shape[0], mpp, out.mask.device)  # (B, Q)
-        areas = head.instance_areas(out.area_logits, out.mask, tile_area)  # (B, N, Q)
+        areas = head.instance_areas(area_logits, out.mask, tile_area)  # (B, N, Q)
         measurements = batch.get("measurements") or {}
         terms = []
         for j, q in enumerate(head.quantities):
@@ -219,7 +223,7 @@ class MILTraining(FamilyTraining):
                 fraction = (instance_targets[q.name].to(areas.device) / tile_area[:, j, None]).clamp(0, 1)  # (B, N)
                 valid = out.mask & torch.isfinite(fraction)
                 if valid.any():
-                    bce = nn.functional.binary_cross_entropy_with_logits(out.area_logits[..., j][valid], fraction[valid])
+                    bce = nn.functional.binary_cross_entropy_with_logits(area_logits[..., j][valid], fraction[valid])
                     terms.append(bce)
                     logs[f"instance_{q.name}"] = float(bce.detach())
         if not terms:

@@ -4,9 +4,17 @@
 training stages and loss terms (:mod:`.training`, registered with the trainer on import) and the
 family's evaluation section (:mod:`.evaluation`, loaded by :mod:`mlmi_zoo.evaluation` only).
 """
+import torch
+
 from mlmi_zoo.architectures.protopnet import training as training  # registers the training stages
 from mlmi_zoo.architectures.protopnet.model import AddOn, ProtoPNet, ProtoPNetConfig, ProtoPNetOutputs, PrototypeExplanation
 from mlmi_zoo.families import Family, register_family
+
+
+def _prototype_maps(exp: PrototypeExplanation) -> torch.Tensor:
+    """(B, P, *spatial): each prototype's similarity map, on the input's pixels."""
+    return exp.localization
+
 
 FAMILY = register_family(Family(
     name="protopnet", model_class=ProtoPNet, training=training.ProtoPNetTraining(), inputs="images",
@@ -26,7 +34,7 @@ FAMILY = register_family(Family(
   pages   = {1061--1070},
   year    = {2021}
 }"""),
-    evidence_maps=lambda exp: exp.localization,  # (B, P, *spatial): each prototype's similarity map
+    evidence_maps=_prototype_maps,
 ))
 
 __all__ = ["ProtoPNetConfig", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs", "AddOn"]

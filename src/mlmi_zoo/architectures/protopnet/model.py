@@ -182,12 +182,13 @@ class ProtoPNetConfig(ModelConfig):
                              f"canonical spacing; got physical_head={self.physical_head!r}, spacing={self.spacing}")
 
 
-def _set_padding(backbone: nn.Module, mode: str) -> None:
+def _set_padding(backbone: nn.Module, mode: Literal["zeros", "reflect"]) -> None:
     """Set the padding mode of every padded convolution of ``backbone`` (``"zeros"``: unchanged)."""
     if mode == "zeros":
         return
     for module in backbone.modules():
-        if isinstance(module, nn.modules.conv._ConvNd) and any(p > 0 for p in module.padding):
+        if (isinstance(module, nn.modules.conv._ConvNd) and isinstance(module.padding, tuple)
+                and any(p > 0 for p in module.padding)):
             module.padding_mode = mode
 
 
@@ -317,6 +318,7 @@ class AddOn(nn.Sequential):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """(B, F, *latent) -> (B, D, *latent), a view of channels-last memory."""
         first, _, second, _ = self
+        assert isinstance(first, (nn.Conv2d, nn.Conv3d)) and isinstance(second, (nn.Conv2d, nn.Conv3d))  # built in __init__
         h = rearrange(feats, "b f ... -> (b ...) f")  # (B*L, F)
         h = F.linear(h, first.weight.flatten(1), first.bias).relu()
         z = torch.sigmoid(F.linear(h, second.weight.flatten(1), second.bias))  # (B*L, D)
@@ -332,6 +334,9 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
 
     family = "protopnet"
     config_class = ProtoPNetConfig
+
+    prototype_class_identity: torch.Tensor  # (P, C) buffer, derived from the config
+    prototype_mask: torch.Tensor  # (P,) buffer, 1 = enabled
 
     def __init__(self, config: ProtoPNetConfig) -> None:
         super().__init__(config)
@@ -444,36 +449,40 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
         logits = self.last_layer(sims * self.prototype_mask)
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):
-            fractions = self._count_fractions(x, feats, spacing)
+            fractions = self._count_fractions(self.physical, x, feats, spacing)
             if self.config.measure_dihedral_views and not self.training:
-                fractions = self._dihedral_fractions(x, fractions, spacing)
+                fractions = self._dihedral_fractions(self.physical, x, fractions, spacing)
             quantities = self.physical.standardised(fractions)
         elif self.physical is not None:
             quantities = self.physical(reduce(z, "b d ... -> b d", "mean"))
         return ProtoPNetOutputs(z, maps, min_d, sims, logits, quantities, fractions)
 
-    def _count_fractions(self, x: torch.Tensor, feats: torch.Tensor | None, spacing: torch.Tensor | None) -> torch.Tensor:
-        """The count head's (B, 1, *tiles) fraction map of ``x``. Its context is the given pass's
-        features ``feats``, or a pass on ``x`` resampled to the canonical grid through the model's
-        backbone (``measure_context="canonical"``) or the head's own (``"own"``); detached with
-        ``measure_detach``."""
+    def _count_fractions(self, head: LesionCountHead, x: torch.Tensor, feats: torch.Tensor | None,
+                         spacing: torch.Tensor | None) -> torch.Tensor:
+        """The count head's (B, 1, *tiles) fraction map of ``x`` (``head`` is ``self.physical``). Its
+        context is the given pass's features ``feats``, or a pass on ``x`` resampled to the canonical
+        grid through the model's backbone (``measure_context="canonical"``) or the head's own
+        (``"own"``); detached with ``measure_detach``."""
         canonical = self.config.measure_context != "given"
         if canonical:
-            own = self.physical.context_backbone
-            feats = (self.backbone if own is None else own)(self.physical.to_canonical(x, spacing))
+            own = head.context_backbone
+            feats = (self.backbone if own is None else own)(head.to_canonical(x, spacing))
         assert feats is not None
         feats = feats.detach() if self.config.measure_detach else feats
-        return self.physical.fraction_map(x, feats, spacing, canonical_feats=canonical)
+        return head.fraction_map(x, feats, spacing, canonical_feats=canonical)
 
-    def _dihedral_fractions(self, x: torch.Tensor, identity: torch.Tensor, spacing: torch.Tensor | None) -> torch.Tensor:
+    def _dihedral_fractions(self, head: LesionCountHead, x: torch.Tensor, identity: torch.Tensor,
+                            spacing: torch.Tensor | None) -> torch.Tensor:
         """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
         (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
         def one_view(view: torch.Tensor, view_spacing: torch.Tensor | None) -> tuple[torch.Tensor]:
             feats = self.backbone(view) if self.config.measure_context == "given" else None
-            return (self._count_fractions(view, feats, view_spacing),)
+            return (self._count_fractions(head, view, feats, view_spacing),)
 
         given = None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
-        return dihedral_mean(one_view, x, given, (True,), identity=(identity,))[0]
+        mean = dihedral_mean(one_view, x, given, (True,), identity=(identity,))[0]
+        assert mean is not None  # every view gives a map
+        return mean
 
     @torch.no_grad()
     def explain(self, x: torch.Tensor, spacing: Any = None) -> PrototypeExplanation:
@@ -491,8 +500,11 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
         masked = parts.similarities * self.prototype_mask  # (B, P)
         contributions = torch.einsum("bp,cp->bcp", masked, self.last_layer.weight)  # (B, C, P)
         measurements = {}
-        if parts.quantities is not None and s is not None:
+        if self.physical is not None and parts.quantities is not None and s is not None:
             measurements = self.physical.measure(parts.quantities, s)
+        measurement_map = None  # (B, 1, *spatial)
+        if isinstance(self.physical, LesionCountHead) and parts.lesion_fraction is not None:
+            measurement_map = self.physical.to_input(parts.lesion_fraction, x.shape[2:], s)
         return PrototypeExplanation(
             logits=parts.logits,
             label_names=self.label_names,
@@ -507,7 +519,7 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
             prototype_classes=self.prototype_classes,
             enabled=self.enabled,
             prototype_sources=copy.deepcopy(self._prototype_sources),
-            measurement_map=None if parts.lesion_fraction is None else self.physical.to_input(parts.lesion_fraction, x.shape[2:], s),
+            measurement_map=measurement_map,
         )
 
     # -- metadata ---------------------------------------------------------------------------------

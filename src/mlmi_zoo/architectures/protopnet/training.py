@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mlmi_zoo.architectures.blocks.heads import LesionCountHead
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 from mlmi_zoo.architectures.protopnet.prototypes import _EvalMode, _device_of, lesion_cells, push_prototypes
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head
@@ -107,8 +108,12 @@ def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labe
     """
     latent = similarity_maps.shape[2:]
     if cell_fraction is None:
-        pool = F.adaptive_avg_pool2d if len(latent) == 2 else F.adaptive_avg_pool3d
-        cell_fraction = pool(mask.to(similarity_maps.dtype), latent)
+        if len(latent) == 2:
+            h, w = latent
+            cell_fraction = F.adaptive_avg_pool2d(mask.to(similarity_maps.dtype), (h, w))
+        else:
+            d, h, w = latent
+            cell_fraction = F.adaptive_avg_pool3d(mask.to(similarity_maps.dtype), (d, h, w))
     inside = cell_fraction.to(similarity_maps.dtype)  # (B, 1, *latent) lesion fraction per cell
     outside = rearrange(1.0 - inside, "b 1 ... -> b 1 (...)")  # (B, 1, L)
     sims = rearrange(similarity_maps, "b p ... -> b p (...)")  # (B, P, L)
@@ -412,13 +417,13 @@ class ProtoPNetTraining(FamilyTraining):
             fa = fine_annotation_cost(maps, mask, labels, classes, model.backbone.cell_fraction(mask, maps.shape[2:]))
             loss = loss + cfg.fa_coef * fa
             logs["fine_annotation"] = float(fa.detach())
-        if parts.quantities is not None:
+        if model.physical is not None and parts.quantities is not None:
             phys = model.physical.loss(parts.quantities, {k: v.to(x.device) for k, v in batch["measurements"].items()},
                                        batch["spacing"].to(x.device, parts.quantities.dtype))
             loss = loss + phys
             logs["physical"] = float(phys.detach())
-        if parts.lesion_fraction is not None and cfg.measure_map_coef and batch.get("mask") is not None \
-                and batch["mask"].ndim == x.ndim:
+        if isinstance(model.physical, LesionCountHead) and parts.lesion_fraction is not None and cfg.measure_map_coef \
+                and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:
             # The count head's map is fitted to each tile's lesion share: dense supervision of what is counted.
             fit = model.physical.map_loss(parts.lesion_fraction, batch["mask"].to(x.device), spacing)
             loss = loss + cfg.measure_map_coef * fit
@@ -433,7 +438,7 @@ class ProtoPNetTraining(FamilyTraining):
         if stage == "joint":
             return list(model.parameters())
         if stage == "last_layer":
-            return [model.last_layer.weight]
+            return list(model.last_layer.parameters())  # its weight: the last layer has no bias
         if stage == "push":
             return []
         raise ValueError(f"unknown ProtoPNet stage {stage!r}; expected one of {self.stage_names}")
