@@ -371,8 +371,9 @@ def test_config_refuses_quantities_and_duplicate_concepts():
 # -- phantom training --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cbm_learns_binary_concepts_on_nodule_phantoms():
-    phantoms = pytest.importorskip("mlmi_zoo.training.datasets.phantoms")
     from sklearn.metrics import roc_auc_score
+
+    from mlmi_zoo.training.datasets import phantoms
 
     torch.manual_seed(0)
     train_set = phantoms.NodulePhantom(384, size=48, seed=0)

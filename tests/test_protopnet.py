@@ -347,7 +347,6 @@ def test_trains_on_nodule_phantoms() -> None:
     label (diameter >= 15 mm or spiculated) is visible in pixels; at the default settings even the
     black-box baseline stays near AUROC 0.6 after 25 epochs on 768 cases (it must infer mm from pixels).
     """
-    pytest.importorskip("mlmi_zoo.training.datasets.phantoms")
     from sklearn.metrics import roc_auc_score
 
     from mlmi_zoo.specs import IntensityTransform
