@@ -259,7 +259,7 @@ def _package_weights_file(distribution: str) -> tuple[Path, str]:
     files = [f for f in dist.files or () if f.suffix == ".pth"]
     if len(files) != 1:
         raise WeightsError(f"{distribution}=={dist.version}: expected one .pth weights file, found {[str(f) for f in files]}")
-    return Path(dist.locate_file(files[0])), dist.version
+    return Path(str(dist.locate_file(files[0]))), dist.version
 
 
 def _offline_weights(backbone: str, in_channels: int) -> tuple[Path, WeightsProvenance]:
