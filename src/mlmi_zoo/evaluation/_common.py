@@ -16,9 +16,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from mlmi_zoo.training.data_spec import DataSpec, IndexSubset, build_dataset
+from mlmi_zoo.training.data_spec import DataSpec, IndexSubset, SizedDataset, build_dataset
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ def _ci(ci: Any) -> dict[str, Any]:
     return {"estimate": ci.estimate, "low": ci.low, "high": ci.high, "n": ci.n}
 
 
-def _subset(ds: Dataset, n: int | None) -> Dataset:
+def _subset(ds: SizedDataset[dict[str, Any]], n: int | None) -> SizedDataset[dict[str, Any]]:
     return ds if n is None or n >= len(ds) else IndexSubset(ds, range(n))
 
 
@@ -144,7 +143,7 @@ class _Context:
     spec: DataSpec
     train_spec: DataSpec | None
     split: str
-    dataset: Dataset
+    dataset: SizedDataset[dict[str, Any]]
     limits: EvaluationLimits
     figures: _Figures
     seed: int
@@ -153,12 +152,12 @@ class _Context:
     limitations: list[str] = dataclasses.field(default_factory=list)
     faithfulness: dict[str, Any] | None = None
 
-    def split_dataset(self, split: str) -> Dataset | None:
+    def split_dataset(self, split: str) -> SizedDataset[dict[str, Any]] | None:
         if self.spec.size_of(split) == 0:
             return None
         return build_dataset(self.spec, split)
 
-    def train_dataset(self) -> Dataset | None:
+    def train_dataset(self) -> SizedDataset[dict[str, Any]] | None:
         spec = self.train_spec or self.spec
         if spec.size_of("train") == 0:
             return None

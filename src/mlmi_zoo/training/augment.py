@@ -13,11 +13,13 @@ the same transforms, and any number of loader workers gives the same batches.
 """
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.training.distributed import derive_seed
 
 __all__ = ["AUGMENTATIONS", "DihedralAugment", "dihedral", "augmented"]
@@ -59,7 +61,7 @@ def dihedral(sample: dict[str, Any], k: int) -> dict[str, Any]:
     return out
 
 
-class DihedralAugment(Dataset):
+class DihedralAugment(SizedDataset[dict[str, Any]]):
     """A view of a training set whose case ``i`` is transformed by symmetry ``hash(seed, epoch, i) % 8``.
 
     Args:
@@ -74,7 +76,9 @@ class DihedralAugment(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        if not isinstance(self.dataset, Sized):
+            raise TypeError(f"object of type {type(self.dataset).__name__!r} has no len()")  # what len() raises
+        return len(self.dataset)
 
     def symmetry(self, i: int) -> int:
         """The symmetry applied to case ``i`` in this epoch."""

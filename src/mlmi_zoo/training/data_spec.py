@@ -28,12 +28,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "IndexSubset", "MaterializedDataset"]
+__all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "SizedDataset", "IndexSubset",
+           "MaterializedDataset"]
 
 SPLITS = ("train", "val", "test")
 DataKind = Literal["nodule_phantom", "lidc_nodules", "tilebag_phantom", "medmnist", "folder_csv", "cached_bags"]
@@ -103,7 +104,22 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-class IndexSubset(Dataset):
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class SizedDataset(Dataset[_T_co]):
+    """A map-style data set that knows its length: what the zoo's loaders, trainer and evaluation need.
+
+    torch's :class:`~torch.utils.data.Dataset` leaves ``__len__`` optional, so a type checker cannot
+    take the length of one; every data set of the zoo derives from this class instead, which a
+    ``DataLoader`` accepts like any ``Dataset`` and ``len()`` accepts like any ``Sized``.
+    """
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must implement __len__")
+
+
+class IndexSubset(SizedDataset[Any]):
     """The cases ``indices`` of ``dataset``; other attributes (``label_names``...) pass through.
 
     Args:
@@ -173,7 +189,7 @@ def _loader_params(params: dict[str, Any], drop: tuple[str, ...]) -> dict[str, A
 # ---------------------------------------------------------------------------------------------
 # building
 # ---------------------------------------------------------------------------------------------
-def build_dataset(spec: DataSpec, split: str) -> Dataset:
+def build_dataset(spec: DataSpec, split: str) -> SizedDataset[dict[str, Any]]:
     """Build one split of ``spec``.
 
     Args:
@@ -191,7 +207,7 @@ def build_dataset(spec: DataSpec, split: str) -> Dataset:
     return MaterializedDataset(ds) if spec.cache else ds
 
 
-class MaterializedDataset(Dataset):
+class MaterializedDataset(SizedDataset[Any]):
     """Every case of ``dataset`` computed once and kept in memory; other attributes pass through.
 
     Procedural sources (LIDC-grounded nodules render each case from contours) cost tens of
@@ -199,7 +215,7 @@ class MaterializedDataset(Dataset):
     caching changes nothing but speed.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: SizedDataset[Any]) -> None:
         from tqdm.auto import tqdm
 
         self.dataset = dataset
@@ -218,7 +234,7 @@ class MaterializedDataset(Dataset):
         return getattr(self.dataset, name)
 
 
-def _build(spec: DataSpec, split: str) -> Dataset:
+def _build(spec: DataSpec, split: str) -> SizedDataset[dict[str, Any]]:
     _check_split(split)
     p = dict(spec.params)
     if spec.kind == "nodule_phantom":
@@ -274,7 +290,7 @@ def _build(spec: DataSpec, split: str) -> Dataset:
     raise ValueError(f"unknown data kind {spec.kind!r}")
 
 
-def _take(ds: Dataset, n: int | None) -> Dataset:
+def _take(ds: SizedDataset[dict[str, Any]], n: int | None) -> SizedDataset[dict[str, Any]]:
     return ds if n is None else IndexSubset(ds, range(min(n, len(ds))))
 
 
@@ -348,11 +364,15 @@ def describe(spec: DataSpec) -> dict[str, Any]:
         out["source"] = {"file": lidc_path.name, "sha256": _sha256(lidc_path)}
         return out
     if spec.kind == "medmnist":
-        from mlmi_zoo.training.datasets.medmnist import file_md5
+        from mlmi_zoo.training.datasets.medmnist import MedMNIST, file_md5
 
         for split in SPLITS:
             ds = build_dataset(spec, split)
-            base = getattr(ds, "dataset", ds)
+            base: Dataset = ds
+            while isinstance(base, (IndexSubset, MaterializedDataset)):
+                base = base.dataset
+            if not isinstance(base, MedMNIST):
+                raise TypeError(f"expected a medmnist spec to build a MedMNIST data set, got a {type(base).__name__}")
             # rows [0, size) of the file's own `{split}_images` array: the official splits are disjoint
             out["splits"][split] = {"size": len(ds), "official_split": split, "rows_of_official_split": [0, len(ds)]}
             out["source"] = {"file": Path(base.path).name, "md5": file_md5(base.path), "flag": base.flag}

@@ -80,8 +80,11 @@ def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     }, does_not_show="Excluding tiles shows how the decision rests on them, not that the remaining tiles are benign.")
     out["actionability"]["details"] = {"k": f"min({ctx.limits.top_instances}, valid instances - 1)", "ranked_by": scores_name}
     if col.curves:
+        fractions = col.curve_fractions
+        if fractions is None:
+            raise RuntimeError("the collection pass kept instance deletion curves but not their fractions")
         per = {o: torch.cat(v) for o, v in col.curves.items()}
-        curves = {o: Curve(col.curve_fractions, p.mean(0), p, "instance_deletion", o, "probability") for o, p in per.items()}
+        curves = {o: Curve(fractions, p.mean(0), p, "instance_deletion", o, "probability") for o, p in per.items()}
         ctx.faithfulness = _faithfulness_from_curves(curves["attribution"], curves["random"], ctx.figures, scores_name,
                                                      f"A faithful {scores_name} shows what the model uses, not what a "
                                                      "pathologist would look at.", "instances")

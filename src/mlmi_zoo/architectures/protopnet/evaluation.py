@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
@@ -29,7 +29,7 @@ from mlmi_zoo.evaluation._elements import (
 )
 from mlmi_zoo.evaluation.recognizability import prototype_purity, unique_prototypes
 from mlmi_zoo.evaluation.results import element
-from mlmi_zoo.training.data_spec import IndexSubset
+from mlmi_zoo.training.data_spec import IndexSubset, SizedDataset
 
 
 def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
     latent_shape: list[tuple[int, ...]] = []
     saw_mask = [False]
 
-    def batches() -> Iterator[Mapping[str, Any]]:
+    def batches() -> Iterator[dict[str, Any]]:
         for batch in DataLoader(subset, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate):
             if batch.get("mask") is not None:
                 saw_mask[0] = True
@@ -149,12 +149,12 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
         metrics["lesion_purity_mean"] = lesion["purity_mean"]
         metrics["lesion_purity_median"] = lesion["purity_median"]
         details["lesion_purity_per_prototype"] = lesion["per_prototype"]
-    sources = model.prototype_sources
-    pushed = sources is not None and any(r is not None for r in sources)
+    sources: list[dict[str, Any] | None] = model.prototype_sources or []  # None before the push
+    records = [r for r in sources if r is not None]
+    pushed = bool(records)
     metrics["pushed"] = pushed
     figures: list[str] = []
     if pushed:
-        records = [r for r in sources if r is not None]
         metrics["unique_prototypes"] = unique_prototypes(records)
         figures = _gallery(model, train, records, ctx)
     else:
@@ -166,7 +166,7 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
     return block
 
 
-def _find_sample(ds: Dataset, index: int) -> Mapping[str, Any] | None:
+def _find_sample(ds: SizedDataset[dict[str, Any]], index: int) -> Mapping[str, Any] | None:
     """The sample whose ``"index"`` is ``index`` (the generator index of phantoms)."""
     if isinstance(ds, IndexSubset):
         indices = list(ds.indices)
@@ -180,7 +180,7 @@ def _find_sample(ds: Dataset, index: int) -> Mapping[str, Any] | None:
     return None
 
 
-def _gallery(model: Any, train: Dataset, records: list[dict[str, Any]], ctx: _Context) -> list[str]:
+def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict[str, Any]], ctx: _Context) -> list[str]:
     patches = []
     for rec in records[:20]:
         sample = _find_sample(train, int(rec["index"]))

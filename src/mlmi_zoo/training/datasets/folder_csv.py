@@ -33,9 +33,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from mlmi_zoo.specs import QuantitySpec
+from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.units import convert, parse_unit
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class _Row:
     spacing: tuple[float, ...] | None
 
 
-class FolderCSVDataset(Dataset):
+class FolderCSVDataset(SizedDataset[dict[str, Any]]):
     """Images listed in a CSV with labels, concepts, measurements and spacing.
 
     Each sample: ``{"image": float32 (C, H, W) or (C, D, H, W), "label": int64 scalar,

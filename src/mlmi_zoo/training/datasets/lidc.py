@@ -26,7 +26,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -470,7 +470,10 @@ class LidcReadings:
         if not mask.any():
             return img
         r = {k: int(self.index.ratings[k][a]) for k in RATINGS}
-        depth = ndimage.distance_transform_edt(mask, sampling=sp).astype(np.float32)  # mm to the outside
+        # scipy is untyped: pyright infers the union of every return of its flags (indices, tuples, None); with
+        # the default flags it returns the distances alone.
+        edt = cast(np.ndarray, ndimage.distance_transform_edt(mask, sampling=sp))
+        depth = edt.astype(np.float32)  # mm to the outside
         q = depth / depth.max()  # 1 at the deepest point
         hu_solid = np.float32(50.0 * u[1])
         hu_ggo = np.float32(-680.0 + 160.0 * u[2])

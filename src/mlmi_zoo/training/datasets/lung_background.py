@@ -148,7 +148,7 @@ def render_background(bg: BackgroundParams, shape: tuple[int, ...], spacing: Seq
         waves = np.einsum("aw,bw,cw->abc", *factors).real
     img = (waves.astype(np.float32) + np.float32(bg.base_hu)).ravel()  # (N,)
     pos = positions(shape, spacing, centre)  # (dims, N)
-    pos2 = (pos * pos).sum(0) if dims == 3 or bg.wall is not None else None  # (N,)
+    pos2 = (pos * pos).sum(0)  # (N,) |x|^2, for 3D vessels and the chest wall
     d, q = bg.vessel_dir.astype(np.float32), bg.vessel_perp.astype(np.float32)  # (V, dims)
     p0 = bg.vessel_point.astype(np.float32)  # (V, dims)
     col = (lambda a: a.astype(np.float32)[:, None])  # noqa: E731  (V,) -> (V, 1)

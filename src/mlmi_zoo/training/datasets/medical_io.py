@@ -22,7 +22,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, cast
 
 import numpy as np
 import torch
@@ -108,12 +108,14 @@ def load_image(path: str | Path) -> LoadedImage:
     fmt = image_format(path)
     # MONAI is imported here so that importing the data sets stays fast and MONAI stays optional
     # for users who only read MedMNIST or cached features.
-    from monai.data import NibabelReader, PydicomReader
-    from monai.transforms import LoadImage
+    from monai.data.image_reader import NibabelReader, PydicomReader
+    from monai.data.meta_tensor import MetaTensor
+    from monai.transforms.io.array import LoadImage
 
     reader = PydicomReader() if fmt == "dicom" else NibabelReader()
     loader = LoadImage(reader=reader, image_only=True, ensure_channel_first=True, dtype=np.float32)
-    img = loader(str(path))  # MetaTensor (C, *spatial)
+    # MONAI annotates the (image, metadata) pair of image_only=False too; image_only=True returns the image alone
+    img = cast(MetaTensor, loader(str(path)))  # (C, *spatial)
     affine = np.asarray(img.affine, dtype=np.float64)
     spatial_dims = img.ndim - 1
     # column norms of the affine = voxel sizes along each array axis (what MONAI calls pixdim)
@@ -169,7 +171,7 @@ def _is_dicom(path: Path) -> bool:
     return path.suffix.lower() in _DICOM_SUFFIXES or _has_dicom_preamble(path)
 
 
-def _check_spacing(spacing: Sequence[float], spatial_dims: int, what: str) -> tuple[float, ...]:
+def _check_spacing(spacing: Sequence[float] | torch.Tensor, spatial_dims: int, what: str) -> tuple[float, ...]:
     values = tuple(float(s) for s in (spacing if isinstance(spacing, (list, tuple)) else np.asarray(spacing).reshape(-1)))
     if len(values) != spatial_dims:
         raise ValueError(f"{what} must have {spatial_dims} values (mm per spatial axis), got {values}")
@@ -213,11 +215,14 @@ def resample_to_spacing(
     spatial_dims = x.ndim - 1
     src = _check_spacing(spacing, spatial_dims, "spacing")
     dst = _check_spacing(target_spacing, spatial_dims, "target_spacing")
-    from monai.data import MetaTensor
-    from monai.transforms import Spacing
+    from monai.data.meta_tensor import MetaTensor
+    from monai.transforms.spatial.array import Spacing
 
     affine = torch.eye(4, dtype=torch.float64)
     affine[range(spatial_dims), range(spatial_dims)] = torch.tensor(src, dtype=torch.float64)
     meta_img = MetaTensor(x.float(), affine=affine)
-    out = Spacing(pixdim=dst, mode=mode, padding_mode="border", dtype=torch.float32)(meta_img)
+    # MONAI computes in the torch dtype of any numpy or torch dtype given, here torch.float32
+    resample = Spacing(pixdim=dst, mode=mode, padding_mode="border", dtype=np.float32)
+    # MONAI annotates a Tensor; a MetaTensor in gives a MetaTensor out (with the new affine)
+    out = cast(MetaTensor, resample(meta_img))
     return out.as_tensor().float()

@@ -25,8 +25,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.training.datasets._location import data_file
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _parse_name(path: Path) -> tuple[str, int]:
     return m.group(1), int(m.group(2) or 28)
 
 
-class MedMNIST(Dataset):
+class MedMNIST(SizedDataset[dict[str, Any]]):
     """One split of a MedMNIST file as a torch ``Dataset`` of sample dicts.
 
     Each sample: ``{"image": float32 (C, H, W) or (C, D, H, W) in [0, 1], "label": int64 scalar,

@@ -28,9 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from mlmi_zoo.specs import ConceptSpec, QuantitySpec
+from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.training.datasets._grid import unit_rows
 from mlmi_zoo.training.datasets.lung_background import (AIR_HU, BackgroundParams, correlated_noise, draw_background,
                                                         render_background)
@@ -161,7 +161,7 @@ class NodulePhantomConfig:
 # ---------------------------------------------------------------------------------------------
 # the data set
 # ---------------------------------------------------------------------------------------------
-class NodulePhantom(Dataset):
+class NodulePhantom(SizedDataset[dict[str, Any]]):
     """CT-like lung-nodule patches in HU with exact masks, concepts, measurements and labels.
 
     Args:
@@ -190,8 +190,9 @@ class NodulePhantom(Dataset):
                  spacing_range: tuple[float, float] = (0.5, 1.0), seed: int = 0, source: str = "synthetic",
                  p_nodule: float = 1.0, label_noise: float = 0.0, lidc_path: str | None = None,
                  split: str | None = None, **kwargs: Any) -> None:
+        spacing_lo, spacing_hi = spacing_range  # a list (from YAML) becomes the config's tuple
         self.config = NodulePhantomConfig(
-            length=length, spatial_dims=spatial_dims, size=size, spacing_range=tuple(spacing_range), seed=seed,
+            length=length, spatial_dims=spatial_dims, size=size, spacing_range=(spacing_lo, spacing_hi), seed=seed,
             source=source, p_nodule=p_nodule, label_noise=label_noise,
             lidc_path=None if lidc_path is None else str(lidc_path), split=split, **kwargs)
         self._lidc = None
@@ -302,6 +303,7 @@ class NodulePhantom(Dataset):
             mask = np.zeros(grid, dtype=bool)
         img = img + np.float32(bg.noise_hu) * correlated_noise(rng, grid, bg.noise_smoothing)
         np.maximum(img, np.float32(AIR_HU), out=img)
+        concepts: dict[str, float]
         if shape is not None:
             concepts = {"spiculation": float(len(shape.spike_len_mm) > 0), "calcification": float(shape.calcified),
                         "texture": float(shape.texture), "margin_sharp": float(shape.sharp)}

@@ -7,6 +7,7 @@ segment otherwise — and OpenSlide is optional, used only for files ``tifffile`
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import re
@@ -38,8 +39,12 @@ class _TiffRegionReader:
             series = self._tif.series[0]
             if not 0 <= level < len(series.levels):
                 raise SlideError(f"{path}: level {level} requested, the file has levels 0..{len(series.levels) - 1}")
-            self.page = series.levels[level].pages[0]
-            self.level0_page = series.levels[0].pages[0]
+            page, level0_page = series.levels[level].pages[0], series.levels[0].pages[0]
+            # tifffile types a series' pages as TiffPage | TiffFrame | None; a level's first page is its keyframe
+            if not (isinstance(page, tifffile.TiffPage) and isinstance(level0_page, tifffile.TiffPage)):
+                raise tifffile.TiffFileError(f"{path}: expected each pyramid level to start with a TiffPage, got a "
+                                             f"{type(page).__name__} and a {type(level0_page).__name__}")
+            self.page, self.level0_page = page, level0_page
             if self.page.dtype != np.uint8:
                 raise SlideError(f"{path}: expected 8-bit RGB/gray tiles, got dtype {self.page.dtype}")
             _, _, self.height, self.width, _ = self.page.shaped  # (S, D, H, W, C) normalised TIFF shape
@@ -123,7 +128,8 @@ class _OpenSlideRegionReader:
     """Fallback for slide formats ``tifffile`` cannot decode (needs ``openslide-python``)."""
 
     def __init__(self, path: Path, level: int) -> None:
-        import openslide
+        # an optional dependency (the `wsi` extra), imported by name so that the type check does not need it
+        openslide = importlib.import_module("openslide")
 
         self._slide = openslide.OpenSlide(str(path))
         if not 0 <= level < self._slide.level_count:
@@ -174,7 +180,7 @@ def open_region_reader(path: Path, level: int) -> RegionReader:
         raise
     except (tifffile.TiffFileError, NotImplementedError, ValueError, KeyError) as err:
         try:
-            import openslide  # noqa: F401
+            importlib.import_module("openslide")
         except ImportError:
             raise ValueError(
                 f"{path}: tifffile cannot read this slide ({type(err).__name__}: {err}); install the missing codec "

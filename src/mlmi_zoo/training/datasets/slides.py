@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, load_cached_features, slide_id_of
 
 __all__ = ["CachedBagDataset"]
@@ -27,7 +27,7 @@ __all__ = ["CachedBagDataset"]
 logger = logging.getLogger(__name__)
 
 
-class CachedBagDataset(Dataset):
+class CachedBagDataset(SizedDataset[dict[str, Any]]):
     """Bags of cached tile features with slide-level labels, for attention MIL.
 
     Each item: ``{"feats": float32 (N, D), "coords": int64 (N, 2), "label": int64 scalar,
@@ -112,9 +112,10 @@ def _encode_labels(values: Sequence[int | str], label_names: Sequence[str] | Non
         if bad:
             raise ValueError(f"labels {sorted(set(map(str, bad)))} are not in label_names {names}")
         return names, out
-    if all(i is not None for i in as_int):
-        if min(as_int) < 0:
-            raise ValueError(f"integer labels must be >= 0, got {min(as_int)}")
-        return tuple(str(k) for k in range(max(as_int) + 1)), [int(i) for i in as_int]
+    ints = [i for i in as_int if i is not None]
+    if len(ints) == len(as_int):  # every label is an index
+        if min(ints) < 0:
+            raise ValueError(f"integer labels must be >= 0, got {min(ints)}")
+        return tuple(str(k) for k in range(max(ints) + 1)), [int(i) for i in ints]
     names = tuple(sorted({str(v) for v in values}))
     return names, [names.index(str(v)) for v in values]

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from mlmi_zoo.specs import QuantitySpec
+from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.units import convert
 
 __all__ = ["TileBagPhantom", "TileBagConfig"]
@@ -72,7 +72,7 @@ def _tile_area_mm2(tile_size: int, mpp: float) -> float:
     return float(convert((tile_size * mpp) ** 2, "um^2", "mm^2"))
 
 
-class TileBagPhantom(Dataset):
+class TileBagPhantom(SizedDataset[dict[str, Any]]):
     """Bags of H&E-like tiles on a slide grid with exact instance labels and tumour area.
 
     Args:
@@ -107,9 +107,11 @@ class TileBagPhantom(Dataset):
                  microns_per_pixel: float = 0.5, positive_fraction: float = 0.5,
                  tumour_fraction: tuple[float, float] = (0.05, 0.3), features_only: bool = False,
                  feature_dim: int = 512, seed: int = 0, **kwargs: Any) -> None:
-        self.config = TileBagConfig(length=length, bag_size=tuple(bag_size), tile_size=tile_size,
+        bag_lo, bag_hi = bag_size  # lists (from YAML) become the config's tuples
+        tumour_lo, tumour_hi = tumour_fraction
+        self.config = TileBagConfig(length=length, bag_size=(bag_lo, bag_hi), tile_size=tile_size,
                                     microns_per_pixel=microns_per_pixel, positive_fraction=positive_fraction,
-                                    tumour_fraction=tuple(tumour_fraction), features_only=features_only,
+                                    tumour_fraction=(tumour_lo, tumour_hi), features_only=features_only,
                                     feature_dim=feature_dim, seed=seed, **kwargs)
         direction = np.random.default_rng([seed, 0, 0x7E47]).standard_normal(feature_dim)
         self.tumour_direction = (direction / np.linalg.norm(direction)).astype(np.float32)  # (D,)
