@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mlmi_zoo.architectures.blocks.stages import training_for
+from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
 from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig, ConceptExplanation, MLPConceptExplanation
 from mlmi_zoo.architectures.cbm.training import CBMTraining, fit_concept_statistics
 from mlmi_zoo.architectures.cbm.concepts import ConceptCodec
@@ -156,7 +158,7 @@ def test_prepare_fits_normalisation_and_level_priors_on_the_training_split():
 
 # -- interventions ----------------------------------------------------------------------------------
 def test_intervening_with_all_true_concepts_equals_the_label_head_on_true_concepts():
-    model = make_model(mode="independent")
+    model = make_model()  # interventions do not depend on how the model was trained
     set_stats(model)
     x = torch.rand(2, 1, 32, 32)
     values = torch.tensor([[1.0, 2.0, 7.0, 30.0], [0.0, 0.0, 3.0, -20.0]])  # spic, texture idx, mm, HU
@@ -174,7 +176,7 @@ def test_intervening_with_all_true_concepts_equals_the_label_head_on_true_concep
     # the training adapter's independent label head sees exactly these vectors
     ds = ToyNodules(n=4, missing=())
     batch = batch_of(ds)
-    truth = CBMTraining().concept_targets(model, batch, torch.device("cpu"))
+    truth = CBMTraining(CBMTrainingSettings(mode="independent")).concept_targets(model, batch, torch.device("cpu"))
     assert torch.allclose(model.codec.target_bottleneck(truth)[:, :4],
                           torch.cat([batch["concepts"]["spiculation"][:, None],
                                      torch.nn.functional.one_hot(batch["concepts"]["texture"].long(), 3)], 1))
@@ -237,12 +239,13 @@ def _grads(params) -> list[bool]:
 
 
 def test_training_stages_train_the_right_parameters():
-    adapter = CBMTraining()
     ds = ToyNodules(n=6)
     batch = batch_of(ds)
     noisy = dict(batch, image=torch.rand_like(batch["image"]))
 
-    independent = make_model(mode="independent").train()
+    independent = make_model().train()
+    adapter = training_for(independent, {"mode": "independent"})
+    assert isinstance(adapter, CBMTraining) and adapter.settings == CBMTrainingSettings(mode="independent")
     out = adapter.loss(independent, batch, "label_head")
     # independent: the label head never sees predicted concepts — the image does not matter
     assert float(adapter.loss(independent, noisy, "label_head").loss.detach()) == float(out.loss.detach())
@@ -254,7 +257,8 @@ def test_training_stages_train_the_right_parameters():
     with pytest.raises(ValueError, match="mode='joint'"):
         adapter.loss(independent, batch, "joint")
 
-    sequential = make_model(mode="sequential").train()
+    sequential = make_model().train()
+    adapter = training_for(sequential, {"mode": "sequential"})
     out = adapter.loss(sequential, batch, "label_head")
     assert float(adapter.loss(sequential, noisy, "label_head").loss.detach()) != float(out.loss.detach())  # predicted concepts
     out.loss.backward()
@@ -262,7 +266,9 @@ def test_training_stages_train_the_right_parameters():
     assert all(p.grad is None for p in sequential.concept_head.parameters())
     assert all(_grads(sequential.label_head.parameters()))
 
-    concepts_stage = make_model(mode="sequential").train()
+    concepts_stage = make_model().train()
+    adapter = training_for(concepts_stage, {"mode": "sequential"})
+    assert adapter.settings == CBMTrainingSettings()  # sequential is the default
     out = adapter.loss(concepts_stage, batch, "concepts")
     out.loss.backward()
     assert all(p.grad is None for p in concepts_stage.label_head.parameters())
@@ -270,7 +276,8 @@ def test_training_stages_train_the_right_parameters():
     trainable = {id(p) for p in adapter.trainable_parameters(concepts_stage, "concepts")}
     assert trainable.isdisjoint({id(p) for p in concepts_stage.label_head.parameters()})
 
-    joint = make_model(mode="joint", joint_lambda=0.5).train()
+    joint = make_model().train()
+    adapter = training_for(joint, {"mode": "joint", "joint_lambda": 0.5})
     out = adapter.loss(joint, batch, "joint")
     x = joint.input_spec.intensity(batch["image"])
     raw = joint.concept_logits(x)
@@ -278,15 +285,15 @@ def test_training_stages_train_the_right_parameters():
     ce = torch.nn.functional.cross_entropy(joint.predict_label(joint.codec.bottleneck(raw)), batch["label"])
     assert float(out.loss.detach()) == pytest.approx(float((ce + 0.5 * lc).detach()), rel=1e-5)  # Koh: L_y + lambda L_c
     # with lambda = 0 the label loss alone still trains the image network through the bottleneck
-    joint0 = make_model(mode="joint", joint_lambda=0.0).train()
-    adapter.loss(joint0, batch, "joint").loss.backward()
+    joint0 = make_model().train()
+    CBMTraining(CBMTrainingSettings(mode="joint", joint_lambda=0.0)).loss(joint0, batch, "joint").loss.backward()
     assert any(_grads(joint0.backbone.parameters())) and all(_grads(joint0.label_head.parameters()))
 
 
 # -- intervention curve ----------------------------------------------------------------------------
 def oracle_model() -> CBM:
     """Label = spiculation; the image network predicts 'not spiculated' for every case."""
-    model = make_model(mode="independent")
+    model = make_model()  # as if trained independently: the curve reads the model only
     with torch.no_grad():
         model.concept_head.weight.zero_()
         model.concept_head.bias.zero_()
@@ -326,10 +333,14 @@ def test_missing_ground_truth_is_skipped_not_imputed():
 
 # -- persistence and 3D ------------------------------------------------------------------------------
 def test_save_load_round_trip_keeps_normalisation_and_logits(tmp_path: Path):
-    model = make_model(mode="joint")
+    import json
+
+    model = make_model()  # trained jointly or not, the saved model is the architecture and weights only
     set_stats(model)
     x = torch.rand(2, 1, 32, 32)
     model.save_pretrained(tmp_path / "cbm")
+    saved = json.loads((tmp_path / "cbm" / "config.json").read_text())
+    assert saved["config_version"] == 2 and not set(CBMConfig.TRAINING_FIELDS_V1) & set(saved["config"])
     loaded = CBM.from_pretrained(str(tmp_path / "cbm")).eval()
     assert loaded.config == model.config
     for name in ("binary_prior", "level_prior", "loc", "scale"):
@@ -368,6 +379,28 @@ def test_config_refuses_quantities_and_duplicate_concepts():
         CBMConfig(concepts=CONCEPTS + (ConceptSpec("spiculation", "binary"),))
 
 
+def test_training_settings_are_checked_and_are_not_model_config():
+    from mlmi_zoo._config import OverrideError
+
+    with pytest.raises(ValueError, match="mode must be"):
+        CBMTrainingSettings(mode="alternating")
+    with pytest.raises(ValueError, match="joint_lambda must be >= 0"):
+        CBMTrainingSettings(joint_lambda=-0.1)
+    with pytest.raises(ValueError, match="fa_coef must be >= 0"):
+        CBMTrainingSettings(fa_coef=-1.0)
+    model = make_model()
+    with pytest.raises(OverrideError, match="joint_lambda"):
+        training_for(model, {"joint_lambda": "a lot"})
+    with pytest.raises(OverrideError, match="unknown key"):
+        training_for(model, {"clst_coef": 0.8})
+    for key, value in (("mode", "joint"), ("joint_lambda", 0.5), ("fa_coef", 0.1)):
+        with pytest.raises(OverrideError, match="is a training setting"):
+            make_model(**{key: value})
+    with pytest.raises(TypeError, match="CBMTrainingSettings"):
+        CBMTraining(object())
+    assert training_for(model, None).settings == CBMTrainingSettings()
+
+
 # -- phantom training --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cbm_learns_binary_concepts_on_nodule_phantoms():
@@ -380,9 +413,9 @@ def test_cbm_learns_binary_concepts_on_nodule_phantoms():
     train = [train_set[i] for i in range(len(train_set))]  # rendered once
     test = phantoms.NodulePhantom(128, size=48, seed=1)
     # a window wide enough to tell calcium (300-900 HU) from soft tissue; stride 16 for capacity
-    model = create_model("cbm_resnet8", img_size=(48, 48), mode="sequential", feature_stride=16,
+    model = create_model("cbm_resnet8", img_size=(48, 48), feature_stride=16,
                          intensity={"kind": "window", "low": -1350.0, "high": 1000.0, "unit": "HU"})
-    adapter = CBMTraining()
+    adapter = training_for(model, {"mode": "sequential"})
     adapter.prepare(model, train)
     opt = torch.optim.Adam(adapter.trainable_parameters(model, "concepts"), lr=3e-3)
     model.train()

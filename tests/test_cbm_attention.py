@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlmi_zoo.architectures.blocks.stages import training_for
+from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
 from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig
 from mlmi_zoo.architectures.cbm.training import CBMTraining, attention_off_lesion
 
@@ -79,15 +81,16 @@ def test_attention_off_lesion_counts_only_cells_without_lesion():
 
 
 def test_fine_annotation_cost_trains_the_attention_head_in_the_concept_stage():
-    adapter = CBMTraining()
     batch = _with_masks(batch_of(ToyNodules(n=6)))
-    model = make_model(pooling="attention", fa_coef=2.0, mode="sequential").train()
+    model = make_model(pooling="attention").train()
+    adapter = training_for(model, {"fa_coef": 2.0, "mode": "sequential"})
     trainable = {id(p) for p in adapter.trainable_parameters(model, "concepts")}
     assert {id(p) for p in model.attention_head.parameters()} <= trainable
     out = adapter.loss(model, batch, "concepts")
     assert 0.0 < out.logs["fine_annotation"] <= 1.0
     # the loss is the concept loss plus fa_coef times the cost
-    without = adapter.loss(make_model(pooling="attention", mode="sequential").train(), batch, "concepts")
+    without = CBMTraining(CBMTrainingSettings(mode="sequential")).loss(
+        make_model(pooling="attention").train(), batch, "concepts")  # the same weights (make_model seeds)
     assert "fine_annotation" not in without.logs
     assert float(out.loss.detach()) == pytest.approx(without.logs["concepts"] + 2.0 * out.logs["fine_annotation"], rel=1e-5)
     out.loss.backward()
@@ -109,17 +112,29 @@ def test_fine_annotation_cost_trains_the_attention_head_in_the_concept_stage():
 def test_config_refuses_unknown_pooling_and_fine_annotation_without_attention():
     with pytest.raises(ValueError, match="pooling"):
         CBMConfig(pooling="max")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="needs pooling='attention'"):
-        CBMConfig(fa_coef=1.0)
+    # the fine-annotation cost is a training setting, checked against the model it is to train
+    with pytest.raises(ValueError, match="needs model.config.pooling='attention'"):
+        training_for(make_model(), {"fa_coef": 1.0})
+    with pytest.raises(ValueError, match="needs model.config.pooling='attention'"):
+        CBMTraining(CBMTrainingSettings(fa_coef=1.0)).check(make_model())
+    training_for(make_model(pooling="attention"), {"fa_coef": 1.0})  # accepted with attention pooling
+    training_for(make_model(), {"fa_coef": 0.0})  # and off without it
     with pytest.raises(ValueError, match="fa_coef must be >= 0"):
-        CBMConfig(pooling="attention", fa_coef=-1.0)
+        CBMTrainingSettings(fa_coef=-1.0)
+    with pytest.raises(ValueError, match="fa_coef must be >= 0"):
+        training_for(make_model(pooling="attention"), {"fa_coef": -1.0})
 
 
 def test_attention_model_round_trips_through_save_and_load(tmp_path):
-    model = make_model(pooling="attention", fa_coef=0.5)
+    import json
+
+    model = make_model(pooling="attention")
     set_stats(model)
     model.save_pretrained(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "fa_coef" not in saved["config"]  # a training setting: not saved with the weights
     loaded = CBM.from_pretrained(str(tmp_path / "m")).eval()
-    assert loaded.config.pooling == "attention" and loaded.config.fa_coef == 0.5
+    assert loaded.config.pooling == "attention" and loaded.config == model.config
+    assert training_for(loaded, {"fa_coef": 0.5}).settings.fa_coef == 0.5  # the loaded model trains with the cost
     x = torch.rand(2, 1, 32, 32)
     assert torch.allclose(loaded(x), model(x), atol=1e-6)

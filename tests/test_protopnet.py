@@ -8,8 +8,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import mlmi_zoo
+from mlmi_zoo._config import OverrideError
+from mlmi_zoo.architectures.protopnet.config import ProtoPNetConfig, ProtoPNetTrainingSettings
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet, PrototypeExplanation
 from mlmi_zoo.architectures.protopnet.training import (
+    ProtoPNetTraining,
     cached_similarities,
     cluster_separation_costs,
     fine_annotation_cost,
@@ -234,14 +237,15 @@ def test_fine_annotation_is_zero_inside_the_mask_and_positive_outside() -> None:
 
 
 def test_training_loss_reports_its_parts_and_stages_train_the_right_parameters() -> None:
-    model = tiny(fa_coef=0.1, quantities=(QuantitySpec("diameter_mm", "mm", 0, 60),))
+    model = tiny(quantities=(QuantitySpec("diameter_mm", "mm", 0, 60),))
     ds = Images(4, (1, 32, 32))
     batch = next(iter(loader_for(ds)))
     batch["measurements"] = {"diameter_mm": torch.tensor([5.0, 6.0, 7.0, 8.0])}
-    adapter = training_for(model)
+    adapter = training_for(model, {"fa_coef": 0.1})
+    assert isinstance(adapter, ProtoPNetTraining) and adapter.settings == ProtoPNetTrainingSettings(fa_coef=0.1)
     out = adapter.loss(model, batch, "warmup")
     assert set(out.logs) == {"ce", "cluster", "separation", "l1", "fine_annotation", "physical"}
-    cfg = model.config
+    cfg = adapter.settings
     rebuilt = (out.logs["ce"] + cfg.clst_coef * out.logs["cluster"] + cfg.sep_coef * out.logs["separation"]
                + cfg.l1_coef * out.logs["l1"] + cfg.fa_coef * out.logs["fine_annotation"] + out.logs["physical"])
     assert float(out.loss.detach()) == pytest.approx(rebuilt, rel=1e-5)
@@ -275,7 +279,8 @@ def test_last_layer_fit_uses_cached_similarities_and_reduces_its_loss() -> None:
     calls = []
     model.backbone.register_forward_hook(lambda *_: calls.append(1))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k != "last_layer.weight"}
-    result = training_for(model).run_special_stage(model, "last_layer", loader, torch.device("cpu"), epochs=30, lr=0.05)
+    adapter = training_for(model)
+    result = adapter.run_special_stage(model, "last_layer", loader, torch.device("cpu"), epochs=30, lr=0.05)
     assert len(calls) == len(loader)  # one pass over the data for 30 epochs
     assert result["loss_after"] < result["loss_before"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
@@ -283,7 +288,27 @@ def test_last_layer_fit_uses_cached_similarities_and_reduces_its_loss() -> None:
     with torch.no_grad():
         logits = model(ds.images)
         expected = torch.nn.functional.cross_entropy(logits, ds.labels) + 1e-4 * off_class_l1(model.last_layer.weight, model.prototype_classes)
+    assert adapter.settings.l1_coef == 1e-4  # ProtoPNet's default, from the training settings
     assert result["loss_after"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_training_settings_are_checked_and_not_part_of_the_model_config() -> None:
+    with pytest.raises(ValueError, match="prototype_init must be"):
+        ProtoPNetTrainingSettings(prototype_init="kmeans")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fa_coef and measure_map_coef must be >= 0"):
+        ProtoPNetTrainingSettings(fa_coef=-0.1)
+    with pytest.raises(ValueError, match="fa_coef and measure_map_coef must be >= 0"):
+        ProtoPNetTrainingSettings(measure_map_coef=-1.0)
+    model = tiny()
+    with pytest.raises(OverrideError, match="clst_coef"):
+        training_for(model, {"clst_coef": "strong"})
+    with pytest.raises(OverrideError, match="unknown key"):
+        training_for(model, {"mode": "joint"})  # a CBM setting
+    for key in ProtoPNetConfig.TRAINING_FIELDS_V1:
+        with pytest.raises(OverrideError, match="is a training setting"):
+            tiny(**{key: ProtoPNetTrainingSettings.__dataclass_fields__[key].default})
+    assert training_for(model, {"sep_coef": -0.5, "push_on_lesion": True}).settings == \
+        ProtoPNetTrainingSettings(sep_coef=-0.5, push_on_lesion=True)
 
 
 def test_top_k_pooling_averages_the_k_best_locations_and_still_decomposes() -> None:

@@ -1,10 +1,12 @@
-"""ProtoPNet's opt-in data-driven prototype start (``prototype_init="data"``).
+"""ProtoPNet's opt-in data-driven prototype start (the training setting ``prototype_init="data"``).
 
 The start picks, for each class, latent cells of its own training images (k-means++ seeding); it is
 deterministic under its seed, leaves the global RNG and every other tensor alone, and the default
 ``"uniform"`` changes nothing, in the adapter and in the trainer.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import json
 
@@ -16,7 +18,8 @@ from torch.utils.data import Dataset
 
 import mlmi_zoo
 from mlmi_zoo.architectures.protopnet import training as protopnet_training
-from mlmi_zoo.architectures.protopnet.model import ProtoPNet, ProtoPNetConfig
+from mlmi_zoo.architectures.protopnet.config import ProtoPNetConfig, ProtoPNetTrainingSettings
+from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 from mlmi_zoo.architectures.protopnet.training import initialise_prototypes_from_data, kmeans_pp_pick
 from mlmi_zoo.architectures.blocks.stages import training_for
 from mlmi_zoo.training.recipe import load_recipe
@@ -27,7 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(similarity: str = "log_l2", **overrides) -> ProtoPNet:
-    """3 classes x 2 prototypes on resnet8, 16-px images, 2x2 latent grid."""
+    """3 classes x 2 prototypes on resnet8, 16-px images, 2x2 latent grid.
+
+    How the prototypes start is a training setting, not part of the model: the tests give
+    ``{"prototype_init": "data"}`` to :func:`training_for` (or call the start directly).
+    """
     torch.manual_seed(0)
     return mlmi_zoo.create_model("protopnet_resnet8", img_size=(16, 16), prototypes_per_class=2, prototype_dim=8,
                                  label_names=("a", "b", "c"), similarity=similarity, **overrides)
@@ -83,7 +90,7 @@ def test_kmeans_pp_with_fewer_distinct_cells_than_picks_repeats_rows() -> None:
 @pytest.mark.parametrize("similarity", ["log_l2", "cosine"])
 def test_data_init_picks_own_class_latent_cells(similarity) -> None:
     ds = ClassImages()
-    model = tiny(similarity, prototype_init="data")
+    model = tiny(similarity)
     summary = initialise_prototypes_from_data(model, ds, seed=3)
     assert summary["initialised_classes"] == [0, 1, 2] and summary["images_per_class"] == [10, 10, 10]
     cells, cell_class = latent_cells(model, ds)
@@ -98,7 +105,7 @@ def test_data_init_picks_own_class_latent_cells(similarity) -> None:
 
 def test_data_init_is_deterministic_and_seed_dependent() -> None:
     ds = ClassImages()
-    a, b, c = (tiny(prototype_init="data") for _ in range(3))
+    a, b, c = (tiny() for _ in range(3))
     initialise_prototypes_from_data(a, ds, seed=5, images_per_class=4)
     initialise_prototypes_from_data(b, ds, seed=5, images_per_class=4)
     initialise_prototypes_from_data(c, ds, seed=6, images_per_class=4)
@@ -108,10 +115,11 @@ def test_data_init_is_deterministic_and_seed_dependent() -> None:
 
 def test_data_init_touches_only_the_prototypes_and_not_the_global_rng() -> None:
     ds = ClassImages()
-    model = tiny(prototype_init="data").train()
+    model = tiny().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    training_for(model).initialise(model, ds, seed=0, device=torch.device("cpu"))
+    summary = training_for(model, {"prototype_init": "data"}).initialise(model, ds, seed=0, device=torch.device("cpu"))
+    assert summary is not None and summary["initialised_classes"] == [0, 1, 2]
     assert torch.equal(torch.get_rng_state(), rng)
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -122,7 +130,7 @@ def test_data_init_touches_only_the_prototypes_and_not_the_global_rng() -> None:
 
 def test_class_without_images_keeps_its_prototypes() -> None:
     ds = ClassImages(classes=2)  # labels 0 and 1 only; the model has 3 classes
-    model = tiny(prototype_init="data")
+    model = tiny()
     start = model.prototype_layer.prototypes.detach().clone()
     summary = initialise_prototypes_from_data(model, ds, seed=0)
     assert summary["initialised_classes"] == [0, 1]
@@ -132,11 +140,14 @@ def test_class_without_images_keeps_its_prototypes() -> None:
 
 # -- "uniform" (the default) changes nothing -----------------------------------------------------------
 def test_uniform_is_the_default_and_the_hook_does_nothing() -> None:
-    assert ProtoPNetConfig.__dataclass_fields__["prototype_init"].default == "uniform"
+    assert ProtoPNetTrainingSettings.__dataclass_fields__["prototype_init"].default == "uniform"
+    assert "prototype_init" not in ProtoPNetConfig.__dataclass_fields__  # a training setting only
     with pytest.raises(ValueError, match="prototype_init"):
-        tiny(prototype_init="kmeans")
+        ProtoPNetTrainingSettings(prototype_init="kmeans")  # type: ignore[arg-type]
     model = tiny()
-    assert model.config.prototype_init == "uniform"
+    with pytest.raises(ValueError, match="prototype_init"):
+        training_for(model, {"prototype_init": "kmeans"})
+    assert training_for(model).settings.prototype_init == "uniform"
     torch.manual_seed(0)
     reference = mlmi_zoo.create_model("protopnet_resnet8", img_size=(16, 16), prototypes_per_class=2,
                                       prototype_dim=8, label_names=("a", "b", "c"))
@@ -171,9 +182,12 @@ RECIPE = {
 }
 
 
-def _recipe(tmp_path, name: str, **config):
+def _recipe(tmp_path, name: str, training: dict | None = None, **config):
+    """RECIPE with ``config`` added to ``model.config`` and, if given, a ``training:`` section."""
     doc = json.loads(json.dumps(RECIPE))
     doc["model"]["config"].update(config)
+    if training is not None:
+        doc["training"] = training
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return load_recipe(path)
@@ -191,12 +205,25 @@ def test_trainer_calls_the_data_init_once_for_fresh_runs_only(tmp_path, monkeypa
     monkeypatch.setattr(protopnet_training, "initialise_prototypes_from_data", spy)
     train(_recipe(tmp_path, "uniform"), tmp_path / "uniform", quiet=True)
     assert calls == []  # uniform: never called
-    final = train(_recipe(tmp_path, "data", prototype_init="data"), tmp_path / "data", quiet=True)
+    final = train(_recipe(tmp_path, "data", training={"prototype_init": "data"}), tmp_path / "data", quiet=True)
     assert len(calls) == 1 and calls[0]["seed"] == derive_seed(0, "initialise")
-    assert mlmi_zoo.load(f"local-dir:{final}").config.prototype_init == "data"
+    # The run records how it was trained: every training setting (defaults written out), in
+    # final/config.json and final/recipe.yaml
+    saved = json.loads((final / "config.json").read_text())
+    expected = dataclasses.asdict(ProtoPNetTrainingSettings(prototype_init="data"))
+    assert saved["recipe"]["training"] == expected
+    assert "prototype_init" not in saved["config"]  # not part of the model
+    assert load_recipe(final / "recipe.yaml").training == expected
+    assert isinstance(mlmi_zoo.load(f"local-dir:{final}"), ProtoPNet)
     # A resume (here of a finished run) restores the checkpoint instead of re-initialising.
-    train(_recipe(tmp_path, "data", prototype_init="data"), tmp_path / "data", resume=True, quiet=True)
+    train(_recipe(tmp_path, "data", training={"prototype_init": "data"}), tmp_path / "data", resume=True, quiet=True)
     assert len(calls) == 1
+
+
+def test_a_recipe_with_prototype_init_under_model_config_still_asks_for_the_data_start(tmp_path) -> None:
+    old = _recipe(tmp_path, "old", prototype_init="data")  # where recipes before config_version 2 kept it
+    new = _recipe(tmp_path, "new", training={"prototype_init": "data"})
+    assert old == new and old.training["prototype_init"] == "data" and "prototype_init" not in old.model.config
 
 
 def test_trainer_with_uniform_equals_a_trainer_without_the_hook(tmp_path, monkeypatch) -> None:

@@ -145,6 +145,10 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "") -> Any
     for key in list(direct) + list(grouped):
         if key not in names:
             full = f"{where}{key}"
+            if key in getattr(type(obj), "TRAINING_FIELDS_V1", ()):
+                raise OverrideError(f"{full!r} is a training setting, not part of the model config: give it in the "
+                                    f"recipe's training section (training.{key}=...) or to the family's training "
+                                    "settings class")
             raise OverrideError(f"unknown key {full!r}; valid keys here: {sorted(names)}")
     for key, value in direct.items():
         changes[key] = from_jsonable(hints[key], value, f"{where}{key}")

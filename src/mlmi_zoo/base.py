@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# Version of the "config" section of config.json. 1: the model config also held training settings
+# (loss coefficients, push and start choices); 2: architecture only (see migrate_config).
+CONFIG_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ModelConfig:
     modality: str = "unknown"
     quantities: tuple[QuantitySpec, ...] = ()
     operating_point: float = 0.5
+
+    # Fields that config_version 1 kept in this config and that are now training settings (the
+    # recipe's ``training:`` section); a family's config lists its own.
+    TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = ()
 
     @property
     def num_classes(self) -> int:
@@ -167,6 +174,7 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             "mlmi_zoo_version": __version__,
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": sha,
+            "config_version": CONFIG_VERSION,
             "config": to_jsonable(self.config),
             "metadata": to_jsonable(self.export_metadata()),
         }
@@ -215,11 +223,34 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         return self.load_report
 
     @classmethod
-    def config_from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return from_jsonable(cls.config_class, d, where=f"{cls.__name__} config")
+    def config_from_dict(cls, d: dict[str, Any], version: int = CONFIG_VERSION) -> ModelConfig:
+        """The config saved as ``d`` (the "config" section of a config.json of ``config_version`` ``version``)."""
+        return from_jsonable(cls.config_class, migrate_config(cls.config_class, d, version)[0],
+                             where=f"{cls.__name__} config")
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, num_classes={self.num_classes}"
+
+
+def migrate_config(config_class: type[ModelConfig], d: dict[str, Any],
+                   version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Bring a saved config of ``config_version`` ``version`` to the current version.
+
+    Version 1 held training settings in the model config; they are taken out (they never change
+    the saved weights or what the model computes) and returned separately, for the run's recipe.
+
+    Returns:
+        (the config in the current version, the training settings taken out of it).
+
+    Raises:
+        ValueError: a version newer than this release reads.
+    """
+    if version > CONFIG_VERSION:
+        raise ValueError(f"config_version {version} is newer than this mlmi-zoo reads ({CONFIG_VERSION}); upgrade mlmi-zoo")
+    if version >= 2:
+        return dict(d), {}
+    moved = {k: d[k] for k in config_class.TRAINING_FIELDS_V1 if k in d}
+    return {k: v for k, v in d.items() if k not in moved}, moved
 
 
 def replace_config(config: C, **changes: Any) -> C:
@@ -229,4 +260,5 @@ def replace_config(config: C, **changes: Any) -> C:
     return apply_overrides(config, changes) if changes else config
 
 
-__all__ = ["ModelConfig", "InterpretableModel", "LoadReport", "replace_config", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["ModelConfig", "InterpretableModel", "LoadReport", "replace_config", "migrate_config", "CONFIG_FILE",
+           "WEIGHTS_FILE", "CONFIG_VERSION"]

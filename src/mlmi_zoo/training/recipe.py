@@ -12,6 +12,8 @@ Overrides are dotted paths into the recipe; list items are addressed by their in
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +22,10 @@ import torch
 
 from mlmi_zoo._config import OverrideError, apply_overrides, from_jsonable, parse_override_value, to_jsonable
 from mlmi_zoo.base import ModelConfig
+from mlmi_zoo.registry import get_entry
 from mlmi_zoo.training.data_spec import DataSpec
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Recipe", "ModelSection", "OptimSection", "StageSection", "load_recipe", "apply_recipe_overrides",
@@ -102,6 +107,9 @@ class Recipe:
         data: the data set and its splits.
         optim: optimiser, batch size, schedule.
         stages: the stages in order.
+        training: the family's training settings (loss coefficients, push and start choices),
+            type-checked against its settings class (e.g. ``ProtoPNetTrainingSettings``); keys not
+            given keep their defaults.
         seed: seeds model initialisation, data order and every RNG; same seed + CPU = same weights.
         select_metric: validation metric that picks ``checkpoints/best`` and ``final/`` among the
             epochs of the LAST stage (earlier stages may leave the model incomplete, e.g. prototypes
@@ -123,6 +131,7 @@ class Recipe:
     data: DataSpec
     optim: OptimSection = field(default_factory=OptimSection)
     stages: tuple[StageSection, ...] = (StageSection("joint", 1),)
+    training: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     select_metric: Literal["val_auroc", "val_accuracy", "val_balanced_accuracy", "val_loss",
                            "val_stage_loss"] = "val_auroc"
@@ -163,8 +172,6 @@ def _default_config(name: str) -> ModelConfig:
     The factory may derive defaults from the name (e.g. an instance encoder for tile MIL), so the
     model is built — on the meta device, which allocates no memory — and its config read back.
     """
-    from mlmi_zoo.registry import get_entry
-
     entry = get_entry(name)
     with torch.device("meta"):
         return entry.factory().config
@@ -192,7 +199,7 @@ def _set_path(doc: Any, parts: list[str], value: Any, done: list[str], free: boo
     if key not in doc and not free:
         raise OverrideError(f"unknown key {where!r}; valid keys here: {sorted(doc)}")
     if rest:
-        child_free = done + [key] in (["model", "config"], ["data", "params"]) or free
+        child_free = done + [key] in (["model", "config"], ["data", "params"], ["training"]) or free
         if key not in doc:
             doc[key] = {}
         _set_path(doc[key], rest, value, done + [key], free=child_free)
@@ -200,9 +207,52 @@ def _set_path(doc: Any, parts: list[str], value: Any, done: list[str], free: boo
         doc[key] = value
 
 
+def migrate_recipe_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """Move training settings that older recipes kept under ``model.config`` to ``training``.
+
+    Before config_version 2 the model config also held the training settings (e.g.
+    ``model.config.clst_coef``); such a recipe still trains the same way, with a logged note. A key
+    under ``model.config`` replaces the same key under ``training`` (it is how an override in the
+    old spelling reaches a recipe whose training section is written out), with a warning.
+    """
+    model = doc.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("config"), dict) or not isinstance(model.get("name"), str):
+        return doc
+    try:
+        fields = get_entry(model["name"]).model_class.config_class.TRAINING_FIELDS_V1
+    except KeyError:
+        return doc  # an unknown name is refused, with its message, by the type check
+    moved = {k: model["config"][k] for k in fields if k in model["config"]}
+    if not moved:
+        return doc
+    training = dict(doc.get("training") or {})
+    replaced = {k: (training[k], moved[k]) for k in moved if k in training and training[k] != moved[k]}
+    if replaced:  # an override in the old spelling (model.config.X=...) of a setting the recipe holds
+        log.warning("recipe: model.config.%s replaces training values %s",
+                    "/".join(sorted(replaced)), {k: f"{a!r} -> {b!r}" for k, (a, b) in replaced.items()})
+    log.info("recipe: moved %s from model.config to training (training settings are not part of the model config)",
+             sorted(moved))
+    config = {k: v for k, v in model["config"].items() if k not in moved}
+    return {**doc, "model": {**model, "config": config}, "training": {**training, **moved}}
+
+
+def training_settings(recipe: Recipe) -> Any:
+    """The family's training settings that ``recipe.training`` describes (type-checked)."""
+    from mlmi_zoo.families import family_of
+
+    settings_class = family_of(get_entry(recipe.model.name).model_class.family).training.settings_class
+    try:
+        return from_jsonable(settings_class, dict(recipe.training), where="training")
+    except OverrideError:
+        raise
+    except (TypeError, ValueError) as err:  # the settings' __post_init__ refusing a value
+        raise OverrideError(f"training: {err}") from err
+
+
 def _recipe_from_doc(doc: Any) -> Recipe:
     if not isinstance(doc, dict):
         raise OverrideError(f"a recipe is a YAML mapping with keys model, data, optim, stages...; got {type(doc).__name__}")
+    doc = migrate_recipe_doc(doc)
     try:
         recipe = from_jsonable(Recipe, doc, where="recipe")
     except OverrideError:
@@ -210,7 +260,8 @@ def _recipe_from_doc(doc: Any) -> Recipe:
     except (TypeError, ValueError) as err:  # a section's __post_init__ refused a value
         raise OverrideError(f"recipe: {err}") from err
     model_config(recipe.model)  # type-check model.config against the family's dataclass
-    return recipe
+    # training against the family's settings, every default written out (the run records what it used)
+    return dataclasses.replace(recipe, training=to_jsonable(training_settings(recipe)))
 
 
 def apply_recipe_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:

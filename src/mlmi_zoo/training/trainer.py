@@ -285,7 +285,7 @@ class Trainer:
         """The model on its device (initialised, or the checkpoint's weights) and its family's training adapter."""
         r = self.recipe
         model = self._create_model()
-        adapter = training_for(model)
+        adapter = training_for(model, r.training)
         self._check_stages(adapter)
         adapter.prepare(model, train_set)  # before restoring: a resumed run restores what it set
         model.to(self.device)

@@ -4,6 +4,10 @@ The trainer (``mlmi_zoo.training.trainer``) owns the loop: data order, optimiser
 resume, progress, distributed reduction. A family contributes only what differs between families:
 which tensors a batch feeds the model, the loss of each stage, which parameters each stage trains,
 and the stages that are not gradient descent (ProtoPNet's push and convex last-layer fit).
+
+What a family's training needs beyond the architecture (loss coefficients, where push may project,
+how prototypes start) is its *training settings*: a frozen dataclass (:attr:`FamilyTraining.settings_class`)
+filled from the recipe's ``training:`` section, never part of the model's config.
 """
 from __future__ import annotations
 
@@ -20,7 +24,12 @@ from mlmi_zoo.base import InterpretableModel
 if TYPE_CHECKING:
     from mlmi_zoo.architectures.blocks.heads import LesionCountHead, PhysicalHead
 
-__all__ = ["FamilyTraining", "LossOutput", "training_for", "fit_physical_head"]
+__all__ = ["FamilyTraining", "LossOutput", "NoSettings", "training_for", "fit_physical_head"]
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """Training settings of a family whose training needs none (the black-box baseline)."""
 
 
 @dataclass
@@ -45,11 +54,24 @@ class FamilyTraining:
         family: the model family this serves (``model.family``).
         stage_names: stages the recipe may list, in their usual order.
         special_stages: stages that are not gradient descent (run by :meth:`run_special_stage`).
+        settings_class: the frozen dataclass of the family's training settings (the recipe's
+            ``training:`` section is type-checked against it).
+        settings: this instance's settings (the class defaults unless given).
     """
 
     family: ClassVar[str] = "baseline"
     stage_names: ClassVar[tuple[str, ...]] = ("joint",)
     special_stages: ClassVar[tuple[str, ...]] = ()
+    settings_class: ClassVar[type[Any]] = NoSettings
+
+    def __init__(self, settings: Any = None) -> None:
+        if settings is not None and not isinstance(settings, self.settings_class):
+            raise TypeError(f"{type(self).__name__} takes {self.settings_class.__name__} settings, "
+                            f"got {type(settings).__name__}")
+        self.settings = settings if settings is not None else self.settings_class()
+
+    def check(self, model: InterpretableModel) -> None:
+        """Refuse settings that this model cannot train with (default: any model is fine)."""
 
     def prepare(self, model: InterpretableModel, train_set: Dataset) -> None:
         """Fit training-split statistics the model stores (e.g. physical-head normalisation)."""
@@ -88,11 +110,29 @@ class FamilyTraining:
         raise ValueError(f"{self.family} has no special stage {stage!r}; its stages are {self.stage_names}")
 
 
-def training_for(model: InterpretableModel) -> FamilyTraining:
-    """The training stages of ``model``'s family (from its :class:`~mlmi_zoo.families.Family` record)."""
+def training_for(model: InterpretableModel, settings: Mapping[str, Any] | None = None) -> FamilyTraining:
+    """The training stages of ``model``'s family (from its :class:`~mlmi_zoo.families.Family` record).
+
+    Args:
+        model: the model to train.
+        settings: the recipe's ``training:`` section (keys of the family's settings class, type-checked);
+            None or empty keeps the defaults.
+
+    Raises:
+        OverrideError: a key that the family's settings do not have, or a value of the wrong type.
+        ValueError: settings this model cannot train with (e.g. a fine-annotation cost without the
+            attention pooling it acts on).
+    """
+    from mlmi_zoo._config import from_jsonable
     from mlmi_zoo.families import family_of
 
-    return family_of(model).training
+    default = family_of(model).training
+    if not settings:
+        default.check(model)
+        return default
+    adapter = type(default)(from_jsonable(default.settings_class, dict(settings), where="training"))
+    adapter.check(model)
+    return adapter
 
 
 def fit_physical_head(head: PhysicalHead | LesionCountHead, dataset: Dataset, max_cases: int = 2000) -> None:

@@ -8,7 +8,8 @@ trainer on import) and the family's evaluation section (:mod:`.evaluation`, load
 import torch
 
 from mlmi_zoo.architectures.cbm import training as training  # registers the training stages
-from mlmi_zoo.architectures.cbm.model import CBM, NODULE_CONCEPTS, CBMConfig, ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.architectures.cbm.config import NODULE_CONCEPTS, CBMConfig, CBMTrainingSettings
+from mlmi_zoo.architectures.cbm.model import CBM, ConceptExplanation, MLPConceptExplanation
 from mlmi_zoo.families import Family, register_family
 
 
@@ -32,4 +33,4 @@ FAMILY = register_family(Family(
     concepts=True,
 ))
 
-__all__ = ["CBMConfig", "CBM", "ConceptExplanation", "MLPConceptExplanation", "NODULE_CONCEPTS"]
+__all__ = ["CBMConfig", "CBMTrainingSettings", "CBM", "ConceptExplanation", "MLPConceptExplanation", "NODULE_CONCEPTS"]

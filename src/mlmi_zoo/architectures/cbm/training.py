@@ -36,6 +36,7 @@ from einops import rearrange, reduce
 from torch import nn
 from torch.utils.data import Dataset
 
+from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
 from mlmi_zoo.architectures.cbm.model import CBM
 from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
@@ -105,6 +106,14 @@ class CBMTraining(FamilyTraining):
 
     family = "cbm"
     stage_names = ("concepts", "label_head", "joint")
+    settings_class = CBMTrainingSettings
+    settings: CBMTrainingSettings
+
+    def check(self, model: CBM) -> None:
+        """The fine-annotation cost acts on the concept attention: it needs ``pooling='attention'``."""
+        if self.settings.fa_coef > 0 and model.config.pooling != "attention":
+            raise ValueError("training.fa_coef > 0 penalises the attention outside the lesion and needs "
+                             f"model.config.pooling='attention'; this model pools with {model.config.pooling!r}")
 
     def prepare(self, model: CBM, train_set: Dataset) -> None:
         """Fit concept normalisation and imbalance weights on the training split."""
@@ -113,9 +122,9 @@ class CBMTraining(FamilyTraining):
     def _check_stage(self, model: CBM, stage: str) -> None:
         if stage not in self.stage_names:
             raise ValueError(f"unknown CBM stage {stage!r}; stages are {self.stage_names}")
-        if stage == "joint" and model.config.mode != "joint":
-            raise ValueError(f"stage 'joint' needs mode='joint'; this model has mode={model.config.mode!r}, "
-                             f"whose stages are {STAGES_BY_MODE[model.config.mode]}")
+        if stage == "joint" and self.settings.mode != "joint":
+            raise ValueError(f"stage 'joint' needs mode='joint'; this model has mode={self.settings.mode!r}, "
+                             f"whose stages are {STAGES_BY_MODE[self.settings.mode]}")
 
     def concept_targets(self, model: CBM, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
         """(B, Kc) internal concept targets of a batch (NaN = missing)."""
@@ -125,7 +134,7 @@ class CBMTraining(FamilyTraining):
     def loss(self, model: CBM, batch: dict[str, Any], stage: str) -> LossOutput:
         self._check_stage(model, stage)
         labels = batch["label"]
-        if stage == "label_head" and model.config.mode == "independent":
+        if stage == "label_head" and self.settings.mode == "independent":
             # Koh et al.'s independent model: the label head learns from the true concepts only.
             device = next(model.label_head.parameters()).device
             vector = model.codec.target_bottleneck(self.concept_targets(model, batch, device))  # (B, K)
@@ -146,12 +155,12 @@ class CBMTraining(FamilyTraining):
         logs = {f"concept/{k}": float(v.detach()) for k, v in parts.items()}
         logs["concepts"] = float(concept_loss.detach())
         mask = batch.get("mask")
-        if model.config.fa_coef > 0 and attention is not None and mask is not None and mask.ndim == x.ndim:
+        if self.settings.fa_coef > 0 and attention is not None and mask is not None and mask.ndim == x.ndim:
             # the masks go onto the canonical grid with the images (bilinear, then cut at one half)
             canonical_mask = model.to_canonical(mask.to(device=x.device, dtype=x.dtype), spacing)
             fractions = model.backbone.cell_fraction(canonical_mask > 0.5, attention.shape[2:])
             fa = attention_off_lesion(attention, fractions)
-            concept_loss = concept_loss + model.config.fa_coef * fa
+            concept_loss = concept_loss + self.settings.fa_coef * fa
             logs["fine_annotation"] = float(fa.detach())
         if stage == "concepts":
             with torch.no_grad():
@@ -160,7 +169,7 @@ class CBMTraining(FamilyTraining):
         logits = model.predict_label(model.codec.bottleneck(raw))  # joint: gradients flow through the bottleneck
         ce = nn.functional.cross_entropy(logits, labels)
         logs["ce"] = float(ce.detach())
-        return LossOutput(ce + model.config.joint_lambda * concept_loss, logits.detach(), logs)
+        return LossOutput(ce + self.settings.joint_lambda * concept_loss, logits.detach(), logs)
 
     def trainable_parameters(self, model: CBM, stage: str) -> list[nn.Parameter]:
         self._check_stage(model, stage)

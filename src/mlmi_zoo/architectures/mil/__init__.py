@@ -7,7 +7,8 @@ loaded by :mod:`mlmi_zoo.evaluation` only).
 """
 from mlmi_zoo.architectures.mil import training as training  # registers the training stages
 from mlmi_zoo.architectures.mil.explanations import AdditiveMILExplanation, MILExplanation
-from mlmi_zoo.architectures.mil.model import ABMIL, AdditiveMIL, BagOutputs, MILConfig
+from mlmi_zoo.architectures.mil.config import MILConfig, MILTrainingSettings
+from mlmi_zoo.architectures.mil.model import ABMIL, AdditiveMIL, BagOutputs
 from mlmi_zoo.families import Family, register_family
 
 ABMIL_FAMILY = register_family(Family(
@@ -35,4 +36,4 @@ ADDITIVE_MIL_FAMILY = register_family(Family(
     instance_scores="contributions",
 ))
 
-__all__ = ["MILConfig", "ABMIL", "AdditiveMIL", "BagOutputs", "MILExplanation", "AdditiveMILExplanation"]
+__all__ = ["MILConfig", "MILTrainingSettings", "ABMIL", "AdditiveMIL", "BagOutputs", "MILExplanation", "AdditiveMILExplanation"]

@@ -87,7 +87,8 @@ from mlmi_zoo.architectures.mil.heads import (
     check_bag_mask,
     masked_softmax,
 )
-from mlmi_zoo.base import InterpretableModel, ModelConfig, replace_config
+from mlmi_zoo.architectures.mil.config import FEATURES, TUMOUR_AREA, MILConfig
+from mlmi_zoo.base import InterpretableModel, replace_config
 from mlmi_zoo.architectures.mil.explanations import AdditiveMILExplanation, MILExplanation, percentile_normalise
 from mlmi_zoo.registry import build_config, register_model
 from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement, QuantitySpec
@@ -109,142 +110,10 @@ __all__ = [
     "percentile_normalise",
 ]
 
-TUMOUR_AREA = QuantitySpec("tumour_area_mm2", "mm^2", 0.0, math.inf)
-FEATURES = "features"  # the backbone name of models that take cached feature bags
 
 
 # --------------------------------------------------------------------------------------------------
 # configuration
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MILConfig(ModelConfig):
-    """Attention-MIL configuration (both families).
-
-    For bags, ``spatial_dims`` is 0 and ``in_channels`` mirrors ``in_features``, so the base input
-    check validates ``(B, N, D)`` feature bags. Raw-tile models (``instance_encoder`` set) take
-    ``(B, N, in_channels, tile_size, tile_size)`` tiles instead.
-
-    Attributes:
-        in_features: instance feature width D entering the attention MLP: the width of cached
-            features, or the projection width of the raw-tile encoder.
-        hidden: width of the instance embedding ``h_n``; small (128) because it is evaluated on
-            every instance of 100k-tile bags.
-        attention_hidden: width of the attention MLP (``V``, ``U`` in Ilse et al.).
-        gated: gated attention ``tanh(V h) * sigmoid(U h)`` (Ilse et al.'s better variant) or plain
-            ``tanh(V h)``.
-        classifier_hidden: hidden width of the classifier ``psi``; 0 makes it linear.
-        dropout: on the instance embedding, during training only.
-        instance_encoder: ``None`` for cached features; else a backbone name understood by
-            :func:`create_backbone` that encodes raw tiles (equal to ``backbone``).
-        encoder_chunk: instances encoded per pass at inference, bounding encoder memory.
-        tile_size: tile side in pixels; with ``microns_per_pixel`` it gives each tile's area.
-        microns_per_pixel: pixel size of the tiles (0.5 µm is the usual 20x objective).
-        train_max_instances: random subsample per bag during training (augmentation, and a bound on
-            encoder memory for raw tiles); ``None`` uses every instance.
-        physical_weight: weight of the physical-head loss against cross-entropy.
-        bag_context: add the bag prior to the covered-fraction logits and the bag offset to the raw
-            attention scores (see the module docstring); False scores every instance alone.
-        bag_normalise: subtract each bag's mean instance feature before the embedding (for the
-            attention and the classifier; the area head has its own bag statistics), so that a
-            slide-level shift of every feature neither moves the attention scores nor changes which
-            ReLU units of the embedding are active (see the module docstring).
-        instance_chunk: instances per chunk of the per-instance networks (embedding, attention,
-            classifier, area head); bounds the size of every activation (see the module docstring).
-        attention_instance_weight: weight of a binary cross-entropy against instance labels, when
-            the bags carry them (``batch["instance_labels"]``), of the raw attention scores and, for
-            additive MIL, of each instance's positive-class term ``psi(h_n)`` (so the sign of its
-            contribution marks tumour); 0 trains from the bag label only, as in Ilse et al. and
-            Javed et al.
-        attention_bag_weight: weight of a binary cross-entropy of the raw attention scores (with
-            their bag offset) against what the *bag* labels say of instances under the standard
-            MIL assumption (Dietterich et al. 1997): every instance of a negative bag (class 0) is
-            negative, and a positive bag's highest-scored instance is positive (the max-pooling
-            instance classifier of Wang et al.'s mi-Net, 2018). The two terms are averaged over
-            negative instances and over positive bags. Uses no instance label; two classes only.
-            The softmax leaves raw scores free up to one constant per bag, so instance scores of
-            different bags are not comparable; this loss ties them to one scale.
-        area_head_gain: the area head's parameters are stored divided by this constant, so that at
-            the model's learning rate they move this many times faster (see :class:`InstanceAreaHead`).
-        top_instance_masking: probability ``p`` with which, in training, each of a bag's
-            ``top_instance_k`` highest raw attention scores is masked out of the softmax (Zhang et
-            al.'s STKIM); at most ``n_valid - 1`` instances of a bag are candidates, so one always
-            remains. 0 turns it off; evaluation never masks.
-        top_instance_k: ``K``, the number of highest-scored instances of a bag that may be masked.
-    """
-
-    backbone: str = FEATURES
-    label_names: tuple[str, ...] = ("negative", "positive")
-    in_channels: int = 512
-    spatial_dims: int = 0
-    img_size: tuple[int, ...] = ()
-    modality: str = "histopathology"
-    quantities: tuple[QuantitySpec, ...] = (TUMOUR_AREA,)
-    in_features: int = 512
-    hidden: int = 128
-    attention_hidden: int = 128
-    gated: bool = True
-    classifier_hidden: int = 64
-    dropout: float = 0.25
-    instance_encoder: str | None = None
-    encoder_chunk: int = 512
-    tile_size: int = 256
-    microns_per_pixel: float = 0.5
-    train_max_instances: int | None = 4096
-    physical_weight: float = 1.0
-    bag_context: bool = True
-    bag_normalise: bool = False
-    instance_chunk: int = 8192
-    attention_instance_weight: float = 0.0
-    attention_bag_weight: float = 0.0
-    area_head_gain: float = 20.0
-    top_instance_masking: float = 0.0
-    top_instance_k: int = 10
-
-    def __post_init__(self) -> None:
-        if self.instance_encoder is None:
-            if self.backbone != FEATURES:
-                raise ValueError(f"backbone {self.backbone!r} needs instance_encoder={self.backbone!r}; "
-                                 f"cached-feature models use backbone {FEATURES!r}")
-            # Feature bags: the base input check reads the feature width from in_channels.
-            object.__setattr__(self, "in_channels", self.in_features)
-        elif self.instance_encoder != self.backbone:
-            raise ValueError(f"instance_encoder {self.instance_encoder!r} must equal backbone {self.backbone!r} "
-                             f"(the registered name states the encoder)")
-        super().__post_init__()
-        if self.spatial_dims != 0:
-            raise ValueError(f"MIL models take bags: spatial_dims must be 0, got {self.spatial_dims}")
-        for name in ("in_features", "hidden", "attention_hidden", "encoder_chunk", "tile_size", "instance_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.classifier_hidden < 0:
-            raise ValueError(f"classifier_hidden must be >= 0 (0 = linear), got {self.classifier_hidden}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.microns_per_pixel > 0:
-            raise ValueError(f"microns_per_pixel must be positive, got {self.microns_per_pixel}")
-        if not self.area_head_gain > 0:
-            raise ValueError(f"area_head_gain must be positive, got {self.area_head_gain}")
-        if not 0.0 <= self.top_instance_masking < 1.0:
-            raise ValueError(f"top_instance_masking is a probability in [0, 1), got {self.top_instance_masking}")
-        if self.top_instance_k < 1:
-            raise ValueError(f"top_instance_k must be >= 1, got {self.top_instance_k}")
-        if not self.attention_bag_weight >= 0:
-            raise ValueError(f"attention_bag_weight must be >= 0, got {self.attention_bag_weight}")
-        if self.attention_bag_weight > 0 and self.num_classes != 2:
-            raise ValueError(f"attention_bag_weight reads bag labels as negative (class 0) and positive (class 1); "
-                             f"it needs two classes, got {self.num_classes}")
-        if not self.attention_instance_weight >= 0:
-            raise ValueError(f"attention_instance_weight must be >= 0, got {self.attention_instance_weight}")
-        if self.train_max_instances is not None and self.train_max_instances < 1:
-            raise ValueError(f"train_max_instances must be positive or None, got {self.train_max_instances}")
-        for q in self.quantities:
-            if spacing_exponent(q.unit) != 2:
-                raise ValueError(f"quantity {q.name!r} has unit {q.unit!r}; the MIL head sums per-tile areas, "
-                                 f"so every quantity must be an area (e.g. 'mm^2')")
-
-
-# --------------------------------------------------------------------------------------------------
-# models
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BagOutputs:
@@ -534,10 +403,9 @@ def _factory(model_class: type[_MILModel], backbone: str):
             return model_class(build_config(MILConfig, backbone, overrides))
         if "backbone" in overrides or "instance_encoder" in overrides:
             raise ValueError("the encoder is part of the model name; pick the registered name with that backbone instead")
-        # Raw RGB tiles; the instance width defaults to the encoder's own width (no projection), and
-        # training encodes a small subsample of each bag with gradients.
+        # Raw RGB tiles; the instance width defaults to the encoder's own width (no projection).
         base = MILConfig(backbone=backbone, instance_encoder=backbone, in_channels=3,
-                         in_features=RESNET_LAYOUTS[backbone][1][-1], train_max_instances=64)
+                         in_features=RESNET_LAYOUTS[backbone][1][-1])
         return model_class(replace_config(base, **overrides))
 
     what = "cached feature bags" if backbone == FEATURES else f"raw tiles encoded by a {backbone}"

@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from mlmi_zoo.architectures.mil.config import MILTrainingSettings
 from mlmi_zoo.architectures.mil.heads import InstanceAreaHead
 from mlmi_zoo.architectures.mil.model import BagOutputs, _MILModel
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
@@ -122,6 +123,14 @@ class MILTraining(FamilyTraining):
 
     family = "abmil"
     stage_names = ("joint",)
+    settings_class = MILTrainingSettings
+    settings: MILTrainingSettings
+
+    def check(self, model: _MILModel) -> None:
+        """The bag-label instance loss reads bag labels as negative / positive: it needs two classes."""
+        if self.settings.attention_bag_weight > 0 and model.num_classes != 2:
+            raise ValueError("training.attention_bag_weight reads bag labels as negative (class 0) and positive "
+                             f"(class 1); it needs two classes, got {model.num_classes}")
 
     def inputs(self, model: _MILModel, batch: Mapping[str, Any]) -> MILInputs:
         """(feats or tiles, mask) of a collated bag batch; tiles go through the intensity transform.
@@ -148,10 +157,10 @@ class MILTraining(FamilyTraining):
         x, mask = self.inputs(model, batch)
         instance_targets = self._instance_targets(model, batch)
         labels = batch.get("instance_labels")
-        att_weight = model.config.attention_instance_weight
+        att_weight = self.settings.attention_instance_weight
         instance_labels = labels.to(x.device).float() if labels is not None and att_weight > 0 else None  # (B, N)
         scale = torch.ones(x.shape[0], device=x.device)  # (B,) full-bag / subsample instance count
-        limit = model.config.train_max_instances
+        limit = self.settings.max_instances(encodes_tiles=model.encoder is not None)
         if model.training and limit is not None and x.shape[1] > limit:
             index = subsample_instances(mask, limit)  # (B, M)
             kept_mask = gather_instances(mask, index)
@@ -164,9 +173,9 @@ class MILTraining(FamilyTraining):
         ce = nn.functional.cross_entropy(out.logits, batch["label"].to(out.logits.device).long())
         logs = {"ce": float(ce.detach())}
         loss = ce
-        if model.area_head is not None and model.config.physical_weight > 0:
+        if model.area_head is not None and self.settings.physical_weight > 0:
             phys = self._physical_loss(model.area_head, out, batch, scale, instance_targets, logs)
-            loss = loss + model.config.physical_weight * phys
+            loss = loss + self.settings.physical_weight * phys
         if instance_labels is not None:
             valid = mask & torch.isfinite(instance_labels)
             target = instance_labels[valid]
@@ -180,10 +189,10 @@ class MILTraining(FamilyTraining):
                 logs["contribution_instance"] = float(term.detach())
                 att = att + term
             loss = loss + att_weight * att
-        if model.config.attention_bag_weight > 0:
+        if self.settings.attention_bag_weight > 0:
             bag_term = bag_label_instance_loss(out.attention_scores, mask, batch["label"])
             logs["attention_bag"] = float(bag_term.detach())
-            loss = loss + model.config.attention_bag_weight * bag_term
+            loss = loss + self.settings.attention_bag_weight * bag_term
         return LossOutput(loss, out.logits.detach(), logs)
 
     # -- physical head ---------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from einops import rearrange
 from torch import nn
 
 from mlmi_zoo.architectures.blocks.heads import LesionCountHead
+from mlmi_zoo.architectures.protopnet.config import ProtoPNetTrainingSettings
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 from mlmi_zoo.architectures.protopnet.prototypes import _EvalMode, _device_of, lesion_cells, push_prototypes
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput, fit_physical_head
@@ -177,7 +178,7 @@ def fit_last_layer(model: ProtoPNet, loader: Iterable[dict[str, Any]], epochs: i
         loader: training batches.
         epochs: passes over the cache.
         lr: Adam learning rate.
-        l1: L1 coefficient (default: ``model.config.l1_coef``).
+        l1: L1 coefficient (default: :class:`ProtoPNetTrainingSettings`'s ``l1_coef``).
         batch_size: rows per step (default: the loader's batch size, else 64).
         device: where to compute (default: the model's device).
 
@@ -186,7 +187,7 @@ def fit_last_layer(model: ProtoPNet, loader: Iterable[dict[str, Any]], epochs: i
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
-    l1 = model.config.l1_coef if l1 is None else float(l1)
+    l1 = ProtoPNetTrainingSettings().l1_coef if l1 is None else float(l1)
     sims, labels = cached_similarities(model, loader, device)  # (N, P), (N,)
     weight = model.last_layer.weight
     classes = model.prototype_classes.to(weight.device)
@@ -359,6 +360,8 @@ class ProtoPNetTraining(FamilyTraining):
     family = "protopnet"
     stage_names = ("warmup", "joint", "push", "last_layer")
     special_stages = ("push", "last_layer")
+    settings_class = ProtoPNetTrainingSettings
+    settings: ProtoPNetTrainingSettings
     last_layer_epochs = 20  # default passes over the cache when the trainer passes none
     last_layer_lr = 1e-3
 
@@ -375,7 +378,7 @@ class ProtoPNetTraining(FamilyTraining):
         Returns:
             the initialisation summary, or None when the prototypes keep their uniform start.
         """
-        if model.config.prototype_init != "data":
+        if self.settings.prototype_init != "data":
             return None
         return initialise_prototypes_from_data(model, train_set, seed, self.init_images_per_class, device=device)
 
@@ -385,7 +388,7 @@ class ProtoPNetTraining(FamilyTraining):
         In ``last_layer`` (when run as a gradient stage) only the convex part, CE + L1, is used. A
         gradient step on pushed prototypes drops the push records, which would no longer be true.
         """
-        cfg = model.config
+        cfg = self.settings
         if (stage != "last_layer" and model.prototype_sources is not None and torch.is_grad_enabled()
                 and model.prototype_layer.prototypes.requires_grad):
             # The prototypes are about to move off the patches they were projected onto.
@@ -454,11 +457,11 @@ class ProtoPNetTraining(FamilyTraining):
             JSON-safe summary for the run log.
         """
         if stage == "push":
-            records = push_prototypes(model, loader, device, on_lesion=model.config.push_on_lesion)
+            records = push_prototypes(model, loader, device, on_lesion=self.settings.push_on_lesion)
             pushed = [r for r in records if r is not None]
             return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
                     "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}
         if stage == "last_layer":
             return fit_last_layer(model, loader, epochs=self.last_layer_epochs if epochs is None else epochs,
-                                  lr=self.last_layer_lr if lr is None else lr, device=device)
+                                  lr=self.last_layer_lr if lr is None else lr, l1=self.settings.l1_coef, device=device)
         return super().run_special_stage(model, stage, loader, device)

@@ -1,0 +1,132 @@
+"""The concept-bottleneck configuration: the architecture (saved with the weights) and the training settings.
+
+The architecture follows Koh et al., "Concept Bottleneck Models" (ICML 2020) with the zoo's typed
+concepts in units (:mod:`.model`); the training settings choose independent, sequential or joint
+training (Koh et al., section 3) and the fine-annotation cost on the attention (after IAIA-BL,
+Barnett et al. 2021), used by :mod:`.training`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from mlmi_zoo.architectures.blocks.heads import spacing_exponent
+from mlmi_zoo.base import ModelConfig
+from mlmi_zoo.specs import ConceptSpec
+
+__all__ = ["CBMConfig", "CBMTrainingSettings", "NODULE_CONCEPTS"]
+
+# The nodule phantom's concepts and measurements: the default, so `create_model("cbm_resnet18")`
+# builds a model that trains on `NodulePhantom` without further configuration. The size category's
+# levels are those of `phantoms.SIZE_CATEGORY_LEVELS` (the label rule's cut points).
+NODULE_CONCEPTS: tuple[ConceptSpec, ...] = (
+    ConceptSpec("spiculation", "binary", group="margin"),
+    ConceptSpec("calcification", "binary", group="density"),
+    ConceptSpec("texture", "categorical", levels=("solid", "part-solid", "ground-glass"), group="density"),
+    ConceptSpec("margin_sharp", "binary", group="margin"),
+    ConceptSpec("size_category", "ordinal", levels=("<8 mm", "8-15 mm", ">=15 mm"), group="size"),
+    ConceptSpec("diameter_mm", "continuous", unit="mm", group="size"),
+    ConceptSpec("mean_hu", "continuous", unit="HU", group="density"),
+)
+
+
+@dataclass(frozen=True)
+class CBMConfig(ModelConfig):
+    """Concept bottleneck configuration.
+
+    Attributes:
+        concepts: the typed concepts, in bottleneck order; each occupies ``spec.width`` units.
+        head: ``"linear"`` keeps the decision an exact sum of concept x weight contributions;
+            ``"mlp"`` (one hidden layer) can model concept interactions but is not decomposable.
+        feature_stride: cut the backbone at this stride, so concept maps stay fine enough to
+            localise evidence on small patches.
+        head_hidden: hidden width of the ``mlp`` head.
+        balance_concepts: weight concept losses by inverse class frequency (training split).
+        pooling: ``"mean"`` (global average of each concept map, the original model) or
+            ``"attention"`` (one learnt spatial attention shared by the binary, ordinal and
+            categorical concepts; continuous ones stay mean-pooled; level logits centred over
+            levels; see the module docstring). Both keep every concept logit the exact mean of
+            its map.
+        resample: when a spacing is given, resample the image onto the canonical grid (the same
+            size and centre, ``spacing`` mm per pixel) before the concept predictor, so the
+            network always sees physical scale: pixel-domain sizes are then canonical pixels,
+            a size class in mm can be told from the image, and two renderings of one object at
+            different spacings reach the network as nearly the same image. Needs ``spacing``.
+            Without it the network sees the pixels as given and lengths follow the spacing
+            exactly (``diameter_mm`` doubles when the spacing does).
+        dihedral_views: in eval mode, average the concept network over the 8 flips and quarter
+            turns of the image plane (see the module docstring); training is unchanged and costs
+            the same, inference costs 8 passes. Meant for models trained with dihedral
+            augmentation (``data.augment: dihedral``). Square image planes only.
+    """
+
+    concepts: tuple[ConceptSpec, ...] = NODULE_CONCEPTS
+    head: Literal["linear", "mlp"] = "linear"
+    feature_stride: int = 8
+    head_hidden: int = 32
+    balance_concepts: bool = True
+    pooling: Literal["mean", "attention"] = "mean"
+    resample: bool = False
+    dihedral_views: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.concepts:
+            raise ValueError("CBMConfig.concepts is empty; a concept bottleneck needs at least one ConceptSpec")
+        names = [c.name for c in self.concepts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"CBMConfig.concepts names must be unique, got {names}")
+        for c in self.concepts:
+            if c.kind == "continuous":
+                spacing_exponent(c.unit)  # a unit the spacing can scale (mm^k) or an intensity
+        if self.quantities:
+            raise ValueError("a CBM expresses physical quantities as continuous concepts (they are part of the "
+                             "bottleneck); move them to `concepts`, e.g. ConceptSpec('diameter_mm', 'continuous', unit='mm')")
+        if self.head not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', got {self.head!r}")
+        if self.pooling not in ("mean", "attention"):
+            raise ValueError(f"pooling must be 'mean' or 'attention', got {self.pooling!r}")
+        if self.dihedral_views and (self.spatial_dims < 2 or self.img_size[-1] != self.img_size[-2]):
+            raise ValueError(f"dihedral_views turns the image plane by quarter turns and needs a square plane, "
+                             f"got img_size {self.img_size}")
+        if self.resample and self.spacing is None:
+            raise ValueError("resample=True resamples inputs onto the canonical grid and needs the canonical "
+                             "`spacing` (mm per pixel, one value per axis)")
+
+    # config.json files before config_version 2 held the training settings in the model config.
+    TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = ("mode", "joint_lambda", "fa_coef")
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+
+@dataclass(frozen=True)
+class CBMTrainingSettings:
+    """How a concept bottleneck is trained: independent, sequential or joint, and the fine-annotation cost.
+
+    Filled from the recipe's ``training:`` section; none of it is needed to read the weights back.
+
+    Attributes:
+        mode: how the model is trained (Koh et al.): ``independent`` (label head on true concepts),
+            ``sequential`` (label head on the frozen concept model's predictions) or ``joint``
+            (``L_y + joint_lambda * L_c`` end to end). Sequential is the default: Koh et al. found
+            it close to joint in task accuracy while keeping concepts as accurate as independent
+            training, and interventions stay effective.
+        joint_lambda: weight of the concept loss in joint training (Koh et al.'s lambda).
+        fa_coef: weight of the fine-annotation cost (attention mass off the lesion, on training
+            lesion masks) in the concept and joint stages; 0 turns it off. Needs
+            ``pooling="attention"``. Where it is on, localization is partly taught.
+    """
+
+    mode: Literal["independent", "sequential", "joint"] = "sequential"
+    joint_lambda: float = 1.0
+    fa_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("independent", "sequential", "joint"):
+            raise ValueError(f"mode must be 'independent', 'sequential' or 'joint', got {self.mode!r}")
+        if self.joint_lambda < 0:
+            raise ValueError(f"joint_lambda must be >= 0, got {self.joint_lambda}")
+        if self.fa_coef < 0:
+            raise ValueError(f"fa_coef must be >= 0, got {self.fa_coef}")
