@@ -7,9 +7,11 @@ import os
 import pytest
 
 import mlmi_zoo
-from mlmi_zoo._weights import sha256_file
-from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, element
+from mlmi_zoo._weights import WeightsError, sha256_file
+from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, element, metric_value, read_results
 from mlmi_zoo.model_cards import check_card, write_card
+from mlmi_zoo.registry import bundled_dir
+from mlmi_zoo.training.datasets.catalog import source_for
 
 
 def _results_for(folder, **task) -> dict:
@@ -41,18 +43,44 @@ def carded(tmp_path):
 
 
 def test_generated_card_passes_check_and_parses_on_the_hub(carded) -> None:
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     assert check_card(carded) == []
-    meta = ModelCard.load(carded / "README.md").data.to_dict()
-    assert meta["library_name"] == "mlmi-zoo"
-    stated = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    card_data = ModelCard.load(carded / "README.md").data
+    assert isinstance(card_data, ModelCardData)
+    assert card_data.library_name == "mlmi-zoo"
+    stated = {result.metric_type: result.metric_value for result in card_data.eval_results or []}
     assert stated["roc_auc"] == pytest.approx(0.91)
-    assert meta["mlmi_zoo"]["weights_sha256"] == sha256_file(carded / "model.safetensors")
+    assert card_data["mlmi_zoo"]["weights_sha256"] == sha256_file(carded / "model.safetensors")
     text = (carded / "README.md").read_text()
     for section in ("Localization", "Visual recognizability", "Physical attribution", "Transparency", "Actionability",
                     "Intended use", "Limitations", "Citation", "research use only".title()[:8]):
         assert section.lower() in text.lower()
+
+
+@pytest.mark.parametrize("name", mlmi_zoo.list_models(pretrained=True))
+def test_card_read_by_the_hub_states_the_auroc_of_results_json_on_its_dataset(name: str) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    folder = bundled_dir() / name
+    results = read_results(folder / "results.json")
+    source = source_for(results["data"])
+    card_data = ModelCard.load(folder / "README.md").data
+    assert isinstance(card_data, ModelCardData)
+    (auroc,) = [r for r in card_data.eval_results or [] if r.metric_type == "roc_auc"]
+    assert auroc.metric_value == pytest.approx(metric_value(results["task"]["auroc"]), abs=1e-6)
+    assert (auroc.task_type, auroc.dataset_type, auroc.dataset_name, auroc.dataset_split) == (
+        "image-classification", source.hub_id, source.name, results["split"])
+
+
+def test_card_stating_other_weights_is_refused_by_load(carded) -> None:
+    mlmi_zoo.load(f"local-dir:{carded}")
+    card = carded / "README.md"
+    sha = sha256_file(carded / "model.safetensors")
+    # A model-index the Hub cannot parse must not hide the stated sha from the check.
+    card.write_text(card.read_text().replace(sha, "f" * 64).replace("  results:\n", "  resultz:\n", 1))
+    with pytest.raises(WeightsError, match="the card states sha256 f{64}"):
+        mlmi_zoo.load(f"local-dir:{carded}")
 
 
 def test_tampered_metric_in_body_is_named(carded) -> None:

@@ -69,14 +69,12 @@ def card_sha256(folder: Path) -> str | None:
     card = folder / "README.md"
     if not card.is_file():
         return None
-    import yaml
+    from huggingface_hub import ModelCard
 
-    text = card.read_text(encoding="utf-8")
-    if not text.startswith("---"):
-        return None
-    front = text.split("---", 2)[1]
-    meta = yaml.safe_load(front) or {}
-    return (meta.get("mlmi_zoo") or {}).get("weights_sha256")
+    # A Path to an existing file: ModelCard.load reads it and never asks the Hub. A model-index the Hub
+    # cannot parse is logged and skipped: it has no bearing on the weights, which `card --check` vets.
+    block = ModelCard.load(card, ignore_metadata_errors=True).data.get("mlmi_zoo", {})
+    return block.get("weights_sha256")
 
 
 @overload
@@ -116,7 +114,7 @@ def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
     state = load_weights(weights, expected_sha256=expected)  # checks the sha before deserialising
 
     entry = get_entry(doc["architecture"])
-    config = entry.model_class.config_from_dict(doc["config"])
+    config = entry.model_class.config_from_dict(doc["config"], version=int(doc.get("config_version", 1)))
     if overrides:
         config = apply_overrides(config, overrides)
     model = entry.model_class(config)

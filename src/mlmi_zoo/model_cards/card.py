@@ -5,7 +5,8 @@ CLAIM and TRIPOD+AI, and has one section per element of interpretability (Wang e
 for Interpretability in Machine Learning for Medical Imaging", IEEE Access 2024). It is rendered
 from ``config.json`` and ``results.json`` by a Jinja2 template; ``check_card`` renders it again and
 compares, so a number typed into the card by hand, a missing field, or weights that differ from the
-recorded sha256 are all caught.
+recorded sha256 are all caught. The front matter is built as huggingface_hub's ``ModelCardData`` (task
+metrics as ``EvalResult``, which the Hub turns into ``model-index``) and read back with ``ModelCard.load``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mlmi_zoo._version import __version__
 from mlmi_zoo._weights import sha256_file, write_text_atomic
@@ -23,11 +24,16 @@ from mlmi_zoo.evaluation.results import ELEMENTS, TASK_METRICS, metric_value, re
 from mlmi_zoo.families import family_of
 from mlmi_zoo.training.datasets.catalog import ZOO_BIBTEX, source_for
 
+if TYPE_CHECKING:  # huggingface_hub is imported where a card is built or read
+    from huggingface_hub import ModelCardData
+
 __all__ = ["write_card", "render_card", "check_card", "CARD_FILE", "RESULTS_FILE"]
 
 CARD_FILE = "README.md"
 RESULTS_FILE = "results.json"
 TEMPLATE = Path(__file__).with_name("card_template.md.j2")
+# Top-level front matter keys, in the order the cards list them.
+FRONT_MATTER_ORDER = ("license", "library_name", "tags", "datasets", "pipeline_tag", "model-index", "mlmi_zoo", "base_model")
 PLACEHOLDERS = re.compile(r"\b(TODO|TBD|FIXME|XXX|PLACEHOLDER|lorem ipsum)\b", re.IGNORECASE)
 
 FRAMEWORK_BIBTEX = """@article{wang2024framework,
@@ -91,30 +97,31 @@ def _rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     return [{"label": _label(k), "value": fmt(v)} for k, v in metrics.items()]
 
 
-def _front_matter(config_doc: dict[str, Any], results: dict[str, Any], source: Any, name: str) -> dict[str, Any]:
+def _card_data(config_doc: dict[str, Any], results: dict[str, Any], source: Any, name: str) -> ModelCardData:
+    """The front matter as huggingface_hub's ModelCardData; its eval_results become the Hub's ``model-index``."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     cfg = config_doc["config"]
     family = results["model"]["family"]
-    metrics = []
+    eval_results = []
     for key in TASK_METRICS:
         value = metric_value(results["task"].get(key))
         if value is not None:
-            metrics.append({"type": TASK_TYPE[key], "name": TASK_LABELS[key], "value": round(value, 6)})
-    front = {
-        "license": source.license,
-        "library_name": "mlmi-zoo",
-        "tags": ["medical-imaging", source.modality.lower().replace(" ", "-"), source.body_part.lower().replace(" ", "-"),
-                 family.replace("_", "-"), "interpretable" if family_of(family).interpretable else "black-box-baseline"],
-        "datasets": [source.hub_id],
-        "pipeline_tag": "image-classification",
-        "model-index": [{
-            "name": name,
-            "results": [{
-                "task": {"type": "image-classification"},
-                "dataset": {"name": source.name, "type": source.hub_id, "split": results["split"]},
-                "metrics": metrics,
-            }],
-        }],
-        "mlmi_zoo": {
+            eval_results.append(EvalResult(
+                task_type="image-classification", dataset_type=source.hub_id, dataset_name=source.name,
+                dataset_split=results["split"], metric_type=TASK_TYPE[key], metric_name=TASK_LABELS[key],
+                metric_value=round(value, 6)))
+    return ModelCardData(
+        license=source.license,
+        library_name="mlmi-zoo",
+        tags=["medical-imaging", source.modality.lower().replace(" ", "-"), source.body_part.lower().replace(" ", "-"),
+              family.replace("_", "-"), "interpretable" if family_of(family).interpretable else "black-box-baseline"],
+        datasets=[source.hub_id],
+        pipeline_tag="image-classification",
+        base_model=config_doc.get("base_model") or None,
+        model_name=name,
+        eval_results=eval_results,
+        mlmi_zoo={
             "version": config_doc.get("mlmi_zoo_version", __version__),
             "architecture": config_doc["architecture"],
             "weights_sha256": config_doc["weights_sha256"],
@@ -130,10 +137,20 @@ def _front_matter(config_doc: dict[str, Any], results: dict[str, Any], source: A
             "operating_point": cfg.get("operating_point", 0.5),
             "quantities": cfg.get("quantities") or [],
         },
-    }
-    if config_doc.get("base_model"):
-        front["base_model"] = config_doc["base_model"]
-    return front
+    )
+
+
+def _front_matter_yaml(card_data: ModelCardData) -> str:
+    """The YAML between the card's ``---`` lines, in FRONT_MATTER_ORDER."""
+    import yaml
+
+    # Not ModelCardData.to_yaml(): between the huggingface_hub releases we support, to_dict changed its key order and
+    # whether it drops nulls inside our own block (0.23 drops ``spacing_mm: null``), and to_yaml folds lines at 80
+    # characters. check_card compares the card byte for byte with a fresh rendering, so the Hub supplies the fields
+    # it defines (model-index from the eval results) and the order, width and ``mlmi_zoo`` block are fixed here.
+    meta = card_data.to_dict() | {"mlmi_zoo": card_data["mlmi_zoo"]}
+    ordered = {key: meta.pop(key) for key in FRONT_MATTER_ORDER if key in meta} | meta
+    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=1000).strip()
 
 
 def _figure_entries(paths: list[str], folder: Path) -> list[str]:
@@ -143,7 +160,6 @@ def _figure_entries(paths: list[str], folder: Path) -> list[str]:
 def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> str:
     """Render the card text for a model folder holding config.json, the weights and results.json."""
     import jinja2
-    import yaml
 
     folder = Path(folder)
     config_doc = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -152,7 +168,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
     family = results["model"]["family"]
     source = source_for(results["data"])
     name = folder.name
-    front = _front_matter(config_doc, results, source, name)
+    card_data = _card_data(config_doc, results, source, name)
 
     baseline = results.get("baseline")
     task_rows = []
@@ -204,7 +220,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
     template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE.parent)), undefined=jinja2.StrictUndefined,
                                   keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True).get_template(TEMPLATE.name)
     text = template.render(
-        front_matter=yaml.safe_dump(front, sort_keys=False, allow_unicode=True, width=1000).strip(),
+        front_matter=_front_matter_yaml(card_data),
         name=name, summary=f"{_article(family_title)} {family_title} for {source.name} ({', '.join(cfg['label_names'])}), from mlmi-zoo.",
         architecture=config_doc["architecture"], family_title=family_title, method=method, config=cfg,
         num_parameters=results["model"].get("num_parameters", "n/a"),
@@ -302,7 +318,8 @@ def check_card(model_dir: str | Path) -> list[str]:
 
     card_text = (model_dir / CARD_FILE).read_text(encoding="utf-8")
     try:
-        meta = ModelCard.load(model_dir / CARD_FILE).data.to_dict()
+        # ModelCard.load builds a ModelCardData; huggingface_hub's annotations only say CardData.
+        card_data = cast("ModelCardData", ModelCard.load(model_dir / CARD_FILE).data)
     except Exception as err:  # the Hub parser raises several types; report, do not hide
         return [f"{CARD_FILE}: front matter is not readable by huggingface_hub.ModelCard ({err})"]
     try:
@@ -312,16 +329,18 @@ def check_card(model_dir: str | Path) -> list[str]:
     config_doc = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
 
     sha = sha256_file(model_dir / WEIGHTS_FILE)
-    stated = {"card": (meta.get("mlmi_zoo") or {}).get("weights_sha256"), "config.json": config_doc.get("weights_sha256"),
+    block = card_data.get("mlmi_zoo", {})
+    stated = {"card": block.get("weights_sha256"), "config.json": config_doc.get("weights_sha256"),
               "results.json": results["model"].get("weights_sha256")}
     for where, value in stated.items():
         if value != sha:
             problems.append(f"weights sha256 {sha} differs from the value in {where} ({value})")
 
-    for key in ("license", "library_name", "tags", "datasets", "model-index", "mlmi_zoo"):
-        if not meta.get(key):
+    for key in ("license", "library_name", "tags", "datasets", "mlmi_zoo"):
+        if not card_data.get(key):
             problems.append(f"front matter field {key!r} is missing or empty")
-    block = meta.get("mlmi_zoo") or {}
+    if not card_data.eval_results:
+        problems.append("front matter field 'model-index' is missing or has no results")
     for key in ("version", "weights_sha256", "input_spec", "label_names", "operating_point"):
         if block.get(key) in (None, "", []):
             problems.append(f"front matter field 'mlmi_zoo.{key}' is missing or empty")
@@ -329,9 +348,7 @@ def check_card(model_dir: str | Path) -> list[str]:
     if placeholder:
         problems.append(f"{CARD_FILE} contains a placeholder: {placeholder.group(0)!r}")
 
-    stated_metrics = {}
-    for entry in (meta.get("model-index") or [{}])[0].get("results", [{}])[0].get("metrics", []):
-        stated_metrics[entry.get("type")] = entry.get("value")
+    stated_metrics = {result.metric_type: result.metric_value for result in card_data.eval_results or []}
     for key in TASK_METRICS:
         expected = metric_value(results["task"].get(key))
         if expected is None:
