@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mlmi_zoo.architectures.blocks.stages import training_for
 from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
-from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig, ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.architectures.cbm.explanations import ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig
 from mlmi_zoo.architectures.cbm.training import CBMTraining, fit_concept_statistics
 from mlmi_zoo.architectures.cbm.concepts import ConceptCodec
 from mlmi_zoo.architectures.cbm.interventions import (

@@ -69,7 +69,8 @@ def test_bundled_model_loads_and_its_config_has_no_training_fields(name: str) ->
     if version == 1:
         assert set(moved) == present
         assert moved == {k: doc["config"][k] for k in present}  # the values, unchanged
-        assert config == {k: v for k, v in doc["config"].items() if k not in present}  # nothing else touched
+        # nothing else touched, apart from the family's own regrouping (ProtoPNet's count head)
+        assert config == config_class.migrate_v1({k: v for k, v in doc["config"].items() if k not in present})
     else:
         assert moved == {} and not present
     assert not fields & set(config)
@@ -79,8 +80,11 @@ def test_bundled_model_loads_and_its_config_has_no_training_fields(name: str) ->
     saved = to_jsonable(model.config)
     assert not fields & set(saved) and not ALL_TRAINING_FIELDS_V1 & set(saved)
     assert all(not hasattr(model.config, k) for k in fields)
-    for key, value in config.items():  # the architecture is read as shipped
-        assert saved[key] == value, key
+    for key, value in config.items():  # the architecture is read as shipped (sections: the keys it gives)
+        if isinstance(value, dict):
+            assert {k: saved[key][k] for k in value} == value, key
+        else:
+            assert saved[key] == value, key
 
     # what version 1 stored is how the recipe now trains it (no default drifted in the move)
     if moved:
@@ -102,8 +106,9 @@ def test_bundled_recipe_in_the_old_form_loads_with_its_training_fields_moved(nam
     given = {**old, **(raw.get("training") or {})}
     assert {k: recipe.training[k] for k in given} == given  # the given values; every default written out besides
     assert not set(fields) & set(recipe.model.config)
-    for key, value in recipe.model.config.items():  # the architecture keys stay where they were
-        assert raw["model"]["config"][key] == value
+    config_class = get_entry(raw["model"]["name"]).model_class.config_class
+    regrouped = config_class.migrate_v1({k: v for k, v in raw["model"]["config"].items() if k not in fields})
+    assert recipe.model.config == regrouped  # the architecture keys stay, in the current layout
     assert ("from model.config to training" in caplog.text) == bool(old)  # a note says what moved
     settings = training_settings(recipe)
     for key, value in old.items():
@@ -233,3 +238,23 @@ def test_newer_config_version_is_refused_with_a_clear_message(tmp_path: Path) ->
         type(model).from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="config_version 99 is newer"):
         migrate_config(type(model.config), doc["config"], 99)
+
+
+def test_version_1_count_head_fields_are_grouped_in_count_head() -> None:
+    from mlmi_zoo.architectures.protopnet import CountHeadConfig, ProtoPNetConfig
+
+    v1 = {"physical_head": "count", "measure_tile": 8, "measure_resample": True, "measure_context": "own",
+          "measure_dihedral_views": True, "measure_detach": False, "fa_coef": 0.5, "feature_stride": 16}
+    config, moved = migrate_config(ProtoPNetConfig, v1, 1)
+    assert moved == {"fa_coef": 0.5}
+    assert config == {"feature_stride": 16, "count_head": {"tile": 8, "resample": True, "context": "own",
+                                                           "dihedral_views": True, "detach": False}}
+    assert ProtoPNetConfig.migrate_v1({"physical_head": "regress"}) == {"count_head": None}
+    # an override in the old spelling updates the count head it lands in
+    assert ProtoPNetConfig.migrate_v1({"count_head": {"tile": 4, "resample": True}, "measure_tile": 8}) == \
+        {"count_head": {"tile": 8, "resample": True}}
+    built = mlmi_zoo.create_model("protopnet_resnet8", spacing=(0.7, 0.7), count_head={"tile": 4, "resample": True},
+                                  quantities=({"name": "diameter_mm", "unit": "mm", "low": 0.0, "high": 40.0},))
+    assert built.config.count_head == CountHeadConfig(tile=4, resample=True)
+    with pytest.raises(OverrideError, match="unknown key 'model.config.measure_tile'|measure_tile"):
+        mlmi_zoo.create_model("protopnet_resnet8", measure_tile=8)

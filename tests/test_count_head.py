@@ -78,9 +78,9 @@ def test_fraction_map_covers_the_image_in_tiles_and_reads_context_at_tile_centre
 
 
 def test_refuses_what_it_cannot_count() -> None:
-    with pytest.raises(ValueError, match="physical_head='regress'"):
+    with pytest.raises(ValueError, match="regress it instead"):
         LesionCountHead(8, (QuantitySpec("mean_hu", "HU", -1024, 3071),), 2, stride=8)
-    with pytest.raises(ValueError, match="physical_head='regress'"):
+    with pytest.raises(ValueError, match="regress it instead"):
         LesionCountHead(8, (AREA,), 3, stride=8)  # the area of a 3D lesion is not its count
     for tile in (3, 16):
         with pytest.raises(ValueError, match="power of 2 that divides the feature stride"):
@@ -98,7 +98,7 @@ def test_map_loss_is_smallest_at_the_masks_own_fractions() -> None:
 
 def test_protopnet_with_a_count_head_explains_trains_and_round_trips(tmp_path) -> None:
     model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=2, prototype_dim=8,
-                                  quantities=(DIAMETER,), physical_head="count", measure_tile=4)
+                                  quantities=(DIAMETER,), count_head={"tile": 4})
     x = torch.rand(3, 1, 32, 32)
     mask = torch.zeros(3, 1, 32, 32, dtype=torch.bool)
     mask[:, :, 10:20, 12:22] = True
@@ -116,7 +116,7 @@ def test_protopnet_with_a_count_head_explains_trains_and_round_trips(tmp_path) -
     assert "What the measurement counted" in [title for title, _ in exp.html_sections(0)]
     model.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
-    assert again.config.physical_head == "count"
+    assert again.config.count_head == model.config.count_head and again.config.count_head is not None
     torch.testing.assert_close(again.explain(x, spacing=(0.7, 0.7)).measurements["diameter_mm"].value,
                                exp.measurements["diameter_mm"].value)
 
@@ -142,11 +142,10 @@ def test_a_resampling_head_counts_one_object_at_two_spacings_on_one_grid() -> No
 
 
 def test_protopnet_count_head_resampling_needs_a_canonical_spacing_and_uses_it() -> None:
-    with pytest.raises(ValueError, match="measure_resample"):
-        mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), quantities=(DIAMETER,), measure_resample=True)
+    with pytest.raises(ValueError, match="count_head.resample counts on the canonical grid"):
+        mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), quantities=(DIAMETER,), count_head={"resample": True})
     model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=2, prototype_dim=8,
-                                  spacing=(0.75, 0.75), quantities=(DIAMETER,), physical_head="count",
-                                  measure_resample=True).eval()
+                                  spacing=(0.75, 0.75), quantities=(DIAMETER,), count_head={"resample": True}).eval()
     x = torch.rand(2, 1, 32, 32)
     spacing = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
     with torch.no_grad():
@@ -162,7 +161,7 @@ def test_a_detached_count_head_does_not_train_the_backbone() -> None:
     x = torch.rand(2, 1, 32, 32)
     for detach in (False, True):
         model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=2, prototype_dim=8,
-                                      quantities=(DIAMETER,), physical_head="count", measure_detach=detach)
+                                      quantities=(DIAMETER,), count_head={"detach": detach})
         model.forward_parts(x).quantities.sum().backward()
         backbone_grad = sum(float(p.grad.abs().sum()) for p in model.backbone.parameters() if p.grad is not None)
         assert (backbone_grad == 0.0) == detach
@@ -170,17 +169,19 @@ def test_a_detached_count_head_does_not_train_the_backbone() -> None:
 
 
 def test_a_canonical_context_reads_the_backbone_on_the_resampled_image() -> None:
-    """With measure_context='canonical' the count head's features are the backbone's of the image
+    """With count_head.context='canonical' the count head's features are the backbone's of the image
     resampled to the canonical grid: the map equals fraction_map on those features, unresampled."""
-    with pytest.raises(ValueError, match="measure_resample"):
+    with pytest.raises(ValueError, match="count_head.resample=true"):
         mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), spacing=(0.75, 0.75), quantities=(DIAMETER,),
-                              physical_head="count", measure_context="canonical")
-    with pytest.raises(ValueError, match="measure_context"):
+                              count_head={"context": "canonical"})
+    with pytest.raises(ValueError, match="count_head.context|expected one of"):
         mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), spacing=(0.75, 0.75), quantities=(DIAMETER,),
-                              physical_head="count", measure_resample=True, measure_context="both")
+                              count_head={"resample": True, "context": "both"})
     kwargs = dict(img_size=(32, 32), prototypes_per_class=2, prototype_dim=8, spacing=(0.75, 0.75),
-                  quantities=(DIAMETER,), physical_head="count", measure_resample=True)
-    model = mlmi_zoo.create_model("protopnet_resnet8", measure_context="canonical", **kwargs).eval()
+                  quantities=(DIAMETER,))
+    model = mlmi_zoo.create_model("protopnet_resnet8", count_head={"resample": True, "context": "canonical"},
+                                  **kwargs).eval()
+    kwargs["count_head"] = {"resample": True}
     given = mlmi_zoo.create_model("protopnet_resnet8", **kwargs).eval()
     given.load_state_dict(model.state_dict())  # same parameters: the option adds none
     x, spacing = torch.rand(2, 1, 32, 32), torch.tensor([[0.5, 0.5], [1.0, 1.0]])
@@ -201,12 +202,11 @@ def test_a_canonical_context_reads_the_backbone_on_the_resampled_image() -> None
 
 
 def test_an_own_context_backbone_keeps_the_measurement_out_of_the_prototypes_backbone() -> None:
-    with pytest.raises(ValueError, match="measure_detach"):
+    with pytest.raises(ValueError, match="count_head.detach"):
         mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), spacing=(0.75, 0.75), quantities=(DIAMETER,),
-                              physical_head="count", measure_resample=True, measure_context="own", measure_detach=True)
+                              count_head={"resample": True, "context": "own", "detach": True})
     model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=2, prototype_dim=8,
-                                  spacing=(0.75, 0.75), quantities=(DIAMETER,), physical_head="count",
-                                  measure_resample=True, measure_context="own")
+                                  spacing=(0.75, 0.75), quantities=(DIAMETER,), count_head={"resample": True, "context": "own"})
     own = model.physical.context_backbone
     assert own is not None and own is not model.backbone
     assert any(k.startswith("physical.context_backbone.") for k in model.state_dict())

@@ -60,10 +60,11 @@ def test_cbm_dihedral_views_give_invariant_concepts_equivariant_maps_and_an_exac
 @pytest.mark.parametrize("context", ["given", "canonical", "own"])
 def test_protopnet_dihedral_count_is_invariant_and_leaves_the_decision_alone(context: str) -> None:
     torch.manual_seed(0)
-    kwargs = dict(img_size=(64, 64), spacing=(0.75, 0.75), quantities=(DIAMETER,), physical_head="count",
-                  measure_resample=True, feature_stride=16, prototypes_per_class=2, prototype_dim=8,
-                  measure_context=context)
-    model = mlmi_zoo.create_model("protopnet_resnet8", measure_dihedral_views=True, **kwargs).eval()
+    kwargs = dict(img_size=(64, 64), spacing=(0.75, 0.75), quantities=(DIAMETER,), feature_stride=16,
+                  prototypes_per_class=2, prototype_dim=8)
+    count = {"resample": True, "context": context}
+    model = mlmi_zoo.create_model("protopnet_resnet8", count_head={**count, "dihedral_views": True}, **kwargs).eval()
+    kwargs["count_head"] = count
     x, spacing = torch.rand(2, 1, 64, 64), torch.tensor([[0.5, 0.6], [1.0, 1.0]])
     exp = model.explain(x, spacing=spacing)
     turned = model.explain(_turn(x), spacing=spacing[:, [1, 0]])
@@ -78,6 +79,6 @@ def test_protopnet_dihedral_count_is_invariant_and_leaves_the_decision_alone(con
     # the averaged map is what is counted
     parts = model.forward_parts(x, spacing)
     torch.testing.assert_close(parts.quantities, model.physical.standardised(parts.lesion_fraction))
-    with pytest.raises(ValueError, match="measure_dihedral_views"):
+    with pytest.raises(ValueError, match="count_head.dihedral_views"):
         mlmi_zoo.create_model("protopnet_resnet8", img_size=(62, 62), spacing=(0.75, 0.75), quantities=(DIAMETER,),
-                              physical_head="count", measure_dihedral_views=True)
+                              count_head={"dihedral_views": True})

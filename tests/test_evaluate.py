@@ -48,7 +48,7 @@ def protopnet_run(tmp_path_factory) -> tuple[dict, Path]:
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("protopnet")
     model = create_model("protopnet_resnet8", img_size=(32, 32), intensity=WINDOW,
-                         quantities=(QuantitySpec("diameter_mm", "mm", 0.0, 100.0),), physical_head="count").eval()
+                         quantities=(QuantitySpec("diameter_mm", "mm", 0.0, 100.0),), count_head={}).eval()
     push_prototypes(model, DataLoader(build_dataset(NODULES, "train"), batch_size=8))
     uri = _save(model, root / "model", NODULES)
     return _run(uri, NODULES, root), root
@@ -106,10 +106,9 @@ def test_card_from_real_output_passes_check(protopnet_run, tmp_path) -> None:
     shutil.copytree(out_dir / "model", model_dir)
     write_card(model_dir, out_dir / "results.json")
     assert check_card(model_dir) == []
-    import yaml
+    from huggingface_hub import ModelCard
 
-    front = yaml.safe_load((model_dir / "README.md").read_text().split("---")[1])
-    stated = {m["type"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    stated = {r.metric_type: r.metric_value for r in ModelCard.load(model_dir / "README.md").data.eval_results or []}
     assert stated["roc_auc"] == pytest.approx(doc["task"]["auroc"]["estimate"], abs=1e-6)
     assert (model_dir / "figures" / "roc.png").read_bytes()[:8] == PNG
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from mlmi_zoo.architectures.cbm.model import NODULE_CONCEPTS
 from mlmi_zoo.architectures.cbm.training import fit_concept_statistics
-from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
+from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 from mlmi_zoo.architectures.cbm.interventions import RandomPolicy, intervention_curve
 from mlmi_zoo.registry import create_model
 from mlmi_zoo.training.datasets import phantoms

@@ -210,7 +210,7 @@ def test_collate_bags_pads_with_a_mask():
 # LIDC-grounded nodules (need the annotation database)
 # ------------------------------------------------------------------------------------------------
 def _lidc_index():
-    from mlmi_zoo.training.datasets.lidc import load_lidc_index
+    from mlmi_zoo.training.datasets.lidc_index import load_lidc_index
 
     try:
         return load_lidc_index()
@@ -233,7 +233,7 @@ def test_lidc_splits_are_by_patient_and_exclude_indeterminate():
 
 
 def test_rasterise_polygon_closed_and_open():
-    from mlmi_zoo.training.datasets.lidc import rasterise_polygon, shoelace_area
+    from mlmi_zoo.training.datasets.contour_masks import rasterise_polygon, shoelace_area
 
     square = np.array([[0, 0], [4, 0], [4, 4], [0, 4]])
     grid = np.arange(-1, 6)
@@ -247,7 +247,7 @@ def test_rasterise_polygon_closed_and_open():
 
 @pytest.mark.data
 def test_lidc_sample_mask_matches_the_contour():
-    from mlmi_zoo.training.datasets.lidc import _by_slice, _rasterise_slice, shoelace_area
+    from mlmi_zoo.training.datasets.contour_masks import _by_slice, _rasterise_slice, shoelace_area
 
     index = _lidc_index()
     ds = NodulePhantom(None, source="lidc", split="val", size=64)

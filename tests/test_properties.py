@@ -338,7 +338,7 @@ MEASURING = {
     "baseline": ({"quantities": (QuantitySpec("area_mm2", "mm^2"), QuantitySpec("diameter_mm", "mm"),
                                  QuantitySpec("mean_hu", "HU"))}, "spacing"),
     "protopnet": ({"quantities": (QuantitySpec("area_mm2", "mm^2"), QuantitySpec("diameter_mm", "mm")),
-                   "physical_head": "regress"}, "spacing"),
+                   "count_head": None}, "spacing"),
     "cbm": ({}, "spacing"),  # diameter_mm and mean_hu are continuous concepts of the default concepts
     "abmil": ({"quantities": (QuantitySpec("tumour_area_mm2", "mm^2"),)}, "microns_per_pixel"),
     "additive_mil": ({"quantities": (QuantitySpec("tumour_area_mm2", "mm^2"),)}, "microns_per_pixel"),

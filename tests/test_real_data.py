@@ -135,7 +135,7 @@ def test_directory_resolution_env_var_and_no_download(tmp_path, monkeypatch):
 
 def test_data_location_argument_then_env_then_error_naming_both(tmp_path, monkeypatch):
     from mlmi_zoo.training.datasets._location import DataNotFoundError, data_root
-    from mlmi_zoo.training.datasets.lidc import resolve_lidc_path
+    from mlmi_zoo.training.datasets.lidc_index import resolve_lidc_path
 
     arg, env = tmp_path / "arg", tmp_path / "env"
     for folder in (arg, env):

@@ -58,7 +58,9 @@ def from_jsonable(tp: Any, value: Any, where: str = "config") -> Any:
                 return from_jsonable(arg, value, where)
             except OverrideError as err:
                 errors.append(str(err))
-        raise OverrideError(f"{where}: {value!r} matches none of {tp}")
+        if len(errors) == 1:  # X | None: say what is wrong with the X
+            raise OverrideError(errors[0])
+        raise OverrideError(f"{where}: {value!r} matches none of {tp} ({'; '.join(errors)})")
     if origin is Literal:
         if value not in args:
             raise OverrideError(f"{where}: expected one of {list(args)}, got {value!r}")

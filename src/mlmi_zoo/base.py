@@ -58,6 +58,13 @@ class ModelConfig:
     # recipe's ``training:`` section); a family's config lists its own.
     TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def migrate_v1(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 config dict (or a recipe's partial ``model.config``) in this version's layout,
+        apart from the training settings (default: unchanged; a family with renamed or nested fields
+        overrides it)."""
+        return dict(d)
+
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
@@ -106,6 +113,10 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
         self.load_report: LoadReport | None = None
+        # Where the backbone's initial weights came from (a WeightsProvenance.to_dict(): name, source,
+        # license, sha256, mean, std); None for random initialisation. The trainer sets it (from
+        # model.init, or inherited from an init_from parent); save_pretrained writes it to config.json.
+        self.base_weights: dict[str, Any] | None = None
 
     # -- identity and input contract --------------------------------------------------------------
     @property
@@ -162,6 +173,7 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         Args:
             directory: created if needed; existing files are replaced atomically.
             extra: JSON-safe fields merged into config.json (e.g. ``base_model``, ``data``).
+                :attr:`base_weights`, when set, is written as ``base_weights``.
 
         Returns:
             the directory.
@@ -178,6 +190,8 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             "config": to_jsonable(self.config),
             "metadata": to_jsonable(self.export_metadata()),
         }
+        if self.base_weights is not None:
+            doc["base_weights"] = to_jsonable(self.base_weights)
         if extra:
             doc.update(to_jsonable(extra))
         write_json_atomic(directory / CONFIG_FILE, doc)
@@ -238,6 +252,7 @@ def migrate_config(config_class: type[ModelConfig], d: dict[str, Any],
 
     Version 1 held training settings in the model config; they are taken out (they never change
     the saved weights or what the model computes) and returned separately, for the run's recipe.
+    A family whose fields were regrouped (ProtoPNet's count head) maps them with ``migrate_v1``.
 
     Returns:
         (the config in the current version, the training settings taken out of it).
@@ -250,7 +265,7 @@ def migrate_config(config_class: type[ModelConfig], d: dict[str, Any],
     if version >= 2:
         return dict(d), {}
     moved = {k: d[k] for k in config_class.TRAINING_FIELDS_V1 if k in d}
-    return {k: v for k, v in d.items() if k not in moved}, moved
+    return config_class.migrate_v1({k: v for k, v in d.items() if k not in moved}), moved
 
 
 def replace_config(config: C, **changes: Any) -> C:

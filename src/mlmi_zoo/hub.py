@@ -119,6 +119,7 @@ def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
         config = apply_overrides(config, overrides)
     model = entry.model_class(config)
     model.import_metadata(doc.get("metadata") or {})
+    model.base_weights = doc.get("base_weights")  # provenance of the backbone's start, kept on re-saving
     model.load_weights_from(state, strict=strict, allow_resized=bool(overrides))
     model.eval()
     if model_class is not None and not isinstance(model, model_class):

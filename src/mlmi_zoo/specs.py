@@ -27,26 +27,70 @@ class IntensityTransform:
       - ``"window"``: clip to ``[low, high]`` (e.g. a HU window) and scale to ``[0, 1]``;
       - ``"scale"``: divide by ``high`` (e.g. 8-bit images: ``high=255``) — ``low`` unused;
       - ``"identity"``: the data already arrive in network range.
+
+    ``mean`` / ``std``: the normalisation that pretrained weights expect, applied after ``kind`` to its
+    ``[0, 1]`` values: ``(x - mean) / std`` per channel of a 2D image ``(..., C, H, W)`` (pretrained
+    backbones are timm's 2D networks). ``None`` (random initialisation): nothing more is done.
     """
 
     kind: Literal["window", "scale", "identity"] = "identity"
     low: float = 0.0
     high: float = 1.0
     unit: str | None = None  # e.g. "HU" for a CT window; documents the raw intensity unit
+    # one value per input channel; set from the base weights (WeightsProvenance) by the trainer
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean is None and self.std is None:
+            return
+        if self.mean is None or self.std is None or len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"intensity mean and std must both be given, one value per input channel; "
+                             f"got mean={self.mean!r}, std={self.std!r}")
+        if any(not s > 0 for s in self.std):
+            raise ValueError(f"intensity std must be > 0 per channel, got {self.std!r}")
+        # from a JSON list (InputSpec.from_dict): keep the dataclass hashable and comparable
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "window":
-            return (x.clamp(self.low, self.high) - self.low) / (self.high - self.low)
-        if self.kind == "scale":
-            return x / self.high
-        return x
+            x = (x.clamp(self.low, self.high) - self.low) / (self.high - self.low)
+        elif self.kind == "scale":
+            x = x / self.high
+        if self.mean is None or self.std is None:
+            return x
+        channels = len(self.mean)
+        if channels > 1 and (x.ndim < 3 or x.shape[-3] != channels):
+            raise InputSpecError(f"the intensity normalisation has {channels} channels and expects (..., C, H, W) "
+                                 f"images with C={channels}; got shape {tuple(x.shape)}")
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)
+        if channels > 1:
+            mean, std = mean.view(channels, 1, 1), std.view(channels, 1, 1)  # (C, 1, 1) against (..., C, H, W)
+        return (x - mean) / std
+
+    def normalised_range(self, low: float, high: float) -> tuple[float, float]:
+        """Where ``[low, high]`` (values after ``kind``) lands after ``mean`` / ``std``, over all channels."""
+        if self.mean is None or self.std is None:
+            return low, high
+        ends = [((low - m) / s, (high - m) / s) for m, s in zip(self.mean, self.std)]
+        return min(lo for lo, _ in ends), max(hi for _, hi in ends)
 
     def describe(self) -> str:
         if self.kind == "window":
-            return f"window [{self.low:g}, {self.high:g}] {self.unit or ''} -> [0, 1]".replace("  ", " ")
-        if self.kind == "scale":
-            return f"divide by {self.high:g} -> [0, 1]"
-        return "none (inputs already in [0, 1])"
+            text = f"window [{self.low:g}, {self.high:g}] {self.unit or ''} -> [0, 1]".replace("  ", " ")
+        elif self.kind == "scale":
+            text = f"divide by {self.high:g} -> [0, 1]"
+        else:
+            text = "none (inputs already in [0, 1])"
+        if self.mean is None or self.std is None:
+            return text
+        return f"{text}, then (x - mean) / std with mean {_values(self.mean)}, std {_values(self.std)}"
+
+
+def _values(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 @dataclass(frozen=True)
@@ -63,7 +107,9 @@ class InputSpec:
             carry no physical scale (e.g. resized MedMNIST images).
         intensity: transform from raw intensities to network input.
         modality: e.g. ``"CT"``, ``"CXR"``, ``"fundus"``, ``"histopathology"``.
-        value_range: range of network inputs after ``intensity``; inputs far outside it are refused.
+        value_range: range of the values ``intensity.kind`` produces (``[0, 1]``); with the weights'
+            normalisation (``intensity.mean`` / ``std``) :meth:`validate` expects this range mapped
+            through it (``intensity.normalised_range``). Inputs far outside it are refused.
     """
 
     in_channels: int
@@ -98,7 +144,7 @@ class InputSpec:
         if not (math.isfinite(xmin) and math.isfinite(xmax)):
             raise InputSpecError("input contains NaN or Inf values; clean or mask them before the model")
         if self.value_range is not None and x.numel():
-            lo, hi = self.value_range
+            lo, hi = self.intensity.normalised_range(*self.value_range)
             margin = 0.5 * (hi - lo)  # augmentation may overshoot a little; raw HU never fits
             if xmin < lo - margin or xmax > hi + margin:
                 raise InputSpecError(

@@ -149,7 +149,7 @@ def _size(col: _Collected, contributions: torch.Tensor, predicted: torch.Tensor)
 
 
 def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits) -> _Collected:
-    from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
+    from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 
     col = _Collected()
     record = family_of(model)

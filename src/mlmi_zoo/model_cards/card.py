@@ -118,7 +118,7 @@ def _card_data(config_doc: dict[str, Any], results: dict[str, Any], source: Any,
               family.replace("_", "-"), "interpretable" if family_of(family).interpretable else "black-box-baseline"],
         datasets=[source.hub_id],
         pipeline_tag="image-classification",
-        base_model=config_doc.get("base_model") or None,
+        base_model=config_doc.get("base_model") or _hub_repo(config_doc.get("base_weights")),
         model_name=name,
         eval_results=eval_results,
         mlmi_zoo={
@@ -229,7 +229,8 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         operating_point=cfg.get("operating_point", 0.5),
         quantities_text=", ".join(f"{q['name']} [{q['unit']}]" for q in quantities) or "none",
         weights_sha256=config_doc["weights_sha256"], version=config_doc.get("mlmi_zoo_version", __version__),
-        base_model=config_doc.get("base_model"), source=source, split=results["split"], n_cases=results["n_cases"],
+        base_model=config_doc.get("base_model"), backbone_text=_backbone_text(config_doc),
+        base_weights=_base_weights_rows(config_doc.get("base_weights")), source=source, split=results["split"], n_cases=results["n_cases"],
         data_json=json.dumps(results["data"], sort_keys=True),
         bootstrap_text=results.get("bootstrap", {}).get("description", "percentile bootstrap over cases"),
         task_rows=task_rows, baseline=baseline, task_figures=task_figures, elements=elements, faithfulness=faithfulness,
@@ -252,10 +253,51 @@ def _input_text(cfg: dict[str, Any]) -> str:
 def _intensity_text(t: dict[str, Any]) -> str:
     kind = t.get("kind", "identity")
     if kind == "window":
-        return f"clip to [{t['low']:g}, {t['high']:g}] {t.get('unit') or ''} and scale to [0, 1]".replace("  ", " ")
-    if kind == "scale":
-        return f"divide by {t['high']:g}"
-    return "none (inputs in [0, 1])"
+        text = f"clip to [{t['low']:g}, {t['high']:g}] {t.get('unit') or ''} and scale to [0, 1]".replace("  ", " ")
+    elif kind == "scale":
+        text = f"divide by {t['high']:g}"
+    else:
+        text = "none (inputs in [0, 1])"
+    if t.get("mean") is None:
+        return text
+    return f"{text}, then {_normalisation_text(t)} (the base weights' normalisation)"
+
+
+def _normalisation_text(t: dict[str, Any]) -> str:
+    """``(x − mean) / std`` with the per-channel values of an intensity transform or a provenance record."""
+    def values(v: list[float]) -> str:
+        return "(" + ", ".join(f"{x:g}" for x in v) + ")"
+
+    return f"(x − mean) / std per channel, mean {values(t['mean'])}, std {values(t['std'])}"
+
+
+def _hub_repo(base_weights: dict[str, Any] | None) -> str | None:
+    """The Hub repository the base weights came from (``ORG/REPO``), for the front matter's ``base_model``."""
+    source = (base_weights or {}).get("source", "")
+    return source.removeprefix("hf-hub:").partition("@")[0] if source.startswith("hf-hub:") else None
+
+
+def _backbone_text(config_doc: dict[str, Any]) -> str:
+    """How the backbone started: at random, from a zoo parent, or from pretrained base weights."""
+    backbone, base_weights = config_doc["config"]["backbone"], config_doc.get("base_weights")
+    if config_doc.get("base_model"):
+        text = f"`{backbone}`, initialised from `{config_doc['base_model']}`"
+        return text + (f", whose backbone started from `{base_weights['name']}` (see *Base weights*)" if base_weights else "")
+    if base_weights:
+        return f"`{backbone}`, initialised from the pretrained weights `{base_weights['name']}` (see *Base weights*)"
+    return f"`{backbone}`, randomly initialised, trained from scratch"
+
+
+def _base_weights_rows(base_weights: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The *Base weights* provenance table (empty without base weights)."""
+    if not base_weights:
+        return []
+    sha = base_weights.get("sha256")
+    return [{"label": "name", "value": f"`{base_weights['name']}`"},
+            {"label": "source", "value": f"`{base_weights['source']}`"},
+            {"label": "license", "value": base_weights.get("license") or "unknown"},
+            {"label": "sha256", "value": f"`{sha}`" if sha else "not recorded (the file was not in the local cache)"},
+            {"label": "input normalisation", "value": f"{_normalisation_text(base_weights)}, on [0, 1] intensities"}]
 
 
 def _usage(decomposes: bool, cfg: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ is identified in :func:`describe`):
   train ``[0, train_size)``, val ``[train_size, train_size + val_size)``, test after that. A
   sample's ``"index"`` is its case number in the generator, so indices never repeat across splits.
 * ``lidc_nodules``: LIDC-IDRI readings rendered by :class:`NodulePhantom` with ``source="lidc"``;
-  the split is the patient-level split of :mod:`mlmi_zoo.training.datasets.lidc` (no patient in two
+  the split is the patient-level split of :mod:`mlmi_zoo.training.datasets.lidc_index` (no patient in two
   splits). ``*_size`` optionally keeps the first n readings of a split.
 * ``medmnist``: the official train/val/test arrays of the ``.npz`` (MD5-verified); ``*_size``
   optionally keeps the first n.
@@ -353,7 +353,8 @@ def describe(spec: DataSpec) -> dict[str, Any]:
     if spec.kind == "lidc_nodules":
         from mlmi_zoo.training.datasets.phantoms import NodulePhantom
 
-        from mlmi_zoo.training.datasets.lidc import LidcReadings, resolve_lidc_path
+        from mlmi_zoo.training.datasets.lidc import LidcReadings
+        from mlmi_zoo.training.datasets.lidc_index import resolve_lidc_path
 
         for split in SPLITS:
             ds = NodulePhantom(spec.size_of(split), source="lidc", split=split, **p)

@@ -5,7 +5,10 @@ loads the model with the new label names (heads whose shape changes are re-initi
 in ``model.load_report.skipped``), freezes the backbone, trains with the family's default stages
 (for prototype models this includes the push onto the new training data, so every prototype is
 again a real patch of the user's images) and writes a model folder whose ``config.json`` records the
-base model and a description of the data (checksums, split sizes — never the data).
+base model (``base_model``: the zoo parent), the pretrained weights the parent's backbone started from
+(``base_weights``, inherited, when the parent has them) and a description of the data (checksums,
+split sizes — never the data). The parent's intensity transform, with the normalisation its base
+weights expect, carries over.
 
 It is a thin layer over the trainer: it writes a :class:`~mlmi_zoo.training.recipe.Recipe` with
 ``model.init_from`` and ``model.freeze`` set, so a fine-tuning run is resumable and reproducible
@@ -89,7 +92,8 @@ def finetune(
 
     Returns:
         ``out_dir/final``, loadable with ``mlmi_zoo.load("local-dir:...")``; its config.json has
-        ``base_model`` (the uri) and ``data`` (the description of the data).
+        ``base_model`` (the uri), the parent's ``base_weights`` (its ImageNet or other pretrained
+        origin, when it has one) and ``data`` (the description of the data).
     """
     import mlmi_zoo
     from mlmi_zoo.architectures.blocks.stages import training_for

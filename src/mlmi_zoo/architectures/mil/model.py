@@ -19,7 +19,8 @@ Implements:
   models (``top_instance_masking``; :func:`~mlmi_zoo.architectures.mil.heads.challenge_mask`).
 
 The attention pooling and the tumour-area head live in :mod:`mlmi_zoo.architectures.mil.heads`, the
-explanations in :mod:`mlmi_zoo.architectures.mil.explanations`.
+explanations in :mod:`mlmi_zoo.architectures.mil.explanations`, the registered model names in
+:mod:`mlmi_zoo.architectures.mil.registration`.
 
 What we changed:
 
@@ -69,7 +70,6 @@ What we changed:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,8 +77,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mlmi_zoo.architectures.blocks.backbones import RESNET_LAYOUTS, create_backbone
-from mlmi_zoo.architectures.blocks.heads import spacing_exponent
+from mlmi_zoo.architectures.blocks.backbones import create_backbone
 from mlmi_zoo.architectures.mil.heads import (
     AttentionPool,
     AttentionWeights,
@@ -87,11 +86,10 @@ from mlmi_zoo.architectures.mil.heads import (
     check_bag_mask,
     masked_softmax,
 )
-from mlmi_zoo.architectures.mil.config import FEATURES, TUMOUR_AREA, MILConfig
-from mlmi_zoo.base import InterpretableModel, replace_config
+from mlmi_zoo.architectures.mil.config import TUMOUR_AREA, MILConfig
+from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.architectures.mil.explanations import AdditiveMILExplanation, MILExplanation, percentile_normalise
-from mlmi_zoo.registry import build_config, register_model
-from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement, QuantitySpec
+from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement
 
 __all__ = [
     "TUMOUR_AREA",
@@ -111,10 +109,6 @@ __all__ = [
 ]
 
 
-
-# --------------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BagOutputs:
     """Everything one pass over a bag computes; ``forward`` returns only ``logits``."""
@@ -392,28 +386,3 @@ class AdditiveMIL(_MILModel):
 
     def explanation_bias(self) -> torch.Tensor:
         return self.bias.detach()
-
-
-# --------------------------------------------------------------------------------------------------
-# registration
-# --------------------------------------------------------------------------------------------------
-def _factory(model_class: type[_MILModel], backbone: str):
-    def build(**overrides: Any) -> _MILModel:
-        if backbone == FEATURES:
-            return model_class(build_config(MILConfig, backbone, overrides))
-        if "backbone" in overrides or "instance_encoder" in overrides:
-            raise ValueError("the encoder is part of the model name; pick the registered name with that backbone instead")
-        # Raw RGB tiles; the instance width defaults to the encoder's own width (no projection).
-        base = MILConfig(backbone=backbone, instance_encoder=backbone, in_channels=3,
-                         in_features=RESNET_LAYOUTS[backbone][1][-1])
-        return model_class(replace_config(base, **overrides))
-
-    what = "cached feature bags" if backbone == FEATURES else f"raw tiles encoded by a {backbone}"
-    build.__doc__ = f"{'Additive' if model_class is AdditiveMIL else 'Attention'} MIL on {what}."
-    build.__annotations__["return"] = model_class
-    return build
-
-
-for _cls in (ABMIL, AdditiveMIL):
-    for _bb in (FEATURES, "resnet8"):
-        register_model(f"{_cls.family}_{_bb}")(_factory(_cls, _bb))

@@ -7,7 +7,7 @@ family's evaluation section (:mod:`.evaluation`, loaded by :mod:`mlmi_zoo.evalua
 import torch
 
 from mlmi_zoo.architectures.protopnet import training as training  # registers the training stages
-from mlmi_zoo.architectures.protopnet.config import ProtoPNetConfig, ProtoPNetTrainingSettings
+from mlmi_zoo.architectures.protopnet.config import CountHeadConfig, ProtoPNetConfig, ProtoPNetTrainingSettings
 from mlmi_zoo.architectures.protopnet.model import AddOn, ProtoPNet, ProtoPNetOutputs, PrototypeExplanation
 from mlmi_zoo.families import Family, register_family
 
@@ -38,4 +38,4 @@ FAMILY = register_family(Family(
     evidence_maps=_prototype_maps,
 ))
 
-__all__ = ["ProtoPNetConfig", "ProtoPNetTrainingSettings", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs", "AddOn"]
+__all__ = ["ProtoPNetConfig", "CountHeadConfig", "ProtoPNetTrainingSettings", "ProtoPNet", "PrototypeExplanation", "ProtoPNetOutputs", "AddOn"]

@@ -7,11 +7,56 @@ adds (:mod:`.model`); the training settings hold the loss coefficients of Chen e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from mlmi_zoo.base import ModelConfig
 
-__all__ = ["ProtoPNetConfig", "ProtoPNetTrainingSettings"]
+__all__ = ["ProtoPNetConfig", "CountHeadConfig", "ProtoPNetTrainingSettings"]
+
+
+@dataclass(frozen=True)
+class CountHeadConfig:
+    """ProtoPNet's lesion-count head (:class:`~mlmi_zoo.architectures.blocks.heads.LesionCountHead`).
+
+    Attributes:
+        tile: pixels per axis of a fraction-map tile; divides ``feature_stride``.
+        resample: count on the canonical grid (the model's ``spacing``): each image is resampled
+            there first, so one object imaged at two spacings is counted on one grid.
+        detach: the head reads the backbone's features without training them, so the measurement's
+            losses leave the features the prototypes are learnt on as the classification alone
+            shapes them.
+        context: where the head's context features come from (with ``resample``). ``"given"``: the
+            backbone's features of the image as given (the prototypes' pass), interpolated to the
+            tiles and resampled with them, so the context of one object imaged at two spacings was
+            computed at two scales. ``"canonical"``: a second backbone pass on the image resampled
+            to the canonical grid, so the whole count path sees every object at one scale, at the
+            cost of that pass (in training too; the prototypes still see the image as given).
+            ``"own"``: as ``"canonical"``, but the pass is through the head's own backbone (same
+            architecture), so the measurement's losses never reach the backbone the prototypes are
+            learnt on, and that backbone only ever sees images as given.
+        dihedral_views: in eval mode the fraction map is the mean over the 8 flips and quarter turns
+            of the image plane, each map turned back tile by tile (exact when ``tile`` divides the
+            plane's size), and the sizes are counted on it; the decision path is untouched, training
+            is unchanged, and an explanation costs 7 more backbone passes. Meant for models trained
+            with dihedral augmentation.
+    """
+
+    tile: int = 4
+    resample: bool = False
+    detach: bool = False
+    context: Literal["given", "canonical", "own"] = "given"
+    dihedral_views: bool = False
+
+    def __post_init__(self) -> None:
+        if self.context not in ("given", "canonical", "own"):
+            raise ValueError(f"count_head.context must be 'given', 'canonical' or 'own', got {self.context!r}")
+        if self.context != "given" and not self.resample:
+            raise ValueError(f"count_head.context={self.context!r} computes the head's context on the canonical "
+                             "grid: it needs count_head.resample=true")
+        if self.context == "own" and self.detach:
+            raise ValueError("count_head.detach keeps the measurement's losses out of the model's backbone; with "
+                             "context='own' they never reach it, and detaching would freeze the head's own")
+
 
 
 @dataclass(frozen=True)
@@ -40,30 +85,11 @@ class ProtoPNetConfig(ModelConfig):
             pooling. Above 1, a pattern seen at several places weighs more than one seen once,
             which suits grades that rise with the number of lesions. Push still projects each
             prototype onto its single nearest training patch.
-        physical_head: ``"regress"`` (an MLP on the mean add-on features; any quantity) or
-            ``"count"`` (sizes — lengths, areas in 2D, volumes in 3D — measured as the lesion pixel
-            count of a predicted fraction map, as the ground truth of a mask is defined).
-        measure_tile: pixels per axis of a fraction-map tile (``"count"``); divides ``feature_stride``.
-        measure_resample: the count head counts on the canonical grid (``spacing``): it resamples
-            each image there first, so one object imaged at two spacings is counted on one grid.
-        measure_detach: the count head reads the backbone's features without training them, so
-            the measurement's losses leave the features the prototypes are learnt on as the
-            classification alone shapes them.
-        measure_context: where the count head's context features come from (``"count"`` with
-            ``measure_resample``). ``"given"``: the backbone's features of the image as given
-            (the prototypes' pass), interpolated to the tiles and resampled with them, so the
-            context of one object imaged at two spacings was computed at two scales.
-            ``"canonical"``: a second backbone pass on the image resampled to the canonical grid,
-            so the whole count path sees every object at one scale, at the cost of that pass
-            (in training too; the prototypes still see the image as given). ``"own"``: as
-            ``"canonical"``, but the pass is through the count head's own backbone (same
-            architecture), so the measurement's losses never reach the backbone the prototypes
-            are learnt on, and that backbone only ever sees images as given.
-        measure_dihedral_views: in eval mode the count head's fraction map is the mean over the
-            8 flips and quarter turns of the image plane, each map turned back tile by tile (exact
-            when ``measure_tile`` divides the plane's size), and the sizes are counted on it; the
-            decision path is untouched, training is unchanged, and an explanation costs 7 more
-            backbone passes. Meant for models trained with dihedral augmentation.
+        count_head: measure sizes with a lesion-count head (:class:`CountHeadConfig`) instead of
+            regressing them: ``None`` (default) regresses any quantity with an MLP on the mean add-on
+            features; a :class:`CountHeadConfig` measures sizes — lengths, areas in 2D, volumes in 3D —
+            as the lesion pixel count of a predicted fraction map, as the ground truth of a mask is
+            defined.
     """
 
     feature_stride: int = 8
@@ -74,16 +100,34 @@ class ProtoPNetConfig(ModelConfig):
     incorrect_class_weight: float = -0.5
     padding_mode: Literal["zeros", "reflect"] = "zeros"
     pool_top_k: int = 1
-    physical_head: Literal["regress", "count"] = "regress"
-    measure_tile: int = 4
-    measure_resample: bool = False
-    measure_detach: bool = False
-    measure_context: Literal["given", "canonical", "own"] = "given"
-    measure_dihedral_views: bool = False
+    count_head: CountHeadConfig | None = None
 
     # config.json files before config_version 2 held the training settings in the model config.
     TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = (
         "clst_coef", "sep_coef", "l1_coef", "fa_coef", "push_on_lesion", "measure_map_coef", "prototype_init")
+
+    # and the count head's options flat in the model config (physical_head, measure_*).
+    COUNT_HEAD_FIELDS_V1: ClassVar[dict[str, str]] = {
+        "measure_tile": "tile", "measure_resample": "resample", "measure_detach": "detach",
+        "measure_context": "context", "measure_dihedral_views": "dihedral_views"}
+
+    @classmethod
+    def migrate_v1(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A version-1 config (or a recipe's partial ``model.config``) with the count head nested.
+
+        ``physical_head: count`` and the ``measure_*`` fields become ``count_head``;
+        ``physical_head: regress`` becomes ``count_head: null``; a ``measure_*`` field alone (an
+        override in the old spelling) updates the ``count_head`` it is merged into.
+        """
+        flat = {new: d[old] for old, new in cls.COUNT_HEAD_FIELDS_V1.items() if old in d}
+        if "physical_head" not in d and not flat:
+            return dict(d)
+        out = {k: v for k, v in d.items() if k != "physical_head" and k not in cls.COUNT_HEAD_FIELDS_V1}
+        if d.get("physical_head") == "regress":
+            out["count_head"] = None
+        elif d.get("physical_head") == "count" or flat:
+            out["count_head"] = {**(d.get("count_head") or {}), **flat}
+        return out
 
     @property
     def num_prototypes(self) -> int:
@@ -98,24 +142,13 @@ class ProtoPNetConfig(ModelConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.similarity not in ("log_l2", "cosine"):
             raise ValueError(f"similarity must be 'log_l2' or 'cosine', got {self.similarity!r}")
-        if self.measure_dihedral_views and (self.physical_head != "count" or self.img_size[-1] != self.img_size[-2]
-                                            or self.img_size[-1] % self.measure_tile):
-            raise ValueError("measure_dihedral_views averages a count head's tile map over quarter turns: it needs "
-                             "physical_head='count' and a square image plane whose side measure_tile divides, got "
-                             f"physical_head={self.physical_head!r}, img_size={self.img_size}")
-        if self.physical_head not in ("regress", "count"):
-            raise ValueError(f"physical_head must be 'regress' or 'count', got {self.physical_head!r}")
-        if self.measure_context not in ("given", "canonical", "own"):
-            raise ValueError(f"measure_context must be 'given', 'canonical' or 'own', got {self.measure_context!r}")
-        if self.measure_context != "given" and not self.measure_resample:
-            raise ValueError(f"measure_context={self.measure_context!r} computes the count head's context on the "
-                             f"canonical grid: it needs measure_resample=true")
-        if self.measure_context == "own" and self.measure_detach:
-            raise ValueError("measure_detach keeps the measurement's losses out of the model's backbone; with "
-                             "measure_context='own' they never reach it, and detaching would freeze the head's own")
-        if self.measure_resample and (self.physical_head != "count" or self.spacing is None):
-            raise ValueError("measure_resample counts on the canonical grid: it needs physical_head='count' and a "
-                             f"canonical spacing; got physical_head={self.physical_head!r}, spacing={self.spacing}")
+        head = self.count_head
+        if head is not None and head.dihedral_views and (self.img_size[-1] != self.img_size[-2]
+                                                         or self.img_size[-1] % head.tile):
+            raise ValueError("count_head.dihedral_views averages the tile map over quarter turns: it needs a square "
+                             f"image plane whose side count_head.tile divides, got img_size={self.img_size}")
+        if head is not None and head.resample and self.spacing is None:
+            raise ValueError("count_head.resample counts on the canonical grid: it needs the canonical `spacing`")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ What we changed:
 - Prototypes can be switched off: a buffer mask multiplies the similarities before the last layer,
   so a disabled prototype contributes exactly 0 and the logit changes by exactly its contribution.
 - An optional physical head (``config.quantities``) reports quantities in units at a given
-  spacing: ``physical_head="regress"`` reads the globally averaged add-on features; ``"count"``
+  spacing: by default an MLP reads the globally averaged add-on features; with ``count_head``, it
   measures lesion sizes by counting the lesion pixels of a fraction map predicted on small tiles
   from the image and the backbone grid (:class:`~mlmi_zoo.architectures.blocks.heads.LesionCountHead`),
   the map being the measurement's explanation.
@@ -76,7 +76,7 @@ class ProtoPNetOutputs:
             best (not masked).
         logits: (B, C).
         quantities: (B, Q) standardised physical-head outputs, or None.
-        lesion_fraction: (B, 1, *tiles) lesion fraction of each tile (``physical_head="count"``), or None.
+        lesion_fraction: (B, 1, *tiles) lesion fraction of each tile (with ``count_head``), or None.
     """
 
     latent: torch.Tensor  # (B, D, *latent)
@@ -107,7 +107,7 @@ class PrototypeExplanation(Explanation):
         prototype_sources: each prototype's push record (see ``push_prototypes``), or None before
             push.
         measurement_map: (B, 1, *spatial) lesion fraction the physical head counted at each pixel
-            (``physical_head="count"``), or None.
+            (with ``count_head``), or None.
     """
 
     family = "protopnet"
@@ -223,14 +223,15 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
         self.register_buffer("prototype_class_identity", F.one_hot(classes, config.num_classes).float(), persistent=False)  # (P, C)
         self.register_buffer("prototype_mask", torch.ones(P))  # (P,) 1 = enabled
         self.physical: PhysicalHead | LesionCountHead | None = None
-        if config.quantities and config.physical_head == "count":
+        count = config.count_head
+        if config.quantities and count is not None:
             own = None
-            if config.measure_context == "own":
+            if count.context == "own":
                 own = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
                 _set_padding(own, config.padding_mode)
             self.physical = LesionCountHead(self.backbone.out_channels, config.quantities, dims, self.backbone.stride,
-                                            config.measure_tile, config.in_channels, self.backbone.offset,
-                                            canonical_spacing=config.spacing if config.measure_resample else None,
+                                            count.tile, config.in_channels, self.backbone.offset,
+                                            canonical_spacing=config.spacing if count.resample else None,
                                             context_backbone=own)
         elif config.quantities:
             self.physical = PhysicalHead(D, config.quantities)
@@ -322,7 +323,8 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
         quantities, fractions = None, None
         if isinstance(self.physical, LesionCountHead):
             fractions = self._count_fractions(self.physical, x, feats, spacing)
-            if self.config.measure_dihedral_views and not self.training:
+            assert self.config.count_head is not None  # a LesionCountHead is built from it
+            if self.config.count_head.dihedral_views and not self.training:
                 fractions = self._dihedral_fractions(self.physical, x, fractions, spacing)
             quantities = self.physical.standardised(fractions)
         elif self.physical is not None:
@@ -333,22 +335,27 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
                          spacing: torch.Tensor | None) -> torch.Tensor:
         """The count head's (B, 1, *tiles) fraction map of ``x`` (``head`` is ``self.physical``). Its
         context is the given pass's features ``feats``, or a pass on ``x`` resampled to the canonical
-        grid through the model's backbone (``measure_context="canonical"``) or the head's own
-        (``"own"``); detached with ``measure_detach``."""
-        canonical = self.config.measure_context != "given"
+        grid through the model's backbone (``count_head.context="canonical"``) or the head's own
+        (``"own"``); detached with ``count_head.detach``."""
+        count = self.config.count_head
+        assert count is not None  # only the count head calls this
+        canonical = count.context != "given"
         if canonical:
             own = head.context_backbone
             feats = (self.backbone if own is None else own)(head.to_canonical(x, spacing))
         assert feats is not None
-        feats = feats.detach() if self.config.measure_detach else feats
+        feats = feats.detach() if count.detach else feats
         return head.fraction_map(x, feats, spacing, canonical_feats=canonical)
 
     def _dihedral_fractions(self, head: LesionCountHead, x: torch.Tensor, identity: torch.Tensor,
                             spacing: torch.Tensor | None) -> torch.Tensor:
         """The count head's (B, 1, *tiles) map averaged over the 8 views of the image plane
         (``identity`` is the first view's map), each turned back onto ``x``'s tiles."""
+        count = self.config.count_head
+        assert count is not None  # only the count head calls this
+
         def one_view(view: torch.Tensor, view_spacing: torch.Tensor | None) -> tuple[torch.Tensor]:
-            feats = self.backbone(view) if self.config.measure_context == "given" else None
+            feats = self.backbone(view) if count.context == "given" else None
             return (self._count_fractions(head, view, feats, view_spacing),)
 
         given = None if spacing is None else self.input_spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
