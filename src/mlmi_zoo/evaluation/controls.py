@@ -1,0 +1,263 @@
+"""Controls: what produces an interpretability number without the model, scored on the same cases.
+
+DESIGN.md, evidence rules: "a card is evidence only if a sceptical reviewer cannot produce the same
+number without the model", so every localization or MIL number is reported beside the same metric
+computed, by the same code path, on maps or instance scores that need no model (or need only the
+model's bag prediction). The idea is that of Adebayo et al., "Sanity Checks for Saliency Maps",
+NeurIPS 2018: an explanation metric means little until it is compared with what a model-independent
+edge detector or a randomised model scores on it. The metrics these controls feed are the pointing
+game (Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016 / IJCV 2018) and
+activation precision (Barnett et al., IAIA-BL, Nature Machine Intelligence 2021), in
+:mod:`mlmi_zoo.evaluation.localization`.
+
+Localization controls return (B, *spatial) float32 maps, the shape of a model's evidence map, so they
+go through the very same metric functions:
+
+* :func:`centre_prior` — the mean training lesion mask, smoothed with a Gaussian: "lesions are
+  usually here", learnt from training labels only;
+* :func:`uniform_map` — no information at all;
+* :func:`random_maps` — a seeded random map per case (chance level with random tie-breaking);
+* :func:`brightness_map` — the image intensity itself, an image-processing map where bright pixels
+  are the lesion (exudates in a fundus image, a nodule in a lung window).
+
+The fifth localization control of the DESIGN, an untrained (parameter-randomised) copy's saliency,
+needs a model and is computed by the evaluation with the model's own ``explain``.
+
+MIL controls return (B, N) instance scores like a model's (0 at padding, as the model's attention):
+
+* :func:`bag_constant_scores` — every instance gets its bag's score: what the *bag* prediction alone
+  says about instances;
+* :func:`uniform_attention` — attention spread evenly over a bag's valid instances.
+
+:func:`instance_auroc_per_bag` scores instance rankings within each bag. Pooled instance AUROC
+(:func:`mlmi_zoo.evaluation.localization.instance_auroc`) ranks instances of *all* bags together, so
+it rewards ranking bags: positive instances live only in positive bags, and a score that is constant
+inside each bag but higher in positive bags (a bag-constant control) ranks most positive instances
+above most negative ones and reaches a high pooled AUROC without telling one instance of a bag from
+another. Within one bag such a score ties every instance and its AUROC is exactly 0.5.
+
+What we changed: nothing of the metrics; the controls are ours. A random map's value at case ``i``
+depends only on ``(seed, i)``, so chunking the split into batches does not change it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+
+from mlmi_zoo.evaluation._arrays import ArrayLike, _np, _tensor
+
+__all__ = [
+    "PerBagAUROC",
+    "bag_constant_scores",
+    "brightness_map",
+    "centre_prior",
+    "instance_auroc_per_bag",
+    "random_maps",
+    "uniform_attention",
+    "uniform_map",
+]
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (B, *spatial) with positive sizes, e.g. (8, 64, 64); got {shape}")
+    return shape
+
+
+# --------------------------------------------------------------------------- localization controls
+
+
+def centre_prior(train_masks: ArrayLike, shape: Sequence[int], sigma_px: float | Sequence[float]) -> torch.Tensor:
+    """The mean training lesion mask, smoothed with a Gaussian, as every case's map.
+
+    The map is the same for every case: it is where lesions lie on average in the *training* split,
+    so it uses no test image and no model. It is smoothed with ``scipy.ndimage.gaussian_filter``
+    (``mode="reflect"``, the scipy default, so no mass is lost at the border); ``sigma_px = 0`` keeps
+    the plain mean.
+
+    Args:
+        train_masks: (N, *spatial) or (N, 1, *spatial) binary lesion masks of the training cases.
+        shape: (B, *spatial) of the maps to return; spatial must equal the masks' spatial shape.
+        sigma_px: standard deviation of the Gaussian in pixels/voxels, one value or one per spatial
+            axis (for anisotropic voxels).
+
+    Returns:
+        (B, *spatial) float32, the smoothed mean mask repeated for each case.
+    """
+    shape = _check_shape(shape)
+    spatial = shape[1:]
+    masks = _np(train_masks)
+    if masks.ndim == len(spatial) + 2 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.shape[1:] != spatial or masks.shape[0] == 0:
+        raise ValueError(
+            f"train_masks must be (N >= 1, *spatial) with spatial {spatial} (the maps' spatial shape); got "
+            f"{masks.shape}. Resample the training masks to the evaluation resolution first."
+        )
+    sigmas = np.broadcast_to(np.asarray(sigma_px, dtype=np.float64), (len(spatial),))
+    if (sigmas < 0).any():
+        raise ValueError(f"sigma_px must be >= 0; got {sigma_px}")
+    prior = gaussian_filter(masks.mean(0), sigma=tuple(sigmas.tolist()))  # (*spatial)
+    return torch.from_numpy(np.ascontiguousarray(prior)).float().expand(shape).clone()
+
+
+def uniform_map(shape: Sequence[int]) -> torch.Tensor:
+    """A constant map: no information about where the lesion is.
+
+    Note that the localization metrics break ties by the lower flat index, so a constant map's top
+    set is the first pixels in row-major order and its arg-max is pixel 0: the uniform control
+    measures a fixed corner, not chance. :func:`random_maps` gives chance level.
+
+    Args:
+        shape: (B, *spatial).
+
+    Returns:
+        (B, *spatial) float32 ones.
+    """
+    return torch.ones(_check_shape(shape))
+
+
+def random_maps(shape: Sequence[int], seed: int, first_case: int = 0) -> torch.Tensor:
+    """An independent uniform [0, 1) random map per case, reproducible from the seed.
+
+    Case ``i``'s map is drawn from ``numpy.random.SeedSequence(seed, spawn_key=(first_case + i,))``,
+    so it depends on ``(seed, first_case + i)`` only: a split scored in batches (``first_case`` the
+    index of the batch's first case) gets the same maps as a split scored at once.
+
+    Args:
+        shape: (B, *spatial).
+        seed: non-negative seed; equal seeds give equal maps.
+        first_case: index of the first case of this batch within the split.
+
+    Returns:
+        (B, *spatial) float32 in [0, 1).
+    """
+    shape = _check_shape(shape)
+    if seed < 0 or first_case < 0:
+        raise ValueError(f"seed and first_case must be >= 0; got seed={seed}, first_case={first_case}")
+    maps = np.stack([
+        np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(first_case + i,))).random(shape[1:], dtype=np.float32)
+        for i in range(shape[0])
+    ])  # (B, *spatial)
+    return torch.from_numpy(maps)
+
+
+def brightness_map(x: ArrayLike) -> torch.Tensor:
+    """The image intensity itself (mean over channels): "bright pixels are the lesion".
+
+    The localization metrics only rank pixels, so any monotone window or normalisation of the input
+    gives the same scores; pass the images as the model receives them.
+
+    Args:
+        x: (B, C, *spatial) images.
+
+    Returns:
+        (B, *spatial) float32 channel-mean intensity.
+    """
+    images = _tensor(x).float()
+    if images.ndim < 3:
+        raise ValueError(f"x must be (B, C, *spatial) images; got shape {tuple(images.shape)}. Add the channel axis: x[:, None].")
+    return images.mean(1)
+
+
+# --------------------------------------------------------------------------- MIL controls
+
+
+def _bag_mask(mask: ArrayLike) -> torch.Tensor:
+    valid = _tensor(mask).bool()
+    if valid.ndim != 2:
+        raise ValueError(f"mask must be (B, N), True at valid instances; got shape {tuple(valid.shape)}")
+    if not valid.any(1).all():
+        empty = torch.nonzero(~valid.any(1)).flatten().tolist()
+        raise ValueError(f"every bag needs at least one valid instance; bags {empty} have none. Drop empty bags first.")
+    return valid
+
+
+def bag_constant_scores(bag_scores: ArrayLike, mask: ArrayLike) -> torch.Tensor:
+    """Every valid instance gets its bag's score (0 at padding).
+
+    The control for instance explanations of a MIL model: it knows the bag prediction and nothing
+    about which instance caused it. Within a bag it ties every instance (per-bag AUROC 0.5); pooled
+    over bags it can score high (see the module docstring).
+
+    Args:
+        bag_scores: (B,) one score per bag (the model's positive-class probability or logit).
+        mask: (B, N) bool, True at valid instances.
+
+    Returns:
+        (B, N) float32 scores.
+    """
+    valid = _bag_mask(mask)
+    scores = _tensor(bag_scores).float()
+    if scores.shape != valid.shape[:1]:
+        raise ValueError(f"bag_scores must be (B,) with B={valid.shape[0]} (the mask's bags); got shape {tuple(scores.shape)}")
+    return torch.where(valid, scores[:, None], torch.zeros((), dtype=scores.dtype))
+
+
+def uniform_attention(mask: ArrayLike) -> torch.Tensor:
+    """Attention spread evenly: ``1 / n_valid`` at each valid instance of a bag, 0 at padding.
+
+    Args:
+        mask: (B, N) bool, True at valid instances.
+
+    Returns:
+        (B, N) float32 weights that sum to 1 over each bag's valid instances.
+    """
+    valid = _bag_mask(mask).float()
+    return valid / valid.sum(1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PerBagAUROC:
+    """Instance AUROC computed inside each bag.
+
+    Attributes:
+        per_bag: (B,) float64 AUROC of each bag's valid, labelled instances; NaN where the bag holds
+            a single instance class (every instance of a negative bag, for one).
+        mean: mean of ``per_bag`` over the bags where it is defined; NaN when none is.
+        n_bags: number of bags where it is defined.
+    """
+
+    per_bag: np.ndarray  # (B,)
+    mean: float
+    n_bags: int
+
+
+def instance_auroc_per_bag(scores: ArrayLike, labels: ArrayLike, mask: ArrayLike | None = None) -> PerBagAUROC:
+    """Instance AUROC within each bag (scikit-learn's ``roc_auc_score`` per bag), and its mean.
+
+    Unlike pooled instance AUROC, a per-bag AUROC gives no credit for ranking bags: a bag-constant
+    score has AUROC 0.5 in every bag that holds both classes, and bags with one class (negative
+    bags) are undefined and left out of the mean.
+
+    Args:
+        scores: (B, N) instance scores.
+        labels: (B, N) 0/1 instance labels; NaN marks an instance without a label (skipped).
+        mask: (B, N) bool, True at valid instances; None means all are valid.
+
+    Returns:
+        A :class:`PerBagAUROC`.
+    """
+    s, y = _np(scores), _np(labels)
+    if s.ndim != 2 or s.shape != y.shape:
+        raise ValueError(f"scores and labels must share a shape (B, N); got {s.shape} and {y.shape}")
+    valid = np.ones(s.shape, dtype=bool) if mask is None else _np(mask, bool)
+    if valid.shape != s.shape:
+        raise ValueError(f"mask must have the shape of scores {s.shape}; got {valid.shape}")
+    valid = valid & ~np.isnan(y)
+    per_bag = np.full(s.shape[0], math.nan)
+    for b in range(s.shape[0]):
+        sb, yb = s[b, valid[b]], y[b, valid[b]]
+        if np.isnan(sb).any():
+            raise ValueError(f"scores of valid instances of bag {b} contain NaN; check the mask and the model output")
+        if 0 < (yb == 1).sum() < yb.size:
+            per_bag[b] = float(roc_auc_score(yb, sb))
+    defined = per_bag[~np.isnan(per_bag)]
+    return PerBagAUROC(per_bag, float(defined.mean()) if defined.size else math.nan, int(defined.size))
