@@ -20,7 +20,9 @@ def _pyright(*paths: str) -> dict:
     exe = shutil.which("pyright")
     if exe is None:
         pytest.fail("pyright is not installed; it is part of the test extra: pip install -e '.[test]'")
-    run = subprocess.run([exe, "--outputjson", "--pythonpath", sys.executable, *paths], cwd=REPO,
+    # -p names the configuration: without it pyright may take a pyrightconfig.json of a folder above.
+    run = subprocess.run([exe, "--outputjson", "-p", str(REPO / "pyproject.toml"), "--pythonpath", sys.executable,
+                          *paths], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     try:
         return json.loads(run.stdout)
