@@ -72,7 +72,7 @@ def bench_forward(dims: int, side: int, batch: int, repeats: int, device: str) -
 
 
 def bench_push_time(n: int, batch: int, repeats: int, device: str) -> dict[str, Any]:
-    from mlmi_zoo.architectures.protopnet.prototypes import push_prototypes
+    from mlmi_zoo.architectures.protopnet.push import push_prototypes
 
     size = (64, 64)
     _, model = _models(2, size, device)
@@ -101,7 +101,8 @@ def bench_push_memory(n: int, batch: int, device: str) -> dict[str, Any]:
 
 
 def bench_last_layer(n: int, batch: int, repeats: int, device: str) -> dict[str, Any]:
-    from mlmi_zoo.architectures.protopnet.training import ProtoPNetTraining, fit_last_layer
+    from mlmi_zoo.architectures.protopnet.last_layer import fit_last_layer
+    from mlmi_zoo.architectures.protopnet.training import ProtoPNetTraining
     from mlmi_zoo.architectures.blocks.stages import training_for
 
     _, model = _models(2, (64, 64), device)
@@ -150,7 +151,7 @@ def _worker(argv: list[str]) -> None:
     a = p.parse_args(argv)
     setup(a)
     from mlmi_zoo import create_model
-    from mlmi_zoo.architectures.protopnet.prototypes import push_prototypes
+    from mlmi_zoo.architectures.protopnet.push import push_prototypes
 
     probe = MemoryProbe(a.device)
     model = create_model("protopnet_resnet8", spatial_dims=2, img_size=(64, 64), in_channels=1).eval().to(a.device)

@@ -43,7 +43,7 @@ def _run(uri: str, spec: DataSpec, out_dir: Path, **kwargs) -> dict:
 
 @pytest.fixture(scope="module")
 def protopnet_run(tmp_path_factory) -> tuple[dict, Path]:
-    from mlmi_zoo.architectures.protopnet.prototypes import push_prototypes
+    from mlmi_zoo.architectures.protopnet.push import push_prototypes
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("protopnet")

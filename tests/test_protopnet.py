@@ -10,15 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 import mlmi_zoo
 from mlmi_zoo._config import OverrideError
 from mlmi_zoo.architectures.protopnet.config import ProtoPNetConfig, ProtoPNetTrainingSettings
-from mlmi_zoo.architectures.protopnet.model import ProtoPNet, PrototypeExplanation
-from mlmi_zoo.architectures.protopnet.training import (
-    ProtoPNetTraining,
-    cached_similarities,
-    cluster_separation_costs,
-    fine_annotation_cost,
-    off_class_l1,
-)
-from mlmi_zoo.architectures.protopnet.prototypes import PrototypeLayer, prototype_topk_patches, push_prototypes, render_prototypes
+from mlmi_zoo.architectures.protopnet.explanations import PrototypeExplanation
+from mlmi_zoo.architectures.protopnet.model import ProtoPNet
+from mlmi_zoo.architectures.protopnet.last_layer import cached_similarities, off_class_l1
+from mlmi_zoo.architectures.protopnet.training import ProtoPNetTraining, cluster_separation_costs, fine_annotation_cost
+from mlmi_zoo.architectures.protopnet.prototypes import PrototypeLayer
+from mlmi_zoo.architectures.protopnet.push import prototype_topk_patches, push_prototypes, render_prototypes
 from mlmi_zoo.specs import InputSpecError, QuantitySpec
 from mlmi_zoo.architectures.blocks.stages import training_for
 

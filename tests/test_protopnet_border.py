@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import mlmi_zoo
-from mlmi_zoo.architectures.protopnet.prototypes import push_prototypes
+from mlmi_zoo.architectures.protopnet.push import push_prototypes
 
 
 def _batches(n: int = 8, size: int = 32):

@@ -20,7 +20,7 @@ import mlmi_zoo
 from mlmi_zoo.architectures.protopnet import training as protopnet_training
 from mlmi_zoo.architectures.protopnet.config import ProtoPNetConfig, ProtoPNetTrainingSettings
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet
-from mlmi_zoo.architectures.protopnet.training import initialise_prototypes_from_data, kmeans_pp_pick
+from mlmi_zoo.architectures.protopnet.data_init import initialise_prototypes_from_data, kmeans_pp_pick
 from mlmi_zoo.architectures.blocks.stages import training_for
 from mlmi_zoo.training.recipe import load_recipe
 from mlmi_zoo.training.trainer import derive_seed, train

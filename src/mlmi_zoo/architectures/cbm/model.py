@@ -71,7 +71,7 @@ from mlmi_zoo.architectures.cbm.concept_values import parse_concept_value
 from mlmi_zoo.architectures.cbm.concepts import ConceptCodec
 from mlmi_zoo.architectures.cbm.config import NODULE_CONCEPTS, CBMConfig
 from mlmi_zoo.architectures.cbm.explanations import ConceptExplanation, MLPConceptExplanation
-from mlmi_zoo.architectures.blocks.heads import canonical_scale, dihedral_mean, scaled_sample, spacing_exponent
+from mlmi_zoo.architectures.blocks.heads import canonical_scale, dihedral_mean, scaled_sample
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.registry import register_backbones
 from mlmi_zoo.specs import ConceptSpec, Measurement

@@ -6,9 +6,20 @@ family's evaluation section (:mod:`.evaluation`, loaded by :mod:`mlmi_zoo.evalua
 """
 import torch
 
-from mlmi_zoo.architectures.protopnet import training as training  # registers the training stages
-from mlmi_zoo.architectures.protopnet.config import CountHeadConfig, ProtoPNetConfig, ProtoPNetTrainingSettings
-from mlmi_zoo.architectures.protopnet.model import AddOn, ProtoPNet, ProtoPNetOutputs, PrototypeExplanation
+from mlmi_zoo.architectures.protopnet import (
+    training as training,  # registers the training stages
+)
+from mlmi_zoo.architectures.protopnet.config import (
+    CountHeadConfig,
+    ProtoPNetConfig,
+    ProtoPNetTrainingSettings,
+)
+from mlmi_zoo.architectures.protopnet.model import (
+    AddOn,
+    ProtoPNet,
+    ProtoPNetOutputs,
+    PrototypeExplanation,
+)
 from mlmi_zoo.families import Family, register_family
 
 

@@ -173,7 +173,7 @@ class ProtoPNetTrainingSettings:
             ``[0, 1]^D``, the range of the Sigmoid add-on output. ``"data"``: before the first
             training stage, the trainer sets each class's prototypes to latent vectors (add-on
             output cells) of training images of that class, picked by k-means++ seeding
-            (:func:`~mlmi_zoo.architectures.protopnet.training.initialise_prototypes_from_data`),
+            (:func:`~mlmi_zoo.architectures.protopnet.data_init.initialise_prototypes_from_data`),
             so every prototype starts on the data. With the log similarity, uniform prototypes
             in 64 dimensions mostly start far from every cell; the cluster cost then moves only
             the nearest one of each class, and push projects the others onto arbitrary patches.

@@ -103,7 +103,7 @@ def _switch_off_check(model: Any, col: _Collected, ctx: _Context) -> float:
 
 def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
     """Purity of each prototype's nearest training patches: on the lesion, and from its class."""
-    from mlmi_zoo.architectures.protopnet.prototypes import prototype_topk_patches
+    from mlmi_zoo.architectures.protopnet.push import prototype_topk_patches
 
     does_not_show = ("Purity shows that a prototype's nearest training patches share a label or lie on lesions, not "
                      "that a person recognises the same visual concept in them.")

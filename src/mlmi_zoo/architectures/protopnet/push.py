@@ -1,0 +1,277 @@
+"""Push: projecting each prototype onto its nearest training patch, and the patches a prototype matches.
+
+Chen et al., "This Looks Like That" (NeurIPS 2019), section 2.2: after training, each prototype is
+replaced by the nearest latent patch of a training image of its class, so every prototype *is* a
+real patch that a person can look at. With lesion masks, push may be restricted to lesion cells
+(IAIA-BL, Barnett et al. 2021). :func:`prototype_topk_patches` finds the training patches most
+similar to each prototype (for purity and the gallery), :func:`render_prototypes` draws them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple
+
+import torch
+from einops import rearrange
+
+if TYPE_CHECKING:  # the model imports the prototype layer; push only reads a built model
+    from mlmi_zoo.architectures.protopnet.model import ProtoPNet
+from mlmi_zoo.architectures.protopnet.prototypes import (
+    _batch_indices,
+    _device_of,
+    _EvalMode,
+    _lesion_cells,
+    latent_box,
+)
+
+__all__ = ["push_prototypes", "TopkPatches", "prototype_topk_patches", "render_prototypes"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
+                    device: torch.device | str | None = None, on_lesion: bool = False) -> list[dict[str, Any] | None]:
+    """Project every prototype onto its nearest latent patch of a training image of its own class.
+
+    Streams over ``loader`` once, in eval mode (batch-norm statistics do not move; each module's
+    mode is restored afterwards), with one distance computation per batch for all prototypes and
+    only the running best kept per prototype. Afterwards each prototype vector *equals* the
+    add-on output at one latent location of one training image of its class.
+
+    Args:
+        model: a :class:`~mlmi_zoo.architectures.protopnet.model.ProtoPNet`.
+        loader: collated batches with ``"image"`` (raw intensities; the model's intensity
+            transform is applied), ``"label"``, and ideally ``"index"`` (data-set index; without it
+            the running position in the loader is recorded, valid only for an unshuffled loader)
+            and ``"spacing"`` (mm, for ``box_mm``).
+        device: where to compute (default: the model's device).
+        on_lesion: project only onto latent cells that overlap the lesion (``batch["mask"]``, a
+            (B, 1, *spatial) lesion mask); images without a lesion are not candidates. With lesion
+            masks this makes every prototype a piece of a lesion, not of the background around it.
+
+    Returns:
+        one record per prototype (also stored on the model and saved with it): ``prototype``,
+        ``class``, ``class_name``, ``index``, ``location`` (latent index per axis), ``latent_shape``,
+        ``input_shape``, ``box_px`` (half-open per axis), ``spacing`` and ``box_mm`` (or None),
+        ``distance`` (before projection) and ``similarity`` (before projection); ``None`` for a
+        prototype whose class had no image in ``loader`` (its vector is left unchanged).
+    """
+    device = _device_of(model, device)
+    layer = model.prototype_layer
+    P, D = layer.prototypes.shape
+    proto_class = model.prototype_classes.to(device)  # (P,)
+    best_d = torch.full((P,), math.inf, device=device)
+    best_vec = layer.prototypes.detach().clone()  # (P, D)
+    best_index = torch.full((P,), -1, dtype=torch.long)
+    best_loc = torch.zeros(P, dtype=torch.long)
+    best_spacing = torch.full((P, model.config.spatial_dims), math.nan)  # (P, dims) mm; NaN = unknown
+    latent_shape: tuple[int, ...] = ()
+    input_shape: tuple[int, ...] = ()
+    seen = 0
+    with _EvalMode(model):
+        for batch in loader:
+            x = model.input_spec.intensity(batch["image"].to(device))
+            model.validate_input(x)
+            labels = torch.as_tensor(batch["label"]).to(device).reshape(-1)  # (B,)
+            B = x.shape[0]
+            index = _batch_indices(batch, seen, B)
+            seen += B
+            z = model.latent(x)  # (B, D, *latent)
+            if input_shape and tuple(x.shape[2:]) != input_shape:
+                raise ValueError(f"push needs one input size per loader (flat latent locations are recorded), got "
+                                 f"{tuple(x.shape[2:])} after {input_shape}; resize or crop the images to one size")
+            latent_shape, input_shape = tuple(z.shape[2:]), tuple(x.shape[2:])
+            d = rearrange(layer.distances(z), "b p ... -> p b (...)")  # (P, B, L)
+            L = d.shape[-1]
+            own = proto_class[:, None] == labels[None, :]  # (P, B)
+            d = d.masked_fill(~own[..., None], math.inf)
+            if on_lesion:
+                d = d.masked_fill(~_lesion_cells(model, batch, latent_shape, device)[None], math.inf)
+            batch_d, flat = rearrange(d, "p b l -> p (b l)").min(-1)  # (P,), (P,)
+            better = batch_d < best_d  # strict: the first best patch in loader order wins ties
+            if not better.any():
+                continue
+            b_idx, l_idx = flat // L, flat % L
+            vectors = rearrange(z, "b d ... -> b (...) d")[b_idx, l_idx]  # (P, D)
+            best_d = torch.where(better, batch_d, best_d)
+            best_vec = torch.where(better[:, None], vectors, best_vec)
+            better_cpu, b_cpu = better.cpu(), b_idx.cpu()
+            best_index = torch.where(better_cpu, index[b_cpu], best_index)
+            best_loc = torch.where(better_cpu, l_idx.cpu(), best_loc)
+            if batch.get("spacing") is not None:
+                spacing = torch.as_tensor(batch["spacing"], dtype=torch.float32).reshape(B, -1)  # (B, dims)
+                best_spacing = torch.where(better_cpu[:, None], spacing[b_cpu], best_spacing)
+            else:
+                best_spacing = torch.where(better_cpu[:, None], torch.tensor(math.nan), best_spacing)
+        found = torch.isfinite(best_d)
+        layer.prototypes.data.copy_(torch.where(found[:, None], best_vec, layer.prototypes.data))
+
+    records: list[dict[str, Any] | None] = []
+    best_d_cpu = best_d.cpu()
+    sims = layer.similarity(best_d_cpu.clamp_max(torch.finfo(best_d_cpu.dtype).max))
+    for j in range(P):
+        if not bool(found[j]):
+            log.warning("prototype %d (class %s) found no image of its class; it was not projected", j,
+                        model.label_names[int(proto_class[j])])
+            records.append(None)
+            continue
+        loc = [int(v) for v in torch.unravel_index(best_loc[j], latent_shape)]
+        box = latent_box(loc, latent_shape, input_shape, model.backbone.stride, model.backbone.offset)
+        sp = None if torch.isnan(best_spacing[j]).any() else [float(v) for v in best_spacing[j]]
+        records.append({
+            "prototype": j,
+            "class": int(proto_class[j]),
+            "class_name": model.label_names[int(proto_class[j])],
+            "index": int(best_index[j]),
+            "location": loc,
+            "latent_shape": list(latent_shape),
+            "input_shape": list(input_shape),
+            "box_px": box,
+            "spacing": sp,
+            "box_mm": None if sp is None else [[lo * s, hi * s] for (lo, hi), s in zip(box, sp)],
+            "distance": float(best_d_cpu[j]),
+            "similarity": float(sims[j]),
+        })
+    model.set_prototype_sources(records)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# nearest training patches (prototype purity)
+# ---------------------------------------------------------------------------------------------
+class TopkPatches(NamedTuple):
+    """The ``k`` nearest training images of each prototype, at their nearest latent location.
+
+    Attributes:
+        indices: (P, k) data-set indices (``-1`` where the loader held fewer than ``k`` images).
+        locations: (P, k, spatial_dims) latent index per axis.
+        distances: (P, k) distances, ascending.
+        labels: (P, k) class labels of those images.
+    """
+
+    indices: torch.Tensor  # (P, k)
+    locations: torch.Tensor  # (P, k, dims)
+    distances: torch.Tensor  # (P, k)
+    labels: torch.Tensor  # (P, k)
+
+
+@torch.no_grad()
+def prototype_topk_patches(model: "ProtoPNet", loader: Iterable[dict[str, Any]], k: int = 5,
+                           device: torch.device | str | None = None) -> TopkPatches:
+    """The ``k`` nearest training patches of every prototype, streaming and vectorised.
+
+    Each image contributes its nearest location only, so the ``k`` patches come from ``k``
+    distinct images; images of every class compete (purity asks whether they share the
+    prototype's class and lie on the lesion).
+
+    Args:
+        model: a ProtoPNet.
+        loader: batches with ``"image"``, ``"label"`` and ideally ``"index"``.
+        k: patches per prototype.
+        device: where to compute (default: the model's device).
+
+    Returns:
+        a :class:`TopkPatches` (a named tuple ``(indices, locations, distances, labels)``).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = _device_of(model, device)
+    layer = model.prototype_layer
+    P = layer.num_prototypes
+    dims = model.config.spatial_dims
+    best_d = torch.full((P, k), math.inf, device=device)
+    best_index = torch.full((P, k), -1, dtype=torch.long, device=device)
+    best_loc = torch.zeros(P, k, dtype=torch.long, device=device)
+    best_label = torch.full((P, k), -1, dtype=torch.long, device=device)
+    latent_shape: tuple[int, ...] = (1,) * dims
+    seen = 0
+    with _EvalMode(model):
+        for batch in loader:
+            x = model.input_spec.intensity(batch["image"].to(device))
+            labels = torch.as_tensor(batch["label"]).to(device).reshape(-1)
+            B = x.shape[0]
+            index = _batch_indices(batch, seen, B).to(device)
+            seen += B
+            z = model.latent(x)
+            latent_shape = tuple(z.shape[2:])
+            d, loc = rearrange(layer.distances(z), "b p ... -> p b (...)").min(-1)  # (P, B) each
+            cand_d = torch.cat([best_d, d], 1)  # (P, k + B)
+            cand_index = torch.cat([best_index, index.expand(P, B)], 1)
+            cand_loc = torch.cat([best_loc, loc], 1)
+            cand_label = torch.cat([best_label, labels.expand(P, B)], 1)
+            best_d, order = cand_d.topk(k, dim=1, largest=False, sorted=True)  # (P, k)
+            best_index = cand_index.gather(1, order)
+            best_loc = cand_loc.gather(1, order)
+            best_label = cand_label.gather(1, order)
+    locations = torch.stack(torch.unravel_index(best_loc.cpu(), latent_shape), -1)  # (P, k, dims)
+    return TopkPatches(best_index.cpu(), locations, best_d.cpu(), best_label.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering (on request, never inside push)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def render_prototypes(model: "ProtoPNet", dataset: Any, out_dir: str | Path) -> list[Path]:
+    """Draw each pushed prototype's source image with its cell box and similarity map.
+
+    Writes ``prototype_{j:03d}.png`` per prototype with a push record (3D volumes show the slice
+    through the box centre) and stores the path in the record as ``render_path``, so
+    explanations made afterwards embed the patch in their HTML.
+
+    Args:
+        model: a pushed ProtoPNet.
+        dataset: the data set ``push_prototypes`` ran on (``dataset[index]`` is a sample dict).
+        out_dir: created if needed.
+
+    Returns:
+        the written PNG paths, in prototype order.
+
+    Raises:
+        ValueError: when the model has not been pushed.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from mlmi_zoo.explanations import _to_display
+
+    sources = model.prototype_sources
+    if sources is None:
+        raise ValueError("the model has no push records; run push_prototypes(model, loader) first")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    paths = []
+    with _EvalMode(model):
+        for j, rec in enumerate(sources):
+            if rec is None:
+                continue
+            sample = dataset[rec["index"]]
+            x = model.input_spec.intensity(torch.as_tensor(sample["image"])[None].to(device))  # (1, C, *S)
+            sim = model.prototype_layer(model.latent(x))[:, j : j + 1]  # (1, 1, *latent)
+            heat = model.backbone.to_input(sim, x.shape[2:])[0, 0].cpu()
+            image, box = x[0].cpu(), rec["box_px"]
+            if image.ndim == 4:  # (C, D, H, W): the slice through the box centre
+                k = (box[0][0] + box[0][1]) // 2
+                image, heat, box = image[:, k], heat[k], box[1:]
+            fig, axes = plt.subplots(1, 2, figsize=(5, 2.6), dpi=80)
+            axes[0].imshow(_to_display(image), cmap="gray", interpolation="nearest")
+            axes[0].imshow(heat.numpy(), cmap="jet", alpha=0.35, interpolation="bilinear")
+            (y0, y1), (x0, x1) = box
+            axes[0].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="yellow", lw=1.5))
+            axes[0].set_title(f"#{j} {rec['class_name']} (case {rec['index']})", fontsize=8)
+            axes[1].imshow(_to_display(image[:, y0:y1, x0:x1]), cmap="gray", interpolation="nearest")
+            axes[1].set_title("patch", fontsize=8)
+            for ax in axes:
+                ax.axis("off")
+            path = out / f"prototype_{j:03d}.png"
+            fig.savefig(path, bbox_inches="tight", pad_inches=0.02)
+            plt.close(fig)
+            rec["render_path"] = str(path)
+            paths.append(path)
+    return paths
