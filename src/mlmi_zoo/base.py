@@ -19,7 +19,7 @@ from mlmi_zoo._config import from_jsonable, to_jsonable
 from mlmi_zoo._version import __version__
 from mlmi_zoo._weights import save_weights, write_json_atomic
 from mlmi_zoo.explanations import Explanation
-from mlmi_zoo.specs import InputSpec, IntensityTransform, QuantitySpec
+from mlmi_zoo.specs import InputSpec, InputSpecError, IntensityTransform, QuantitySpec
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,16 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         """Check ``x`` against :attr:`input_spec`; return spacing as a (B, dims) tensor or None."""
         spec = self.input_spec
         spec.validate(x)
+        self._check_dtype(x)
         return None if spacing is None else spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
+        """Refuse a floating dtype other than the parameters' (outside autocast, which casts itself)."""
+        param = next(self.parameters(), None)
+        if (param is not None and x.dtype != param.dtype and not _autocast_on(x.device.type)
+                and x.device.type == param.device.type):
+            raise InputSpecError(f"input dtype {x.dtype} differs from the model's parameters ({param.dtype}); "
+                                 f"convert the input with x.to({param.dtype}) (or the model with model.to({x.dtype}))")
 
     # -- the interface ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -244,6 +253,14 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, num_classes={self.num_classes}"
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is active for ``device_type`` (torch >= 2.4 takes the device type)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # older torch: only the CUDA flag is queryable this way
+        return bool(torch.is_autocast_enabled())
 
 
 def migrate_config(config_class: type[ModelConfig], d: dict[str, Any],

@@ -132,6 +132,8 @@ class InputSpec:
                 f"expected a {expected_ndim}-D input {layout} for spatial_dims={self.spatial_dims}, "
                 f"got shape {tuple(x.shape)}"
             )
+        if x.shape[0] == 0:
+            raise InputSpecError(f"the batch is empty (shape {tuple(x.shape)}); pass at least one case")
         channels = x.shape[1] if self.spatial_dims else x.shape[-1]
         if channels != self.in_channels:
             what = "channels" if self.spatial_dims else "features per instance"
@@ -156,8 +158,12 @@ class InputSpec:
             self.check_spacing(spacing, batch=x.shape[0])
 
     def check_spacing(self, spacing: Any, batch: int | None = None) -> torch.Tensor:
-        """Return ``spacing`` as a ``(B, spatial_dims)`` float tensor, or raise on bad values."""
-        s = torch.as_tensor(spacing, dtype=torch.float64)
+        """Return ``spacing`` as a ``(B, spatial_dims)`` float tensor in mm, or raise on bad values.
+
+        Numbers are millimetres; a value may also be a length with its unit, as text that pint
+        parses (``"0.7 mm"``, ``"700 um"``) or a pint quantity, converted to mm.
+        """
+        s = torch.as_tensor(_spacing_in_mm(spacing), dtype=torch.float64)
         if s.ndim == 1:
             s = s.unsqueeze(0)
         if s.ndim != 2 or s.shape[-1] != self.spatial_dims:
@@ -182,6 +188,24 @@ class InputSpec:
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def _spacing_in_mm(spacing: Any) -> Any:
+    """``spacing`` with every length given with a unit (text or a pint quantity) converted to mm."""
+    if isinstance(spacing, torch.Tensor):
+        return spacing
+    if isinstance(spacing, (list, tuple)):
+        return [_spacing_in_mm(v) for v in spacing]
+    if isinstance(spacing, str) or hasattr(spacing, "units"):
+        from mlmi_zoo.units import quantity
+
+        try:
+            q = quantity(spacing) if isinstance(spacing, str) else spacing
+            return float(q.to("mm").magnitude)
+        except Exception as err:  # pint raises several unrelated types (parse, dimensionality)
+            raise InputSpecError(f"spacing {spacing!r} is not a length: give mm as numbers, or a length with its "
+                                 "unit such as '0.7 mm'") from err
+    return spacing
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,7 @@ class _MILModel(InterpretableModel[MILConfig]):
             raise InputSpecError(f"expected {c.tile_size}x{c.tile_size} tiles (the tile area depends on it), "
                                  f"got {tuple(x.shape[-2:])}; re-tile or set tile_size")
         self.input_spec.validate(rearrange(x, "b n c h w -> (b n) c h w"))
+        self._check_dtype(x)
 
     # -- the computation -----------------------------------------------------------------------------
     def encode_instances(self, tiles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
