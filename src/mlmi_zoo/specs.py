@@ -140,6 +140,13 @@ class InputSpec:
             raise InputSpecError(f"expected {self.in_channels} {what}, got {channels} (shape {tuple(x.shape)})")
         if not x.is_floating_point():
             raise InputSpecError(f"expected a floating-point tensor, got {x.dtype}")
+        if torch.compiler.is_compiling():
+            # Under torch.export / torch.compile the value checks below would be data-dependent
+            # guards (a traced graph cannot branch on its input's values); shape, channels and
+            # dtype were checked above, and the eager model keeps the value checks.
+            if spacing is not None:
+                self.check_spacing(spacing, batch=x.shape[0])
+            return
         # One streaming reduction, no input-sized temporaries (isfinite(x).all() allocates several,
         # which on long MIL bags costs more than the model): NaN propagates into both, +-Inf into one.
         xmin, xmax = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)

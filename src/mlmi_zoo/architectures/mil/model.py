@@ -153,8 +153,9 @@ class _MILModel(InterpretableModel[MILConfig]):
     @property
     def input_spec(self) -> InputSpec:
         c = self.config
-        if c.instance_encoder is None:
-            return super().input_spec
+        if c.instance_encoder is None:  # feature bags (B, N, D); written out, as torch.compile cannot trace super() properties
+            return InputSpec(in_channels=c.in_channels, spatial_dims=0, size=tuple(c.img_size), spacing=c.spacing,
+                             intensity=c.intensity, modality=c.modality, value_range=None)
         # Raw-tile models: the spec describes one tile of the (B, N, C, t, t) bag.
         return InputSpec(in_channels=c.in_channels, spatial_dims=2, size=(c.tile_size, c.tile_size),
                          intensity=c.intensity, modality=c.modality, value_range=(0.0, 1.0))
