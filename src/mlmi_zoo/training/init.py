@@ -16,16 +16,15 @@ order, dropout, data-dependent starts) is the one a ``random`` run of the same s
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, TypeVar
 
 import torch
 
 from mlmi_zoo.architectures.blocks.backbones import Backbone, create_backbone
 from mlmi_zoo.architectures.blocks.pretrained import WeightsProvenance, resolve_init
-from mlmi_zoo.base import CONFIG_FILE, InterpretableModel, replace_config
+from mlmi_zoo.base import InterpretableModel, replace_config
 
-__all__ = ["apply_init", "parent_base_weights"]
+__all__ = ["apply_init"]
 
 M = TypeVar("M", bound=InterpretableModel[Any])
 
@@ -78,14 +77,6 @@ def apply_init(model: M, init: str, load_weights: bool = True) -> M:
             module.provenance = provenance
     rebuilt.base_weights = provenance.to_dict()
     return rebuilt
-
-
-def parent_base_weights(uri: str) -> dict[str, Any] | None:
-    """The ``base_weights`` recorded in the config.json of a zoo model (``init_from``), if any."""
-    from mlmi_zoo.hub import resolve
-
-    doc = json.loads((resolve(uri) / CONFIG_FILE).read_text(encoding="utf-8"))
-    return doc.get("base_weights")
 
 
 def _copy_backbone(pretrained: Backbone, own: Backbone, where: str, init: str) -> None:

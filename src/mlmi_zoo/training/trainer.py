@@ -86,7 +86,7 @@ from mlmi_zoo.training.distributed import (
     derive_seed,
     init_distributed,
 )
-from mlmi_zoo.training.init import apply_init, parent_base_weights
+from mlmi_zoo.training.init import apply_init
 from mlmi_zoo.training.optim import GradientStage, gradient_stage, train_mode
 from mlmi_zoo.training.progress import MetricsLog, progress_bar
 from mlmi_zoo.training.recipe import Recipe, StageSection, model_config
@@ -308,7 +308,7 @@ class Trainer:
         A pretrained ``model.init`` also appends its normalisation to the intensity transform and
         records ``base_weights`` (:func:`~mlmi_zoo.training.init.apply_init`); a resumed run sets
         both as well but takes its weights from the checkpoint. An ``init_from`` model inherits
-        the ``base_weights`` of its parent.
+        the ``base_weights`` of its parent (``load`` reads them from its config.json).
         """
         section = self.recipe.model
         torch.manual_seed(self.recipe.seed)
@@ -323,7 +323,6 @@ class Trainer:
             report = model.load_report
             if report is not None and report.skipped:
                 log.warning("re-initialised (shape changed for the new config): %s", ", ".join(report.skipped))
-            model.base_weights = parent_base_weights(section.init_from)
             return model.train()
         from mlmi_zoo.registry import create_model
 
