@@ -1,8 +1,8 @@
 """Physical units, parsed and converted by pint — never by hand-written factors.
 
 One shared :class:`pint.UnitRegistry` for the whole library, extended with the Hounsfield unit
-(``HU``), a dimensionless CT number. pint is imported on first use so ``import mlmi_zoo`` stays
-fast.
+(``HU``), a dimensionless CT number, and the optic-disc diameter (``DD``) of fundus photographs.
+pint is imported on first use so ``import mlmi_zoo`` stays fast.
 """
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def ureg() -> Any:
     # Hounsfield units: a linear rescaling of attenuation; pint treats them as a named count so that
     # "HU" parses, round-trips, and cannot be silently converted into a length or a volume.
     reg.define("hounsfield_unit = [ct_number] = HU")
+    # The optic-disc diameter, the clinical ruler of fundus photographs (no pixel size in mm is known):
+    # its own base dimension, so a length in DD can never be silently converted to mm.
+    reg.define("optic_disc_diameter = [optic_disc] = DD")
     return reg
 
 

@@ -17,6 +17,11 @@ is identified in :func:`describe`):
   splits). ``*_size`` optionally keeps the first n readings of a split.
 * ``medmnist``: the official train/val/test arrays of the ``.npz`` (MD5-verified); ``*_size``
   optionally keeps the first n.
+* ``mias``: mini-MIAS mammograms (:mod:`mlmi_zoo.training.datasets.mias`); the fixed split by woman
+  (both breasts in one split); ``*_size`` optionally keeps the first n images of a split.
+* ``idrid``: IDRiD fundus photographs (:mod:`mlmi_zoo.training.datasets.idrid`), ``params["dataset"]``
+  ``"grading"`` or ``"segmentation"``; the official test part is ``test``, ``train``/``val`` a fixed
+  stratified partition of the official training part; ``*_size`` optionally keeps the first n.
 * ``folder_csv`` / ``cached_bags``: either one file per split (``params["train_csv"]``,
   ``["val_csv"]``, ``["test_csv"]``; bags: ``train_dir``...) or one source that is partitioned by
   a permutation seeded with ``split_seed`` into ``val_fraction`` / ``test_fraction`` / the rest.
@@ -37,7 +42,8 @@ __all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "Si
            "MaterializedDataset"]
 
 SPLITS = ("train", "val", "test")
-DataKind = Literal["nodule_phantom", "lidc_nodules", "tilebag_phantom", "medmnist", "folder_csv", "cached_bags"]
+DataKind = Literal["nodule_phantom", "lidc_nodules", "tilebag_phantom", "medmnist", "folder_csv", "cached_bags",
+                   "mias", "idrid"]
 
 
 @dataclass(frozen=True)
@@ -177,9 +183,7 @@ def _per_split_files(params: dict[str, Any], key: str) -> dict[str, Any] | None:
     found = {s: params.get(f"{s}_{key}") for s in SPLITS}
     if all(v is None for v in found.values()):
         return None
-    if found["train"] is None:
-        raise ValueError(f"data.params has {[f'{s}_{key}' for s in SPLITS if found[s]]} but no train_{key}")
-    return found
+    return found  # a split without its file (e.g. only test_csv, to evaluate) is refused when it is built
 
 
 def _loader_params(params: dict[str, Any], drop: tuple[str, ...]) -> dict[str, Any]:
@@ -260,6 +264,14 @@ def _build(spec: DataSpec, split: str) -> SizedDataset[dict[str, Any]]:
         ds = MedMNIST(path, split=split, **p)
         n = spec.size_of(split)
         return ds if n is None else IndexSubset(ds, range(min(n, len(ds))))
+    if spec.kind == "mias":
+        from mlmi_zoo.training.datasets.mias import MIAS
+
+        return _take(MIAS(p.pop("root", None), split=split, **p), spec.size_of(split))
+    if spec.kind == "idrid":
+        from mlmi_zoo.training.datasets.idrid import idrid_dataset
+
+        return _take(idrid_dataset(split=split, **p), spec.size_of(split))
     if spec.kind == "folder_csv":
         from mlmi_zoo.training.datasets.folder_csv import FolderCSVDataset
 
@@ -377,6 +389,38 @@ def describe(spec: DataSpec) -> dict[str, Any]:
             # rows [0, size) of the file's own `{split}_images` array: the official splits are disjoint
             out["splits"][split] = {"size": len(ds), "official_split": split, "rows_of_official_split": [0, len(ds)]}
             out["source"] = {"file": Path(base.path).name, "md5": file_md5(base.path), "flag": base.flag}
+        return out
+    if spec.kind == "mias":
+        from mlmi_zoo.training.datasets.mias import MIAS
+
+        for split in SPLITS:
+            ds = build_dataset(spec, split)
+            mias: Dataset = ds
+            while isinstance(mias, (IndexSubset, MaterializedDataset)):
+                mias = mias.dataset
+            if not isinstance(mias, MIAS):
+                raise TypeError(f"expected a mias spec to build a MIAS data set, got a {type(mias).__name__}")
+            records = mias.records[: len(ds)]  # the images this split uses, in case order
+            checksums = mias.source_checksums(records)
+            out["splits"][split] = {"size": len(ds), "women": sorted({r.woman for r in records}),
+                                    "images": [r.name for r in records], "films": checksums["films"]}
+            out["source"] = {"folder": mias.folder.name, "Info.txt": checksums["Info.txt"]}
+        return out
+    if spec.kind == "idrid":
+        from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDSegmentation, source_checksums
+
+        read: list[Path] = []
+        for split in SPLITS:
+            ds = build_dataset(spec, split)
+            idrid: Dataset = ds
+            while isinstance(idrid, (IndexSubset, MaterializedDataset)):
+                idrid = idrid.dataset
+            if not isinstance(idrid, (IDRiDGrading, IDRiDSegmentation)):
+                raise TypeError(f"expected an idrid spec to build an IDRiD data set, got a {type(idrid).__name__}")
+            used = idrid.image_ids[: len(ds)]  # the photographs this split uses, in case order
+            out["splits"][split] = {"size": len(ds), "official_part": idrid.official_part, "image_ids": list(used)}
+            read += idrid.files_read(used)
+            out["source"] = {"folder": idrid.folder.name, "set": idrid.set_name, **source_checksums(idrid.folder, read)}
         return out
     key = "csv" if spec.kind == "folder_csv" else "dir"
     files = _per_split_files(p, key)

@@ -63,6 +63,34 @@ LIDC_BIBTEX = (
 }""",
 )
 
+MIAS_BIBTEX = """@inproceedings{suckling1994mias,
+  title     = {The {Mammographic Image Analysis Society} Digital Mammogram Database},
+  author    = {Suckling, John and Parker, J. and Dance, D. R. and Astley, S. and Hutt, I. and Boggis, C. R. M. and Ricketts, I. and Stamatakis, E. and Cerneaz, N. and Kok, S.-L. and Taylor, P. and Betal, D. and Savage, J.},
+  booktitle = {Excerpta Medica, International Congress Series 1069},
+  pages     = {375--378},
+  year      = {1994}
+}"""
+
+IDRID_BIBTEX = (
+    """@article{porwal2018idrid,
+  title   = {Indian Diabetic Retinopathy Image Dataset ({IDRiD}): a database for diabetic retinopathy screening research},
+  author  = {Porwal, Prasanna and Pachade, Samiksha and Kamble, Ravi and Kokare, Manesh and Deshmukh, Girish and Sahasrabuddhe, Vivek and Meriaudeau, Fabrice},
+  journal = {Data},
+  volume  = {3},
+  number  = {3},
+  pages   = {25},
+  year    = {2018}
+}""",
+    """@article{porwal2020idrid,
+  title   = {{IDRiD}: Diabetic Retinopathy -- Segmentation and Grading Challenge},
+  author  = {Porwal, Prasanna and Pachade, Samiksha and Kokare, Manesh and others},
+  journal = {Medical Image Analysis},
+  volume  = {59},
+  pages   = {101561},
+  year    = {2020}
+}""",
+)
+
 PHANTOM_GT = "exact: generated with the image (mask, concepts, measurements at the true spacing, label rule)"
 
 SOURCES: dict[str, DataSource] = {
@@ -79,6 +107,22 @@ SOURCES: dict[str, DataSource] = {
         "mlmi-zoo tile-bag phantom", "mlmi-zoo/tilebag-phantom", "apache-2.0", "histopathology", "generic tissue",
         "procedural H&E-like slides as bags of tiles; tumour tiles carry larger, darker, irregular nuclei",
         PHANTOM_GT + "; instance labels and tumour area in mm^2 from the tile size in microns per pixel", True, (ZOO_BIBTEX,)),
+    "mias": DataSource(
+        "mini-MIAS", "mini-MIAS", "research-use-only", "mammography (digitised film)", "breast",
+        "322 mediolateral-oblique film mammograms of 161 women at 0.2 mm pixels (Suckling et al. 1994), resampled "
+        "by block averaging and oriented chest wall left; split by woman. Licence: research use only, cite the "
+        "database, never rent, lease or sell it",
+        "radiologists' truth per image: background tissue, class and severity of each abnormality, and a circle "
+        "(centre, radius in pixels x 0.2 mm) enclosing it (none for 4 abnormal images)", True, (MIAS_BIBTEX,)),
+    "idrid": DataSource(
+        "IDRiD", "IDRiD", "cc-by-4.0", "fundus photography", "eye (retina)",
+        "Indian Diabetic Retinopathy Image Dataset (Porwal et al. 2018): 516 photographs with DR and macular-edema "
+        "grades and fovea / optic-disc centres, and 81 full-resolution photographs with lesion masks; one grid for "
+        "both (long side `size`); official test parts, validation carved from the official training parts. Sizes "
+        "are in optic-disc diameters (DD), a unit of its own: no pixel size in mm is known",
+        "retina specialists' grades (ICDR DR grade 0-4, macular-edema risk 0-2), fovea and optic-disc centres, and "
+        "pixel masks of microaneurysms, haemorrhages, hard and soft exudates and the optic disc (a missing mask "
+        "file = not annotated)", False, IDRID_BIBTEX),
     "medmnist:pneumoniamnist": DataSource(
         "PneumoniaMNIST", "medmnist/pneumoniamnist", "cc-by-4.0", "X-ray", "chest",
         "MedMNIST v2 paediatric chest X-rays (Kermany et al. 2018), resized to 28x28; official splits",
