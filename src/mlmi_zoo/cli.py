@@ -1,4 +1,4 @@
-"""``mlmi-zoo`` command line: list, info, demo, phantom, train, finetune, evaluate, card, publish.
+"""``mlmi-zoo`` command line: list, info, demo, phantom, train, finetune, evaluate, explain, card, publish.
 
 Each sub-command imports what it needs when it runs, so ``mlmi-zoo list`` stays fast. Bad
 arguments and user errors (unknown model, missing file, refused weights) exit with status 2 and one
@@ -99,9 +99,10 @@ DELEGATED = {
         "phantom": ("mlmi_zoo.training.datasets.cli", "digital phantoms: `phantom show nodule --n 16 --out grid.png`"),
         "train": ("mlmi_zoo.training.cli", "train a model from a YAML recipe: `train RECIPE.yaml [key=value …]`"),
         "finetune": ("mlmi_zoo.training.cli", "fine-tune a zoo model on private data: `finetune NAME --data DIR_OR_CSV`"),
-        "evaluate": ("mlmi_zoo.evaluation.cli", "measure the task and the five elements: `evaluate MODEL --data SPEC --out results.json`"),
+        "evaluate": ("mlmi_zoo.evaluation.cli", "measure the task and the five elements: `evaluate MODEL --data SPEC --out results.json` (or `--test-csv FILE`)"),
         "card": ("mlmi_zoo.model_cards.cli", "generate or check a model card: `card MODEL_DIR --results results.json` / `card --check MODEL_DIR`"),
         "publish": ("mlmi_zoo.model_cards.cli", "check the card, upload a model folder to the Hub and tag it"),
+        "explain": ("mlmi_zoo.evaluation.explain_files", "explain image files (PNG, DICOM, NIfTI, or a folder): `explain MODEL FILE… --out report.html`"),
 }
 
 
