@@ -440,9 +440,9 @@ def test_folder_csv_loads_labels_concepts_measurements_spacing(png_folder):
 def test_folder_csv_units_integer_labels_and_per_axis_spacing_in_cm(png_folder):
     (png_folder / "c.csv").write_text("image,label,spacing_y_cm,spacing_x_cm\nrgb.png,2,0.07,0.05\nimg0.png,0,,\n")
     ds = FolderCSVDataset(png_folder / "c.csv", spacing_columns=["spacing_y_cm", "spacing_x_cm"])
-    assert ds.label_names == ("0", "1", "2")
+    assert ds.label_names == ("0", "2")  # the classes the CSV holds: no empty class "1"
     s = ds[0]
-    assert s["image"].shape == (3, 12, 10) and int(s["label"]) == 2
+    assert s["image"].shape == (3, 12, 10) and int(s["label"]) == 1
     assert s["spacing"].tolist() == pytest.approx([0.7, 0.5])  # cm -> mm by pint
 
 

@@ -2,7 +2,11 @@
 
 ``SPEC`` is a YAML/JSON data spec (or a recipe, whose ``data`` section is used) or an inline
 ``kind:key=value,...`` string (see :func:`~mlmi_zoo.evaluation.evaluate.load_data_spec`); without
-``--data`` the data section of the recipe stored in the model's config.json is used. Bad arguments
+``--data`` the data section of the recipe stored in the model's config.json is used. Users' own test
+data: ``--test-csv test.csv`` (columns as for fine-tuning: ``image,label``, optional ``mask``,
+spacing, measurement and concept columns) or ``--test-dir DIR`` (``DIR/<class>/<image>``, listed into
+``<OUT stem>_cases/image_folder.csv`` beside ``OUT``) builds the spec with
+:func:`~mlmi_zoo.training.finetune.evaluation_data_spec` and evaluates its test split. Bad arguments
 end with exit status 2 and one line on stderr; user errors (overlapping splits, missing files) are
 reported the same way by the top-level ``mlmi-zoo`` command.
 """
@@ -27,11 +31,15 @@ def build_parser() -> _Parser:
                 description="Measure the task (bootstrap CIs) and the five elements of interpretability of a model; "
                             "write results.json (model cards are generated from it) and PNG figures.")
     p.add_argument("model", metavar="MODEL_URI", help="bundled name, hf-hub:ORG/REPO[@REV], local-dir:PATH or a folder")
-    p.add_argument("--data", metavar="SPEC", help="data spec: YAML/JSON file or 'kind:key=value,...' "
-                   "(e.g. 'nodule_phantom:seed=0,size=64,train_size=2000,val_size=400,test_size=400'); "
-                   "default: the data of the model's training recipe")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", metavar="SPEC", help="data spec: YAML/JSON file or 'kind:key=value,...' "
+                      "(e.g. 'nodule_phantom:seed=0,size=64,train_size=2000,val_size=400,test_size=400'); "
+                      "default: the data of the model's training recipe")
+    data.add_argument("--test-csv", type=Path, metavar="CSV", help="your own test cases: a CSV with the columns "
+                      "used for fine-tuning (image,label[,mask][,spacing_mm][,<quantity>_<unit>...])")
+    data.add_argument("--test-dir", type=Path, metavar="DIR", help="your own test cases as DIR/<class>/<image>")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
-    p.add_argument("--out", type=Path, required=True, help="results JSON to write")
+    p.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON to write (default: results.json)")
     p.add_argument("--figures", type=Path, help="folder for the PNG figures (default: OUT's folder/figures)")
     p.add_argument("--baseline", metavar="URI", help="black-box baseline evaluated on the same cases for comparison")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of the task CIs (default: 500)")
@@ -54,8 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     from mlmi_zoo.evaluation.evaluate import evaluate
 
+    data = args.data
+    own: Path | None = args.test_csv if args.test_csv is not None else args.test_dir
+    if own is not None:
+        from mlmi_zoo.training.finetune import evaluation_data_spec
+
+        if args.split != "test":
+            parser.error(f"--test-csv / --test-dir are the test split; --split {args.split} does not apply")
+        # Named as fine-tuning names its listing, so that a test folder equal to the training folder is
+        # recognised by the split-overlap check (same name, same checksum) and refused.
+        listing = args.out.with_name(f"{args.out.stem}_cases") / "image_folder.csv" if args.test_dir is not None else None
+        data = evaluation_data_spec(args.model, own, listing=listing)
     command = " ".join(shlex.quote(a) for a in ["mlmi-zoo", "evaluate", *args_list])
-    doc = evaluate(args.model, args.data, split=args.split, out=args.out, figures_dir=args.figures,
+    doc = evaluate(args.model, data, split=args.split, out=args.out, figures_dir=args.figures,
                    baseline_uri=args.baseline, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
                    max_cases=args.max_cases, command=command)
     auroc = doc["task"]["auroc"]

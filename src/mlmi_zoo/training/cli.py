@@ -1,20 +1,28 @@
 """Command line of the training scripts: ``mlmi-zoo train`` and ``mlmi-zoo finetune``.
 
 ``main(argv)`` is called by the top-level ``mlmi-zoo`` command and by
-``python -m mlmi_zoo.training`` (also under ``torchrun -m``). A bad argument, an unknown recipe key
-or a value of the wrong type ends with exit code 2 and one line on stderr naming the problem.
+``python -m mlmi_zoo.training`` (also under ``torchrun -m``). Options and ``key=value`` overrides may
+come in any order (``finetune NAME --data D epochs=3 --out O``). ``finetune`` takes a short list of
+its own keys (:data:`FINETUNE_KEYS`: ``epochs=3``, ``lr=0.0003``, ``intensity=refit`` ...) besides
+dotted recipe keys (``optim.weight_decay=0.01``). A bad argument, an unknown key or a value of the
+wrong type ends with exit code 2 and one line on stderr naming the problem; data that cannot train
+the model end the same way, with one line per problem and its fix. Progress bars are drawn only on a
+terminal; otherwise each epoch and stage is one log line (:mod:`mlmi_zoo.training.progress`).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import textwrap
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 from mlmi_zoo._config import OverrideError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "FINETUNE_KEYS"]
 
 
 class _ArgumentError(Exception):
@@ -30,16 +38,78 @@ class _Parser(argparse.ArgumentParser):
         raise _ArgumentError(status, message)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _ArgumentError(2, f"mlmi-zoo {self.prog.split()[-1]}: error: {message}\n")
+        raise _ArgumentError(2, f"{self.prog}: error: {message}\n")
+
+
+def _prefixes(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    return () if [p.lower() for p in parts] == ["none"] else parts
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(","))
+
+
+def _intensity(text: str) -> str:
+    from mlmi_zoo.training.finetune import INTENSITY_MODES
+
+    if text not in INTENSITY_MODES:
+        raise ValueError(f"expected one of {', '.join(INTENSITY_MODES)}")
+    return text
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One short ``key=value`` of ``finetune``: the option it stands for, how its value is read, what it means."""
+
+    option: str
+    parse: Callable[[str], Any]
+    meaning: str
+
+
+# The finetune keys that matter, as key=value or --option (the option is the key with '-' for '_').
+FINETUNE_KEYS: dict[str, _Key] = {
+    "epochs": _Key("epochs", int, "epochs of each gradient stage of the base model's stages (default 3)"),
+    "lr": _Key("lr", float, "peak learning rate, cosine decay over each stage (default 0.001)"),
+    "batch_size": _Key("batch_size", int, "images per optimiser step (default 16)"),
+    "freeze": _Key("freeze", _prefixes, "parameter prefixes kept frozen, comma separated; 'none' trains all "
+                   "(default backbone)"),
+    "labels": _Key("labels", _names, "class names in index order, comma separated (default: the labels the "
+                   "data hold, sorted)"),
+    "val_fraction": _Key("val_fraction", float, "share of the data held out for validation, split by seed "
+                         "(default 0.2)"),
+    "seed": _Key("seed", int, "seed of the split, the data order and the new heads (default 0)"),
+    "intensity": _Key("intensity", _intensity, "check: refuse images the base model's intensity transform "
+                      "cannot read (default); refit: re-fit its window to your training images (recorded); "
+                      "keep: no check"),
+}
+_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-3, "batch_size": 16, "freeze": ("backbone",), "labels": None,
+                             "val_fraction": 0.2, "seed": 0, "intensity": "check"}
+
+_FINETUNE_EPILOG = "key=value overrides (anywhere on the line, like the options):\n" + "\n".join(
+    textwrap.fill(k.meaning, width=100, initial_indent=f"  {key + '=...':<18}", subsequent_indent=" " * 20)
+    for key, k in FINETUNE_KEYS.items()) + """
+  dotted recipe keys, e.g. optim.weight_decay=0.01  stages.1.epochs=10  training.fa_coef=0
+                    data.params.channels=1 (read PNG/JPEG as greyscale)  model.config.intensity.kind=identity
+
+DATA is a CSV (image,label[,mask][,spacing_mm][,<quantity>_<unit>...]; image paths relative to the CSV),
+a folder holding one CSV, or a folder with one sub-folder per class (DIR/<class>/<image>.png).
+The model is OUT/final; evaluate it on your test data with
+  mlmi-zoo evaluate OUT/final --test-csv test.csv   (or --test-dir DIR)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``train`` / ``finetune`` argument parser."""
+    """The ``train`` / ``finetune`` argument parser.
+
+    Returns:
+        the parser; ``key=value`` words after the options are collected by :func:`main`.
+    """
     parser = _Parser(prog="mlmi-zoo", description="Train or fine-tune mlmi-zoo models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a recipe", description="Train RECIPE.yaml; key=value overrides "
-                       "such as optim.lr=0.001 stages.0.epochs=2 model.config.num_prototypes=20.")
+                       "such as optim.lr=0.001 stages.0.epochs=2 model.config.num_prototypes=20, in any order "
+                       "with the options.")
     t.add_argument("recipe", nargs="?", help="recipe YAML (omit with --resume to use the run's recipe.yaml)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     t.add_argument("--run-dir", type=Path, help="output folder (default: runs/<recipe>-<time>)")
@@ -47,40 +117,104 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
 
     f = sub.add_parser("finetune", help="fine-tune a zoo model on your data",
-                       description="Fine-tune NAME_OR_URI on a CSV of images (or a folder with one CSV).")
-    f.add_argument("model", metavar="NAME_OR_URI")
-    f.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (e.g. optim.lr=0.0003)")
-    f.add_argument("--data", required=True, type=Path, metavar="DIR_OR_CSV")
-    f.add_argument("--labels", help="class names in index order, comma separated (default: from the CSV)")
+                       description="Fine-tune NAME_OR_URI on your images: a CSV, a folder with one CSV, or a "
+                       "folder with one sub-folder per class. Every check of the data runs before the first epoch.",
+                       epilog=_FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("model", metavar="NAME_OR_URI", help="bundled name (mlmi-zoo list --pretrained), hf-hub:ORG/REPO, "
+                   "local-dir:PATH or a model folder")
+    f.add_argument("overrides", nargs="*", metavar="key=value", help="overrides (see below)")
+    f.add_argument("--data", required=True, type=Path, metavar="DATA", help="CSV, folder with one CSV, or class folders")
+    f.add_argument("--out", type=Path, help="run folder (default finetune-<architecture>); the model is OUT/final")
+    f.add_argument("--labels", help=FINETUNE_KEYS["labels"].meaning)
     f.add_argument("--freeze", action="append", metavar="PREFIX",
                    help="parameter prefix to keep frozen (repeatable; default: backbone; 'none' trains all)")
-    f.add_argument("--epochs", type=int, default=3)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--batch-size", type=int, default=16)
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--out", type=Path, help="run folder (the model is OUT/final)")
+    f.add_argument("--epochs", type=int, help=FINETUNE_KEYS["epochs"].meaning)
+    f.add_argument("--lr", type=float, help=FINETUNE_KEYS["lr"].meaning)
+    f.add_argument("--batch-size", type=int, help=FINETUNE_KEYS["batch_size"].meaning)
+    f.add_argument("--val-fraction", type=float, help=FINETUNE_KEYS["val_fraction"].meaning)
+    f.add_argument("--seed", type=int, help=FINETUNE_KEYS["seed"].meaning)
+    f.add_argument("--intensity", choices=("check", "refit", "keep"), help=FINETUNE_KEYS["intensity"].meaning)
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
     return parser
 
 
-def _split_positionals(args: argparse.Namespace) -> None:
-    """argparse cannot tell an optional RECIPE from the first override; a ``key=value`` is an override."""
-    if args.command == "train" and args.recipe is not None and "=" in args.recipe and not args.recipe.endswith(".yaml"):
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with ``key=value`` words anywhere: argparse takes positionals in one run only."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    command = f"mlmi-zoo {args.command}"
+    for word in extra:
+        if word.startswith("-"):
+            raise _ArgumentError(2, f"{command}: error: unrecognized option {word!r} (see --help)\n")
+        if "=" not in word:
+            raise _ArgumentError(2, f"{command}: error: unexpected argument {word!r}; overrides are key=value "
+                                    "(see --help)\n")
+    args.overrides = [*args.overrides, *extra]
+    if args.command == "train" and args.recipe is not None and "=" in args.recipe \
+            and not args.recipe.endswith(".yaml"):
+        # argparse cannot tell an optional RECIPE from the first override; a key=value is an override.
         args.overrides = [args.recipe, *args.overrides]
         args.recipe = None
+    if args.command == "finetune":
+        _finetune_keys(args)
+    return args
+
+
+def _finetune_keys(args: argparse.Namespace) -> None:
+    """Move short ``key=value`` words onto their options; leave dotted (recipe) keys as overrides."""
+    from mlmi_zoo.training.recipe import Recipe
+
+    options: dict[str, Any] = {
+        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "val_fraction": args.val_fraction,
+        "seed": args.seed, "intensity": args.intensity,
+        "labels": _names(args.labels) if args.labels else None,
+        "freeze": None if args.freeze is None else tuple(p for p in args.freeze if p.lower() != "none"),
+    }
+    recipe_keys = {f.name for f in fields(Recipe)}
+    rest = []
+    for word in args.overrides:
+        key, _, text = word.partition("=")
+        key = key.strip()
+        if "." in key:
+            rest.append(word)
+            continue
+        if key not in FINETUNE_KEYS:
+            if key in recipe_keys:
+                rest.append(word)
+                continue
+            sections = {"model", "data", "optim", "stages", "training"}
+            raise OverrideError(f"unknown key {key!r} in {word!r}; finetune keys: {', '.join(FINETUNE_KEYS)}; recipe "
+                                f"keys are dotted (optim.lr=...) or one of {sorted(recipe_keys - sections)}")
+        spec = FINETUNE_KEYS[key]
+        try:
+            value = spec.parse(text.strip())
+        except ValueError as err:
+            raise OverrideError(f"{word!r}: cannot read {text!r} for {key} ({err})") from err
+        given = options[spec.option]
+        if given is not None and given != value:
+            raise OverrideError(f"{word!r} and --{key.replace('_', '-')} {given!r} disagree; give one")
+        options[spec.option] = value
+    args.overrides = rest
+    for name, value in options.items():
+        setattr(args, name, _DEFAULTS[name] if value is None else value)
+    if args.labels is not None and (len(args.labels) < 2 or not all(args.labels)):
+        raise OverrideError(f"labels needs at least two comma-separated class names, got {','.join(args.labels)!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``train`` or ``finetune``; return the exit code (2: bad arguments or recipe)."""
+    """Run ``train`` or ``finetune``; return the exit code (2: bad arguments, recipe or data)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and argv[0] in ("train", "finetune") else "train|finetune"
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
     except _ArgumentError as err:
         if err.message:
             (sys.stderr if err.status else sys.stdout).write(err.message)
         return err.status
-    _split_positionals(args)
+    except OverrideError as err:
+        sys.stderr.write(f"mlmi-zoo {command}: error: {_one_line(err)}\n")
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "train":
@@ -88,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return _finetune(args)
     except (OverrideError, FileNotFoundError, FileExistsError) as err:
         sys.stderr.write(f"mlmi-zoo {args.command}: error: {_one_line(err)}\n")
+        return 2
+    except ValueError as err:  # data that cannot train the model: one line per problem, each with its fix
+        sys.stderr.write(f"mlmi-zoo {args.command}: error: {str(err).strip()}\n")
         return 2
 
 
@@ -118,12 +255,9 @@ def _train(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from mlmi_zoo.training.finetune import finetune
 
-    freeze = ("backbone",) if args.freeze is None else tuple(p for p in args.freeze if p.lower() != "none")
-    labels = tuple(s.strip() for s in args.labels.split(",")) if args.labels else None
-    if labels is not None and len(labels) < 2:
-        raise OverrideError(f"--labels needs at least two comma-separated class names, got {args.labels!r}")
-    final = finetune(args.model, args.data, label_names=labels, freeze=freeze, epochs=args.epochs, out_dir=args.out,
-                     lr=args.lr, batch_size=args.batch_size, seed=args.seed, overrides=args.overrides,
-                     resume=args.resume, quiet=args.quiet)
+    final = finetune(args.model, args.data, label_names=args.labels, freeze=args.freeze, epochs=args.epochs,
+                     out_dir=args.out, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                     overrides=args.overrides, resume=args.resume, quiet=args.quiet, val_fraction=args.val_fraction,
+                     intensity=args.intensity)
     logging.getLogger("mlmi_zoo.training").info("fine-tuned model written to %s", final)
     return 0

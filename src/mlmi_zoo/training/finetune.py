@@ -1,61 +1,650 @@
-"""Fine-tune a zoo model on a user's own data (which never leaves the machine).
+"""Fine-tune a zoo model on a user's own data (which never leaves the machine), refusing data that cannot work.
 
-``finetune("protopnet_resnet18.nodule_phantom", "my_data/labels.csv", label_names=("a", "b"))``
-loads the model with the new label names (heads whose shape changes are re-initialised and listed
-in ``model.load_report.skipped``), freezes the backbone, trains with the family's default stages
-(for prototype models this includes the push onto the new training data, so every prototype is
-again a real patch of the user's images) and writes a model folder whose ``config.json`` records the
-base model (``base_model``: the zoo parent), the pretrained weights the parent's backbone started from
-(``base_weights``, inherited, when the parent has them) and a description of the data (checksums,
-split sizes — never the data). The parent's intensity transform, with the normalisation its base
-weights expect, carries over.
+``finetune("protopnet_resnet8.lidc_nodule", "my_data/cases.csv")`` loads the model with the classes
+of the data (heads whose shape changes are re-initialised and listed in ``model.load_report.skipped``),
+freezes the backbone, trains the stages the base model was trained with (for prototype models this
+includes the push onto the new training data, so every prototype is again a real patch of the
+user's images) and writes a model folder whose ``config.json`` records the base model
+(``base_model``), the pretrained weights the parent's backbone started from (``base_weights``,
+inherited), a description of the data (checksums, split sizes — never the data) and what fine-tuning
+adapted to the data (``finetune``). The parent's intensity transform, with the normalisation its base
+weights expect, and its training settings (loss coefficients, push choices) carry over.
+
+Before the first epoch :func:`plan_finetune` checks that the data give what the base model and its
+stages need, and refuses with the reason and the fix when they do not, so that nothing fails after
+training and no run folder is left that looks like a finished model:
+
+* columns: the CSV's spacing (``spacing_mm``, or ``spacing_y_mm`` / ``spacing_x_mm``), the
+  measurements a physical head predicts (``diameter_mm``, any ``<quantity>_<unit>`` it names),
+  the concepts a bottleneck predicts and a ``mask`` column are found in the header and passed to
+  the loader (:mod:`mlmi_zoo.training.datasets.folder_csv`); a physical head without spacing or
+  measurements is refused;
+* lesion masks: settings that need them (push onto lesion patches, the fine-annotation cost, the
+  count map's fit: :data:`MASK_GUIDED_SETTINGS`) are inherited when the data have masks; without
+  masks they are switched to their mask-free form and the switch is recorded; a user's explicit
+  request for one of them without masks is refused;
+* images: channels and spatial dimensions of the base model, one image size;
+* intensity: through the base model's intensity transform the training images must neither become
+  a near-constant image (8-bit PNGs through a HU window) nor land far outside ``[0, 1]`` (raw HU
+  into a model that expects ``[0, 1]``). ``intensity="refit"`` instead re-fits a window to the
+  0.5th-99.5th percentiles of the training images and records it; ``"keep"`` trains without the check;
+* labels: at least two classes, every class with training cases (the class set is what the data
+  hold: labels ``0`` and ``2`` give two classes named ``"0"`` and ``"2"``).
+
+A folder with one sub-folder per class (``DIR/<class>/<image>``, torchvision's ImageFolder layout)
+is listed into ``RUN_DIR/image_folder.csv`` and read like a CSV; training and validation cases are
+split by a permutation seeded with ``seed`` (``val_fraction`` held out).
 
 It is a thin layer over the trainer: it writes a :class:`~mlmi_zoo.training.recipe.Recipe` with
 ``model.init_from`` and ``model.freeze`` set, so a fine-tuning run is resumable and reproducible
-like any other (``RUN_DIR/recipe.yaml``).
+like any other (``RUN_DIR/recipe.yaml``). :func:`evaluation_data_spec` builds the data spec that
+``mlmi-zoo evaluate MODEL --test-csv`` / ``--test-dir`` evaluates.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-from mlmi_zoo.training.data_spec import DataSpec, build_dataset
+import numpy as np
+import torch
+
+from mlmi_zoo.base import InterpretableModel
+from mlmi_zoo.training.data_spec import DataSpec, IndexSubset, build_dataset
 from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSection, apply_recipe_overrides
 
-__all__ = ["finetune", "data_spec_from_path"]
+__all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path", "evaluation_data_spec",
+           "check_images", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES"]
 
 log = logging.getLogger(__name__)
 
+IntensityMode = Literal["check", "refit", "keep"]
+INTENSITY_MODES: tuple[str, ...] = ("check", "refit", "keep")
+
+
+
+@dataclass(frozen=True)
+class MaskGuided:
+    """A training setting that needs lesion masks, and its mask-free form.
+
+    Attributes:
+        off: the value that uses no mask.
+        meaning: what training does with ``off`` (recorded with the switch).
+        applies: whether the setting acts on this model at all (no record of a switch that changes nothing).
+    """
+
+    off: Any
+    meaning: str
+    applies: Callable[[InterpretableModel], bool] = lambda model: True
+
+
+# Training settings (any family's) that need lesion masks; keyed by setting name, so a family gets
+# the rule by naming its setting this way.
+MASK_GUIDED_SETTINGS: dict[str, MaskGuided] = {
+    "push_on_lesion": MaskGuided(False, "push projects prototypes onto any patch of the training images, not only "
+                                        "onto lesions"),
+    "fa_coef": MaskGuided(0.0, "no fine-annotation cost (it penalises evidence outside the lesion mask)"),
+    "measure_map_coef": MaskGuided(0.0, "the physical head's map is not fitted to masks; it learns from the "
+                                        "measured values alone", applies=lambda model: bool(model.config.quantities)),
+}
+
+SAMPLED_CASES = 32  # training images read by the image and intensity checks (evenly spread)
+_REFIT_PERCENTILES = (0.5, 99.5)
+_MIN_SPREAD = 0.01  # median per-image std after the transform, as a share of its [0, 1] range
+_PIXELS_PER_IMAGE = 1 << 16  # pixels of each sampled image that the intensity window is fitted on
+_LISTING = "image_folder.csv"
+
+
+class FinetuneDataError(ValueError):
+    """The data cannot train (or test) the model as asked; the message lists each problem with its fix."""
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    """A checked fine-tuning run, ready for the trainer.
+
+    Attributes:
+        recipe: the resolved recipe (``model.init_from`` = the base model).
+        run_dir: the run folder; the model will be ``run_dir/final``.
+        record: what fine-tuning adapted to the data, written to ``final/config.json`` as ``finetune``.
+    """
+
+    recipe: Recipe
+    run_dir: Path
+    record: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# data specs
+# ---------------------------------------------------------------------------------------------
+def _csv_of(path: Path, listing: Path | None) -> tuple[Path, Path | None]:
+    """The CSV to read for ``path`` and the folder its image paths are relative to (None: the CSV's folder)."""
+    from mlmi_zoo.training.datasets.folder_csv import write_image_folder_csv
+
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise FileNotFoundError(f"data not found: {str(path)!r} (expected a CSV file, a folder with one CSV, "
+                                "or a folder with one sub-folder per class)")
+    csvs = sorted(path.glob("*.csv"))
+    if len(csvs) > 1:
+        raise ValueError(f"{path} holds several CSV files {[c.name for c in csvs]}; pass the one to use")
+    if csvs:
+        return csvs[0], None
+    if listing is None:
+        raise ValueError(f"{path} has the class-folder layout; pass listing=PATH, where its listing CSV is written")
+    write_image_folder_csv(path, listing)
+    log.info("%s: class folders listed into %s", path, listing)
+    return listing, path
+
 
 def data_spec_from_path(path: str | Path, label_names: Sequence[str] | None = None, val_fraction: float = 0.2,
-                        split_seed: int = 0) -> DataSpec:
-    """A ``folder_csv`` spec for a CSV file, or for a folder holding exactly one CSV.
+                        split_seed: int = 0, columns: Mapping[str, Any] | None = None,
+                        listing: str | Path | None = None) -> DataSpec:
+    """A ``folder_csv`` spec for a CSV, a folder holding one CSV, or a folder of class sub-folders.
 
     Args:
-        path: ``labels.csv`` or its folder (image paths in the CSV are relative to the CSV's folder).
-        label_names: class names in index order (default: from the CSV).
-        val_fraction: share of rows held out for validation (seeded by ``split_seed``).
+        path: ``cases.csv``, its folder (image paths in the CSV are relative to the CSV's folder), or
+            ``DIR`` laid out as ``DIR/<class>/<image>`` (listed into ``listing``).
+        label_names: class names in index order (default: the labels the data hold).
+        val_fraction: share of cases held out for validation (seeded by ``split_seed``).
         split_seed: seed of the train/val partition.
+        columns: further loader arguments (``spacing_columns``, ``measurement_columns``,
+            ``concept_columns``, ``mask_column``, ``channels``).
+        listing: where the listing CSV of a class-folder layout is written.
+
+    Returns:
+        the spec; its single CSV is split into train and val (no test split).
 
     Raises:
-        FileNotFoundError: no such file or folder, or a folder without a CSV.
-        ValueError: a folder with several CSVs.
+        FileNotFoundError: no such file or folder.
+        ValueError: a folder with several CSVs, or class folders without ``listing``.
     """
-    path = Path(path)
-    if path.is_dir():
-        csvs = sorted(path.glob("*.csv"))
-        if not csvs:
-            raise FileNotFoundError(f"{path} holds no .csv file; pass the CSV describing the images")
-        if len(csvs) > 1:
-            raise ValueError(f"{path} holds several CSV files {[c.name for c in csvs]}; pass the one to use")
-        path = csvs[0]
-    elif not path.is_file():
-        raise FileNotFoundError(f"data not found: {str(path)!r} (expected a CSV file or a folder with one)")
-    params: dict[str, Any] = {"csv": str(path.resolve())}
+    csv, image_dir = _csv_of(Path(path), Path(listing) if listing is not None else None)
+    params: dict[str, Any] = {"csv": str(csv.resolve()), **dict(columns or {})}
+    if image_dir is not None:
+        params["image_dir"] = str(image_dir.resolve())
     if label_names is not None:
         params["label_names"] = list(label_names)
     return DataSpec("folder_csv", params, val_fraction=val_fraction, test_fraction=0.0, split_seed=split_seed)
+
+
+def _columns_for(model: InterpretableModel, header: Sequence[str], image_column: str, label_column: str,
+                 require: bool) -> tuple[dict[str, Any], list[str]]:
+    """Loader arguments for the columns ``model`` reads, and the problems (with fixes) when ``require``.
+
+    Spacing, a ``mask`` column and the columns the model predicts (physical-head quantities,
+    bottleneck concepts) are passed when present; with ``require``, a physical head without its
+    measurement columns or without spacing, and a bottleneck without its concept columns, are problems.
+    """
+    from mlmi_zoo.training.datasets.folder_csv import has_unit_suffix, spacing_columns_in
+
+    problems: list[str] = []
+    try:
+        spacing = spacing_columns_in(header)
+    except ValueError as err:
+        spacing, problems = (), [str(err)]
+    quantities = [q.name for q in model.config.quantities]
+    concepts = [c.name for c in getattr(model.config, "concepts", ())]
+    wanted = list(dict.fromkeys(quantities + concepts))
+    found = [n for n in wanted if n in header]
+    columns: dict[str, Any] = {
+        "spacing_columns": list(spacing),
+        "measurement_columns": [n for n in found if has_unit_suffix(n)],
+        "concept_columns": [n for n in found if not has_unit_suffix(n)],
+    }
+    columns = {k: v for k, v in columns.items() if v}
+    if "mask" in header:
+        columns["mask_column"] = "mask"
+    if image_column != "image":
+        columns["image_column"] = image_column
+    if label_column != "label":
+        columns["label_column"] = label_column
+    used = {image_column, label_column, "mask", *spacing, *found}
+    unused = [h for h in header if h not in used]
+    if unused:
+        log.info("columns not used by %s: %s", model.architecture, unused)
+    if not require:
+        return columns, problems
+    for name in wanted:
+        if name in header:
+            continue
+        stem = name.rsplit("_", 1)[0] if has_unit_suffix(name) else name
+        near = [h for h in header if h != name and h.rsplit("_", 1)[0] == stem and has_unit_suffix(h)]
+        hint = f" (found {near}: give the values in the unit of the name, e.g. convert to {name!r})" if near else ""
+        role = "its physical head predicts" if name in quantities else "its concept bottleneck predicts"
+        problems.append(f"the base model needs a column {name!r} ({role} it; blank cells = unknown){hint}; "
+                        f"the CSV has {list(header)}")
+    if quantities and not spacing:
+        problems.append(f"the base model measures {quantities} in physical units and needs each image's pixel "
+                        "spacing: add a column 'spacing_mm' holding e.g. '0.7x0.7' (mm per axis; or one column per "
+                        "axis, 'spacing_y_mm' and 'spacing_x_mm'); DICOM/NIfTI images carry it in their header")
+    return columns, problems
+
+
+def _has_class_folders(path: Path) -> bool:
+    return path.is_dir() and not any(path.glob("*.csv"))
+
+
+def _header_of(path: Path) -> tuple[str, ...]:
+    """The header of the CSV that ``path`` names (``image,label`` for a class-folder layout)."""
+    from mlmi_zoo.training.datasets.folder_csv import read_csv_header
+
+    if path.is_dir():
+        csvs = sorted(path.glob("*.csv"))
+        if not csvs:
+            return ("image", "label")  # the class-folder listing
+        if len(csvs) > 1:
+            raise ValueError(f"{path} holds several CSV files {[c.name for c in csvs]}; pass the one to use")
+        return read_csv_header(csvs[0])
+    if not path.is_file():
+        raise FileNotFoundError(f"data not found: {str(path)!r} (expected a CSV file, a folder with one CSV, "
+                                "or a folder with one sub-folder per class)")
+    return read_csv_header(path)
+
+
+def evaluation_data_spec(model_uri: str, path: str | Path, listing: str | Path | None = None,
+                         check: bool = True) -> DataSpec:
+    """The data spec whose ``test`` split is a user's own test CSV or class-folder layout.
+
+    The columns are read as for fine-tuning (spacing, measurements and concepts the model predicts,
+    a ``mask`` column) but all are optional: what the data lack is reported by the evaluation as
+    not measurable. Labels are read against the model's classes; image and label column names and
+    the channel conversion of the model's training data are reused.
+
+    Args:
+        model_uri: the model to evaluate (anything :func:`mlmi_zoo.load` accepts).
+        path: ``test.csv``, a folder holding one CSV, or ``DIR/<class>/<image>``.
+        listing: where a class-folder layout is listed (a CSV; required for that layout).
+        check: refuse images whose channels, dimensions or intensity range do not fit the model.
+
+    Returns:
+        a ``folder_csv`` spec with ``test_csv`` only (evaluate its ``"test"`` split).
+
+    Raises:
+        FileNotFoundError: no such data.
+        FinetuneDataError: images that do not fit the model (with ``check``).
+        ValueError: a CSV with bad rows (each named by row and column).
+    """
+    import mlmi_zoo
+    from mlmi_zoo.hub import resolve
+    from mlmi_zoo.registry import read_config
+
+    model = mlmi_zoo.load(model_uri)
+    trained = ((read_config(resolve(model_uri)).get("data") or {}).get("params") or {})
+    image_column = str(trained.get("image_column", "image"))
+    label_column = str(trained.get("label_column", "label"))
+    header = _header_of(Path(path))
+    columns, _ = _columns_for(model, header, image_column, label_column, require=False)
+    if trained.get("channels") is not None:
+        columns["channels"] = trained["channels"]
+    csv, image_dir = _csv_of(Path(path), Path(listing) if listing is not None else None)
+    params: dict[str, Any] = {"test_csv": str(csv.resolve()), "label_names": list(model.label_names), **columns}
+    if image_dir is not None:
+        params["image_dir"] = str(image_dir.resolve())
+    spec = DataSpec("folder_csv", params, val_fraction=0.0)
+    if check:
+        problems, _ = check_images(model, build_dataset(spec, "test"))
+        if problems:
+            raise FinetuneDataError(_report(f"cannot evaluate {model_uri} on {path}", problems))
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+# ---------------------------------------------------------------------------------------------
+def _sample_indices(n: int, k: int = SAMPLED_CASES) -> list[int]:
+    return torch.linspace(0, n - 1, steps=min(n, k)).round().long().unique().tolist() if n else []
+
+
+def _where(dataset: Any, index: int) -> str:
+    """A case's place in the user's file: ``row N`` of the CSV when known, else its index."""
+    base, i = dataset, index
+    while isinstance(base, IndexSubset):
+        base, i = base.dataset, int(base.indices[i])
+    row_number = getattr(base, "row_number", None)
+    csv_path = getattr(base, "csv_path", None)
+    if callable(row_number) and csv_path is not None:
+        return f"row {row_number(i)} of {Path(csv_path).name}"
+    return f"case {index}"
+
+
+def _csv_rows(dataset: Any) -> tuple[Any, list[int]] | None:
+    """The :class:`FolderCSVDataset` under ``dataset`` and the row indices it uses (None for other data)."""
+    from mlmi_zoo.training.datasets.folder_csv import FolderCSVDataset
+
+    base: Any = dataset
+    indices: list[int] = list(range(len(dataset)))
+    while isinstance(base, IndexSubset):
+        indices = [int(base.indices[i]) for i in indices]
+        base = base.dataset
+    return (base, indices) if isinstance(base, FolderCSVDataset) else None
+
+
+def _describe_transform_fix(unit: str | None) -> str:
+    give = f"give images in {unit} (DICOM/NIfTI files keep {unit})" if unit else "give images in the base model's range"
+    return (f"{give}, or pass intensity=refit (--intensity refit; intensity='refit' in Python) to re-fit the window "
+            "to your training images (recorded in the model's config.json), or intensity=keep to train on them as "
+            "they are")
+
+
+def check_images(model: InterpretableModel, dataset: Any, intensity: IntensityMode = "check",
+                 max_cases: int = SAMPLED_CASES) -> tuple[list[str], dict[str, Any] | None]:
+    """Check that images fit ``model``: channels, spatial dimensions, one size, intensity range.
+
+    Reads ``max_cases`` cases evenly spread over ``dataset``.
+
+    Args:
+        model: the model the images are for (its input spec and intensity transform).
+        dataset: the cases (sample dicts with ``"image"``).
+        intensity: ``"check"`` the range against the model's intensity transform; ``"refit"`` fit a
+            window to the images (0.5th-99.5th percentiles) instead; ``"keep"`` leave it unchecked.
+        max_cases: how many cases to read.
+
+    Returns:
+        ``(problems, fitted)``: each problem says what is wrong and how to fix it; ``fitted`` is the
+        re-fitted transform as a config dict (with ``"refit"``), else None.
+    """
+    spec = model.input_spec
+    problems: list[str] = []
+    indices = _sample_indices(len(dataset), max_cases)
+    images = [(i, torch.as_tensor(dataset[i]["image"]).float()) for i in indices]
+    if not images:
+        return ["the data hold no case"], None
+    channels = sorted({int(img.shape[0]) for _, img in images})
+    dims = sorted({img.ndim - 1 for _, img in images})
+    if dims != [spec.spatial_dims]:
+        problems.append(f"the base model takes {spec.spatial_dims}D images; these are {dims[-1]}D "
+                        f"(shape {tuple(images[0][1].shape)}, {_where(dataset, images[0][0])}); choose a "
+                        f"{dims[-1]}D base model")
+        return problems, None
+    if channels != [spec.in_channels]:
+        convert = "greyscale" if spec.in_channels == 1 else "RGB"
+        problems.append(f"the base model takes {spec.in_channels}-channel images; these have {channels} channel(s) "
+                        f"(e.g. {_where(dataset, images[0][0])}); pass data.params.channels={spec.in_channels} to read "
+                        f"PNG/JPEG files as {convert}, or save them so")
+    sizes: dict[tuple[int, ...], int] = {}
+    for i, img in images:
+        sizes.setdefault(tuple(img.shape[1:]), i)
+    if len(sizes) > 1:
+        shown = ", ".join(f"{s} ({_where(dataset, i)})" for s, i in list(sizes.items())[:4])
+        trained = f" (the base model was trained at {tuple(spec.size)})" if spec.size else ""
+        problems.append(f"images differ in size: {shown}; a batch needs one size: resize them to one size{trained}")
+    elif spec.size and next(iter(sizes)) != tuple(spec.size) and intensity != "refit":  # refit: checked again after
+        log.warning("images are %s; the base model was trained at %s (it is convolutional: this works, but "
+                    "features of another scale may transfer less well)", next(iter(sizes)), tuple(spec.size))
+    if problems or intensity == "keep":
+        return problems, None
+    base = dataclasses.replace(spec.intensity, mean=None, std=None)  # the [0, 1] stage, before any normalisation
+    # A strided share of each image's pixels: percentiles of 32 volumes need not hold them all in memory.
+    pixels = np.concatenate([img.reshape(-1)[::max(1, img.numel() // _PIXELS_PER_IMAGE)].numpy() for _, img in images])
+    lo, hi = float(pixels.min()), float(pixels.max())
+    read_note = " (PNG/JPEG/TIFF files are read scaled to [0, 1])" if 0.0 <= lo and hi <= 1.0 else ""
+    if intensity == "refit":
+        p_lo, p_hi = (float(v) for v in np.percentile(pixels, _REFIT_PERCENTILES))
+        if not p_hi > p_lo:
+            return [f"the training images are constant ({p_lo:.4g}) over their 0.5th-99.5th percentiles; "
+                    "there is no intensity window to fit"], None
+        fitted = {"kind": "window", "low": p_lo, "high": p_hi, "unit": None,
+                  "mean": list(spec.intensity.mean) if spec.intensity.mean is not None else None,
+                  "std": list(spec.intensity.std) if spec.intensity.std is not None else None}
+        return [], fitted
+    mapped = [base(img) for _, img in images]
+    spread = float(np.median([float(m.std()) for m in mapped]))
+    m_lo, m_hi = min(float(m.min()) for m in mapped), max(float(m.max()) for m in mapped)
+    outside = float(np.mean([float(((m < -0.5) | (m > 1.5)).float().mean()) for m in mapped]))
+    what = f"your images span [{lo:.4g}, {hi:.4g}]{read_note}"
+    expects = (f"raw values in {spec.intensity.unit} ({spec.intensity.describe()})" if spec.intensity.unit
+               else f"values its transform maps to [0, 1] ({spec.intensity.describe()})")
+    if spread < _MIN_SPREAD:
+        problems.append(f"{what}; the base model expects {expects}, which maps them to [{m_lo:.4g}, {m_hi:.4g}] "
+                        f"(median std {spread:.2g}): a near-constant image the model cannot learn from. Fix: "
+                        f"{_describe_transform_fix(spec.intensity.unit)}")
+    elif outside > 0.01:
+        problems.append(f"{what}; the base model expects {expects}, which maps {outside:.0%} of their pixels far "
+                        f"outside [0, 1] (to [{m_lo:.4g}, {m_hi:.4g}]). Fix: {_describe_transform_fix(spec.intensity.unit)}")
+    return problems, None
+
+
+def _label_problems(train_set: Any, label_names: Sequence[str], val_fraction: float) -> list[str]:
+    if len(label_names) < 2:
+        return [f"a classifier needs at least two classes; the data hold {list(label_names)}"]
+    rows = _csv_rows(train_set)
+    if rows is None:
+        return []  # labels of other data sets are their loader's business; reading every image here would be slow
+    base, indices = rows
+    labels = base.labels
+    counts = np.bincount([labels[i] for i in indices], minlength=len(label_names))
+    empty = [name for name, n in zip(label_names, counts) if n == 0]
+    if not empty:
+        return []
+    return [f"class(es) {empty} have no case in the training split ({len(indices)} cases, val_fraction="
+            f"{val_fraction}): add cases, lower the validation share (--val-fraction), or leave them out of the "
+            "label names (--labels)"]
+
+
+def _physical_problems(model: InterpretableModel, train_set: Any, samples: list[dict[str, Any]]) -> list[str]:
+    quantities = [q.name for q in model.config.quantities]
+    if not quantities:
+        return []
+    rows = _csv_rows(train_set)
+    if rows is not None:
+        base, indices = rows
+        missing = base.rows_without_spacing(indices)
+        problems = []
+        if missing:
+            shown = ", ".join(str(r) for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+            problems.append(f"the base model measures {quantities} and needs every training image's spacing; "
+                            f"{len(missing)} row(s) of {base.csv_path.name} have none (blank "
+                            f"{'/'.join(base.spacing_columns) or 'spacing'} and a PNG/JPEG/TIFF): rows {shown}")
+        for name in quantities:
+            if name in base.measurement_columns and not base.has_values(name, indices):
+                problems.append(f"column {name!r} is blank in every training row; the base model's physical head "
+                                "needs measured values (blank = unknown for some rows is fine)")
+        return problems
+    if any(s.get("spacing") is None for s in samples):
+        return [f"the base model measures {quantities} and needs samples with a 'spacing' (mm); this data set has "
+                "none"]
+    return []
+
+
+def _report(title: str, problems: list[str]) -> str:
+    return f"{title}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------
+def _parent_training(doc: Mapping[str, Any], model: InterpretableModel) -> tuple[dict[str, Any], list[str]]:
+    """The base model's training settings and stage names, from its config.json."""
+    from mlmi_zoo.base import migrate_config
+
+    raw = doc.get("recipe")
+    recipe: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    _, moved = migrate_config(type(model).config_class, dict(doc["config"]), int(doc.get("config_version", 1)))
+    training = {**moved, **dict(recipe.get("training") or {})}
+    stages = [str(s["name"]) for s in recipe.get("stages") or [] if isinstance(s, Mapping) and "name" in s]
+    return training, stages
+
+
+def _has_masks(dataset: Any) -> bool:
+    flag = getattr(dataset, "has_masks", None)
+    if isinstance(flag, bool):
+        return flag
+    return len(dataset) > 0 and dataset[0].get("mask") is not None
+
+
+def _model_for(recipe: Recipe) -> InterpretableModel:
+    """The model as the trainer will build it from ``recipe`` (``init_from`` with the recipe's config keys)."""
+    from mlmi_zoo.hub import load
+    from mlmi_zoo.training.recipe import model_config
+
+    section = recipe.model
+    assert section.init_from is not None
+    config = model_config(section)
+    return load(section.init_from, **{k: getattr(config, k) for k in section.config})
+
+
+def plan_finetune(
+    name_or_uri: str,
+    data: DataSpec | str | Path,
+    label_names: Sequence[str] | None = None,
+    freeze: Sequence[str] = ("backbone",),
+    epochs: int = 3,
+    out_dir: str | Path | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    resume: bool = False,
+    val_fraction: float = 0.2,
+    intensity: IntensityMode = "check",
+) -> FinetunePlan:
+    """Check the data against the base model and write the recipe of a fine-tuning run (nothing is trained).
+
+    Args: as :func:`finetune`.
+
+    Returns:
+        the plan: recipe, run folder and the record of what was adapted to the data.
+
+    Raises:
+        FinetuneDataError: the data do not give what the model or its stages need (every problem
+            with its fix, in one message).
+        ValueError: a CSV with bad rows (each named by row and column), bad arguments.
+        FileNotFoundError: no such model or data.
+        FileExistsError: ``out_dir`` already holds a run and ``resume`` is false.
+        OverrideError: an unknown recipe key or a value of the wrong type.
+    """
+    import mlmi_zoo
+    from mlmi_zoo.families import family_of
+    from mlmi_zoo.training.checkpoint import find_checkpoint
+
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {intensity!r}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1): a share of the data held out for validation, got {val_fraction}")
+    parent = mlmi_zoo.load(name_or_uri)
+    if family_of(parent).inputs != "images":
+        raise ValueError(f"{name_or_uri} takes bags of instances; fine-tuning on a CSV or image folder needs an image model")
+    run_dir = Path(out_dir) if out_dir is not None else Path(f"finetune-{parent.architecture}")
+    if not resume and (find_checkpoint(run_dir / "checkpoints" / "last") is not None or (run_dir / "final").exists()):
+        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or another out_dir (--out)")
+    created = not run_dir.exists()
+    try:
+        return _plan(parent, name_or_uri, data, run_dir, label_names=label_names, freeze=freeze, epochs=epochs,
+                     lr=lr, batch_size=batch_size, seed=seed, overrides=overrides, resume=resume,
+                     val_fraction=val_fraction, intensity=intensity)
+    except BaseException:
+        if created and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {_LISTING}:
+            shutil.rmtree(run_dir)  # only the listing of a class folder was written: leave no run folder behind
+        raise
+
+
+def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | Path, run_dir: Path, *,
+          label_names: Sequence[str] | None, freeze: Sequence[str], epochs: int, lr: float, batch_size: int,
+          seed: int, overrides: Sequence[str], resume: bool, val_fraction: float,
+          intensity: IntensityMode) -> FinetunePlan:
+    """The body of :func:`plan_finetune`, once the base model is loaded and the run folder chosen."""
+    from mlmi_zoo.architectures.blocks.stages import training_for
+    from mlmi_zoo.hub import resolve
+    from mlmi_zoo.registry import read_config
+
+    if isinstance(data, DataSpec):
+        spec = data
+    else:
+        path = Path(data)
+        header = _header_of(path)
+        columns, problems = _columns_for(parent, header, "image", "label", require=True)
+        if problems:
+            raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri} on {path}", problems))
+        listing = run_dir / _LISTING if _has_class_folders(path) else None
+        before = listing.read_text(encoding="utf-8") if listing is not None and listing.is_file() else None
+        spec = data_spec_from_path(path, label_names, val_fraction=val_fraction, split_seed=seed, columns=columns,
+                                   listing=listing)
+        if listing is not None and resume and before is not None and before != listing.read_text(encoding="utf-8"):
+            listing.write_text(before, encoding="utf-8")
+            raise ValueError(f"{path} changed since the run in {run_dir} started (its listing {listing} differs); "
+                             "resume with the same images or start a new run")
+    names = tuple(label_names) if label_names is not None else tuple(getattr(build_dataset(spec, "train"), "label_names"))
+    log.info("classes, in index order: %s", ", ".join(names))
+
+    inherited, parent_stages = _parent_training(read_config(resolve(name_or_uri)), parent)
+    adapter = training_for(parent)
+    stage_names = parent_stages if parent_stages and all(s in adapter.stage_names for s in parent_stages) \
+        else list(adapter.stage_names)
+    known = {f.name for f in dataclasses.fields(adapter.settings_class)}
+    recipe = Recipe(
+        model=ModelSection(parent.architecture, {"label_names": list(names)}, init_from=str(name_or_uri),
+                           freeze=tuple(freeze)),
+        data=spec,
+        optim=OptimSection(name="adamw", lr=lr, batch_size=batch_size, schedule="cosine"),
+        stages=tuple(StageSection(name, epochs) for name in stage_names),
+        training={k: v for k, v in inherited.items() if k in known},
+        seed=seed,
+        select_metric="val_auroc",
+    )
+    recipe = apply_recipe_overrides(recipe, list(overrides))  # type-checks everything, fills the defaults
+    train_set = build_dataset(recipe.data, "train")
+    record: dict[str, Any] = {"base_model": str(name_or_uri), "intensity": intensity, "changes": []}
+
+    # Settings that need lesion masks: inherited ones switch to their mask-free form, asked-for ones are refused.
+    asked = {o.partition("=")[0].strip() for o in overrides}
+    if not _has_masks(train_set):
+        training = dict(recipe.training)
+        refused = []
+        for key, rule in MASK_GUIDED_SETTINGS.items():
+            off = rule.off
+            if key not in training or training[key] == off or not rule.applies(parent):
+                continue
+            if f"training.{key}" in asked or f"model.config.{key}" in asked:
+                refused.append(f"training.{key}={training[key]!r} needs lesion masks and the data have none: add a "
+                               "'mask' column (mask image paths) or drop the override")
+                continue
+            record["changes"].append({"key": f"training.{key}", "from": training[key], "to": off,
+                                      "reason": f"the data have no lesion masks: {rule.meaning}"})
+            training[key] = off
+        if refused:
+            raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri}", refused))
+        if record["changes"]:
+            recipe = dataclasses.replace(recipe, training=training)
+            for change in record["changes"]:
+                log.warning("fine-tuning without lesion masks: %s %r -> %r (%s)", change["key"], change["from"],
+                            change["to"], change["reason"])
+
+    problems = _label_problems(train_set, recipe.model.config.get("label_names", names), recipe.data.val_fraction)
+    if intensity == "refit":
+        if any(k.startswith("model.config.intensity") for k in asked):
+            raise ValueError("intensity='refit' and a model.config.intensity override both set the intensity "
+                             "transform; keep one")
+        image_problems, fitted = check_images(parent, train_set, "refit")
+        problems += image_problems
+        if fitted is not None:
+            config = {**recipe.model.config, "intensity": fitted}
+            recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, config=config))
+            before_text = parent.input_spec.intensity.describe()
+            record["changes"].append({"key": "model.config.intensity", "from": before_text,
+                                      "to": f"window [{fitted['low']:.4g}, {fitted['high']:.4g}] -> [0, 1]",
+                                      "reason": f"re-fitted to the {_REFIT_PERCENTILES[0]}th-{_REFIT_PERCENTILES[1]}th "
+                                                "percentiles of the training images (intensity='refit')"})
+            log.warning("intensity transform re-fitted to the training images: window [%.4g, %.4g] -> [0, 1] "
+                        "(the base model's: %s)", fitted["low"], fitted["high"], before_text)
+    if problems:
+        raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri} on {data}", problems))
+
+    model = _model_for(recipe)  # as the trainer will build it: the recipe's classes, intensity and config keys
+    training_for(model, recipe.training)  # refuses settings this model cannot train with
+    samples = [train_set[i] for i in _sample_indices(len(train_set), 4)]
+    problems = _physical_problems(model, train_set, samples)
+    problems += check_images(model, train_set, "keep" if intensity == "keep" else "check")[0]
+    if problems:
+        raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri} on {data}", problems))
+    return FinetunePlan(recipe, run_dir, record)
 
 
 def finetune(
@@ -71,55 +660,48 @@ def finetune(
     overrides: Sequence[str] = (),
     resume: bool = False,
     quiet: bool = False,
+    val_fraction: float = 0.2,
+    intensity: IntensityMode = "check",
 ) -> Path:
     """Fine-tune ``name_or_uri`` on ``data`` and return the new model folder.
 
+    Every check runs before the first epoch (:func:`plan_finetune`); ``final/`` is written only when
+    training ends, in one rename.
+
     Args:
         name_or_uri: a bundled name, ``hf-hub:ORG/REPO``, ``local-dir:PATH`` or a model folder.
-        data: a data spec, or a CSV / folder with one CSV (see :func:`data_spec_from_path`).
-        label_names: the new classes in index order (default: those of the data).
+        data: a data spec; a CSV or a folder with one CSV (see :func:`data_spec_from_path`); or a
+            folder with one sub-folder per class.
+        label_names: the classes in index order (default: the labels the data hold, sorted).
         freeze: parameter-name prefixes kept frozen (``()`` trains everything).
-        epochs: epochs of each gradient stage of the family's default stages.
-        out_dir: run directory (default ``finetune-<model name>``); the model is ``out_dir/final``.
+        epochs: epochs of each gradient stage of the base model's stages.
+        out_dir: run directory (default ``finetune-<architecture>``); the model is ``out_dir/final``.
         lr: peak learning rate.
         batch_size: batch size.
-        seed: seed of initialisation of the re-initialised heads, data order and split.
-        overrides: further recipe ``key=value`` overrides, e.g.
-            ``["model.config.intensity.kind=identity"]`` when the new images are not in the
-            base model's intensity unit.
+        seed: seed of the train/val split, initialisation of the re-initialised heads and data order.
+        overrides: further recipe ``key=value`` overrides, e.g. ``["training.fa_coef=0",
+            "data.params.channels=1"]``.
         resume: continue an interrupted fine-tuning run in ``out_dir``.
         quiet: no progress bars.
+        val_fraction: share of a CSV or image folder held out for validation.
+        intensity: ``"check"`` refuses images that the base model's intensity transform would turn
+            into a near-constant image or push far out of range; ``"refit"`` re-fits a window to the
+            training images (recorded); ``"keep"`` trains without the check.
 
     Returns:
         ``out_dir/final``, loadable with ``mlmi_zoo.load("local-dir:...")``; its config.json has
-        ``base_model`` (the uri), the parent's ``base_weights`` (its ImageNet or other pretrained
-        origin, when it has one) and ``data`` (the description of the data).
+        ``base_model`` (the uri), the parent's ``base_weights`` (when it has them), ``data`` (the
+        description of the data) and ``finetune`` (settings switched for the data, with the reason).
+
+    Raises:
+        FinetuneDataError, ValueError, FileNotFoundError, FileExistsError, OverrideError: see
+            :func:`plan_finetune`; nothing is trained then.
     """
-    import mlmi_zoo
-    from mlmi_zoo.architectures.blocks.stages import training_for
     from mlmi_zoo.training.trainer import train
 
-    spec = data if isinstance(data, DataSpec) else data_spec_from_path(data, label_names, split_seed=seed)
-    if label_names is None:
-        label_names = tuple(getattr(build_dataset(spec, "train"), "label_names"))
-    base = mlmi_zoo.load(name_or_uri, label_names=tuple(label_names))
-    skipped = base.load_report.skipped if base.load_report is not None else ()
-    if skipped:
-        log.info("fine-tuning %s: re-initialised for the new classes: %s", name_or_uri, ", ".join(skipped))
-    adapter = training_for(base)
-    stages = tuple(StageSection(name, epochs) for name in adapter.stage_names)
-    if "push" in adapter.stage_names:
+    plan = plan_finetune(name_or_uri, data, label_names=label_names, freeze=freeze, epochs=epochs, out_dir=out_dir,
+                         lr=lr, batch_size=batch_size, seed=seed, overrides=overrides, resume=resume,
+                         val_fraction=val_fraction, intensity=intensity)
+    if any(s.name == "push" for s in plan.recipe.stages):
         log.info("fine-tuning a prototype model: prototypes will be pushed onto the new training data")
-    recipe = Recipe(
-        model=ModelSection(base.architecture, {"label_names": list(label_names)}, init_from=str(name_or_uri),
-                           freeze=tuple(freeze)),
-        data=spec,
-        optim=OptimSection(name="adamw", lr=lr, batch_size=batch_size, schedule="cosine"),
-        stages=stages,
-        seed=seed,
-        select_metric="val_auroc",
-    )
-    if overrides:
-        recipe = apply_recipe_overrides(recipe, list(overrides))
-    run_dir = Path(out_dir) if out_dir is not None else Path(f"finetune-{base.architecture}")
-    return train(recipe, run_dir, resume=resume, quiet=quiet)
+    return train(plan.recipe, plan.run_dir, resume=resume, quiet=quiet, final_extra={"finetune": plan.record})

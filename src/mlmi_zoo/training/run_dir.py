@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,12 +79,16 @@ def open_run_dir(run_dir: Path, recipe: Recipe, resume: bool, *, writer: bool, d
 
 
 def write_final(run_dir: Path, model: InterpretableModel, recipe: Recipe, data: dict[str, Any], *,
-                device: torch.device, world_size: int) -> tuple[Path, str]:
+                device: torch.device, world_size: int, extra: dict[str, Any] | None = None) -> tuple[Path, str]:
     """Write ``final/`` from ``checkpoints/best`` (else ``model`` as it is); return it and ``"best"`` / ``"last"``.
+
+    The folder is written as ``.final.tmp/`` and renamed to ``final/`` when complete, so a run that
+    fails never leaves a ``final/`` that looks like a finished model.
 
     Args:
         model: the trained model; it is loaded with the best weights and moved to the CPU.
         data: the data description for ``config.json``.
+        extra: further JSON-safe fields for ``config.json`` (e.g. what fine-tuning adapted to the data).
     """
     checkpoints = run_dir / "checkpoints"
     selected = "last"
@@ -93,7 +99,8 @@ def write_final(run_dir: Path, model: InterpretableModel, recipe: Recipe, data: 
         model.load_state_dict({k: v.to(device) for k, v in ckpt.model_state.items()})
         model.import_metadata(ckpt.state.get("model_metadata") or {})
         state, selected = ckpt.state, "best"
-    extra: dict[str, Any] = {
+    fields: dict[str, Any] = {
+        **(extra or {}),
         "recipe": to_jsonable(recipe),
         "data": data,
         "training": {"selected": selected, "select_metric": recipe.select_metric,
@@ -101,10 +108,15 @@ def write_final(run_dir: Path, model: InterpretableModel, recipe: Recipe, data: 
                      "seed": recipe.seed, "world_size": world_size},
     }
     if recipe.model.init_from:
-        extra["base_model"] = recipe.model.init_from
-    final = run_dir / "final"
-    model.cpu().save_pretrained(final, extra=extra)
-    write_text_atomic(final / "recipe.yaml", recipe_to_yaml(recipe))
+        fields["base_model"] = recipe.model.init_from
+    final, staging = run_dir / "final", run_dir / ".final.tmp"
+    if staging.exists():  # left by a run killed while writing final/
+        shutil.rmtree(staging)
+    model.cpu().save_pretrained(staging, extra=fields)
+    write_text_atomic(staging / "recipe.yaml", recipe_to_yaml(recipe))
+    if final.exists():  # a finished run resumed: its final/ is written again
+        shutil.rmtree(final)
+    os.replace(staging, final)
     return final, selected
 
 

@@ -113,14 +113,17 @@ class Trainer:
         quiet: no progress bars; one log line per epoch (CI logs).
         datasets: optional ``{"train": ds, "val": ds}`` to train on data sets built in code
             instead of ``recipe.data`` (``describe`` then records only their sizes).
+        final_extra: further JSON-safe fields for ``final/config.json`` (fine-tuning records there
+            what it adapted to the data).
     """
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, quiet: bool = False,
-                 datasets: dict[str, Dataset] | None = None) -> None:
+                 datasets: dict[str, Dataset] | None = None, final_extra: dict[str, Any] | None = None) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         self.datasets = datasets
+        self.final_extra = final_extra
         want_cuda = recipe.device == "cuda" or (recipe.device == "auto" and torch.cuda.is_available())
         if recipe.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("recipe.device is 'cuda' but torch sees no GPU; use device=auto or device=cpu")
@@ -265,7 +268,7 @@ class Trainer:
         final = self.run_dir / "final"
         if self.dist.main:
             final, selected = write_final(self.run_dir, model, self.recipe, self.data.describe(), device=self.device,
-                                          world_size=self.dist.world_size)
+                                          world_size=self.dist.world_size, extra=self.final_extra)
             self.metrics.append({"type": "final", "selected": selected, "path": str(final)})
             log.info("final model (%s weights) written to %s", selected, final)
         if self.dist.enabled:
@@ -389,7 +392,8 @@ def _test_kill_hook(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, quiet: bool = False) -> Path:
+def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, quiet: bool = False,
+          final_extra: dict[str, Any] | None = None) -> Path:
     """Train ``recipe`` into ``run_dir``; return the ``final/`` model folder (``mlmi_zoo.load``-able).
 
     Args:
@@ -398,10 +402,11 @@ def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, quiet: bool
         resume: continue from ``run_dir/checkpoints/last`` (start fresh when there is none); the
             recipe must equal the saved ``recipe.yaml``.
         quiet: no progress bars; one log line per epoch.
+        final_extra: further JSON-safe fields for ``final/config.json``.
 
     Raises:
         FileExistsError: ``run_dir`` already holds a run and ``resume`` is false.
         ValueError: stages the family does not have, a batch size not divisible by the processes,
             a resume with a different recipe.
     """
-    return Trainer(recipe, run_dir, quiet=quiet).fit(resume=resume)
+    return Trainer(recipe, run_dir, quiet=quiet, final_extra=final_extra).fit(resume=resume)

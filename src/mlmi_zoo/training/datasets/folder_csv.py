@@ -1,16 +1,23 @@
-"""Users' own images described by a CSV: labels, concepts, physical measurements and spacing.
+"""Users' own images described by a CSV (or a folder of class sub-folders): labels, masks, concepts, measurements, spacing.
 
 This is the loader for private hospital data that never leaves the user's machine. One CSV row per
 image; the whole CSV is validated when the data set is built and *every* bad row is reported in one
-error (row numbers as a spreadsheet shows them: the header is row 1), so a user fixes the file once
-instead of discovering problems one epoch at a time. Nothing is skipped silently.
+error (row numbers as a spreadsheet shows them: the header is row 1, and each problem names its
+column), so a user fixes the file once instead of discovering problems one epoch at a time. Nothing
+is skipped silently.
 
 CSV columns:
     * ``image`` (``image_column``): path relative to ``image_dir`` (default: the CSV's folder) of a
       PNG/JPEG/TIFF (read with PIL, scaled to [0, 1], no spacing unless given), a DICOM file or series
       folder, or a NIfTI file (read with :func:`~mlmi_zoo.training.datasets.medical_io.load_image`,
       raw intensities such as HU, spacing from the header).
-    * ``label`` (``label_column``): class name or class index.
+    * ``label`` (``label_column``): class name or class number. Without ``label_names`` the classes
+      are the labels the CSV holds: names in sorted order, or integers in numeric order named by
+      their value (labels ``0`` and ``2`` give two classes, ``"0"`` and ``"2"``; a class that no
+      row holds is never invented). A name among integers (or an integer among names) is reported
+      with its row.
+    * ``mask`` (``mask_column``, optional): path of a lesion mask of the image's size (any non-zero
+      pixel is lesion); blank = no lesion drawn (an empty mask).
     * concept columns: numbers; blank = missing (NaN, masked in concept losses).
     * measurement columns: numbers whose unit is the suffix of the column name, parsed by pint:
       ``diameter_mm`` (mm), ``area_mm2`` (mm²), ``volume_ml`` (mL), ``mean_hu`` (HU), ``length_cm``;
@@ -18,11 +25,16 @@ CSV columns:
     * spacing: one column such as ``spacing_mm`` holding ``"0.7x0.7"`` (one value per spatial axis),
       or one column per axis (``spacing_y_mm``, ``spacing_x_mm``); converted to mm with pint. When
       given, it overrides the spacing of a DICOM/NIfTI header.
+
+A folder laid out as ``ROOT/<class>/<image>`` (torchvision's ``ImageFolder`` layout) is listed into
+such a CSV by :func:`write_image_folder_csv` (columns ``image,label``; paths relative to ``ROOT``),
+so both layouts are read, validated and described by the one loader.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import logging
 import math
 import re
@@ -38,10 +50,14 @@ from mlmi_zoo.specs import QuantitySpec
 from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.units import convert, parse_unit
 
+__all__ = ["FolderCSVDataset", "UNIT_SUFFIXES", "unit_from_column", "has_unit_suffix", "read_csv_header",
+           "spacing_columns_in", "list_image_folder", "write_image_folder_csv", "IMAGE_SUFFIXES"]
+
 logger = logging.getLogger(__name__)
 
 _PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _MEDICAL_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
+IMAGE_SUFFIXES = _PIL_SUFFIXES + _MEDICAL_SUFFIXES
 
 # Column-name suffix -> pint unit. Explicit on purpose: pint parses many short words ("are", "a")
 # as units, so guessing from any suffix would turn ordinary column names into units.
@@ -57,9 +73,17 @@ UNIT_SUFFIXES: dict[str, str] = {
     "deg": "degree",
 }
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
 
 def unit_from_column(name: str) -> str:
     """Return the pint unit named by a column's suffix: ``"area_mm2"`` -> ``"mm^2"``.
+
+    Args:
+        name: a column name ``<quantity>_<unit>``.
+
+    Returns:
+        the pint unit string.
 
     Raises:
         ValueError: the suffix is not one of :data:`UNIT_SUFFIXES`.
@@ -75,42 +99,163 @@ def unit_from_column(name: str) -> str:
     return unit
 
 
+def has_unit_suffix(name: str) -> bool:
+    """Whether ``name`` ends in ``_<unit>`` with a unit of :data:`UNIT_SUFFIXES` (a measurement column)."""
+    return "_" in name and name.rsplit("_", 1)[-1].lower() in UNIT_SUFFIXES
+
+
+def read_csv_header(csv_path: str | Path) -> tuple[str, ...]:
+    """The column names of a CSV's first row (stripped).
+
+    Args:
+        csv_path: the CSV file.
+
+    Returns:
+        the names, in file order; ``()`` for an empty file.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    path = Path(csv_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CSV not found: {str(path)!r}")
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        first = next(csv.reader(fh), [])
+    return tuple(h.strip() for h in first)
+
+
+def spacing_columns_in(header: Sequence[str]) -> tuple[str, ...]:
+    """The spacing column(s) of a header: one ``spacing_<unit>``, else ``spacing_{z,y,x}_<unit>`` in axis order.
+
+    Args:
+        header: the CSV's column names.
+
+    Returns:
+        ``("spacing_mm",)``, ``("spacing_y_mm", "spacing_x_mm")`` (z first when present), or ``()``.
+
+    Raises:
+        ValueError: several single spacing columns (``spacing_mm`` and ``spacing_cm``), or both forms.
+    """
+    single = [h for h in header if re.fullmatch(r"spacing_[A-Za-z0-9]+", h) and has_unit_suffix(h)]
+    per_axis = {m.group(1).lower(): h for h in header
+                if (m := re.fullmatch(r"spacing_([zyxZYX])_[A-Za-z0-9]+", h)) and has_unit_suffix(h)}
+    if len(single) > 1 or (single and per_axis):
+        raise ValueError(f"row 1: several spacing columns {single + sorted(per_axis.values())}; keep one "
+                         "('spacing_mm' holding '0.7x0.7', or one 'spacing_<axis>_mm' column per axis)")
+    if single:
+        return (single[0],)
+    return tuple(per_axis[a] for a in "zyx" if a in per_axis)
+
+
+def list_image_folder(root: str | Path) -> list[tuple[str, str]]:
+    """The images of a ``ROOT/<class>/<image>`` folder (torchvision's ImageFolder layout), with their class.
+
+    Files are found recursively under each class folder, in sorted order; hidden files and folders
+    (``.name``) are skipped; a DICOM series is one folder of ``.dcm`` files and is not supported here
+    (list DICOM series in a CSV).
+
+    Args:
+        root: the folder holding one sub-folder per class.
+
+    Returns:
+        ``[(path relative to root, class name), ...]`` sorted by path.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: no class sub-folder, or a class folder without a single image.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {str(root)!r}")
+    classes = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} holds neither a .csv file nor class sub-folders; expected a CSV describing the "
+                         f"images, or one folder per class ({root}/<class>/<image>.png)")
+    rows: list[tuple[str, str]] = []
+    empty: list[str] = []
+    for folder in classes:
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not found:
+            empty.append(folder.name)
+        rows.extend((p.relative_to(root).as_posix(), folder.name) for p in found)
+    if empty:
+        raise ValueError(f"{root}: class folder(s) {empty} hold no image ({', '.join(IMAGE_SUFFIXES)}); "
+                         "add images or remove the folder")
+    return rows
+
+
+def write_image_folder_csv(root: str | Path, csv_path: str | Path) -> Path:
+    """List a ``ROOT/<class>/<image>`` folder into a CSV (``image,label``) that :class:`FolderCSVDataset` reads.
+
+    Image paths are relative to ``root`` (pass ``image_dir=root`` to the data set). The CSV is the
+    record of which files were used with which class: its sha256 identifies the listing.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        csv_path: the CSV to write (atomically; its folder is created).
+
+    Returns:
+        ``csv_path``.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`list_image_folder`.
+    """
+    from mlmi_zoo._weights import write_text_atomic
+
+    rows = list_image_folder(root)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "label"])
+    writer.writerows(rows)
+    path = Path(csv_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, buffer.getvalue())
+    return path
+
+
 @dataclass(frozen=True)
 class _Row:
+    row_number: int  # as a spreadsheet shows it (the header is row 1)
     image: Path
     label: int
+    mask: Path | None
     concepts: dict[str, float]
     measurements: dict[str, float]
     spacing: tuple[float, ...] | None
 
 
 class FolderCSVDataset(SizedDataset[dict[str, Any]]):
-    """Images listed in a CSV with labels, concepts, measurements and spacing.
+    """Images listed in a CSV with labels, lesion masks, concepts, measurements and spacing.
 
     Each sample: ``{"image": float32 (C, H, W) or (C, D, H, W), "label": int64 scalar,
     "concepts": {name: float32 scalar, NaN = missing}, "measurements": {name: float32 scalar in the
-    column's unit}, "index": int}`` plus ``"spacing"`` (float32 ``(spatial_dims,)`` mm) when known.
+    column's unit}, "index": int}`` plus ``"spacing"`` (float32 ``(spatial_dims,)`` mm) when known
+    and ``"mask"`` (bool ``(1, *spatial)``) when the CSV has a mask column.
 
     Args:
         csv_path: the CSV file.
         image_dir: folder image paths are relative to; default: the CSV's folder.
-        label_column: column with the class (name or index).
-        label_names: class names in index order; default: ``"0".."K-1"`` for integer labels, else the
-            sorted distinct names.
+        label_column: column with the class (name or number).
+        label_names: class names in index order; default: the labels the CSV holds (see the module
+            docstring). With names given, a label is a name, or a class index when no name is an integer.
         concept_columns: numeric concept columns (blank = missing).
-        measurement_columns: numeric columns with a unit suffix (``diameter_mm``, ``volume_ml``...).
         spacing_columns: one column with ``"AxB[xC]"`` values, or one column per spatial axis; the unit
             comes from the name suffix (``spacing_mm``) and must be a length.
         image_column: column with the image path.
+        measurement_columns: numeric columns with a unit suffix (``diameter_mm``, ``volume_ml``...).
         transform: optional callable applied to each sample dict.
+        mask_column: column with the path of each image's lesion mask (blank = empty mask).
+        channels: 1 or 3 to convert every PNG/JPEG/TIFF to greyscale or RGB on reading (``None``:
+            as stored); a DICOM/NIfTI image with another channel count is refused.
 
     Attributes:
         label_names, measurement_units ({column: pint unit}), quantities (``QuantitySpec`` per
-        measurement), csv_sha256.
+        measurement), csv_sha256, columns (the header), has_masks (a mask column with at least one mask).
 
     Raises:
         FileNotFoundError: the CSV or ``image_dir`` does not exist.
-        ValueError: one error listing every bad row ("row N: reason"; header = row 1).
+        ValueError: one error listing every bad row ("row N: column 'c': reason"; header = row 1).
     """
 
     def __init__(
@@ -124,6 +269,8 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         image_column: str = "image",
         measurement_columns: Sequence[str] | None = None,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        mask_column: str | None = None,
+        channels: int | None = None,
     ) -> None:
         self.csv_path = Path(csv_path)
         if not self.csv_path.is_file():
@@ -131,8 +278,12 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         self.image_dir = Path(image_dir) if image_dir is not None else self.csv_path.parent
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"image_dir not found: {str(self.image_dir)!r}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
         self.label_column = label_column
         self.image_column = image_column
+        self.mask_column = mask_column
+        self.channels = channels
         self.concept_columns = tuple(concept_columns or ())
         self.measurement_columns = tuple(measurement_columns or ())
         self.spacing_columns = (spacing_columns,) if isinstance(spacing_columns, str) else tuple(spacing_columns or ())
@@ -162,13 +313,15 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
             cell = {name: values[i].strip() for name, i in col.items()}
             row_errors: list[str] = []
             item = {
-                "image": self._check_image(cell[image_column], row_errors),
+                "image": self._check_file(cell[image_column], image_column, row_errors, required=True),
+                "mask": (self._check_file(cell[mask_column], mask_column, row_errors, required=False)
+                         if mask_column is not None else None),
                 "concepts": {c: self._number(cell[c], c, row_errors, allow_blank=True) for c in self.concept_columns},
                 "measurements": {m: self._number(cell[m], m, row_errors, allow_blank=True) for m in self.measurement_columns},
                 "spacing": self._spacing(cell, spacing_unit, row_errors),
             }
             if not cell[label_column]:
-                row_errors.append(f"empty label in column {label_column!r}")
+                row_errors.append(f"column {label_column!r}: empty label")
             errors.extend(f"row {row_number}: {e}" for e in row_errors)
             parsed.append((row_number, item))
             raw_labels.append((row_number, cell[label_column]))
@@ -182,14 +335,16 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         if errors:
             raise ValueError(self._report(errors))
         self._rows = [
-            _Row(item["image"], labels[rn], item["concepts"], item["measurements"], item["spacing"])
+            _Row(rn, item["image"], labels[rn], item["mask"], item["concepts"], item["measurements"], item["spacing"])
             for rn, item in parsed
         ]
+        self.has_masks = any(r.mask is not None for r in self._rows)
 
     # -- validation helpers ----------------------------------------------------------------------
     def _check_header(self, header: list[str], errors: list[str]) -> str | None:
         """Check the header (row 1); return the unit of the spacing columns (None if absent or bad)."""
-        wanted = [self.image_column, self.label_column, *self.concept_columns, *self.measurement_columns, *self.spacing_columns]
+        wanted = [self.image_column, self.label_column, *self.concept_columns, *self.measurement_columns,
+                  *self.spacing_columns, *([self.mask_column] if self.mask_column is not None else [])]
         missing = [c for c in wanted if c not in header]
         if missing:
             errors.append(f"row 1: missing column(s) {missing}; the header has {header}")
@@ -215,19 +370,20 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
             return None
         return units[0] if units and len(units) == len(self.spacing_columns) else None
 
-    def _check_image(self, value: str, errors: list[str]) -> Path:
+    def _check_file(self, value: str, column: str, errors: list[str], required: bool) -> Path | None:
+        """The path in ``column`` (relative to ``image_dir``), or None for a blank optional cell."""
         if not value:
-            errors.append(f"empty image path in column {self.image_column!r}")
-            return Path()
+            if required:
+                errors.append(f"column {column!r}: empty path")
+            return None
         p = Path(value)
         p = p if p.is_absolute() else self.image_dir / p
         name = p.name.lower()
         if not p.exists():
-            errors.append(f"image file not found: {str(p)!r}")
-        elif p.is_file() and not name.endswith(_PIL_SUFFIXES + _MEDICAL_SUFFIXES):
-            errors.append(
-                f"unsupported image type {p.name!r}; expected one of {_PIL_SUFFIXES + _MEDICAL_SUFFIXES} or a DICOM folder"
-            )
+            errors.append(f"column {column!r}: file not found: {str(p)!r}")
+        elif p.is_file() and not name.endswith(IMAGE_SUFFIXES):
+            errors.append(f"column {column!r}: unsupported image type {p.name!r}; expected one of "
+                          f"{IMAGE_SUFFIXES} or a DICOM folder")
         return p
 
     @staticmethod
@@ -258,10 +414,11 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
                 return None
         values = [self._number(value, column, errors, allow_blank=False) for value, column in pairs]
         shown = "x".join(value for value, _ in pairs)
+        where = "/".join(self.spacing_columns)
         if len(values) not in (2, 3):
-            errors.append(f"spacing {shown!r} must have 2 or 3 values such as '0.7x0.7'")
+            errors.append(f"column {where!r}: spacing {shown!r} must have 2 or 3 values such as '0.7x0.7'")
         if any(v <= 0 for v in values):
-            errors.append(f"spacing {shown!r} must be positive")
+            errors.append(f"column {where!r}: spacing {shown!r} must be positive")
         if unit is None or any(math.isnan(v) for v in values):
             return None  # the error is already reported
         return tuple(float(convert(v, unit, "mm")) for v in values)
@@ -269,23 +426,43 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
     def _encode_labels(
         self, raw: list[tuple[int, str]], label_names: Sequence[str] | None, errors: list[str]
     ) -> tuple[tuple[str, ...], dict[int, int]]:
+        """The class names and each row's class index; bad labels are reported with their row and column."""
+        column = self.label_column
         present = [(rn, v) for rn, v in raw if v]
-        is_int = [re.fullmatch(r"\d+", v) is not None for _, v in present]
         if label_names is not None:
             names = tuple(label_names)
-        elif present and all(is_int):
-            names = tuple(str(k) for k in range(max(int(v) for _, v in present) + 1))
+            # Class numbers are accepted as indices only when no class is named by a number, otherwise
+            # "1" could mean the class named "1" or the second class.
+            by_index = not any(_INTEGER.fullmatch(n) for n in names)
         else:
-            names = tuple(sorted({v for (_, v), i in zip(present, is_int) if not i}))
-            logger.info("%s: label_names taken from the CSV in sorted order: %s", self.csv_path.name, names)
+            numbers = [(rn, v) for rn, v in present if _INTEGER.fullmatch(v)]
+            words = [(rn, v) for rn, v in present if not _INTEGER.fullmatch(v)]
+            if numbers and words:
+                # The minority kind is the stray: name its rows, not every row of the majority.
+                stray, kept = (words, numbers) if len(numbers) >= len(words) else (numbers, words)
+                kind, others = ("a name", "class numbers") if stray is words else ("a number", "class names")
+                for rn, v in stray:
+                    errors.append(f"row {rn}: column {column!r}: label {v!r} is {kind} but {len(kept)} other rows "
+                                  f"hold {others} (e.g. {kept[0][1]!r} in row {kept[0][0]}); correct it, or pass "
+                                  "label_names (--labels) to say what the classes are")
+                present = kept
+            if present and _INTEGER.fullmatch(present[0][1]):
+                values = sorted({int(v) for _, v in present})
+                names = tuple(str(k) for k in values)
+                present = [(rn, str(int(v))) for rn, v in present]
+            else:
+                names = tuple(sorted({v for _, v in present}))
+            logger.debug("%s: classes taken from column %r (sorted): %s", self.csv_path.name, column, names)
+            by_index = False
         out: dict[int, int] = {}
         for rn, v in present:
             if v in names:
                 out[rn] = names.index(v)
-            elif re.fullmatch(r"\d+", v) and int(v) < len(names):
+            elif by_index and _INTEGER.fullmatch(v) and 0 <= int(v) < len(names):
                 out[rn] = int(v)
             else:
-                errors.append(f"row {rn}: unknown label {v!r}; expected one of {list(names)} or an index below {len(names)}")
+                expected = f"one of {list(names)}" + (f" or a class index 0..{len(names) - 1}" if by_index else "")
+                errors.append(f"row {rn}: column {column!r}: unknown label {v!r}; expected {expected}")
         return names, out
 
     def _report(self, errors: list[str]) -> str:
@@ -302,17 +479,47 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         """One :class:`~mlmi_zoo.specs.QuantitySpec` per measurement column."""
         return tuple(QuantitySpec(name, unit, low=-math.inf) for name, unit in self.measurement_units.items())
 
+    def row_number(self, index: int) -> int:
+        """The CSV row (header = row 1) of case ``index``, for messages that point at the file."""
+        return self._rows[index].row_number
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The class index of every case, in case order (read from the CSV, no image is opened)."""
+        return tuple(r.label for r in self._rows)
+
+    def rows_without_spacing(self, indices: Sequence[int] | None = None) -> list[int]:
+        """CSV rows (of the cases ``indices``, default all) with no spacing: a blank spacing cell and a
+        PNG/JPEG/TIFF, whose file stores none (a DICOM/NIfTI header gives it)."""
+        chosen = range(len(self._rows)) if indices is None else indices
+        return [self._rows[i].row_number for i in chosen
+                if self._rows[i].spacing is None and self._rows[i].image.name.lower().endswith(_PIL_SUFFIXES)]
+
+    def has_values(self, column: str, indices: Sequence[int] | None = None) -> bool:
+        """Whether a measurement or concept ``column`` holds a number (not blank) in any of the cases ``indices``.
+
+        Raises:
+            KeyError: ``column`` is not one of the data set's measurement or concept columns.
+        """
+        if column not in self.measurement_columns and column not in self.concept_columns:
+            raise KeyError(f"{column!r} is not a measurement or concept column of {self.csv_path.name}; they are "
+                           f"{list(self.measurement_columns) + list(self.concept_columns)}")
+        chosen = range(len(self._rows)) if indices is None else indices
+        values = ({**self._rows[i].measurements, **self._rows[i].concepts}[column] for i in chosen)
+        return any(math.isfinite(v) for v in values)
+
     def __len__(self) -> int:
         return len(self._rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self._rows[index]
-        image, spacing = _read_image(row.image)
+        image, spacing = _read_image(row.image, self.channels)
         if row.spacing is not None:
             if len(row.spacing) != image.ndim - 1:
                 raise ValueError(
-                    f"{row.image}: the CSV gives {len(row.spacing)} spacing values but the image has "
-                    f"{image.ndim - 1} spatial axes (shape {tuple(image.shape)})"
+                    f"{self.csv_path.name} row {row.row_number}: column {'/'.join(self.spacing_columns)!r} gives "
+                    f"{len(row.spacing)} spacing values but the image has {image.ndim - 1} spatial axes "
+                    f"(shape {tuple(image.shape)})"
                 )
             spacing = row.spacing
         sample: dict[str, Any] = {
@@ -322,9 +529,23 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
             "measurements": {k: torch.tensor(v, dtype=torch.float32) for k, v in row.measurements.items()},
             "index": int(index),
         }
+        if self.mask_column is not None:
+            sample["mask"] = self._mask(row, tuple(image.shape[1:]))
         if spacing is not None:
             sample["spacing"] = torch.tensor(spacing, dtype=torch.float32)
         return self.transform(sample) if self.transform is not None else sample
+
+    def _mask(self, row: _Row, spatial: tuple[int, ...]) -> torch.Tensor:
+        """(1, *spatial) bool lesion mask of ``row``: any non-zero pixel of the mask file; blank = empty."""
+        if row.mask is None:
+            return torch.zeros((1, *spatial), dtype=torch.bool)
+        values, _ = _read_image(row.mask, None)
+        mask = (values != 0).any(0, keepdim=True)  # (1, *spatial): a colour mask is lesion where any channel is
+        if tuple(mask.shape[1:]) != spatial:
+            raise ValueError(f"{self.csv_path.name} row {row.row_number}: column {self.mask_column!r}: the mask "
+                             f"{row.mask.name} is {tuple(mask.shape[1:])} but the image is {spatial}; save masks at "
+                             "the image's size")
+        return mask
 
     def describe(self) -> dict[str, Any]:
         """JSON-safe description of the data set, without any of its data (for cards and logs)."""
@@ -338,6 +559,7 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
             "columns": {
                 "image": self.image_column,
                 "label": self.label_column,
+                "mask": self.mask_column,
                 "concepts": list(self.concept_columns),
                 "measurements": dict(self.measurement_units),
                 "spacing": list(self.spacing_columns),
@@ -345,21 +567,25 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         }
 
 
-def _read_image(path: Path) -> tuple[torch.Tensor, tuple[float, ...] | None]:
+def _read_image(path: Path, channels: int | None) -> tuple[torch.Tensor, tuple[float, ...] | None]:
     """Read one image as float32 ``(C, *spatial)`` plus its spacing in mm when the format stores one."""
     if path.is_file() and path.name.lower().endswith(_PIL_SUFFIXES):
         from PIL import Image
 
         with Image.open(path) as im:
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if im.mode in ("I;16", "I;16B", "I;16L", "I") and channels != 3:
                 arr = np.asarray(im, dtype=np.float32) / 65535.0  # 16-bit grey
                 arr = arr[None]
             else:
-                im = im.convert("L") if im.mode in ("L", "1", "LA") else im.convert("RGB")
+                grey = channels == 1 or (channels is None and im.mode in ("L", "1", "LA"))
+                im = im.convert("L") if grey else im.convert("RGB")
                 arr = np.asarray(im, dtype=np.float32) / 255.0
                 arr = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)  # (H, W, 3) -> (3, H, W)
         return torch.from_numpy(np.ascontiguousarray(arr)), None
     from mlmi_zoo.training.datasets.medical_io import load_image
 
     loaded = load_image(path)
+    if channels is not None and loaded.array.shape[0] != channels:
+        raise ValueError(f"{path}: {loaded.array.shape[0]} channel(s), but channels={channels} was asked; "
+                         "DICOM/NIfTI images are read as stored")
     return torch.from_numpy(loaded.array), loaded.spacing
