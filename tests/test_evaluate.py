@@ -137,7 +137,15 @@ def test_mil_document(family, tmp_path) -> None:
     doc = _run(_save(model, tmp_path / "model", BAGS), BAGS, tmp_path)
     _assert_valid(doc, tmp_path)
     el = doc["elements"]
-    assert 0.0 <= el["localization"]["metrics"]["instance_auroc"] <= 1.0
+    loc = el["localization"]
+    assert 0.0 <= loc["metrics"]["instance_auroc_pooled"] <= 1.0
+    assert 0.0 <= loc["metrics"]["instance_auroc_pooled_bag_constant_control"] <= 1.0  # pooled, beside its control
+    if loc["metrics"]["bags_with_both_instance_classes"]:
+        controls = loc["evidence"]["controls"]
+        # inside a bag, a bag-constant score ties every instance: AUROC exactly 0.5 in every bag
+        assert controls["bag_constant"]["score"]["estimate"] == pytest.approx(0.5)
+        assert controls["uniform"]["score"]["estimate"] == pytest.approx(0.5)
+        assert doc["verdicts"]["localization"]["status"] in ("demonstrated", "not demonstrated on this data")
     assert "tumour_area_mm2_relative_error_positive_bags" in el["physical_attribution"]["metrics"]
     assert doc["faithfulness"]["applicable"] and doc["faithfulness"]["details"]["removed"] == "instances"
     if family == "additive_mil":

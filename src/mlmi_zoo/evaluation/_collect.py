@@ -24,6 +24,7 @@ from mlmi_zoo.evaluation._common import (
     _positive_class,
     _to_tensor_list,
 )
+from mlmi_zoo.evaluation._reference import _untrained_copy
 from mlmi_zoo.evaluation.faithfulness import instance_deletion_curve
 from mlmi_zoo.evaluation.localization import activation_precision, pointing_game
 from mlmi_zoo.evaluation.transparency import decomposition_error, explanation_size
@@ -45,6 +46,10 @@ class _Collected:
     ap: list[torch.Tensor] = dataclasses.field(default_factory=list)
     pg: list[torch.Tensor] = dataclasses.field(default_factory=list)
     ap_ceiling: list[torch.Tensor] = dataclasses.field(default_factory=list)  # the mask itself as the map
+    control_ap: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)  # control -> per-case AP
+    control_pg: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
+    loc_groups: list[str] = dataclasses.field(default_factory=list)  # the patient of each localized case
+    stats: list[np.ndarray] = dataclasses.field(default_factory=list)  # (B, F) image statistics per batch
     masks_seen: bool = False
     spacing_seen: bool = False
     keep_x: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -77,6 +82,9 @@ class _Collected:
     # mil
     inst_scores: list[torch.Tensor] = dataclasses.field(default_factory=list)
     inst_labels: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    inst_bag_scores: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each instance's bag P(positive)
+    per_bag_auroc: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # scorer -> per-bag AUROC
+    per_bag_groups: list[str] = dataclasses.field(default_factory=list)
     topk_share: list[float] = dataclasses.field(default_factory=list)
     exclusion_delta: list[torch.Tensor] = dataclasses.field(default_factory=list)
     exclusion_flipped: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -84,6 +92,12 @@ class _Collected:
     curve_fractions: torch.Tensor | None = None
     heatmap: tuple[np.ndarray, str] | None = None
     n_cases: int = 0
+
+    def case_groups(self) -> np.ndarray:
+        """(N,) the patient of each evaluated case, or the case's position where the data name none."""
+        if self.has_groups and self.groups:
+            return np.asarray(self.groups)
+        return np.arange(self.n_cases).astype(str)
 
     def add_groups(self, groups: list[str] | None) -> None:
         if groups is None:
@@ -131,14 +145,20 @@ def _collect_measurements(col: _Collected, measurements: Mapping[str, Any], batc
         col.units[name] = m.unit
 
 
-def _localize(col: _Collected, maps: torch.Tensor, batch: Mapping[str, Any], q: float) -> None:
+def _localize(col: _Collected, maps: torch.Tensor, batch: Mapping[str, Any], q: float,
+              control_maps: Mapping[str, torch.Tensor] | None = None) -> None:
     mask = batch.get("mask")
     if mask is None:
         return
     col.masks_seen = True
+    n = maps.shape[0]
+    col.loc_groups.extend(_batch_groups(batch, n) or [f"case-{i}" for i in _to_tensor_list(batch["index"])])
     col.ap.append(activation_precision(maps, mask, q))
     col.ap_ceiling.append(activation_precision(mask.float(), mask, q))
     col.pg.append(pointing_game(maps, mask))
+    for name, control in (control_maps or {}).items():  # the same metrics on maps that need no model
+        col.control_ap.setdefault(name, []).append(activation_precision(control, mask, q))
+        col.control_pg.setdefault(name, []).append(pointing_game(control, mask))
 
 
 def _size(col: _Collected, contributions: torch.Tensor, predicted: torch.Tensor) -> None:
@@ -148,8 +168,11 @@ def _size(col: _Collected, contributions: torch.Tensor, predicted: torch.Tensor)
     col.num_terms = size["num_terms"]
 
 
-def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits) -> _Collected:
+def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits,
+                controls: Any = None) -> _Collected:
+    """The pass over image batches; ``controls`` (an ``_ImageControls``) adds the control maps."""
     from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
+    from mlmi_zoo.evaluation.controls import image_statistics
 
     col = _Collected()
     record = family_of(model)
@@ -164,6 +187,8 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
         col.labels.append(torch.as_tensor(batch["label"]).reshape(-1).cpu())
         col.add_groups(_batch_groups(batch, n))
         _collect_measurements(col, exp.measurements, batch)
+        if controls is not None:
+            col.stats.append(image_statistics(x))
         maps = None
         if record.evidence_maps is not None and exp.decomposable:
             rows = torch.arange(n)
@@ -174,7 +199,10 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
             col.contributions.append(exp.contributions.cpu())
             col.decomposition = max(col.decomposition, decomposition_error(exp))
             _size(col, exp.contributions, predicted)
-            _localize(col, maps, batch, limits.activation_q)
+            control_maps = None
+            if controls is not None and batch.get("mask") is not None:
+                control_maps = controls.maps(x, spacing, tuple(maps.shape))
+            _localize(col, maps, batch, limits.activation_q, control_maps)
         if record.concepts:
             _collect_concepts(col, model, exp, batch, spacing, concept_values_from_batch)
         counted = getattr(exp, "measurement_map", None)
@@ -233,12 +261,30 @@ def _collect_concepts(col: _Collected, model: Any, exp: Any, batch: Mapping[str,
         col.cache_parts.setdefault(key, []).append(part.cpu())
 
 
+def _per_bag(col: _Collected, model: Any, x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
+             inst: torch.Tensor, bag_p: torch.Tensor, groups: list[str] | None, untrained: Any) -> None:
+    """Instance AUROC inside each bag, for the model and the MIL controls (bags with one instance
+    class are undefined and recorded as NaN)."""
+    from mlmi_zoo.evaluation.controls import bag_constant_scores, instance_auroc_per_bag, uniform_attention
+
+    labels = inst.to(mask.device).double()
+    with torch.no_grad():
+        untrained_scores = untrained.explain(x, mask=mask).attention  # (B, N) attention of an untrained copy
+    scorers = {"model": scores, "bag_constant": bag_constant_scores(bag_p, mask), "uniform": uniform_attention(mask),
+               "feature_norm": torch.linalg.vector_norm(x.float(), dim=-1), "untrained_copy": untrained_scores}
+    for name, sc in scorers.items():
+        res = instance_auroc_per_bag(sc.detach().double().cpu(), labels.cpu(), mask.cpu())
+        col.per_bag_auroc.setdefault(name, []).extend(res.per_bag.tolist())
+    col.per_bag_groups.extend(groups or [f"bag-{len(col.per_bag_groups) + i}" for i in range(x.shape[0])])
+
+
 def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits, seed: int) -> _Collected:
     from mlmi_zoo.architectures.blocks.stages import training_for
 
     adapter = training_for(model)
     col = _Collected()
     additive = family_of(model).instance_scores == "contributions"
+    untrained = _untrained_copy(model, seed)
     kept = 0
     for batch in loader:
         x, mask = adapter.inputs(model, batch)
@@ -268,6 +314,9 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
         if inst is not None:
             col.inst_scores.append(pooled_scores[mask].double().cpu())
             col.inst_labels.append(inst.to(mask.device)[mask].double().cpu())
+            bag_p = logits.softmax(-1)[torch.arange(n), target]  # (B,) P(tracked class) of each bag
+            col.inst_bag_scores.append(bag_p[:, None].expand_as(mask)[mask].double().cpu())
+            _per_bag(col, model, x, mask, scores, inst, bag_p, _batch_groups(batch, n), untrained)
         # top-k instances: tumour share (positive bags) and the effect of excluding them
         n_valid = mask.sum(1)  # (B,)
         k = torch.clamp(n_valid - 1, min=0).clamp(max=limits.top_instances)  # keep >= 1 instance

@@ -37,6 +37,8 @@ class EvaluationLimits:
         top_instances: instances per bag in the top-k analyses (at most every valid instance).
         examples: cases drawn in the example-explanation figure.
         activation_q: share of pixels in the activation-precision top set (IAIA-BL used 5%).
+        control_train_cases: training cases read to fit the data-driven controls (the centre prior,
+            the image-statistics regressions).
     """
 
     deletion_cases: int = 64
@@ -50,6 +52,7 @@ class EvaluationLimits:
     top_instances: int = 10
     examples: int = 4
     activation_q: float = 0.05
+    control_train_cases: int = 1000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +154,8 @@ class _Context:
     collate: Callable[[list[Any]], Any]
     limitations: list[str] = dataclasses.field(default_factory=list)
     faithfulness: dict[str, Any] | None = None
+    n_boot: int = 1000  # bootstrap resamples of every interval
+    reference: Any = None  # the controls fitted on the training split (evaluation._reference._Reference)
 
     def split_dataset(self, split: str) -> SizedDataset[dict[str, Any]] | None:
         if self.spec.size_of(split) == 0:

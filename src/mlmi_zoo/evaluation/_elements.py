@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
 from mlmi_zoo.evaluation._common import EvaluationLimits, _base_dataset, _cat, _Context, _Figures, _nanmean
+from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.faithfulness import Curve, deletion_curve
 from mlmi_zoo.evaluation.physical import bland_altman, mae, rmse
 from mlmi_zoo.evaluation.results import element
@@ -128,7 +129,7 @@ def _spacing_invariance(col: _Collected, model: Any, ds: Dataset, limits: Evalua
 
 
 def _localization_block(col: _Collected, what_map: str, does_not_show: str,
-                        tp_mask: torch.Tensor | None) -> dict[str, Any]:
+                        tp_mask: torch.Tensor | None, ctx: _Context | None = None) -> dict[str, Any]:
     if not col.masks_seen:
         return _not_applicable("not applicable: these data carry no lesion masks to compare the maps with", does_not_show)
     ap, pg = _cat(col.ap), _cat(col.pg)
@@ -151,6 +152,12 @@ def _localization_block(col: _Collected, what_map: str, does_not_show: str,
         metrics["true_positives_with_mask"] = int(tp.sum())
     block = element(True, metrics=metrics, does_not_show=does_not_show)
     block["details"] = {"map": what_map, "q": 0.05}
+    if ctx is not None and col.control_ap and len(col.loc_groups) == len(ap):
+        groups = np.asarray(col.loc_groups)
+        block["evidence"] = compare("activation precision (top 5%)", ap, {k: _cat(v) for k, v in col.control_ap.items()},
+                                    groups, n_boot=ctx.n_boot, seed=ctx.seed)
+        block["evidence_pointing_game"] = compare("pointing game", pg, {k: _cat(v) for k, v in col.control_pg.items()},
+                                                  groups, n_boot=ctx.n_boot, seed=ctx.seed)
     return block
 
 
@@ -169,7 +176,7 @@ def _transparency_block(col: _Collected, what: str, does_not_show: str) -> dict[
 
 
 def _deletion(model: Any, col: _Collected, limits: EvaluationLimits, seed: int, fig: _Figures, what_map: str,
-              does_not_show: str) -> dict[str, Any]:
+              does_not_show: str, ctx: _Context | None = None) -> dict[str, Any]:
     """Deletion curves of the kept cases: the map's order against a random order; the gap is
     ``AUC(random) - AUC(attribution)`` (:func:`faithfulness_gap`'s definition, on all kept cases)."""
     n = min(limits.deletion_cases, sum(m.shape[0] for m in col.keep_maps))
@@ -189,7 +196,29 @@ def _deletion(model: Any, col: _Collected, limits: EvaluationLimits, seed: int, 
         target = scorer(x).argmax(-1)
     curves = {order: deletion_curve(scorer, x, maps, steps=limits.deletion_steps, baseline=baseline, class_index=target,
                                     order=order, seed=seed) for order in ("attribution", "random")}
-    return _faithfulness_from_curves(curves["attribution"], curves["random"], fig, what_map, does_not_show, "pixels")
+    block = _faithfulness_from_curves(curves["attribution"], curves["random"], fig, what_map, does_not_show, "pixels")
+    if ctx is None:
+        return block
+    # Controls: the same deletion along orders that need no model. A lower per-case AUC is better
+    # (the tracked score falls sooner); each case's curve is integrated with the same trapezoid rule.
+    controls = {"random order": _per_case_auc(curves["random"])}
+    prior = ctx.reference.prior if ctx.reference is not None else None
+    if prior is not None and tuple(prior.shape) == tuple(maps.shape[1:]):
+        centre = deletion_curve(scorer, x, prior.expand(maps.shape), steps=limits.deletion_steps, baseline=baseline,
+                                class_index=target, order="attribution", seed=seed)
+        controls["centre-prior order"] = _per_case_auc(centre)
+        block["metrics"]["deletion_auc_centre_prior"] = centre.auc
+        block["details"]["centre_prior"] = centre.to_dict()
+    groups = col.case_groups()[:n]  # the kept cases are the first n of the split
+    block["evidence"] = compare("deletion AUC (lower: the map finds what the decision uses)",
+                                _per_case_auc(curves["attribution"]), controls, groups,
+                                higher_is_better=False, n_boot=ctx.n_boot, seed=ctx.seed)
+    return block
+
+
+def _per_case_auc(curve: Curve) -> np.ndarray:
+    """(B,) area under each case's curve (trapezoid over the curve's fractions)."""
+    return torch.trapezoid(curve.per_case.double(), curve.fractions.double(), dim=-1).numpy()
 
 
 def _faithfulness_from_curves(attributed: Curve, random: Curve, fig: _Figures, what: str, does_not_show: str,

@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,10 +54,13 @@ from sklearn.metrics import roc_auc_score
 from mlmi_zoo.evaluation._arrays import ArrayLike, _np, _tensor
 
 __all__ = [
+    "IMAGE_STATISTICS",
     "PerBagAUROC",
+    "StatisticsControl",
     "bag_constant_scores",
     "brightness_map",
     "centre_prior",
+    "image_statistics",
     "instance_auroc_per_bag",
     "random_maps",
     "uniform_attention",
@@ -261,3 +265,95 @@ def instance_auroc_per_bag(scores: ArrayLike, labels: ArrayLike, mask: ArrayLike
             per_bag[b] = float(roc_auc_score(yb, sb))
     defined = per_bag[~np.isnan(per_bag)]
     return PerBagAUROC(per_bag, float(defined.mean()) if defined.size else math.nan, int(defined.size))
+
+
+# --------------------------------------------------------------------------- image-statistics control
+
+IMAGE_STATISTICS = ("mean", "std", "skewness", "kurtosis", "p10", "p50", "p90", "bright_share",
+                    "centre_minus_surround", "gradient_mean", "laplacian_abs_mean")
+
+
+def image_statistics(x: ArrayLike) -> np.ndarray:
+    """Eleven statistics per image that a trivial classifier or regressor can use (no learning of features).
+
+    Intensity moments (mean, standard deviation, skewness, excess kurtosis), the 10th/50th/90th
+    percentiles, the share of pixels brighter than the image's midpoint between its 1st and 99th
+    percentile (a foreground area), the mean of the central half of the image minus the mean of
+    the rest (what a centred crop gives away), and two texture statistics: the mean gradient
+    magnitude and the mean absolute Laplacian (``scipy.ndimage``). The DESIGN's "trivial
+    image-statistics baseline" fits a logistic or linear regression on these
+    (:class:`StatisticsControl`); a number that this baseline reaches is not evidence of a model.
+
+    Args:
+        x: (B, C, *spatial) images, as the model receives them (channels are averaged).
+
+    Returns:
+        (B, 11) float64 features, in the order of ``IMAGE_STATISTICS``.
+    """
+    from scipy.ndimage import gaussian_gradient_magnitude, laplace
+    from scipy.stats import kurtosis, skew
+
+    images = _np(x).astype(np.float64)
+    if images.ndim < 3:
+        raise ValueError(f"x must be (B, C, *spatial) images; got shape {images.shape}")
+    images = images.mean(1)  # (B, *spatial)
+    spatial = images.shape[1:]
+    centre = tuple(slice(s // 4, s - s // 4) for s in spatial)
+    inner = np.zeros(spatial, dtype=bool)
+    inner[centre] = True
+    rows = []
+    for img in images:
+        flat = img.reshape(-1)
+        p1, p10, p50, p90, p99 = np.percentile(flat, [1, 10, 50, 90, 99])
+        spread = float(flat.std())
+        rows.append([
+            flat.mean(), spread,
+            float(skew(flat)) if spread > 0 else 0.0, float(kurtosis(flat)) if spread > 0 else 0.0,
+            p10, p50, p90, float((flat > (p1 + p99) / 2).mean()),
+            float(img[inner].mean() - img[~inner].mean()) if (~inner).any() else 0.0,
+            float(gaussian_gradient_magnitude(img, sigma=1.0).mean()), float(np.abs(laplace(img)).mean()),
+        ])
+    return np.asarray(rows, dtype=np.float64)
+
+
+class StatisticsControl:
+    """A logistic (classes) or ridge (quantities) regression on :func:`image_statistics`.
+
+    scikit-learn does the fitting (``StandardScaler`` then ``LogisticRegression`` or ``RidgeCV``);
+    the zoo only chooses the features. Fitted on the *training* split, scored on the evaluated one.
+
+    Args:
+        kind: ``"classification"`` or ``"regression"``.
+    """
+
+    def __init__(self, kind: str) -> None:
+        if kind not in ("classification", "regression"):
+            raise ValueError(f"kind must be 'classification' or 'regression'; got {kind!r}")
+        self.kind = kind
+        self._model: object | None = None
+
+    def fit(self, features: np.ndarray, targets: np.ndarray) -> "StatisticsControl":
+        """Fit on (N, F) features and (N,) targets; cases with a non-finite target are left out.
+
+        Raises:
+            ValueError: fewer than 2 usable cases, or a single class for classification.
+        """
+        from sklearn.linear_model import LogisticRegression, RidgeCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        y = np.asarray(targets, dtype=np.float64).reshape(-1)
+        keep = np.isfinite(y) & np.isfinite(features).all(1)
+        if keep.sum() < 2 or (self.kind == "classification" and np.unique(y[keep]).size < 2):
+            raise ValueError(f"the statistics control needs >= 2 training cases (and 2 classes); got {int(keep.sum())}")
+        estimator = LogisticRegression(max_iter=2000) if self.kind == "classification" else RidgeCV()
+        self._model = make_pipeline(StandardScaler(), estimator).fit(features[keep], y[keep].astype(
+            np.int64 if self.kind == "classification" else np.float64))
+        return self
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """(N, K) class probabilities (classification) or (N,) values (regression)."""
+        if self._model is None:
+            raise RuntimeError("StatisticsControl.predict before fit")
+        model: Any = self._model
+        return model.predict_proba(features) if self.kind == "classification" else model.predict(features)

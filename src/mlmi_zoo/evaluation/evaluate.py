@@ -43,6 +43,8 @@ from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
 from mlmi_zoo.evaluation._elements import _not_applicable
+from mlmi_zoo.evaluation._evidence_blocks import add_evidence, task_evidence, verdicts
+from mlmi_zoo.evaluation._reference import _ImageControls, training_reference
 from mlmi_zoo.evaluation.task import task_metrics
 from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
 from mlmi_zoo.families import family_of
@@ -68,6 +70,20 @@ def _predict(model: Any, loader: Iterable[Mapping[str, Any]]) -> torch.Tensor:
             logits = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
             probs.append(logits.softmax(-1).cpu())
     return torch.cat(probs)
+
+
+def _git_commit() -> str | None:
+    """The commit of the mlmi-zoo source tree that ran the evaluation, when it is a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def _train_spec_from_config(config_doc: Mapping[str, Any]) -> DataSpec | None:
@@ -166,12 +182,18 @@ def evaluate(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     folder = Path(figures_dir) if figures_dir is not None else (Path(out).parent / "figures" if out is not None else None)
     fig = _Figures(folder)
-    ctx = _Context(spec, train_spec, split, dataset, limits, fig, seed, batch_size, collate, limitations)
+    ctx = _Context(spec, train_spec, split, dataset, limits, fig, seed, batch_size, collate, limitations, n_boot=n_boot)
 
     family = model.family
     record = family_of(model)
+    # The controls that learn from data (centre prior, image statistics) see the training split only.
+    ctx.reference = training_reference(model, ctx, limits.control_train_cases)
+    limitations += [f"Controls: {note}." for note in ctx.reference.notes]
     with torch.no_grad():
-        col = _run_bags(model, loader, limits, seed) if record.inputs == "bags" else _run_images(model, loader, limits)
+        if record.inputs == "bags":
+            col = _run_bags(model, loader, limits, seed)
+        else:
+            col = _run_images(model, loader, limits, _ImageControls(model, ctx.reference, seed))
     logits, labels = _cat(col.logits), _cat(col.labels).long()
     probs = logits.softmax(-1)
     groups = np.asarray(col.groups) if col.has_groups and col.groups else None
@@ -181,9 +203,11 @@ def evaluate(
     fig.draw("reliability", figs.plot_reliability, probs, labels)
 
     blocks = record.evaluation_section()(model, col, ctx)
+    add_evidence(model, blocks, col, ctx)
     faithfulness = ctx.faithfulness or _not_applicable("not applicable: no attribution map to delete along")
 
     baseline = None
+    base_probs = None
     if baseline_uri:
         base_model = mlmi_zoo.load(baseline_uri)
         base_model.eval()
@@ -192,6 +216,7 @@ def evaluate(
         base_sha = read_config(resolve(baseline_uri)).get("weights_sha256")
         baseline = {"uri": baseline_uri, "architecture": base_model.architecture, "weights_sha256": base_sha,
                     "task": {k: _ci(v) for k, v in base_task.items()}}
+    task_controls = task_evidence(probs, labels, col, ctx, base_probs)
 
     description["evaluated"] = {"split": split, "cases": len(dataset),
                                 "first_cases_only": len(dataset) < full_size}
@@ -219,6 +244,9 @@ def evaluate(
         "baseline": baseline,
         "elements": {name: blocks[name] for name in ELEMENTS},
         "faithfulness": faithfulness,
+        "verdicts": verdicts(blocks, faithfulness),
+        "task_controls": task_controls,
+        "git_commit": _git_commit(),
         "figures": dict(fig.index),
         "limitations": ctx.limitations,
         "evaluation_limits": dataclasses.asdict(limits),

@@ -97,6 +97,44 @@ def _rows(metrics: dict[str, Any]) -> list[dict[str, str]]:
     return [{"label": _label(k), "value": fmt(v)} for k, v in metrics.items()]
 
 
+def _diff_text(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "—"
+    return f"{_signed(d.get('estimate'))} ({_signed(d.get('low'))} to {_signed(d.get('high'))})"
+
+
+def _signed(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):+.3f}"
+
+
+def _control_rows(evidence: dict[str, Any] | None) -> list[dict[str, str]]:
+    """One row per control of a comparison block: its score and the model-minus-control difference."""
+    if not evidence or "controls" not in evidence:
+        return []
+    return [{"control": name.replace("_", " "), "score": fmt(c["score"]), "difference": _diff_text(c["difference"]),
+             "n": f"{c['difference'].get('n_cases', 'n/a')} / {c['difference'].get('n_patients', 'n/a')}"}
+            for name, c in evidence["controls"].items()]
+
+
+def _verdict_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The card's verdict table: one row per element (and faithfulness), read from results.json."""
+    rows = []
+    blocks = {**results["elements"], "faithfulness": results.get("faithfulness") or {}}
+    for key, v in (results.get("verdicts") or {}).items():
+        evidence = blocks.get(key, {}).get("evidence") or {}
+        control = v.get("control")
+        model = evidence.get("model")
+        cs = evidence.get("controls", {}).get(control, {}) if control else {}
+        rows.append({"element": ELEMENT_TEXT.get(key, ("Faithfulness",))[0], "status": v["status"],
+                     "metric": v.get("metric") or "—", "model": fmt(model) if model else "—",
+                     "control": (control or "—").replace("_", " "), "control_score": fmt(cs["score"]) if cs else "—",
+                     "difference": _diff_text(v.get("difference")),
+                     "n": (f"{v['difference']['n_cases']} / {v['difference']['n_patients']}" if v.get("difference")
+                           else (str(evidence.get("n_cases")) if evidence.get("n_cases") is not None else "—")),
+                     "sentence": v["sentence"]})
+    return rows
+
+
 def _card_data(config_doc: dict[str, Any], results: dict[str, Any], source: Any, name: str) -> ModelCardData:
     """The front matter as huggingface_hub's ModelCardData; its eval_results become the Hub's ``model-index``."""
     from huggingface_hub import EvalResult, ModelCardData
@@ -194,11 +232,17 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
             "title": title, "question": question, "applicable": block["applicable"], "reason": block.get("reason"),
             "rows": _rows(block.get("metrics", {})), "figures": _figure_entries(block.get("figures", []), folder),
             "does_not_show": block.get("does_not_show") or "—",
+            "controls": _control_rows(block.get("evidence")), "evidence_metric": (block.get("evidence") or {}).get("metric"),
+            "verdict": ((results.get("verdicts") or {}).get(key) or {}).get("sentence"),
         })
     faith = results.get("faithfulness") or {"applicable": False, "reason": "not evaluated for this model"}
     faithfulness = {"applicable": faith.get("applicable", False), "reason": faith.get("reason"),
                     "rows": _rows(faith.get("metrics", {})), "figures": _figure_entries(faith.get("figures", []), folder),
-                    "does_not_show": faith.get("does_not_show") or "—"}
+                    "does_not_show": faith.get("does_not_show") or "—",
+                    "controls": _control_rows(faith.get("evidence")), "evidence_metric": (faith.get("evidence") or {}).get("metric"),
+                    "verdict": ((results.get("verdicts") or {}).get("faithfulness") or {}).get("sentence")}
+    task_controls = [{"what": name.replace("_", " "), "metric": c["metric"], "model": fmt(c["model"]), **row}
+                     for name, c in (results.get("task_controls") or {}).items() for row in _control_rows(c)]
 
     spacing = cfg.get("spacing")
     quantities = cfg.get("quantities") or []
@@ -233,7 +277,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         base_weights=_base_weights_rows(config_doc.get("base_weights")), source=source, split=results["split"], n_cases=results["n_cases"],
         data_json=json.dumps(results["data"], sort_keys=True),
         bootstrap_text=results.get("bootstrap", {}).get("description", "percentile bootstrap over cases"),
-        task_rows=task_rows, baseline=baseline, task_figures=task_figures, elements=elements, faithfulness=faithfulness,
+        task_rows=task_rows, baseline=baseline, verdict_rows=_verdict_rows(results), task_controls=task_controls, task_figures=task_figures, elements=elements, faithfulness=faithfulness,
         limitations=limitations, load_uri=name, usage=usage, command=results["command"], bibtex="\n\n".join(bibtex),
     )
     return re.sub(r"\n{3,}", "\n\n", text)

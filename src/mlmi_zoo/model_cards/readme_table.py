@@ -25,19 +25,24 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _first(block: dict, *names: str) -> float | None:
-    metrics = block.get("metrics", {}) if block.get("applicable") else {}
-    for name in names:
-        if name in metrics:
-            return metric_value(metrics[name])
-    return None
+SHORT = {"demonstrated": "**yes**", "not demonstrated on this data": "no", "not assessed against a control": "no control",
+         "not applicable": "n/a"}
+COLUMNS = (("localization", "localization"), ("visual_recognizability", "recognizability"),
+           ("physical_attribution", "physical units"), ("transparency", "transparency"),
+           ("actionability", "actionability"), ("faithfulness", "faithfulness"))
 
 
 def render_table(root: Path | None = None) -> str:
-    """Markdown table: one row per bundled model, headline numbers read from its results.json."""
+    """Markdown table: one row per bundled model, its task AUROC and the verdict of each element.
+
+    A verdict "**yes**" means the element was demonstrated against every control on the same cases
+    (95% lower bound of the paired difference above 0); "no" means it was not on these data; "no
+    control" means no control comparison exists for it yet; "n/a" means it does not apply.
+    """
     root = root or bundled_dir()
-    rows = ["| model | data | test AUROC (95% CI) | baseline AUROC | localization (activation precision top 5% / instance AUROC) | decomposition error | card |",
-            "|---|---|---|---|---|---|---|"]
+    head = " | ".join(title for _, title in COLUMNS)
+    rows = [f"| model | data | test AUROC (95% CI) | baseline AUROC | {head} | card |",
+            "|---|---|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for results_path in sorted(root.glob("*/results.json")):
         doc = json.loads(results_path.read_text(encoding="utf-8"))
         name = results_path.parent.name
@@ -45,12 +50,9 @@ def render_table(root: Path | None = None) -> str:
         ci = f"{_fmt(metric_value(auroc))} ({_fmt(auroc.get('low'))}–{_fmt(auroc.get('high'))})"
         baseline = doc.get("baseline")
         base = _fmt(metric_value(baseline["task"]["auroc"])) if baseline else "—"
-        loc = doc["elements"]["localization"]
-        loc_value = _first(loc, "activation_precision_top5pct", "instance_auroc")
-        loc_text = f"{_fmt(loc_value)}" if loc_value is not None else "n/a"
-        dec = _first(doc["elements"]["transparency"], "decomposition_error_max")
-        dec_text = f"{dec:.1e}" if dec is not None else "n/a"
-        rows.append(f"| `{name}` | {doc['data'].get('kind', '')} | {ci} | {base} | {loc_text} | {dec_text} | "
+        verdicts = doc.get("verdicts") or {}
+        cells = " | ".join(SHORT.get((verdicts.get(key) or {}).get("status", ""), "—") for key, _ in COLUMNS)
+        rows.append(f"| `{name}` | {doc['data'].get('kind', '')} | {ci} | {base} | {cells} | "
                     f"[card](src/mlmi_zoo/model_cards/{name}/README.md) |")
     return "\n".join(rows)
 

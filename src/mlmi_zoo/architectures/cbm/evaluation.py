@@ -42,11 +42,15 @@ def _cbm(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
         out["localization"] = _localization_block(
             col, "concept map of the concept unit with the largest contribution to the predicted class",
             "A concept map on the lesion shows where the concept was read, not that the concept's value is correct.",
-            _tp_mask(labels, predicted, model.num_classes))
+            _tp_mask(labels, predicted, model.num_classes), ctx)
         out["transparency"] = _transparency_block(
             col, "concept value x label-head weight, one term per bottleneck unit",
             "An exact sum over concepts shows how concepts are weighed, not that the concepts capture everything the "
             "image shows.")
+        evidence = _switch_off_all(model, col, ctx)
+        if evidence is not None:
+            out["transparency"]["metrics"]["switch_off_max_error"] = evidence["max_error"]
+            out["transparency"]["evidence"] = evidence
     out["visual_recognizability"] = _concept_quality(model, col, ctx)
     out["physical_attribution"], lim = _physical_block(
         col, model, ctx.dataset, ctx.limits, ctx.figures, _concept_measure_fn(model),
@@ -57,9 +61,31 @@ def _cbm(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     if col.keep_maps:
         ctx.faithfulness = _deletion(model, col, ctx.limits, ctx.seed, ctx.figures, "top-concept map",
                                      "A faithful concept map shows what the concept predictor uses, not that it "
-                                     "matches the radiological definition of the concept.")
+                                     "matches the radiological definition of the concept.", ctx)
         _examples_into(out, col, model, labels, logits.softmax(-1), ctx, "top concept")
     return out
+
+
+def _switch_off_all(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any] | None:
+    """Set each bottleneck unit to 0 in the model and re-run the label head, on the first evaluated
+    inputs and on random ones: each logit must move by exactly minus that unit's stated contribution."""
+    from mlmi_zoo.evaluation._evidence_blocks import inputs_for_switch_off, switch_off_evidence
+
+    worst, checks = 0.0, 0
+    inputs = inputs_for_switch_off(col, min(8, ctx.limits.deletion_cases), ctx.seed)
+    if not inputs:
+        return None
+    for z in inputs:
+        with torch.no_grad():
+            exp = model.explain(z)
+            for k in range(exp.concept_vector.shape[1]):
+                zeroed = exp.concept_vector.clone()
+                zeroed[:, k] = 0
+                after = model.predict_label(zeroed)
+                worst = max(worst, float((after - (exp.logits - exp.contributions[:, :, k])).abs().max()))
+                checks += z.shape[0]
+    return switch_off_evidence(worst, checks, "each concept unit set to 0 in the model's bottleneck and the label "
+                                              "head re-run")
 
 
 def _concept_measure_fn(model: Any) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None:
@@ -161,7 +187,12 @@ def _interventions(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]
                                {n: (c["num_corrected"], c["values"]) for n, c in curves.items()}, oracle,
                                ylabel="task accuracy (fraction correct)")
     block = element(True, metrics=metrics, figures=figures, does_not_show=does_not_show)
-    block["details"] = {"curves": curves, "oracle": definition,
+    with torch.no_grad():  # per case, for the paired comparison of "all corrected" against "none corrected"
+        corrected = torch.where(model.codec.unit_mask(cache.labelled), cache.true, cache.predicted)
+        per_case = {"none": (model.predict_label(cache.predicted).argmax(-1) == cache.labels).double().tolist(),
+                    "all": (model.predict_label(corrected).argmax(-1) == cache.labels).double().tolist(),
+                    "groups": col.case_groups().tolist() if len(col.case_groups()) == len(cache.labels) else None}
+    block["details"] = {"per_case_correct": per_case, "curves": curves, "oracle": definition,
                         "fixed_order": list(policies[-1].concept_order) if len(policies) == 3 else None}
     return block
 

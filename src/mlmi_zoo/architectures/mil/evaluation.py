@@ -18,9 +18,11 @@ from mlmi_zoo.evaluation._common import _cat, _Context
 from mlmi_zoo.evaluation._elements import (
     _faithfulness_from_curves,
     _not_applicable,
+    _per_case_auc,
     _physical_block,
     _transparency_block,
 )
+from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.faithfulness import Curve
 from mlmi_zoo.evaluation.localization import instance_auroc
 from mlmi_zoo.evaluation.results import element
@@ -40,9 +42,21 @@ def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
             grid, kind = col.heatmap
             figures = ctx.figures.draw("mil_heatmap", figs.plot_heatmap, grid, title=f"instance {kind} (one slide)",
                                        xlabel="tile column", ylabel="tile row", colorbar_label=f"normalised {kind}")
-        out["localization"] = element(True, metrics={"instance_auroc": res["auroc"], "instance_ap": res["ap"],
-                                                     "instances": res["n_instances"]},
-                                      figures=figures, does_not_show=loc_dns)
+        # Pooled over bags, instance AUROC also rewards ranking *bags* (positive instances live in
+        # positive bags), so it is stated beside the bag-constant control's pooled AUROC; the verdict
+        # uses instance AUROC inside each bag, where a bag-constant score is exactly 0.5.
+        pooled_control = instance_auroc(_cat(col.inst_bag_scores)[None], _cat(col.inst_labels)[None])
+        per_bag = {k: np.asarray(v, dtype=np.float64) for k, v in col.per_bag_auroc.items()}
+        defined = np.isfinite(per_bag["model"])
+        metrics = {"instance_auroc_per_bag_mean": float(per_bag["model"][defined].mean()) if defined.any() else math.nan,
+                   "bags_with_both_instance_classes": int(defined.sum()),
+                   "instance_auroc_pooled": res["auroc"], "instance_auroc_pooled_bag_constant_control": pooled_control["auroc"],
+                   "instance_ap": res["ap"], "instances": res["n_instances"]}
+        out["localization"] = element(True, metrics=metrics, figures=figures, does_not_show=loc_dns)
+        if defined.any():
+            out["localization"]["evidence"] = compare(
+                "instance AUROC within each bag", per_bag["model"], {k: v for k, v in per_bag.items() if k != "model"},
+                np.asarray(col.per_bag_groups), n_boot=ctx.n_boot, seed=ctx.seed)
         share = np.asarray(col.topk_share)
         out["visual_recognizability"] = element(
             True, metrics={f"top{ctx.limits.top_instances}_tumour_share": float(share.mean()) if share.size else math.nan,
@@ -88,4 +102,9 @@ def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
         ctx.faithfulness = _faithfulness_from_curves(curves["attribution"], curves["random"], ctx.figures, scores_name,
                                                      f"A faithful {scores_name} shows what the model uses, not what a "
                                                      "pathologist would look at.", "instances")
+        n = per["attribution"].shape[0]
+        ctx.faithfulness["evidence"] = compare(
+            "instance deletion AUC (lower: the scores find what the decision uses)", _per_case_auc(curves["attribution"]),
+            {"random order": _per_case_auc(curves["random"])}, col.case_groups()[:n], higher_is_better=False,
+            n_boot=ctx.n_boot, seed=ctx.seed)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -27,6 +28,7 @@ from mlmi_zoo.evaluation._elements import (
     _tp_mask,
     _transparency_block,
 )
+from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.recognizability import prototype_purity, unique_prototypes
 from mlmi_zoo.evaluation.results import element
 from mlmi_zoo.training.data_spec import IndexSubset, SizedDataset
@@ -41,7 +43,7 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     out["localization"] = _localization_block(
         col, "similarity map of the prototype with the largest contribution to the predicted class",
         "A high overlap shows where the top prototype matched, not that the matched region is why the lesion is "
-        "malignant.", _tp_mask(labels, predicted, model.num_classes))
+        "malignant.", _tp_mask(labels, predicted, model.num_classes), ctx)
     out["visual_recognizability"] = _prototype_purity(model, ctx)
     out["physical_attribution"], lim = _physical_block(
         col, model, ctx.dataset, ctx.limits, ctx.figures, _measure_fn(model),
@@ -52,6 +54,10 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     out["transparency"] = _transparency_block(
         col, "prototype similarity x last-layer weight, one term per prototype",
         "An exact sum shows how the prototypes are combined, not what visual feature each prototype encodes.")
+    evidence = _switch_off_all(model, col, ctx)
+    if evidence is not None:
+        out["transparency"]["metrics"]["switch_off_max_error"] = evidence["max_error"]
+        out["transparency"]["evidence"] = evidence
     # actionability: switching a prototype off removes exactly its contribution from every logit
     accuracy = float((predicted == labels).double().mean())
     classes = model.prototype_classes.cpu()
@@ -78,9 +84,37 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
                         "logit_change": "exactly minus the prototype's contribution (similarities are masked before the last layer)"}
     out["actionability"] = block
     ctx.faithfulness = _deletion(model, col, ctx.limits, ctx.seed, ctx.figures, "top-prototype map",
-                                 "A faithful map shows what the model uses, not that it is what a radiologist would use.")
+                                 "A faithful map shows what the model uses, not that it is what a radiologist would use.", ctx)
     _examples_into(out, col, model, labels, logits.softmax(-1), ctx, "top prototype")
     return out
+
+
+def _switch_off_all(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any] | None:
+    """Disable every prototype in the model, one at a time, on the first evaluated inputs and on
+    random ones: each logit must move by exactly minus that prototype's stated contribution."""
+    from mlmi_zoo.evaluation._evidence_blocks import inputs_for_switch_off, switch_off_evidence
+
+    inputs = inputs_for_switch_off(col, min(8, ctx.limits.deletion_cases), ctx.seed)
+    if not inputs:
+        return None
+    saved = model.prototype_mask.clone()
+    worst, checks = 0.0, 0
+    try:
+        for z in inputs:
+            model.prototype_mask.copy_(saved)
+            with torch.no_grad():
+                before = model.explain(z)
+            for p in range(before.contributions.shape[2]):
+                model.prototype_mask.copy_(saved)
+                model.disable_prototypes([p])
+                with torch.no_grad():
+                    after = model(z)
+                worst = max(worst, float((after - (before.logits - before.contributions[:, :, p])).abs().max()))
+                checks += z.shape[0]
+    finally:
+        model.prototype_mask.copy_(saved)
+    return switch_off_evidence(worst, checks, "each prototype disabled in the model (its similarity masked before "
+                                              "the last layer)")
 
 
 def _switch_off_check(model: Any, col: _Collected, ctx: _Context) -> float:
@@ -101,25 +135,19 @@ def _switch_off_check(model: Any, col: _Collected, ctx: _Context) -> float:
     return float((after - expected).abs().max())
 
 
-def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
-    """Purity of each prototype's nearest training patches: on the lesion, and from its class."""
+def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context
+                     ) -> tuple[Any, torch.Tensor | None, float]:
+    """Each prototype's k nearest latent patches among ``ds``'s cases; whether each lies on the lesion
+    ((P, k) bool, None without masks); and the share of all latent cells of those cases on the lesion
+    (the purity a prototype would get by matching patches at random)."""
     from mlmi_zoo.architectures.protopnet.push import prototype_topk_patches
 
-    does_not_show = ("Purity shows that a prototype's nearest training patches share a label or lie on lesions, not "
-                     "that a person recognises the same visual concept in them.")
-    train = ctx.train_dataset()
-    if train is None or len(train) == 0:
-        return _not_applicable("not applicable: the training split is not available to search for nearest patches",
-                               does_not_show)
-    subset = _subset(train, ctx.limits.purity_train_cases)
     latent_masks: dict[int, torch.Tensor] = {}
     latent_shape: list[tuple[int, ...]] = []
-    saw_mask = [False]
 
     def batches() -> Iterator[dict[str, Any]]:
-        for batch in DataLoader(subset, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate):
+        for batch in DataLoader(ds, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate):
             if batch.get("mask") is not None:
-                saw_mask[0] = True
                 if not latent_shape:
                     with torch.no_grad():
                         z = model.latent(model.input_spec.intensity(batch["image"][:1].float()))
@@ -131,20 +159,36 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
                     latent_masks[int(idx)] = cell[0]
             yield batch
 
-    k = min(ctx.limits.purity_k, len(subset))
-    topk = prototype_topk_patches(model, batches(), k=k)
+    topk = prototype_topk_patches(model, batches(), k=min(ctx.limits.purity_k, len(ds)))
+    if not latent_masks:
+        return topk, None, math.nan
+    on_lesion = torch.zeros(topk.indices.shape, dtype=torch.bool)
+    for p in range(topk.indices.shape[0]):
+        for j in range(topk.indices.shape[1]):
+            idx = int(topk.indices[p, j])
+            if idx >= 0 and idx in latent_masks:
+                on_lesion[p, j] = bool(latent_masks[idx][tuple(int(v) for v in topk.locations[p, j])])
+    base_rate = float(torch.stack(list(latent_masks.values())).float().mean())
+    return topk, on_lesion, base_rate
+
+
+def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
+    """Purity of each prototype's nearest patches (training and evaluated split), the sanity checks of
+    its sources, and the receptive field of a latent cell."""
+    does_not_show = ("Purity shows that a prototype's nearest patches share a label or lie on lesions, not "
+                     "that a person recognises the same visual concept in them.")
+    train = ctx.train_dataset()
+    if train is None or len(train) == 0:
+        return _not_applicable("not applicable: the training split is not available to search for nearest patches",
+                               does_not_show)
+    subset = _subset(train, ctx.limits.purity_train_cases)
+    topk, on_lesion, _ = _nearest_patches(model, subset, ctx)
     classes = model.prototype_classes.cpu()
     class_purity = prototype_purity(topk.labels, classes)
     metrics: dict[str, Any] = {"class_purity_mean": class_purity["purity_mean"], "num_prototypes": int(classes.numel()),
-                               "k": k, "training_cases_searched": len(subset)}
+                               "k": int(topk.indices.shape[1]), "training_cases_searched": len(subset)}
     details: dict[str, Any] = {"class_purity_per_prototype": class_purity["per_prototype"]}
-    if saw_mask[0]:
-        on_lesion = torch.zeros(topk.indices.shape, dtype=torch.bool)
-        for p in range(topk.indices.shape[0]):
-            for j in range(topk.indices.shape[1]):
-                idx = int(topk.indices[p, j])
-                if idx >= 0 and idx in latent_masks:
-                    on_lesion[p, j] = bool(latent_masks[idx][tuple(int(v) for v in topk.locations[p, j])])
+    if on_lesion is not None:
         lesion = prototype_purity(on_lesion)
         metrics["lesion_purity_mean"] = lesion["purity_mean"]
         metrics["lesion_purity_median"] = lesion["purity_median"]
@@ -160,9 +204,34 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
     else:
         ctx.limitations.append("The prototypes were not projected onto training patches (no push), so they are not "
                                "patches of real cases.")
+    sanity = prototype_sanity(model, train)
+    metrics.update({f"prototypes_{k}": v for k, v in sanity.items() if k not in ("prototypes", "degenerate_ids")})
+    field = receptive_field(model)
+    if field:
+        metrics["latent_cell_receptive_field_share_of_input"] = field["theoretical_share_of_input"]
     block = element(True, metrics=metrics, figures=figures, does_not_show=does_not_show)
     block["details"] = {**details, "patch_on_lesion": "the latent cell overlaps the lesion mask (max-pooled to the grid)",
-                        "search": f"first {len(subset)} training cases"}
+                        "search": f"first {len(subset)} training cases", "sanity": sanity, "receptive_field": field}
+    # Evidence on the evaluated split: each prototype's lesion purity among its nearest evaluated
+    # patches against the share of lesion cells (what matching patches at random gives), resampling
+    # prototypes; and no verdict of "demonstrated" while degenerate prototypes exceed the limit.
+    test_topk, test_on_lesion, base_rate = _nearest_patches(model, ctx.dataset, ctx)
+    if test_on_lesion is not None:
+        per_prototype = test_on_lesion.double().mean(1).numpy()
+        metrics["lesion_purity_mean_evaluated_split"] = float(per_prototype.mean())
+        metrics["lesion_cell_share_evaluated_split"] = base_rate
+        evidence = compare("lesion purity of each prototype's nearest evaluated patches (intervals over prototypes)",
+                           per_prototype, {"random patches (lesion-cell share)": np.full_like(per_prototype, base_rate)},
+                           np.arange(len(per_prototype)).astype(str), n_boot=ctx.n_boot, seed=ctx.seed)
+        share = sanity["degenerate_share"]
+        if share > DEGENERATE_LIMIT:
+            evidence["verdict"]["status"] = "not demonstrated on this data"
+            evidence["verdict"]["sentence"] = (
+                f"not demonstrated on this data: {sanity['degenerate']} of {sanity['prototypes']} prototypes "
+                f"({share:.0%}) are degenerate (border {sanity['on_border']}, background {sanity['on_background']}, "
+                f"duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} limit; "
+                + evidence["verdict"]["sentence"])
+        block["evidence"] = evidence
     return block
 
 
@@ -193,3 +262,80 @@ def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict
     if not patches:
         return []
     return ctx.figures.draw("prototype_gallery", figs.plot_prototype_gallery, patches)
+
+
+# ---------------------------------------------------------------------------------------------
+# sanity checks of the prototypes (Xu-Darme et al., "Sanity checks for patch visualisation in
+# prototype-based image classification", CVPR workshops 2023; Adebayo et al., NeurIPS 2018)
+# ---------------------------------------------------------------------------------------------
+DEGENERATE_LIMIT = 0.10  # a model with more degenerate prototypes than this is not shipped as recognizable
+DUPLICATE_COSINE = 0.99
+
+
+def receptive_field(model: Any) -> dict[str, Any]:
+    """The input region that one latent cell sees, by gradient: the theoretical field (every input pixel
+    with a non-zero gradient of the centre cell) and the effective field (the smallest centred box
+    holding half of the gradient magnitude; Luo et al., "Understanding the effective receptive
+    field in deep convolutional neural networks", NeurIPS 2016), per spatial axis, in pixels.
+
+    Computed on a constant mid-grey input of the model's input size with the model's weights
+    (zero-gradient pixels are outside the field whatever the input)."""
+    shape = tuple(int(s) for s in (model.input_spec.size or ()))
+    if not shape:
+        return {}
+    x = torch.full((1, model.input_spec.in_channels, *shape), 0.5, requires_grad=True)
+    z = model.latent(x)  # (1, D, *latent)
+    centre = tuple(s // 2 for s in z.shape[2:])
+    z[(0, slice(None), *centre)].pow(2).sum().backward()
+    assert x.grad is not None
+    grad = x.grad.abs().sum(1)[0]  # (*spatial)
+    nonzero = torch.nonzero(grad > 0)
+    theoretical = [int(nonzero[:, a].max() - nonzero[:, a].min() + 1) if len(nonzero) else 0 for a in range(grad.ndim)]
+    total = float(grad.sum())
+    effective = [0] * grad.ndim
+    if total > 0:
+        peak = [int(v) for v in torch.nonzero(grad == grad.max())[0]]
+        for half in range(0, max(shape)):
+            box = tuple(slice(max(0, c - half), c + half + 1) for c in peak)
+            if float(grad[box].sum()) >= 0.5 * total:
+                effective = [min(s, 2 * half + 1) for s in shape]
+                break
+    return {"input_px": list(shape), "latent_shape": list(z.shape[2:]), "theoretical_px": theoretical,
+            "effective_px": effective,
+            "theoretical_share_of_input": float(np.prod(theoretical) / np.prod(shape)) if theoretical else math.nan}
+
+
+def prototype_sanity(model: Any, train: SizedDataset[dict[str, Any]] | None) -> dict[str, Any]:
+    """Count prototypes whose source is degenerate: on the latent grid's border, on background (a
+    near-constant dark patch), or a duplicate (the same source as another, or cosine >= 0.99)."""
+    records = [r for r in (model.prototype_sources or []) if r is not None]
+    vectors = model.prototype_layer.prototypes.detach()
+    unit = F.normalize(vectors.flatten(1), dim=1)
+    cosine = unit @ unit.T
+    n = int(vectors.shape[0])
+    # a later prototype duplicates an earlier one (the first of a group is kept as the original)
+    near = (torch.tril(cosine, diagonal=-1) >= DUPLICATE_COSINE).any(1)  # (P,)
+    same_source = torch.zeros(n, dtype=torch.bool)
+    seen: set[tuple[Any, ...]] = set()
+    border = torch.zeros(n, dtype=torch.bool)
+    background = torch.zeros(n, dtype=torch.bool)
+    for rec in records:
+        p = int(rec["prototype"])
+        key = (int(rec["index"]), *(int(v) for v in rec["location"]))
+        same_source[p] = key in seen
+        seen.add(key)
+        border[p] = any(int(v) in (0, int(s) - 1) for v, s in zip(rec["location"], rec["latent_shape"]))
+        sample = _find_sample(train, int(rec["index"])) if train is not None else None
+        if sample is not None:
+            image = model.input_spec.intensity(torch.as_tensor(sample["image"]).float()[None])[0].mean(0)
+            box = tuple(slice(int(b[0]), int(b[1])) for b in rec["box_px"])
+            patch, span = image[box], float(image.max() - image.min())
+            background[p] = bool(span > 0 and float(patch.std()) < 0.02 * span
+                                 and float(patch.mean()) <= float(image.min()) + 0.1 * span)
+    duplicate = same_source | near
+    degenerate = border | background | duplicate
+    return {"prototypes": n, "on_border": int(border.sum()), "on_background": int(background.sum()),
+            "same_source": int(same_source.sum()), "cosine_099": int(near.sum()),
+            "duplicates": int(duplicate.sum()), "degenerate": int(degenerate.sum()),
+            "degenerate_share": float(degenerate.double().mean()) if n else math.nan,
+            "degenerate_ids": torch.nonzero(degenerate).flatten().tolist(), "checked_sources": len(records)}

@@ -1,0 +1,143 @@
+"""The evidence rules: comparisons with controls, verdicts, and what the evaluation and the card make of them."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import mlmi_zoo
+from mlmi_zoo.evaluation.controls import StatisticsControl, image_statistics
+from mlmi_zoo.evaluation.evidence import NOT_ASSESSED, compare, compare_auroc, exact_check
+from mlmi_zoo.evaluation.verdicts import DEMONSTRATED, NOT_DEMONSTRATED
+
+
+def _groups(n: int, per_patient: int = 2) -> np.ndarray:
+    return np.repeat(np.arange(n // per_patient), per_patient).astype(str)
+
+
+def test_a_model_that_beats_every_control_is_demonstrated() -> None:
+    rng = np.random.default_rng(0)
+    model = rng.uniform(0.6, 0.9, 80)
+    block = compare("m", model, {"weak": model - 0.3, "weaker": model - 0.5}, _groups(80), n_boot=200)
+    assert block["verdict"]["status"] == DEMONSTRATED
+    assert block["verdict"]["control"] == "weak"  # the strongest control is named
+    assert block["controls"]["weak"]["difference"]["low"] > 0
+    assert block["n_patients"] == 40 and block["n_cases"] == 80
+
+
+def test_one_control_the_model_does_not_beat_makes_it_not_demonstrated() -> None:
+    rng = np.random.default_rng(1)
+    model = rng.uniform(0.4, 0.9, 60)
+    block = compare("m", model, {"weak": model - 0.3, "as good": model + rng.normal(0, 0.05, 60)}, None, n_boot=200)
+    assert block["verdict"]["status"] == NOT_DEMONSTRATED
+    assert block["verdict"]["control"] == "as good"
+
+
+def test_lower_is_better_flips_the_difference() -> None:
+    errors = np.full(30, 1.0)
+    block = compare("error", errors, {"worse": errors + 2.0}, None, higher_is_better=False, n_boot=100)
+    assert block["controls"]["worse"]["difference"]["estimate"] == pytest.approx(2.0)
+    assert block["verdict"]["status"] == DEMONSTRATED
+    block = compare("error", errors, {"better": errors - 0.5}, None, higher_is_better=False, n_boot=100)
+    assert block["verdict"]["status"] == NOT_DEMONSTRATED
+
+
+def test_undefined_cases_are_dropped_from_both_sides() -> None:
+    model = np.array([0.9, np.nan, 0.8, 0.7])
+    control = np.array([0.1, 0.2, np.nan, 0.1])
+    block = compare("m", model, {"c": control}, None, n_boot=50)
+    assert block["controls"]["c"]["difference"]["n_cases"] == 2  # cases 0 and 3 only
+    assert block["controls"]["c"]["difference"]["estimate"] == pytest.approx(((0.9 - 0.1) + (0.7 - 0.1)) / 2)
+
+
+def test_auroc_comparison_is_paired_on_the_same_cases() -> None:
+    rng = np.random.default_rng(2)
+    y = np.tile([0, 1], 50)
+    good = y + rng.normal(0, 0.3, 100)
+    block = compare_auroc("AUROC", good, {"chance": rng.normal(0, 1, 100), "itself": good}, y, _groups(100), n_boot=200)
+    assert block["controls"]["itself"]["difference"]["estimate"] == 0.0
+    assert block["controls"]["itself"]["difference"]["high"] == 0.0  # identical scores differ by 0 in every resample
+    assert block["verdict"]["status"] == NOT_DEMONSTRATED and block["verdict"]["control"] == "itself"
+    assert block["controls"]["chance"]["difference"]["low"] > 0
+
+
+def test_exact_check_passes_only_within_tolerance() -> None:
+    assert exact_check("x", 1e-7, 1e-5, 10, "done")["verdict"]["status"] == DEMONSTRATED
+    assert exact_check("x", 1e-3, 1e-5, 10, "done")["verdict"]["status"] == NOT_DEMONSTRATED
+    assert exact_check("x", float("nan"), 1e-5, 0, "done")["verdict"]["status"] == NOT_DEMONSTRATED
+
+
+def test_image_statistics_control_learns_a_brightness_rule_and_nothing_from_noise() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, 16, 16, generator=g)
+    y = (torch.arange(200) % 2).numpy()
+    x[y == 1] += 0.3  # a label that image statistics can read
+    features = image_statistics(x)
+    assert features.shape == (200, 11)
+    control = StatisticsControl("classification").fit(features[:100], y[:100])
+    accuracy = (control.predict(features[100:]).argmax(1) == y[100:]).mean()
+    assert accuracy > 0.95
+    with pytest.raises(ValueError, match="2 classes"):
+        StatisticsControl("classification").fit(features, np.zeros(200))
+
+
+@pytest.fixture(scope="module")
+def phantom_doc() -> dict:
+    from mlmi_zoo.evaluation.evaluate import evaluate
+
+    return evaluate("protopnet_resnet8.nodule_phantom", None, split="test", max_cases=32, n_boot=100)
+
+
+def test_every_element_of_a_bundled_model_gets_a_verdict(phantom_doc) -> None:
+    verdicts = phantom_doc["verdicts"]
+    assert set(verdicts) == {"localization", "visual_recognizability", "physical_attribution", "transparency",
+                             "actionability", "faithfulness"}
+    allowed = {DEMONSTRATED, NOT_DEMONSTRATED, NOT_ASSESSED, "not applicable"}
+    assert all(v["status"] in allowed for v in verdicts.values())
+    loc = phantom_doc["elements"]["localization"]["evidence"]
+    assert set(loc["controls"]) == {"centre_prior", "uniform", "random", "brightness", "untrained_copy"}
+    # the verdict follows the numbers: demonstrated exactly when every control's lower bound is above 0
+    beaten = all(c["difference"]["low"] > 0 for c in loc["controls"].values())
+    assert (verdicts["localization"]["status"] == DEMONSTRATED) == beaten
+    # the exact in-model switch-off test ran on every prototype
+    transparency = phantom_doc["elements"]["transparency"]["evidence"]
+    assert transparency["n_cases"] >= 2 * 20 and transparency["max_error"] <= 1e-5
+    # the prototype sanity counts are in the card's numbers
+    metrics = phantom_doc["elements"]["visual_recognizability"]["metrics"]
+    assert {"prototypes_on_border", "prototypes_duplicates", "prototypes_degenerate_share"} <= set(metrics)
+    assert json.dumps(phantom_doc, allow_nan=False)  # strict JSON
+
+
+def test_the_switch_off_test_fails_a_model_whose_switch_does_not_do_what_the_explanation_says(monkeypatch) -> None:
+    from mlmi_zoo.architectures.protopnet.evaluation import _switch_off_all
+    from mlmi_zoo.evaluation._collect import _Collected
+    from mlmi_zoo.evaluation._common import EvaluationLimits
+
+    model = mlmi_zoo.load("protopnet_resnet8.nodule_phantom").eval()
+    col = _Collected()
+    col.keep_x = [torch.rand(4, 1, 64, 64)]
+
+    class Ctx:
+        limits = EvaluationLimits()
+        seed = 0
+
+    assert _switch_off_all(model, col, Ctx())["verdict"]["status"] == DEMONSTRATED
+    monkeypatch.setattr(type(model), "disable_prototypes", lambda self, ids: None)  # a switch that does nothing
+    assert _switch_off_all(model, col, Ctx())["verdict"]["status"] == NOT_DEMONSTRATED
+
+
+def test_the_card_shows_the_verdicts(tmp_path, phantom_doc) -> None:
+    import shutil
+
+    from mlmi_zoo.model_cards.card import render_card
+    from mlmi_zoo.registry import bundled_dir
+
+    folder = tmp_path / "m"
+    shutil.copytree(bundled_dir() / "protopnet_resnet8.nodule_phantom", folder)
+    text = render_card(folder, phantom_doc)
+    assert "## Evidence: each element against the controls that could fake it" in text
+    for verdict in phantom_doc["verdicts"].values():
+        assert f"**{verdict['status']}**" in text
+    assert "Controls of activation precision (top 5%)" in text
