@@ -141,3 +141,32 @@ def test_the_card_shows_the_verdicts(tmp_path, phantom_doc) -> None:
     for verdict in phantom_doc["verdicts"].values():
         assert f"**{verdict['status']}**" in text
     assert "Controls of activation precision (top 5%)" in text
+
+
+def test_off_centre_cases_move_the_lesion_and_keep_it_whole() -> None:
+    from mlmi_zoo.evaluation.controls import OffCentre
+
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[0, 28:36, 28:36] = True
+    cases = [{"image": torch.rand(1, 64, 64), "mask": mask, "label": 1}] * 50
+    shifted = OffCentre(cases, seed=3)
+    centres = []
+    for i in range(len(shifted)):
+        s = shifted[i]
+        assert int(s["mask"].sum()) == 64  # the whole lesion is still inside the crop
+        dy, dx = (int(v) for v in s["offset_px"])
+        assert bool(s["mask"][0, 28 + dy, 28 + dx]) and abs(dy) <= 16 and abs(dx) <= 16
+        centres.append(torch.nonzero(s["mask"][0]).float().mean(0))
+    spread = torch.stack(centres).std(0)
+    assert (spread > 5).all()  # lesions land far from the centre, in both axes
+    again = OffCentre(cases, seed=3)[7]
+    assert torch.equal(again["offset_px"], shifted[7]["offset_px"])  # fixed by the seed
+
+
+def test_lesion_centred_localization_needs_both_placements(phantom_doc) -> None:
+    loc = phantom_doc["elements"]["localization"]
+    assert "off_centre" in loc and "evidence" in loc["off_centre"]
+    both = (loc["evidence"]["verdict"]["status"] == DEMONSTRATED
+            and loc["off_centre"]["evidence"]["verdict"]["status"] == DEMONSTRATED)
+    assert (phantom_doc["verdicts"]["localization"]["status"] == DEMONSTRATED) == both
+    assert "off-centre crops" in phantom_doc["verdicts"]["localization"]["sentence"]

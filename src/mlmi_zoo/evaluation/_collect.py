@@ -262,7 +262,8 @@ def _collect_concepts(col: _Collected, model: Any, exp: Any, batch: Mapping[str,
 
 
 def _per_bag(col: _Collected, model: Any, x: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
-             inst: torch.Tensor, bag_p: torch.Tensor, groups: list[str] | None, untrained: Any) -> None:
+             inst: torch.Tensor, bag_p: torch.Tensor, groups: list[str] | None, untrained: Any,
+             batch_controls: Mapping[str, Any] | None = None) -> None:
     """Instance AUROC inside each bag, for the model and the MIL controls (bags with one instance
     class are undefined and recorded as NaN)."""
     from mlmi_zoo.evaluation.controls import bag_constant_scores, instance_auroc_per_bag, uniform_attention
@@ -272,6 +273,10 @@ def _per_bag(col: _Collected, model: Any, x: torch.Tensor, mask: torch.Tensor, s
         untrained_scores = untrained.explain(x, mask=mask).attention  # (B, N) attention of an untrained copy
     scorers = {"model": scores, "bag_constant": bag_constant_scores(bag_p, mask), "uniform": uniform_attention(mask),
                "feature_norm": torch.linalg.vector_norm(x.float(), dim=-1), "untrained_copy": untrained_scores}
+    # Data-specific controls a bag data set provides per instance (e.g. a tile's brightness or its
+    # closeness to the organ's centre): (B, N) scores under batch["instance_controls"][name].
+    for name, extra in (batch_controls or {}).items():
+        scorers[str(name)] = torch.as_tensor(extra).to(mask.device).reshape(mask.shape)
     for name, sc in scorers.items():
         res = instance_auroc_per_bag(sc.detach().double().cpu(), labels.cpu(), mask.cpu())
         col.per_bag_auroc.setdefault(name, []).extend(res.per_bag.tolist())
@@ -316,7 +321,8 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
             col.inst_labels.append(inst.to(mask.device)[mask].double().cpu())
             bag_p = logits.softmax(-1)[torch.arange(n), target]  # (B,) P(tracked class) of each bag
             col.inst_bag_scores.append(bag_p[:, None].expand_as(mask)[mask].double().cpu())
-            _per_bag(col, model, x, mask, scores, inst, bag_p, _batch_groups(batch, n), untrained)
+            _per_bag(col, model, x, mask, scores, inst, bag_p, _batch_groups(batch, n), untrained,
+                     batch.get("instance_controls"))
         # top-k instances: tumour share (positive bags) and the effect of excluding them
         n_valid = mask.sum(1)  # (B,)
         k = torch.clamp(n_valid - 1, min=0).clamp(max=limits.top_instances)  # keep >= 1 instance

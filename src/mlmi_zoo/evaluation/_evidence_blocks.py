@@ -166,6 +166,14 @@ def verdicts(blocks: dict[str, Any], faithfulness: dict[str, Any]) -> dict[str, 
                          "difference": None}
         elif "evidence" in block:
             out[name] = {"metric": block["evidence"].get("metric"), **block["evidence"]["verdict"]}
+            shifted = (block.get("off_centre") or {}).get("evidence")
+            if shifted is not None:  # lesion-centred crops: both placements must be demonstrated
+                v = shifted["verdict"]
+                both = out[name]["status"] == v["status"] == "demonstrated"
+                failing = v if v["status"] != "demonstrated" else out[name]
+                out[name] = {**failing, "metric": block["evidence"].get("metric"),
+                             "status": "demonstrated" if both else "not demonstrated on this data",
+                             "sentence": f"centred crops — {out[name]['sentence']}; off-centre crops — {v['sentence']}"}
         else:
             out[name] = not_assessed("no control comparison is implemented for this element of this family yet")["verdict"]
     return out

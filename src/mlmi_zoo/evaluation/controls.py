@@ -55,6 +55,7 @@ from mlmi_zoo.evaluation._arrays import ArrayLike, _np, _tensor
 
 __all__ = [
     "IMAGE_STATISTICS",
+    "OffCentre",
     "PerBagAUROC",
     "StatisticsControl",
     "bag_constant_scores",
@@ -357,3 +358,66 @@ class StatisticsControl:
             raise RuntimeError("StatisticsControl.predict before fit")
         model: Any = self._model
         return model.predict_proba(features) if self.kind == "classification" else model.predict(features)
+
+
+# --------------------------------------------------------------------------- evaluation off the centre
+
+
+class OffCentre:
+    """The cases of a lesion-centred data set, each shifted by a seeded random offset.
+
+    Crops centred on the lesion let a fixed centre map localize as well as any model; shifting each
+    case moves the lesion to a random position where the centre prior cannot help. Case ``i`` is
+    shifted by an offset drawn uniformly from ``[-max_shift, max_shift]`` pixels per spatial axis
+    (``max_shift = round(shift_fraction * size)``), from ``numpy.random.SeedSequence(seed,
+    spawn_key=(i,))``: fixed for a seed, the same in every run. The image is shifted with reflected
+    padding (``numpy.pad(mode="reflect")``: the border tissue continues, no black band a model could
+    read), the lesion mask with zeros; measurements and labels are unchanged (a shift moves no
+    lesion in physical size).
+
+    Args:
+        dataset: a sized dataset of dicts with ``"image"`` (C, *spatial) and ``"mask"``.
+        seed: seed of the offsets.
+        shift_fraction: largest shift per axis as a fraction of the size (default 1/4: a lesion in
+            the central half stays inside the crop).
+    """
+
+    def __init__(self, dataset: Any, seed: int = 0, shift_fraction: float = 0.25) -> None:
+        if not 0.0 < shift_fraction < 0.5:
+            raise ValueError(f"shift_fraction must be in (0, 0.5); got {shift_fraction}")
+        self.dataset = dataset
+        self.seed = seed
+        self.shift_fraction = shift_fraction
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def offset(self, index: int, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The shift of case ``index`` (pixels per spatial axis)."""
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(index,)))
+        return tuple(int(rng.integers(-round(self.shift_fraction * s), round(self.shift_fraction * s) + 1))
+                     for s in spatial)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = dict(self.dataset[index])
+        image = _np(sample["image"]).astype(np.float32)
+        spatial = image.shape[1:]
+        shift = self.offset(index, spatial)
+        sample["image"] = torch.from_numpy(_shift(image, shift, "reflect"))
+        if sample.get("mask") is not None:
+            mask = _np(sample["mask"])
+            sample["mask"] = torch.from_numpy(_shift(mask, shift, "constant")).to(torch.as_tensor(sample["mask"]).dtype)
+        sample["offset_px"] = torch.tensor(shift)
+        return sample
+
+
+def _shift(array: np.ndarray, shift: Sequence[int], mode: str) -> np.ndarray:
+    """Shift the trailing ``len(shift)`` axes of ``array`` by ``shift`` pixels, padding by ``mode``.
+
+    ``numpy.pad`` then a crop: a shift of +d moves content d pixels towards higher indices.
+    """
+    lead = array.ndim - len(shift)
+    pad = [(0, 0)] * lead + [(max(d, 0), max(-d, 0)) for d in shift]
+    padded = np.pad(array, pad, mode=mode)  # type: ignore[call-overload]
+    crop = [slice(None)] * lead + [slice(max(-d, 0), max(-d, 0) + s) for d, s in zip(shift, array.shape[lead:])]
+    return np.ascontiguousarray(padded[tuple(crop)])

@@ -72,6 +72,23 @@ def _predict(model: Any, loader: Iterable[Mapping[str, Any]]) -> torch.Tensor:
     return torch.cat(probs)
 
 
+def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, Any]) -> dict[str, Any]:
+    """Localization again on the same cases, each shifted to a seeded random position
+    (:class:`~mlmi_zoo.evaluation.controls.OffCentre`), where a centre prior cannot help."""
+    from mlmi_zoo.evaluation._elements import _localization_block
+    from mlmi_zoo.evaluation.controls import OffCentre
+
+    shifted = OffCentre(ctx.dataset, seed=ctx.seed)
+    loader = DataLoader(shifted, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate)
+    with torch.no_grad():
+        col = _run_images(model, loader, ctx.limits, _ImageControls(model, ctx.reference, ctx.seed))
+    block = _localization_block(col, centred.get("details", {}).get("map", "evidence map"), "", None, ctx)
+    block["details"]["placement"] = (f"each case shifted by a seeded uniform offset of up to {shifted.shift_fraction:.0%} "
+                                     f"of its size per axis (seed {ctx.seed}); image padded by reflection, mask by zeros")
+    block.pop("does_not_show", None)
+    return block
+
+
 def _git_commit() -> str | None:
     """The commit of the mlmi-zoo source tree that ran the evaluation, when it is a git checkout."""
     import subprocess
@@ -204,6 +221,8 @@ def evaluate(
 
     blocks = record.evaluation_section()(model, col, ctx)
     add_evidence(model, blocks, col, ctx)
+    if record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
+        blocks["localization"]["off_centre"] = _off_centre_localization(model, ctx, blocks["localization"])
     faithfulness = ctx.faithfulness or _not_applicable("not applicable: no attribution map to delete along")
 
     baseline = None

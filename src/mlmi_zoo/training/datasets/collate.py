@@ -25,7 +25,8 @@ def collate_bags(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         The same keys with per-instance fields padded with zeros to ``(B, N_max, ...)``, plus
-        ``mask`` ``(B, N_max)`` bool; every other field (``label``, ``measurements``, ``index``, ...)
+        ``mask`` ``(B, N_max)`` bool; ``instance_controls`` (a dict of ``(N,)`` control scores per
+        instance, see :mod:`mlmi_zoo.evaluation.controls`) padded the same way; every other field (``label``, ``measurements``, ``index``, ...)
         batched by :func:`torch.utils.data.default_collate`.
 
     Raises:
@@ -51,6 +52,14 @@ def collate_bags(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
             padded[j, : sizes[j]] = s[k]
         out[k] = padded
     out["mask"] = torch.arange(n_max)[None, :] < torch.tensor(sizes)[:, None]  # (B, N_max)
+    if "instance_controls" in samples[0]:  # name -> (N,) per-instance control scores, padded like the rest
+        names = list(samples[0]["instance_controls"])
+        controls = {name: torch.zeros(len(samples), n_max) for name in names}
+        for j, s in enumerate(samples):
+            for name in names:
+                controls[name][j, : sizes[j]] = torch.as_tensor(s["instance_controls"][name], dtype=torch.float32)
+        out["instance_controls"] = controls
+        keys = [*keys, "instance_controls"]
     rest = [{k: v for k, v in s.items() if k not in keys} for s in samples]
     out.update(default_collate(rest))
     return out
