@@ -5,17 +5,28 @@
 >>> model = mlmi_zoo.load("protopnet_resnet8.lidc_nodule")
 >>> exp = model.explain(x, spacing=(0.7, 0.7))  # a typed, frozen explanation
 """
+from mlmi_zoo._config import ConfigError
 from mlmi_zoo._version import __version__
 from mlmi_zoo._weights import WeightsError
 from mlmi_zoo.base import InterpretableModel, LoadReport, ModelConfig
 from mlmi_zoo.explanations import Explanation
 from mlmi_zoo.hub import load, publish
 from mlmi_zoo.registry import create_model, list_models, register_model
-from mlmi_zoo.specs import ConceptSpec, InputSpec, InputSpecError, IntensityTransform, Measurement, QuantitySpec
+from mlmi_zoo.specs import (
+    ConceptSpec,
+    ConceptValueError,
+    InputSpec,
+    InputSpecError,
+    IntensityTransform,
+    Measurement,
+    QuantitySpec,
+)
 
 __all__ = [
     "__version__",
     "ConceptSpec",
+    "ConceptValueError",
+    "ConfigError",
     "Explanation",
     "InputSpec",
     "InputSpecError",

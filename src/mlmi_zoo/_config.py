@@ -13,10 +13,14 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-__all__ = ["to_jsonable", "from_jsonable", "apply_overrides", "parse_override_value", "OverrideError"]
+__all__ = ["to_jsonable", "from_jsonable", "apply_overrides", "parse_override_value", "ConfigError", "OverrideError"]
 
 
-class OverrideError(ValueError):
+class ConfigError(ValueError):
+    """A configuration is refused: unreadable, incomplete, of an unknown version, or of a wrong type."""
+
+
+class OverrideError(ConfigError):
     """A configuration key does not exist or a value has the wrong type."""
 
 

@@ -17,6 +17,10 @@ class WeightsError(ValueError):
     """A weights file is refused: wrong format, wrong checksum, or unreadable."""
 
 
+class MissingWeightsError(WeightsError, FileNotFoundError):
+    """The weights file a model folder names does not exist (also a ``FileNotFoundError``)."""
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -88,7 +92,7 @@ def check_weights_file(path: str | os.PathLike, expected_sha256: str | None) -> 
 
     Raises:
         WeightsError: saying which file and why.
-        FileNotFoundError: when the file does not exist.
+        MissingWeightsError: when the file does not exist (a ``WeightsError`` and a ``FileNotFoundError``).
     """
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -99,10 +103,10 @@ def check_weights_file(path: str | os.PathLike, expected_sha256: str | None) -> 
     if path.suffix != ".safetensors":
         raise WeightsError(f"refusing {path}: expected a .safetensors file")
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingWeightsError(f"weights file not found: {path}; the model folder is incomplete")
     if expected_sha256 is not None:
         actual = sha256_file(path)
-        if actual != expected_sha256:
+        if actual != expected_sha256.lower():
             raise WeightsError(
                 f"refusing {path}: sha256 {actual} differs from the recorded {expected_sha256}; "
                 "the file is corrupt or was modified — download it again"

@@ -15,11 +15,12 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
-from mlmi_zoo._config import from_jsonable, to_jsonable
+from mlmi_zoo._config import ConfigError, from_jsonable, to_jsonable
 from mlmi_zoo._version import __version__
-from mlmi_zoo._weights import save_weights, write_json_atomic
+from mlmi_zoo._weights import WeightsError, save_weights, write_json_atomic
 from mlmi_zoo.explanations import Explanation
 from mlmi_zoo.specs import InputSpec, InputSpecError, IntensityTransform, QuantitySpec
+from mlmi_zoo.units import parse_unit
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ WEIGHTS_FILE = "model.safetensors"
 # Version of the "config" section of config.json. 1: the model config also held training settings
 # (loss coefficients, push and start choices); 2: architecture only (see migrate_config).
 CONFIG_VERSION = 2
+# Fields of a saved config that state a fact about the data (the classes, the input, its intensities):
+# a dataclass default for them would be a guess, so a config.json without them is refused.
+REQUIRED_CONFIG_FIELDS: tuple[str, ...] = ("label_names", "in_channels", "spatial_dims", "intensity")
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,41 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         )
 
     def validate_input(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor | None:
-        """Check ``x`` against :attr:`input_spec`; return spacing as a (B, dims) tensor or None."""
+        """Check ``x`` against :attr:`input_spec` and the backbone's stride.
+
+        Returns:
+            ``spacing`` as a (B, dims) tensor in mm, or None when none is given.
+
+        Raises:
+            InputSpecError: naming what was expected and what arrived.
+        """
         spec = self.input_spec
         spec.validate(x)
         self._check_dtype(x)
+        self._check_size(x)
         return None if spacing is None else spec.check_spacing(spacing, batch=x.shape[0]).to(x.device)
+
+    def measurement_spacing(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor | None:
+        """Check ``x`` and return the (B, dims) spacing in mm its measurements use: ``spacing`` when
+        given, else the canonical one (refused for an image far from the training size); None when
+        the model has no physical scale. See :meth:`InputSpec.measurement_spacing`.
+
+        Raises:
+            InputSpecError: for a bad ``x`` or ``spacing``, or no spacing for an image far from the
+                training size.
+        """
+        self.validate_input(x)
+        return self.input_spec.measurement_spacing(x, spacing)
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        """Refuse an image smaller than one latent cell of the backbone: every cell would see padding only."""
+        backbone = self._modules.get("backbone")
+        stride = getattr(backbone, "stride", None)
+        spatial = tuple(int(n) for n in x.shape[2:])
+        if isinstance(stride, int) and self.input_spec.spatial_dims and min(spatial) < stride:
+            raise InputSpecError(f"x has spatial size {spatial}, smaller than one cell of the backbone's latent grid "
+                                 f"({stride} pixels per axis); expected at least {stride} pixels per axis, about "
+                                 f"{tuple(self.input_spec.size)} (the training size)")
 
     def _check_dtype(self, x: torch.Tensor) -> None:
         """Refuse a floating dtype other than the parameters' (outside autocast, which casts itself)."""
@@ -228,6 +262,10 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             state: name -> tensor, e.g. from a safetensors file.
             strict: raise when tensors are missing or unexpected.
             allow_resized: skip (and report) tensors whose shape differs instead of raising.
+
+        Raises:
+            WeightsError: for a tensor of another shape (unless ``allow_resized``), or, when ``strict``,
+                missing or unexpected tensors.
         """
         own = self.state_dict()
         skipped = tuple(k for k in state if k in own and state[k].shape != own[k].shape)
@@ -235,9 +273,10 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         unexpected = tuple(k for k in state if k not in own)
         if skipped and not allow_resized:
             shapes = ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in skipped[:5])
-            raise ValueError(f"weights do not fit this configuration ({shapes}); pass config overrides to fine-tune")
+            raise WeightsError(f"weights do not fit this configuration ({shapes}); pass config overrides to fine-tune")
         if strict and (missing or unexpected):
-            raise ValueError(f"weights do not match the architecture: missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
+            raise WeightsError(f"weights do not match the architecture: missing {list(missing)[:8]}, "
+                               f"unexpected {list(unexpected)[:8]}")
         usable = {k: v for k, v in state.items() if k in own and k not in skipped}
         self.load_state_dict(usable, strict=False)
         if skipped:
@@ -246,13 +285,41 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         return self.load_report
 
     @classmethod
-    def config_from_dict(cls, d: dict[str, Any], version: int = CONFIG_VERSION) -> ModelConfig:
-        """The config saved as ``d`` (the "config" section of a config.json of ``config_version`` ``version``)."""
+    def config_from_dict(cls, d: dict[str, Any], version: int = CONFIG_VERSION, where: str = "config") -> ModelConfig:
+        """The config saved as ``d`` (the "config" section of a config.json of ``config_version`` ``version``).
+
+        A saved config states every fact about the data the weights expect. Those whose dataclass
+        default would be a guess are required: :data:`REQUIRED_CONFIG_FIELDS`, and ``spacing`` when
+        a quantity or concept of the model is a length, area or volume (``null`` is an answer: the
+        data carry no scale; an absent key is not).
+
+        Args:
+            d: the saved config.
+            version: its ``config_version``.
+            where: what to name in messages (e.g. the config.json's path).
+
+        Raises:
+            ConfigError: for a missing required field, an unknown field or a value of the wrong type.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: 'config' must be a JSON object of the model's fields; got a "
+                              f"{type(d).__name__}")
+        required = REQUIRED_CONFIG_FIELDS + (("spacing",) if _measures_lengths(d) else ())
+        for key in required:
+            if key not in d:
+                raise ConfigError(f"{where}: the config lacks {key!r}; a saved model states it and it is never "
+                                  "assumed (a default would be a made-up fact about the data)")
         return from_jsonable(cls.config_class, migrate_config(cls.config_class, d, version)[0],
                              where=f"{cls.__name__} config")
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, num_classes={self.num_classes}"
+
+
+def _measures_lengths(d: dict[str, Any]) -> bool:
+    """Whether a saved config declares a quantity or concept in a power of length (mm, mm², mL)."""
+    units = [q.get("unit") for key in ("quantities", "concepts") for q in d.get(key) or () if isinstance(q, dict)]
+    return any(isinstance(u, str) and "[length]" in parse_unit(u).dimensionality for u in units)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -275,10 +342,11 @@ def migrate_config(config_class: type[ModelConfig], d: dict[str, Any],
         (the config in the current version, the training settings taken out of it).
 
     Raises:
-        ValueError: a version newer than this release reads.
+        ConfigError: a version newer than this release reads.
     """
     if version > CONFIG_VERSION:
-        raise ValueError(f"config_version {version} is newer than this mlmi-zoo reads ({CONFIG_VERSION}); upgrade mlmi-zoo")
+        raise ConfigError(f"config_version {version} is newer than this mlmi-zoo reads ({CONFIG_VERSION}); "
+                          "upgrade mlmi-zoo")
     if version >= 2:
         return dict(d), {}
     moved = {k: d[k] for k in config_class.TRAINING_FIELDS_V1 if k in d}
@@ -293,4 +361,4 @@ def replace_config(config: C, **changes: Any) -> C:
 
 
 __all__ = ["ModelConfig", "InterpretableModel", "LoadReport", "replace_config", "migrate_config", "CONFIG_FILE",
-           "WEIGHTS_FILE", "CONFIG_VERSION"]
+           "WEIGHTS_FILE", "CONFIG_VERSION", "REQUIRED_CONFIG_FIELDS"]

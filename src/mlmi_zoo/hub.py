@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
-from mlmi_zoo._config import apply_overrides
+from mlmi_zoo._config import ConfigError, apply_overrides
 from mlmi_zoo._weights import PICKLE_SUFFIXES, WeightsError, load_weights
-from mlmi_zoo.base import CONFIG_FILE, WEIGHTS_FILE, InterpretableModel
+from mlmi_zoo.base import CONFIG_FILE, CONFIG_VERSION, WEIGHTS_FILE, InterpretableModel
 
 M = TypeVar("M", bound=InterpretableModel[Any])
 from mlmi_zoo.registry import bundled_dir, get_entry, list_models, read_config
@@ -98,23 +98,27 @@ def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
             shape changes are re-initialised and listed in ``model.load_report.skipped``.
 
     Raises:
-        WeightsError: when the weights file is not safetensors or its sha256 differs from the
-            value in config.json or in the card.
+        WeightsError: when config.json records no valid sha256 or a weights file outside the folder,
+            when the weights file is not safetensors, when its sha256 differs from the value in
+            config.json or in the card, or when its tensors do not fit the config
+            (``MissingWeightsError``, also a ``FileNotFoundError``, when it does not exist).
+        ConfigError: when config.json is not a JSON object, lacks a section or a required field, or
+            has an unknown ``config_version``.
     """
     folder = resolve(uri, cache_dir=cache_dir)
     doc = read_config(folder)
-    for key in ("architecture", "config", "weights_sha256"):
-        if key not in doc:
-            raise ValueError(f"{folder / CONFIG_FILE} lacks {key!r}; was it written by save_pretrained?")
-    weights = folder / doc.get("weights_file", WEIGHTS_FILE)
-    expected = doc["weights_sha256"]
+    where = folder / CONFIG_FILE
+    weights, expected = _verified_weights(doc, folder)
     stated = card_sha256(folder)
     if stated is not None and stated != expected:
         raise WeightsError(f"refusing {weights}: the card states sha256 {stated} but config.json records {expected}")
     state = load_weights(weights, expected_sha256=expected)  # checks the sha before deserialising
 
+    for key in ("architecture", "config"):
+        if key not in doc:
+            raise ConfigError(f"{where} lacks {key!r}; was it written by save_pretrained?")
     entry = get_entry(doc["architecture"])
-    config = entry.model_class.config_from_dict(doc["config"], version=int(doc.get("config_version", 1)))
+    config = entry.model_class.config_from_dict(doc["config"], version=_config_version(doc, where), where=str(where))
     if overrides:
         config = apply_overrides(config, overrides)
     model = entry.model_class(config)
@@ -125,6 +129,36 @@ def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
     if model_class is not None and not isinstance(model, model_class):
         raise TypeError(f"{uri} holds a {type(model).__name__}, not a {model_class.__name__}")
     return model
+
+
+def _verified_weights(doc: dict[str, Any], folder: Path) -> tuple[Path, str]:
+    """The weights file a config.json names and the sha256 it records, both checked.
+
+    No field switches the checksum off: a missing, null or malformed ``weights_sha256`` is refused,
+    as is a ``weights_file`` that would leave the model folder.
+    """
+    where = folder / CONFIG_FILE
+    name = doc.get("weights_file", WEIGHTS_FILE)
+    # a file name, not a path: the checksum vouches for this folder's file, not for one elsewhere
+    # (its format, safetensors only, is checked by load_weights)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise WeightsError(f"{where}: 'weights_file' must name a .safetensors file in the model folder, "
+                           f"got {name!r}")
+    if "weights_sha256" not in doc:
+        raise WeightsError(f"{where} lacks 'weights_sha256': weights are never loaded unverified; "
+                           "save the model with save_pretrained, which records it")
+    sha = doc["weights_sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)):
+        raise WeightsError(f"{where}: 'weights_sha256' must be the sha256 of {name} (64 hex digits); got {sha!r}")
+    return folder / name, sha.lower()
+
+
+def _config_version(doc: dict[str, Any], where: Path) -> int:
+    """``config_version`` of a config.json: 1 when absent (files written before it was recorded)."""
+    version = doc.get("config_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{where}: config_version {version!r}; expected an integer from 1 to {CONFIG_VERSION}")
+    return version
 
 
 def publish(model_dir: str | os.PathLike, repo_id: str, tag: str | None = None, private: bool = False,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from mlmi_zoo._config import ConfigError
 from mlmi_zoo.base import CONFIG_FILE, InterpretableModel
 
 __all__ = ["build_config", "register_backbones", "register_model", "create_model", "list_models", "get_entry", "model_entries", "bundled_dir", "UnknownModelError"]
@@ -151,11 +152,21 @@ def list_models(pattern: str | None = None, pretrained: bool = False) -> list[st
 
 
 def read_config(directory: Path) -> dict[str, Any]:
-    """Read a model folder's config.json, with a clear error when it is missing or invalid."""
+    """Read a model folder's config.json, with a clear error when it is missing or invalid.
+
+    Raises:
+        FileNotFoundError: when there is no config.json.
+        ConfigError: when it is not valid JSON, or not a JSON object.
+    """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a model folder holds config.json and model.safetensors")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise ConfigError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(doc, dict):
+        kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(doc), "number")
+        raise ConfigError(f"{path} holds a JSON {kind}; expected an object with architecture, config and "
+                          "weights_sha256")
+    return doc

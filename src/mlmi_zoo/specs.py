@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
@@ -17,6 +18,10 @@ from mlmi_zoo.units import convert, parse_unit
 
 class InputSpecError(ValueError):
     """An input violates a model's :class:`InputSpec`. The message names expected and actual."""
+
+
+class ConceptValueError(InputSpecError):
+    """A value given for a concept (a test-time intervention) does not fit its :class:`ConceptSpec`."""
 
 
 @dataclass(frozen=True)
@@ -121,10 +126,51 @@ class InputSpec:
     value_range: tuple[float, float] | None = (0.0, 1.0)
 
     # -- validation -------------------------------------------------------------------------
-    def validate(self, x: torch.Tensor, spacing: Any = None) -> None:
-        """Raise :class:`InputSpecError` when ``x`` (``(B, C, *spatial)``) does not fit this spec."""
+    # An image more than this many times larger or smaller than `size` on some axis was almost surely
+    # not acquired at the canonical spacing: measuring it needs its own spacing.
+    MAX_SIZE_RATIO: ClassVar[float] = 4.0
+    # A spacing this many times larger or smaller than the canonical one on some axis is a unit slip
+    # (metres or micrometres given as mm are 1000x off) or an image the model never saw the like of:
+    # refused, not extrapolated. Beyond WARN_SPACING_RATIO (a centimetre given as mm is 10x) it warns.
+    MAX_SPACING_RATIO: ClassVar[float] = 100.0
+    WARN_SPACING_RATIO: ClassVar[float] = 10.0
+
+    def validate(self, x: torch.Tensor, spacing: Any = None, name: str = "x") -> None:
+        """Raise :class:`InputSpecError` when ``x`` (``(B, C, *spatial)``) does not fit this spec.
+
+        :meth:`check_layout` (type, shape, channels, dtype), then :meth:`check_values` (finite and in
+        range), then :meth:`check_spacing` when ``spacing`` is given.
+
+        Args:
+            x: the input, ``(B, C, *spatial)`` or ``(B, N, D)`` for feature bags.
+            spacing: mm per axis, see :meth:`check_spacing`.
+            name: the argument's name in messages.
+
+        Raises:
+            InputSpecError: naming what was expected and what arrived.
+        """
+        self.check_layout(x, name)
+        self.check_values(x, name=name)
+        if spacing is not None:
+            self.check_spacing(spacing, batch=x.shape[0])
+
+    def check_layout(self, x: Any, name: str = "x") -> None:
+        """Refuse anything but a non-empty floating-point tensor of this spec's layout and channels.
+
+        numpy arrays and lists are refused, not converted: their dtype, and whether the intensity
+        transform was applied already, would be guessed. Integer and bool tensors are refused for the
+        same reason (a raw 8-bit or HU image is not in network range); float16/float64 are checked
+        against the model's parameters by the model.
+
+        Raises:
+            InputSpecError: naming what was expected and what arrived.
+        """
         if not isinstance(x, torch.Tensor):
-            raise InputSpecError(f"expected a torch.Tensor, got {type(x).__name__}")
+            kind = type(x).__qualname__
+            kind = kind if type(x).__module__ == "builtins" else f"{type(x).__module__}.{kind}"
+            raise InputSpecError(f"{name} must be a torch.Tensor, got {kind}: arrays and lists are not converted "
+                                 f"implicitly; use torch.as_tensor({name}, dtype=torch.float32) after the intensity "
+                                 "transform")
         expected_ndim = 2 + self.spatial_dims if self.spatial_dims else 3
         if x.ndim != expected_ndim:
             layout = "(B, C, " + ", ".join("DHW"[3 - self.spatial_dims:]) + ")" if self.spatial_dims else "(B, N, D)"
@@ -139,38 +185,97 @@ class InputSpec:
             what = "channels" if self.spatial_dims else "features per instance"
             raise InputSpecError(f"expected {self.in_channels} {what}, got {channels} (shape {tuple(x.shape)})")
         if not x.is_floating_point():
-            raise InputSpecError(f"expected a floating-point tensor, got {x.dtype}")
-        if torch.compiler.is_compiling():
-            # Under torch.export / torch.compile the value checks below would be data-dependent
-            # guards (a traced graph cannot branch on its input's values); shape, channels and
-            # dtype were checked above, and the eager model keeps the value checks.
-            if spacing is not None:
-                self.check_spacing(spacing, batch=x.shape[0])
-            return
+            raise InputSpecError(f"{name} has dtype {x.dtype}; expected a floating-point tensor: apply the model's "
+                                 f"intensity transform (model.input_spec.intensity) to raw images, or {name}.float()")
+
+    def check_values(self, x: torch.Tensor, valid: torch.Tensor | None = None, name: str = "x") -> torch.Tensor:
+        """Refuse NaN, Inf and values far outside :attr:`value_range`; return what the model may read.
+
+        Args:
+            x: an input whose layout :meth:`check_layout` accepted.
+            valid: bool over ``x``'s leading axes (a bag's ``(B, N)`` mask), or None (all valid). Only
+                valid entries are checked: the model never reads the others, so they may hold
+                anything, and those holding NaN or Inf are set to 0 in the returned tensor (a NaN
+                times a zero attention weight would still be NaN).
+            name: the argument's name in messages.
+
+        Returns:
+            ``x`` itself, or, when excluded entries hold NaN or Inf, a copy with those entries set to 0.
+
+        Raises:
+            InputSpecError: naming the case (and the instance of a bag) that holds the first bad value.
+        """
+        if torch.compiler.is_compiling() or not x.numel():
+            # Under torch.export / torch.compile these would be data-dependent guards (a traced graph
+            # cannot branch on its input's values); the eager model keeps them.
+            return x
         # One streaming reduction, no input-sized temporaries (isfinite(x).all() allocates several,
         # which on long MIL bags costs more than the model): NaN propagates into both, +-Inf into one.
-        xmin, xmax = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
-        if not (math.isfinite(xmin) and math.isfinite(xmax)):
-            raise InputSpecError("input contains NaN or Inf values; clean or mask them before the model")
-        if self.value_range is not None and x.numel():
-            lo, hi = self.intensity.normalised_range(*self.value_range)
-            margin = 0.5 * (hi - lo)  # augmentation may overshoot a little; raw HU never fits
-            if xmin < lo - margin or xmax > hi + margin:
-                raise InputSpecError(
-                    f"input values span [{xmin:.4g}, {xmax:.4g}] but the model expects about "
-                    f"[{lo:g}, {hi:g}] after its intensity transform ({self.intensity.describe()}); "
-                    f"apply model.input_spec.intensity to raw images first"
-                )
-        if spacing is not None:
-            self.check_spacing(spacing, batch=x.shape[0])
+        xmin, xmax = (float(v) for v in torch.aminmax(x))
+        finite = math.isfinite(xmin) and math.isfinite(xmax)
+        if finite and self._in_range(xmin, xmax):
+            return x
+        if valid is None:  # the rare path: find what to name
+            if not finite:
+                bad = ~torch.isfinite(x)
+                first = int(bad.flatten(1).any(1).nonzero()[0])
+                raise InputSpecError(f"{name} holds {int(bad.sum())} NaN or Inf value(s), the first in case {first}; "
+                                     "clean them before the model")
+            self._refuse_range(xmin, xmax, name)
+            return x
+        # (B, N) entries that hold a NaN or Inf; only valid ones must be finite
+        nonfinite = ~torch.isfinite(x).flatten(valid.ndim).all(-1)
+        bad = (nonfinite & valid).nonzero()
+        if bad.numel():
+            b, n = (int(i) for i in bad[0])
+            raise InputSpecError(f"{name}: bag {b}, instance {n} holds NaN or Inf but is a valid instance (mask True); "
+                                 f"clean it or set mask[{b}, {n}] = False")
+        inside = torch.aminmax(x[valid])
+        self._refuse_range(float(inside.min), float(inside.max), name)
+        if finite:
+            return x
+        return x.masked_fill(nonfinite.view(*nonfinite.shape, *[1] * (x.ndim - valid.ndim)), 0.0)
+
+    def _in_range(self, xmin: float, xmax: float) -> bool:
+        """Whether values spanning ``[xmin, xmax]`` fit :attr:`value_range` with its margin."""
+        if self.value_range is None:
+            return True
+        lo, hi = self.intensity.normalised_range(*self.value_range)
+        margin = 0.5 * (hi - lo)  # augmentation may overshoot a little; raw HU never fits
+        return lo - margin <= xmin and xmax <= hi + margin
+
+    def _refuse_range(self, xmin: float, xmax: float, name: str) -> None:
+        """Raise :class:`InputSpecError` when values spanning ``[xmin, xmax]`` do not fit :attr:`value_range`."""
+        if self._in_range(xmin, xmax):
+            return
+        assert self.value_range is not None  # no range, nothing out of it
+        lo, hi = self.intensity.normalised_range(*self.value_range)
+        raise InputSpecError(
+            f"{name} values span [{xmin:.4g}, {xmax:.4g}] but the model expects about [{lo:g}, {hi:g}] after its "
+            f"intensity transform ({self.intensity.describe()}); apply model.input_spec.intensity to raw images first"
+        )
 
     def check_spacing(self, spacing: Any, batch: int | None = None) -> torch.Tensor:
         """Return ``spacing`` as a ``(B, spatial_dims)`` float tensor in mm, or raise on bad values.
 
         Numbers are millimetres; a value may also be a length with its unit, as text that pint
         parses (``"0.7 mm"``, ``"700 um"``) or a pint quantity, converted to mm.
+
+        With a canonical :attr:`spacing`, a value :attr:`MAX_SPACING_RATIO` (100) or more times
+        larger or smaller than it on some axis is refused: it is almost always a unit slip (metres or
+        micrometres given as numbers are 1000x off), and never an image the model has seen the like
+        of. One more than :attr:`WARN_SPACING_RATIO` (10) times off is used, with a ``UserWarning``.
+
+        Raises:
+            InputSpecError: for a value that is not a positive, finite length, the wrong number of
+                values, or an implausible one.
         """
-        s = torch.as_tensor(_spacing_in_mm(spacing), dtype=torch.float64)
+        in_mm = _spacing_in_mm(spacing)
+        try:
+            s = torch.as_tensor(in_mm, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as err:  # torch's errors for ragged or non-numeric nests
+            raise InputSpecError(f"spacing {spacing!r} must be numbers (mm) or lengths with a unit such as '0.7 mm', "
+                                 f"{self.spatial_dims} per image") from err
         if s.ndim == 1:
             s = s.unsqueeze(0)
         if s.ndim != 2 or s.shape[-1] != self.spatial_dims:
@@ -181,7 +286,55 @@ class InputSpec:
             raise InputSpecError(f"expected spacing for 1 or {batch} images, got {s.shape[0]}")
         if not torch.isfinite(s).all() or (s <= 0).any():
             raise InputSpecError(f"spacing must be finite and positive (mm), got {s.tolist()}")
+        if self.spacing is not None:
+            ratio = s / torch.tensor(self.spacing, dtype=s.dtype)
+            fold = float(torch.maximum(ratio, 1 / ratio).max())  # how far off the farthest axis is, either way
+            side = "larger" if float(ratio.max()) * float(ratio.min()) > 1 else "smaller"
+            if fold >= self.MAX_SPACING_RATIO * (1 - 1e-9):  # 70 mm / 0.7 mm is 100 to rounding
+                raise InputSpecError(
+                    f"spacing {s.tolist()} mm is at least {self.MAX_SPACING_RATIO:g}x {side} than the model's "
+                    f"canonical spacing {self.spacing} mm on some axis: give mm per pixel (a length with its unit, "
+                    "such as '700 um', is converted), or resample the image nearer the canonical spacing"
+                )
+            if fold > self.WARN_SPACING_RATIO:
+                warnings.warn(f"spacing {s.tolist()} mm is {fold:.0f}x {side} than the model's canonical spacing "
+                              f"{self.spacing} mm: the model has not seen images at such a scale; check the unit "
+                              "(mm per pixel)", UserWarning, stacklevel=2)
         return s.float()
+
+    def measurement_spacing(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor | None:
+        """The ``(B, dims)`` spacing in mm at which ``x`` is measured: ``spacing`` when given, else the
+        canonical :attr:`spacing`; None when neither exists (the data carry no physical scale).
+
+        The canonical spacing is assumed only for an image near the training :attr:`size`: one more
+        than :attr:`MAX_SIZE_RATIO` (4) times larger or smaller on some axis was almost surely acquired
+        at another spacing, and measuring it at the canonical one would report a wrong size (a
+        diameter at the head's maximum), so it is refused.
+
+        Args:
+            x: ``(B, C, *spatial)`` images whose layout :meth:`check_layout` accepted.
+            spacing: mm per axis, see :meth:`check_spacing`; None for the canonical spacing.
+
+        Raises:
+            InputSpecError: for a bad ``spacing``, or none for an image far from the training size.
+        """
+        batch = x.shape[0]
+        if spacing is None:
+            if self.spacing is None:
+                return None
+            spatial = tuple(int(n) for n in x.shape[2:])
+            ratios = [n / m for n, m in zip(spatial, self.size)]
+            if any(not 1 / self.MAX_SIZE_RATIO <= r <= self.MAX_SIZE_RATIO for r in ratios):
+                side = "larger" if max(ratios) > self.MAX_SIZE_RATIO else "smaller"
+                raise InputSpecError(
+                    f"x is {spatial} pixels, more than {self.MAX_SIZE_RATIO:g}x {side} than the {tuple(self.size)} the "
+                    f"model was trained at, and no spacing was given: the canonical {self.spacing} mm would be assumed "
+                    "and every size measured wrong; pass spacing= (mm per pixel) or resample the image to about "
+                    f"{tuple(self.size)} pixels"
+                )
+            spacing = self.spacing
+        s = self.check_spacing(spacing, batch=batch)
+        return (s.expand(batch, -1) if s.shape[0] == 1 else s).to(x.device)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

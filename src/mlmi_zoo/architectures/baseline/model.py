@@ -44,14 +44,10 @@ class BaselineExplanation(Explanation):
     family = "baseline"
 
 
-def resolve_spacing(model: InterpretableModel[Any], spacing: Any, batch: int, device: torch.device) -> torch.Tensor | None:
-    """(B, dims) spacing for measurements: the given one, else the model's canonical spacing."""
-    if spacing is None:
-        spacing = model.config.spacing
-    if spacing is None:
-        return None
-    s = model.input_spec.check_spacing(spacing, batch=batch)
-    return s.expand(batch, -1).to(device) if s.shape[0] == 1 else s.to(device)
+def resolve_spacing(model: InterpretableModel[Any], spacing: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """Check ``x``; (B, dims) spacing for measurements: the given one, else the model's canonical
+    spacing (see :meth:`~mlmi_zoo.base.InterpretableModel.measurement_spacing`)."""
+    return model.measurement_spacing(x, spacing)
 
 
 class BaselineClassifier(InterpretableModel[BaselineConfig]):
@@ -86,7 +82,7 @@ class BaselineClassifier(InterpretableModel[BaselineConfig]):
         """Logits and, with a physical head, measurements at ``spacing`` (default: canonical)."""
         logits, quantities = self.forward_with_quantities(x)
         measurements = {}
-        s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        s = resolve_spacing(self, spacing, x)
         if self.physical is not None and quantities is not None and s is not None:
             measurements = self.physical.measure(quantities, s)
         return BaselineExplanation(logits=logits, label_names=self.label_names, measurements=measurements, inputs=x)
@@ -115,4 +111,5 @@ class BaselineTraining(FamilyTraining):
         return LossOutput(loss, logits.detach(), logs)
 
 
-register_backbones(BaselineClassifier, ("resnet8", "resnet18"), "Black-box baseline on a {backbone} backbone.")
+register_backbones(BaselineClassifier, ("resnet8", "resnet18", "tf_efficientnet_lite0"),
+                   "Black-box baseline on a {backbone} backbone.")

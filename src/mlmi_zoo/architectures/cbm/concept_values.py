@@ -9,63 +9,110 @@ and evaluation use.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
-from mlmi_zoo.specs import ConceptSpec, Measurement
+from mlmi_zoo.architectures.blocks.heads import spacing_exponent
+from mlmi_zoo.specs import ConceptSpec, ConceptValueError, Measurement
 from mlmi_zoo.units import quantity
 
 __all__ = ["parse_concept_value", "concept_values_from_batch"]
 
 
-def parse_concept_value(spec: ConceptSpec, value: Any) -> torch.Tensor:
-    """Turn a value a person gives for ``spec`` into its natural-unit number(s).
+def parse_concept_value(spec: ConceptSpec, value: Any, batch: int | None = None) -> torch.Tensor:
+    """Turn a value a person gives for ``spec`` into its natural-unit number(s), or refuse it.
+
+    Every value is checked against the concept: a binary concept takes a probability in [0, 1], a
+    level concept one of its levels, a continuous concept a finite number (>= 0 for a length, area
+    or volume). NaN (which elsewhere means "not known") and None are refused: to leave a concept
+    as predicted, leave it out.
 
     Args:
         spec: the concept.
         value: binary — ``0``/``1``, ``True``/``False`` or a probability; ordinal/categorical — a
             level name (``"solid"``) or index; continuous — a number in ``spec.unit``, a string such
             as ``"1.4 cm"``, a pint quantity or a :class:`Measurement` in any compatible unit. A
-            tensor gives one value per case.
+            tensor or array gives one value per case (checked the same way).
+        batch: the number of cases; a per-case value must have exactly that many.
 
     Returns:
         a float tensor, scalar or (B,), in natural units (level index for level concepts).
 
     Raises:
-        ValueError: for an unknown level, a probability outside [0, 1] or an incompatible unit.
+        ConceptValueError: naming the concept, the value and what the concept takes.
     """
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(torch.float32)
+    if isinstance(value, Measurement) and spec.unit is not None:
+        try:
+            value = value.to(spec.unit).value  # a float or a (B,) tensor in the concept's unit
+        except ValueError as err:  # pint's dimensionality error, as Measurement.to raises it
+            raise ConceptValueError(f"concept {spec.name!r} is in {spec.unit!r}; cannot express {value} in it") from err
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        values = torch.as_tensor(value).detach().to(torch.float32)
+        if values.ndim > 1 or (batch is not None and values.ndim == 1 and values.numel() != batch):
+            raise ConceptValueError(f"concept {spec.name!r} got {values.numel()} values (shape {tuple(values.shape)}) "
+                                    f"for a batch of {batch}; give one value, or one per case")
+        for i, v in enumerate(values.reshape(-1).tolist()):
+            _check(spec, _one_value(spec, v), v, None if values.ndim == 0 else i)
+        return values
+    number = _one_value(spec, value)
+    _check(spec, number, value, None)
+    return torch.tensor(number)
+
+
+def _one_value(spec: ConceptSpec, value: Any) -> float:
+    """One value a person gives for ``spec`` as its natural-unit number (unchecked, see :func:`_check`)."""
     if spec.kind == "binary":
-        if isinstance(value, str):
-            raise ValueError(f"binary concept {spec.name!r} takes 0, 1, True, False or a probability, got {value!r}")
-        v = float(value)
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"binary concept {spec.name!r} takes a value in [0, 1], got {value!r}")
-        return torch.tensor(v)
+        if isinstance(value, str) or not isinstance(value, (int, float, np.number)):
+            raise ConceptValueError(f"binary concept {spec.name!r} takes 0, 1, True, False or a probability, "
+                                    f"got {value!r}")
+        return float(value)
     if spec.kind in ("ordinal", "categorical"):
         levels = spec.levels or ()
         if isinstance(value, str):
             if value not in levels:
-                raise ValueError(f"concept {spec.name!r} has levels {list(levels)}, got {value!r}")
-            return torch.tensor(float(levels.index(value)))
-        if isinstance(value, bool) or float(value) != int(value) or not 0 <= int(value) < len(levels):
-            raise ValueError(f"concept {spec.name!r} takes a level name {list(levels)} or an index 0..{len(levels) - 1}, got {value!r}")
-        return torch.tensor(float(value))
+                raise ConceptValueError(f"concept {spec.name!r} has levels {list(levels)}, got {value!r}")
+            return float(levels.index(value))
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ConceptValueError(f"concept {spec.name!r} takes a level name {list(levels)} or an index "
+                                    f"0..{len(levels) - 1}, got {value!r}")
+        return float(value)  # an index; _check refuses one that is not a level's
     # continuous
     assert spec.unit is not None  # ConceptSpec refuses a continuous concept without a unit
-    if isinstance(value, Measurement):
-        return torch.as_tensor(value.to(spec.unit).value, dtype=torch.float32)
     if isinstance(value, str) or hasattr(value, "dimensionality"):
-        q = quantity(value) if isinstance(value, str) else value
         try:
-            magnitude = q.to(spec.unit).magnitude
-        except Exception as err:  # pint's DimensionalityError and undefined-unit errors
-            raise ValueError(f"concept {spec.name!r} is in {spec.unit!r}; cannot express {value!r} in it "
-                             f"(give e.g. '14 {spec.unit}')") from err
-        return torch.tensor(float(magnitude))
-    return torch.tensor(float(value))
+            q = quantity(value) if isinstance(value, str) else value
+            return float(q.to(spec.unit).magnitude)
+        except Exception as err:  # pint's parse, DimensionalityError and undefined-unit errors
+            raise ConceptValueError(f"concept {spec.name!r} is in {spec.unit!r}; cannot express {value!r} in it "
+                                    f"(give e.g. '14 {spec.unit}')") from err
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        example = ("a length such as '14 mm'" if spacing_exponent(spec.unit) == 1
+                   else f"a quantity such as '14 {spec.unit}'")
+        raise ConceptValueError(f"concept {spec.name!r} takes a number in {spec.unit!r} or {example}, got {value!r}")
+    return float(value)
+
+
+def _check(spec: ConceptSpec, number: float, given: Any, case: int | None) -> None:
+    """Refuse a natural-unit ``number`` outside what ``spec`` takes (``given``: what the person wrote)."""
+    where = "" if case is None else f" (case {case})"
+    if spec.kind == "binary" and not 0.0 <= number <= 1.0:  # NaN fails too
+        raise ConceptValueError(f"binary concept {spec.name!r} takes a value in [0, 1], got {given!r}{where}")
+    if spec.kind in ("ordinal", "categorical"):
+        width = len(spec.levels or ())
+        if not (math.isfinite(number) and number == int(number) and 0 <= number < width):
+            raise ConceptValueError(f"concept {spec.name!r} takes a level name {list(spec.levels or ())} or an index "
+                                    f"0..{width - 1}, got {given!r}{where}")
+    if spec.kind == "continuous":
+        assert spec.unit is not None  # ConceptSpec refuses a continuous concept without a unit
+        if not math.isfinite(number):
+            raise ConceptValueError(f"concept {spec.name!r} takes a finite number in {spec.unit!r}, "
+                                    f"got {given!r}{where}")
+        if number < 0 and spacing_exponent(spec.unit) > 0:
+            raise ConceptValueError(f"concept {spec.name!r} is a length, area or volume: it takes a value >= 0, "
+                                    f"got {given!r}{where}")
 
 
 def concept_values_from_batch(specs: Sequence[ConceptSpec], batch: Mapping[str, Any],

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mlmi_zoo.architectures.blocks.heads import from_pixel_domain, spacing_exponent, to_pixel_domain
-from mlmi_zoo.specs import ConceptSpec, Measurement, QuantitySpec
+from mlmi_zoo.specs import ConceptSpec, ConceptValueError, Measurement, QuantitySpec
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,15 @@ class ConceptCodec(nn.Module):
         return len(self.unit_names)
 
     def index(self, name: str) -> int:
-        """Position of concept ``name``; raises ``ValueError`` listing the known names."""
+        """Position of concept ``name``.
+
+        Raises:
+            ConceptValueError: for an unknown name, listing the known ones.
+        """
         for j, s in enumerate(self.specs):
             if s.name == name:
                 return j
-        raise ValueError(f"unknown concept {name!r}; this model's concepts are {[s.name for s in self.specs]}")
+        raise ConceptValueError(f"unknown concept {name!r}; this model's concepts are {[s.name for s in self.specs]}")
 
     def unit_mask(self, known: torch.Tensor) -> torch.Tensor:
         """(B, Kc) bool per concept -> (B, K) bool per bottleneck unit."""
@@ -228,23 +232,26 @@ class ConceptCodec(nn.Module):
             spacing: (B, dims) or (1, dims) mm per pixel; needed for length/area/volume concepts.
 
         Raises:
-            ValueError: for a binary value outside [0, 1] or a level index that does not exist.
+            ConceptValueError: for values of another shape, a binary value outside [0, 1] or a level
+                index that does not exist.
         """
         if values.ndim != 2 or values.shape[1] != self.num_concepts:
-            raise ValueError(f"expected concept values of shape (B, {self.num_concepts}), got {tuple(values.shape)}")
+            raise ConceptValueError(f"expected concept values of shape (B, {self.num_concepts}), "
+                                    f"got {tuple(values.shape)}")
         values = values.to(torch.float32)
         for j in self.binary:
             col = values[:, j]
             bad = torch.isfinite(col) & ((col < 0) | (col > 1))
             if bad.any():
-                raise ValueError(f"binary concept {self.specs[j].name!r} needs values in [0, 1] (NaN = missing), "
-                                 f"got {col[bad][:5].tolist()}")
+                raise ConceptValueError(f"binary concept {self.specs[j].name!r} needs values in [0, 1] "
+                                        f"(NaN = missing), got {col[bad][:5].tolist()}")
         for j in self.leveled:
             col = values[:, j]
             fin = col[torch.isfinite(col)]
             if ((fin != fin.round()) | (fin < 0) | (fin >= self.specs[j].width)).any():
-                raise ValueError(f"concept {self.specs[j].name!r} needs level indices 0..{self.specs[j].width - 1} "
-                                 f"(levels {list(self.specs[j].levels or ())}), got {fin[:8].tolist()}")
+                raise ConceptValueError(f"concept {self.specs[j].name!r} needs level indices "
+                                        f"0..{self.specs[j].width - 1} (levels {list(self.specs[j].levels or ())}), "
+                                        f"got {fin[:8].tolist()}")
         out = self._pixel_domain(values, spacing) if self.continuous else values.clone()
         for c, j in enumerate(self.continuous):
             out[:, j] = (out[:, j] - self.loc[c]) / self.scale[c]

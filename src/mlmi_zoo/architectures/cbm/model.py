@@ -316,7 +316,7 @@ class CBM(InterpretableModel[CBMConfig]):
             spacing: (dims,) or (B, dims) mm per pixel for length/area/volume concepts; default:
                 the model's canonical spacing.
         """
-        s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        s = resolve_spacing(self, spacing, x)
         maps, raw, attention = self._concept_pass(x, s)
         intervened = torch.zeros(x.shape[0], self.num_concepts, dtype=torch.bool, device=x.device)
         return self._explanation(x, maps, raw, self.codec.bottleneck(raw), s, intervened, attention)
@@ -333,7 +333,7 @@ class CBM(InterpretableModel[CBMConfig]):
             known: (B, Kc) bool, which concepts to fix.
             spacing: (dims,) or (B, dims) mm; default: canonical.
         """
-        s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        s = resolve_spacing(self, spacing, x)
         maps, raw, attention = self._concept_pass(x, s)
         known = known.to(device=x.device, dtype=torch.bool)
         vector = self.corrected_bottleneck(self.codec.bottleneck(raw), values, known, s)
@@ -360,7 +360,7 @@ class CBM(InterpretableModel[CBMConfig]):
         known = torch.zeros(b, self.num_concepts, dtype=torch.bool)
         for name, value in values.items():
             j = self.codec.index(name)
-            table[:, j] = parse_concept_value(self.concept_specs[j], value).expand(b)
+            table[:, j] = parse_concept_value(self.concept_specs[j], value, batch=b).expand(b)
             known[:, j] = True
         return self.intervene_vector(x, table, known, spacing)
 

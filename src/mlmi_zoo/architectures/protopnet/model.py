@@ -293,7 +293,7 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
             spacing: mm per axis, one for the batch or one row per image, for the physical head;
                 default: the model's canonical spacing.
         """
-        s = resolve_spacing(self, spacing, x.shape[0], x.device)
+        s = resolve_spacing(self, spacing, x)
         parts = self.forward_parts(x, s)
         maps = self.prototype_layer.similarity(parts.distance_maps)  # (B, P, *latent)
         localization = self.backbone.to_input(maps, x.shape[2:])  # (B, P, *spatial), on receptive-field centres
