@@ -52,6 +52,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 
 from mlmi_zoo.evaluation._arrays import ArrayLike, _np, _tensor
+from mlmi_zoo.training.data_spec import SizedDataset
 
 __all__ = [
     "IMAGE_STATISTICS",
@@ -363,7 +364,7 @@ class StatisticsControl:
 # --------------------------------------------------------------------------- evaluation off the centre
 
 
-class OffCentre:
+class OffCentre(SizedDataset[dict[str, Any]]):
     """The cases of a lesion-centred data set, each shifted by a seeded random offset.
 
     Crops centred on the lesion let a fixed centre map localize as well as any model; shifting each
