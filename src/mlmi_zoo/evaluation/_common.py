@@ -39,6 +39,8 @@ class EvaluationLimits:
         activation_q: share of pixels in the activation-precision top set (IAIA-BL used 5%).
         control_train_cases: training cases read to fit the data-driven controls (the centre prior,
             the image-statistics regressions).
+        off_centre_cases: first cases of the split scored again off the centre (localization of
+            lesion-centred crops where the centre prior cannot help).
     """
 
     deletion_cases: int = 64
@@ -52,7 +54,8 @@ class EvaluationLimits:
     top_instances: int = 10
     examples: int = 4
     activation_q: float = 0.05
-    control_train_cases: int = 1000
+    control_train_cases: int = 500
+    off_centre_cases: int = 256
 
 
 # ---------------------------------------------------------------------------------------------

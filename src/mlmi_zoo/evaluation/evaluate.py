@@ -44,7 +44,7 @@ from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Co
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
 from mlmi_zoo.evaluation._elements import _not_applicable
 from mlmi_zoo.evaluation._evidence_blocks import add_evidence, task_evidence, verdicts
-from mlmi_zoo.evaluation._reference import _ImageControls, training_reference
+from mlmi_zoo.evaluation._reference import _ImageControls, cascading_randomisation, training_reference
 from mlmi_zoo.evaluation.task import task_metrics
 from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
 from mlmi_zoo.families import family_of
@@ -78,13 +78,14 @@ def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, An
     from mlmi_zoo.evaluation._elements import _localization_block
     from mlmi_zoo.evaluation.controls import OffCentre
 
-    shifted = OffCentre(ctx.dataset, seed=ctx.seed)
+    shifted = OffCentre(_subset(ctx.dataset, ctx.limits.off_centre_cases), seed=ctx.seed)
     loader = DataLoader(shifted, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate)
     with torch.no_grad():
         col = _run_images(model, loader, ctx.limits, _ImageControls(model, ctx.reference, ctx.seed))
     block = _localization_block(col, centred.get("details", {}).get("map", "evidence map"), "", None, ctx)
-    block["details"]["placement"] = (f"each case shifted by a seeded uniform offset of up to {shifted.shift_fraction:.0%} "
-                                     f"of its size per axis (seed {ctx.seed}); image padded by reflection, mask by zeros")
+    block["details"]["placement"] = (f"the first {len(shifted)} cases, each shifted by a seeded uniform offset of up to "
+                                     f"{shifted.shift_fraction:.0%} of its size per axis (seed {ctx.seed}); image padded "
+                                     "by reflection, mask by zeros")
     block.pop("does_not_show", None)
     return block
 
@@ -223,6 +224,16 @@ def evaluate(
     add_evidence(model, blocks, col, ctx)
     if record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
         blocks["localization"]["off_centre"] = _off_centre_localization(model, ctx, blocks["localization"])
+    if record.inputs == "images" and col.keep_x and blocks["localization"].get("applicable"):
+        x = _cat(col.keep_x)[:16]
+        spacing = _cat(col.keep_spacing)[:16] if col.keep_spacing else None
+        cascade = cascading_randomisation(model, x, spacing if spacing is not None and len(spacing) == len(x) else None,
+                                          seed)
+        if cascade:
+            blocks["localization"]["details"]["cascading_randomisation"] = cascade
+            for step in cascade:  # cumulative: each step randomises one more part, from the output inwards
+                key = f"map_rank_correlation_randomised_down_to_{step['randomised'][-1]}"
+                blocks["localization"]["metrics"][key] = step["spearman_mean"]
     faithfulness = ctx.faithfulness or _not_applicable("not applicable: no attribution map to delete along")
 
     baseline = None
