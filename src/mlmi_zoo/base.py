@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from mlmi_zoo._weights import WeightsError, save_weights, write_json_atomic
 from mlmi_zoo.explanations import Explanation
 from mlmi_zoo.specs import InputSpec, InputSpecError, IntensityTransform, QuantitySpec
 from mlmi_zoo.units import parse_unit
+
+if TYPE_CHECKING:  # huggingface_hub is imported where the Hub is used
+    from huggingface_hub import CommitInfo, HfApi
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,9 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         # license, sha256, mean, std); None for random initialisation. The trainer sets it (from
         # model.init, or inherited from an init_from parent); save_pretrained writes it to config.json.
         self.base_weights: dict[str, Any] | None = None
+        # The zoo model this one was fine-tuned from (a name or URI, config.json's "base_model"); None
+        # for a model trained from scratch. Loading restores it and save_pretrained writes it back.
+        self.base_model: str | None = None
 
     # -- identity and input contract --------------------------------------------------------------
     @property
@@ -216,7 +222,8 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         Args:
             directory: created if needed; existing files are replaced atomically.
             extra: JSON-safe fields merged into config.json (e.g. ``base_model``, ``data``).
-                :attr:`base_weights`, when set, is written as ``base_weights``.
+                :attr:`base_weights` and :attr:`base_model`, when set, are written under their names
+                (``extra`` takes precedence).
 
         Returns:
             the directory.
@@ -235,25 +242,83 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         }
         if self.base_weights is not None:
             doc["base_weights"] = to_jsonable(self.base_weights)
+        if self.base_model is not None:
+            doc["base_model"] = self.base_model
         if extra:
             doc.update(to_jsonable(extra))
         write_json_atomic(directory / CONFIG_FILE, doc)
         return directory
 
     @classmethod
-    def from_pretrained(cls: type[M], uri: str | Path, strict: bool = True, **overrides: Any) -> M:
-        """Load a model saved by :meth:`save_pretrained` from a zoo name or URI.
+    def from_pretrained(cls: type[M], uri: str | Path, strict: bool = True, *, force_download: bool = False,
+                        token: str | bool | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, revision: str | None = None, **overrides: Any) -> M:
+        """Load a model saved by :meth:`save_pretrained` from a zoo name, a folder or the Hub.
+
+        The keyword arguments are those of huggingface_hub's ``ModelHubMixin.from_pretrained``; they
+        are handed to ``snapshot_download``. Whatever the source, the weights' sha256 recorded in
+        config.json is checked before they are deserialised.
 
         Args:
-            uri: ``family_backbone.tag`` (bundled), ``hf-hub:ORG/REPO[@REV]``, ``local-dir:PATH``
-                or a directory path.
+            uri: ``family_backbone.tag`` (bundled), a folder path, ``ORG/REPO`` (a Hub repository when
+                no such folder exists), ``hf-hub:ORG/REPO[@REV]`` or ``local-dir:PATH``.
             strict: refuse missing/unexpected tensors; tensors whose shape changed because of
                 ``overrides`` (a resized head) are skipped and reported in ``model.load_report``.
+            force_download: download a Hub repository's files again even when they are cached.
+            token: Hub token (default: the one saved by ``hf auth login``).
+            cache_dir: Hugging Face cache folder (default: the HF default).
+            local_files_only: read a Hub repository from the cache only.
+            revision: branch, tag or commit of a Hub repository.
             overrides: config fields to change, e.g. ``label_names=("a", "b", "c")`` for fine-tuning.
+
+        Returns:
+            the model, in eval mode.
+
+        Raises:
+            TypeError: when ``uri`` holds a model of another class.
+            WeightsError, ConfigError, ValueError, FileNotFoundError: see :func:`mlmi_zoo.hub.load`.
         """
         from mlmi_zoo.hub import load
 
-        return load(str(uri), cls, strict=strict, **overrides)
+        return load(str(uri), cls, strict=strict, cache_dir=cache_dir, revision=revision,
+                    force_download=force_download, token=token, local_files_only=local_files_only, **overrides)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None,
+                    allow_patterns: list[str] | str | None = None, ignore_patterns: list[str] | str | None = None,
+                    tag: str | None = None, api: HfApi | None = None) -> CommitInfo:
+        """Upload this model to the Hub: ``config.json``, ``model.safetensors`` and a minimal card.
+
+        The arguments are those of huggingface_hub's ``ModelHubMixin.push_to_hub``, plus ``tag`` and
+        ``api``. The card is written from config.json alone: it states that the model has not been
+        evaluated and names the zoo parent of a fine-tuned model as ``base_model``. A model folder that
+        holds a checked card and ``results.json`` (a release, or the output of ``mlmi-zoo evaluate``
+        and ``mlmi-zoo card``) is published with :func:`mlmi_zoo.publish`, which runs ``card --check``
+        and uploads the card, results and figures with the weights.
+
+        Args:
+            repo_id: ``ORG/NAME``.
+            commit_message: message of the commit (default: ``mlmi-zoo: push <architecture>``).
+            private: create the repository private (None: the owner's default).
+            token: Hub token (default: the one saved by ``hf auth login``).
+            branch: branch to commit to (default: ``main``).
+            create_pr: open a pull request with the commit instead of committing to ``branch``.
+            allow_patterns: upload only the files matching one of these patterns.
+            ignore_patterns: skip the files matching one of these patterns.
+            tag: a tag (e.g. ``v1.0.0``) to create on the uploaded commit.
+            api: an ``HfApi`` to use instead of a new one.
+
+        Returns:
+            huggingface_hub's ``CommitInfo``: a ``str`` holding the commit URL, with ``oid`` the commit id.
+
+        Raises:
+            ValueError: for ``token`` together with ``api``, or ``tag`` together with ``create_pr``.
+        """
+        from mlmi_zoo.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token, branch=branch,
+                           create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                           tag=tag, api=api)
 
     def load_weights_from(self, state: dict[str, torch.Tensor], strict: bool = True, allow_resized: bool = False) -> LoadReport:
         """Copy ``state`` into this model and report what did not fit.
