@@ -170,3 +170,20 @@ def test_lesion_centred_localization_needs_both_placements(phantom_doc) -> None:
             and loc["off_centre"]["evidence"]["verdict"]["status"] == DEMONSTRATED)
     assert (phantom_doc["verdicts"]["localization"]["status"] == DEMONSTRATED) == both
     assert "off-centre crops" in phantom_doc["verdicts"]["localization"]["sentence"]
+
+
+def test_a_model_that_reads_back_its_own_readers_rating_gains_nothing_leave_reader_out() -> None:
+    from mlmi_zoo.evaluation.recognizability import agreement, inter_reader_agreement, leave_reader_out_pairs
+
+    rng = np.random.default_rng(0)
+    nodules = np.repeat(np.arange(60), 3).astype(str)
+    truth = np.repeat(rng.integers(1, 6, 60), 3).astype(float)
+    ratings = np.clip(truth + rng.integers(-1, 2, truth.size), 1, 5)  # three noisy readers per nodule
+    model = ratings.copy()  # the image encodes its own reader's rating, and the model reads it back
+    same_reader = agreement(model, ratings, "quadratic", range(1, 6))
+    m_i, r_j, r_i, _ = leave_reader_out_pairs(model, ratings, nodules.tolist())
+    lro = agreement(m_i, r_j, "quadratic", range(1, 6))
+    inter = inter_reader_agreement({n: ratings[nodules == n].tolist() for n in np.unique(nodules)}, "quadratic", range(1, 6))
+    assert same_reader == pytest.approx(1.0)  # scored against its own reader the copy looks perfect
+    assert lro == pytest.approx(inter)  # left out, it is exactly one more reader
+    assert len(m_i) == 60 * 3 * 2

@@ -34,6 +34,7 @@ __all__ = [
     "agreement",
     "concept_metrics",
     "inter_reader_agreement",
+    "leave_reader_out_pairs",
     "model_reader_agreement",
     "prototype_purity",
     "unique_prototypes",
@@ -206,6 +207,39 @@ def model_reader_agreement(
             model.append(float(model_by_nodule[nodule]))
             reader.append(float(value))
     return agreement(np.asarray(model), np.asarray(reader), weights, labels)
+
+
+def leave_reader_out_pairs(model: ArrayLike, ratings: ArrayLike, nodules: Sequence[str]
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ordered pairs of two different readings of the same nodule, for leave-reader-out agreement.
+
+    When each case's image is made from one reader's reading (LIDC-IDRI here: the rendered texture
+    follows that reader's ratings), scoring the model on that image against the same reader rewards
+    reading the rating back from the image. Leave-reader-out pairs the model's rating of reading
+    ``i`` with the rating of every *other* reading ``j != i`` of the nodule, exactly as readers are
+    paired with each other (:func:`inter_reader_agreement`), so the two kappas are comparable.
+
+    Args:
+        model: (N,) the model's rating of each case (one case = one reading's image).
+        ratings: (N,) the reader rating of each case.
+        nodules: (N,) nodule id of each case.
+
+    Returns:
+        ``(model_i, rating_j, rating_i, nodule)`` arrays over all ordered pairs ``i != j``.
+    """
+    m, r = _np(model).reshape(-1), _np(ratings).reshape(-1)
+    ids = np.asarray([str(n) for n in nodules])
+    if not (len(m) == len(r) == len(ids)):
+        raise ValueError(f"model, ratings and nodules must have one entry per case; got {len(m)}, {len(r)}, {len(ids)}")
+    out: list[tuple[float, float, float, str]] = []
+    for nodule in np.unique(ids):
+        rows = np.flatnonzero(ids == nodule)
+        out.extend((float(m[i]), float(r[j]), float(r[i]), str(nodule)) for i in rows for j in rows if i != j)
+    if not out:
+        empty = np.zeros(0)
+        return empty, empty, empty, np.zeros(0, dtype=str)
+    a, b, c, d = zip(*out)
+    return np.asarray(a), np.asarray(b), np.asarray(c), np.asarray(d)
 
 
 def prototype_purity(topk: ArrayLike, prototype_class: ArrayLike | None = None) -> dict[str, Any]:

@@ -26,7 +26,9 @@ from mlmi_zoo.evaluation._elements import (
     _tp_mask,
     _transparency_block,
 )
-from mlmi_zoo.evaluation.recognizability import concept_metrics, inter_reader_agreement, model_reader_agreement
+from mlmi_zoo.evaluation.bootstrap import bootstrap_ci
+from mlmi_zoo.evaluation.recognizability import (agreement, concept_metrics, inter_reader_agreement,
+                                                 leave_reader_out_pairs, model_reader_agreement)
 from mlmi_zoo.evaluation.results import element
 
 
@@ -123,14 +125,17 @@ def _concept_quality(model: Any, col: _Collected, ctx: _Context) -> dict[str, An
         for key in keys:
             metrics[f"{spec.name}_{key}"] = result[key]
     if col.nodule_ids:
-        metrics.update(_reader_agreement(model, col, details))
+        metrics.update(_reader_agreement(model, col, details, ctx.n_boot, ctx.seed))
     block = element(True, metrics=metrics, does_not_show=does_not_show)
     block["details"] = details
     return block
 
 
-def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any]) -> dict[str, Any]:
-    """Model vs radiologists beside radiologists vs each other, per rated concept (LIDC-IDRI)."""
+def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any], n_boot: int = 500,
+                      seed: int = 0) -> dict[str, Any]:
+    """Model vs radiologists beside radiologists vs each other, per rated concept (LIDC-IDRI); also
+    leave-reader-out (the model on one reading's image against the other readers only), with the
+    paired bootstrap over nodules of its margin to the inter-reader kappa."""
     metrics: dict[str, Any] = {}
     nodules = np.asarray(col.nodule_ids)
     for spec in model.concept_specs:
@@ -150,8 +155,23 @@ def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any]) -> d
         model_k = model_reader_agreement(model_by, ratings, weights=weights, labels=labels)
         metrics[f"{spec.name}_model_reader_kappa"] = model_k
         metrics[f"{spec.name}_inter_reader_kappa"] = inter
-        details.setdefault(spec.name, {})["reader_agreement"] = {
-            "weights": weights, "nodules": len(ratings), "model_reader_kappa": model_k, "inter_reader_kappa": inter}
+        # Leave-reader-out: the model on reading i's image against the other readers j != i only.
+        per_case = (pred.argmax(-1) if pred.ndim == 2 else (pred >= 0.5).long()).double().numpy()
+        m_i, r_j, r_i, pair_nodule = leave_reader_out_pairs(per_case, true, nodules.tolist())
+        lro = agreement(m_i, r_j, weights, labels) if len(m_i) else math.nan
+        metrics[f"{spec.name}_model_reader_kappa_leave_reader_out"] = lro
+        record: dict[str, Any] = {"weights": weights, "nodules": len(ratings), "model_reader_kappa": model_k,
+                                  "inter_reader_kappa": inter, "model_reader_kappa_leave_reader_out": lro}
+        if len(m_i):
+            def margin(mi: np.ndarray, rj: np.ndarray, ri: np.ndarray) -> float:
+                return agreement(mi, rj, weights, labels) - agreement(ri, rj, weights, labels)
+
+            ci = bootstrap_ci(margin, m_i, r_j, r_i, n=n_boot, seed=seed, groups=pair_nodule)
+            record["leave_reader_out_minus_inter_reader"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high,
+                                                             "resampled": "nodules"}
+            metrics[f"{spec.name}_leave_reader_out_minus_inter_reader_kappa"] = {
+                "estimate": ci.estimate, "low": ci.low, "high": ci.high}
+        details.setdefault(spec.name, {})["reader_agreement"] = record
     return metrics
 
 
