@@ -19,6 +19,8 @@ is identified in :func:`describe`):
   optionally keeps the first n.
 * ``mias``: mini-MIAS mammograms (:mod:`mlmi_zoo.training.datasets.mias`); the fixed split by woman
   (both breasts in one split); ``*_size`` optionally keeps the first n images of a split.
+* ``mias_bags``: the same images and split as bags of cached breast-tile features
+  (:mod:`mlmi_zoo.training.datasets.mias_bags`); ``*_size`` optionally keeps the first n bags.
 * ``idrid``: IDRiD fundus photographs (:mod:`mlmi_zoo.training.datasets.idrid`), ``params["dataset"]``
   ``"grading"`` or ``"segmentation"``; the official test part is ``test``, ``train``/``val`` a fixed
   stratified partition of the official training part; ``*_size`` optionally keeps the first n.
@@ -43,7 +45,7 @@ __all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "Si
 
 SPLITS = ("train", "val", "test")
 DataKind = Literal["nodule_phantom", "lidc_nodules", "tilebag_phantom", "medmnist", "folder_csv", "cached_bags",
-                   "mias", "idrid"]
+                   "mias", "mias_bags", "idrid"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class DataSpec:
 
             if self.augment not in AUGMENTATIONS:
                 raise ValueError(f"data.augment must be null or one of {AUGMENTATIONS}, got {self.augment!r}")
-            if self.kind in ("tilebag_phantom", "cached_bags"):
+            if self.kind in _BAG_KINDS:
                 raise ValueError(f"data.augment applies to images; a {self.kind} spec holds bags of instances")
         if self.kind in _PHANTOMS and (self.train_size is None or self.val_size is None):
             raise ValueError(f"a {self.kind} spec needs data.train_size and data.val_size (they define its index ranges)")
@@ -103,6 +105,7 @@ class DataSpec:
 
 
 _PHANTOMS = ("nodule_phantom", "tilebag_phantom")
+_BAG_KINDS = ("tilebag_phantom", "cached_bags", "mias_bags")
 
 
 def _check_split(split: str) -> None:
@@ -268,6 +271,10 @@ def _build(spec: DataSpec, split: str) -> SizedDataset[dict[str, Any]]:
         from mlmi_zoo.training.datasets.mias import MIAS
 
         return _take(MIAS(p.pop("root", None), split=split, **p), spec.size_of(split))
+    if spec.kind == "mias_bags":
+        from mlmi_zoo.training.datasets.mias_bags import MiasBags
+
+        return MiasBags(p.pop("root", None), split=split, max_images=spec.size_of(split), **p)
     if spec.kind == "idrid":
         from mlmi_zoo.training.datasets.idrid import idrid_dataset
 
@@ -308,7 +315,7 @@ def _take(ds: SizedDataset[dict[str, Any]], n: int | None) -> SizedDataset[dict[
 
 def collate_for(spec: DataSpec) -> Callable[[list[Any]], Any]:
     """The collate function of ``spec``'s batches: padded bags for MIL kinds, else ``default_collate``."""
-    if spec.kind in ("tilebag_phantom", "cached_bags"):
+    if spec.kind in _BAG_KINDS:
         from mlmi_zoo.training.datasets.collate import collate_bags
 
         return collate_bags
@@ -406,6 +413,10 @@ def describe(spec: DataSpec) -> dict[str, Any]:
                                     "images": [r.name for r in records], "films": checksums["films"]}
             out["source"] = {"folder": mias.folder.name, "Info.txt": checksums["Info.txt"]}
         return out
+    if spec.kind == "mias_bags":
+        from mlmi_zoo.training.datasets.mias_bags import mias_bag_splits
+
+        return {**out, **mias_bag_splits(dict(p), {split: spec.size_of(split) for split in SPLITS})}
     if spec.kind == "idrid":
         from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDSegmentation, source_checksums
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -149,7 +149,7 @@ def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any], n_bo
             ratings[str(nodule)] = [float(v) for v in true[rows]]
             mean = pred[rows].mean(0)  # a nodule's readings are renderings of one object: average the model
             model_by[str(nodule)] = float(mean.argmax()) if mean.ndim else float(mean >= 0.5)
-        weights = "quadratic" if spec.kind == "ordinal" else None
+        weights: Literal["quadratic"] | None = "quadratic" if spec.kind == "ordinal" else None
         labels = list(range(spec.width)) if spec.kind != "binary" else [0, 1]
         inter = inter_reader_agreement(ratings, weights=weights, labels=labels)
         model_k = model_reader_agreement(model_by, ratings, weights=weights, labels=labels)

@@ -114,6 +114,13 @@ SOURCES: dict[str, DataSource] = {
         "database, never rent, lease or sell it",
         "radiologists' truth per image: background tissue, class and severity of each abnormality, and a circle "
         "(centre, radius in pixels x 0.2 mm) enclosing it (none for 4 abnormal images)", True, (MIAS_BIBTEX,)),
+    "mias_bags": DataSource(
+        "mini-MIAS", "mini-MIAS", "research-use-only", "mammography (digitised film)", "breast",
+        "322 mediolateral-oblique film mammograms of 161 women (Suckling et al. 1994) as bags of breast tiles, each "
+        "encoded once by a frozen encoder (cached features, never the images); split by woman. Licence: research use "
+        "only, cite the database, never rent, lease or sell it",
+        "radiologists' truth per image: class and severity of each abnormality and a circle enclosing it; a tile is "
+        "positive when it overlaps a circle (unknown on the 4 abnormal images without one)", True, (MIAS_BIBTEX,)),
     "idrid": DataSource(
         "IDRiD", "IDRiD", "cc-by-4.0", "fundus photography", "eye (retina)",
         "Indian Diabetic Retinopathy Image Dataset (Porwal et al. 2018): 516 photographs with DR and macular-edema "
