@@ -10,10 +10,12 @@ frame 4288 x 2848 pixels. The files are read from ``<root>/idrid`` (``root``: an
 Two data sets, two disjoint sets of photographs (no published mapping between them):
 
 * :class:`IDRiDGrading`: 516 photographs (413 official train / 103 official test) with the DR grade
-  0-4 (ICDR scale, the ``"label"``) and the risk of diabetic macular edema 0-2 (``"dme_risk"``), and
-  the optic-disc and fovea centres. The JPEGs are read at 1/4 of the original frame (1072 x 712, as
-  stored in the data folder; full-resolution copies are decoded at that scale); the centres are
-  given in the original frame and are scaled to the returned grid.
+  0-4 (ICDR scale, the ``"label"``; with ``task="referable"`` the label is referable DR, grade >= 2,
+  moderate non-proliferative DR or worse, the usual referral threshold of screening programmes) and
+  the risk of diabetic macular edema 0-2 (``"dme_risk"``), and the optic-disc and fovea centres.
+  The JPEGs are read at 1/4 of the original frame (1072 x 712, as stored in the data folder;
+  full-resolution copies are decoded at that scale); the centres are given in the original frame
+  and are scaled to the returned grid.
 * :class:`IDRiDSegmentation`: 81 photographs (54 / 27) at full resolution with five masks drawn by
   retina specialists: microaneurysms (MA), haemorrhages (HE), hard exudates (EX), soft exudates (SE)
   and the optic disc (OD), returned as a ``(5, H, W)`` ``"mask"`` in :data:`LESIONS` order with a
@@ -101,7 +103,8 @@ from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.training.datasets._location import DataNotFoundError, data_file
 
 __all__ = ["LESIONS", "LESION_NAMES", "DR_GRADES", "DME_RISKS", "DEFAULT_SIZE", "MIN_SIZE", "MAX_SIZE",
-           "FOV_RED_THRESHOLD", "MEASUREMENT_UNITS", "IDRiDGrading", "IDRiDSegmentation", "check_size",
+           "FOV_RED_THRESHOLD", "MEASUREMENT_UNITS", "GRADING_TASKS", "REFERABLE_MIN_GRADE", "IDRiDGrading",
+           "IDRiDSegmentation", "check_size",
            "returned_shape", "original_to_returned", "field_of_view", "macula_region", "disc_diameters",
            "median_disc_diameter", "idrid_folder", "idrid_dataset", "source_checksums"]
 
@@ -114,6 +117,11 @@ LESIONS = ("MA", "HE", "EX", "SE", "OD")
 LESION_NAMES = {"MA": "microaneurysms", "HE": "haemorrhages", "EX": "hard exudates", "SE": "soft exudates",
                 "OD": "optic disc"}
 DR_GRADES = ("no apparent retinopathy", "mild NPDR", "moderate NPDR", "severe NPDR", "PDR")
+REFERABLE_MIN_GRADE = 2  # ICDR moderate NPDR or worse: referable diabetic retinopathy
+GRADING_TASKS: dict[str, tuple[str, ...]] = {
+    "grade": tuple(f"{i} {name}" for i, name in enumerate(DR_GRADES)),
+    "referable": ("non-referable (grade 0-1)", "referable (grade 2-4)"),
+}
 DME_RISKS = ("no apparent hard exudates", "hard exudates outside 1 DD of the macula centre",
              "hard exudates within 1 DD of the macula centre")
 DEFAULT_SIZE = 512
@@ -501,7 +509,8 @@ class _GradingCase:
 class IDRiDGrading(SizedDataset[dict[str, Any]]):
     """One split of the IDRiD grading set (516 photographs) as sample dicts; see the module docstring.
 
-    Each sample: ``{"image": float32 (3, H, W) in [0, 1], "label": int64 DR grade 0-4, "fov": bool
+    Each sample: ``{"image": float32 (3, H, W) in [0, 1], "label": int64 DR grade 0-4 (``task="grade"``) or
+    referable DR 0/1 (``task="referable"``: grade >= :data:`REFERABLE_MIN_GRADE`), "fov": bool
     (H, W), "spacing": float32 (2,) DD per pixel (dy, dx), "concepts": {}, "measurements":
     {"fovea_x_px", "fovea_y_px", "fovea_od_distance_dd"} (float32), "index": int, "patient_id": str,
     "image_id": str, "dme_risk": int64 0-2, "fovea_xy", "optic_disc_xy": float32 (2,) returned pixels,
@@ -514,6 +523,8 @@ class IDRiDGrading(SizedDataset[dict[str, Any]]):
         prepare: build the missing cache entries of the split now (a progress bar); ``False`` builds
             each one when it is first read.
         transform: optional callable applied to each sample dict.
+        task: what ``"label"`` holds: ``"grade"`` (the ICDR grade, 5 classes) or ``"referable"``
+            (grade >= 2, 2 classes); the splits are the same for both (stratified by grade).
 
     Attributes:
         label_names, dme_names, image_ids, official_part, size, shape ``(H, W)``, dd_px (the median
@@ -521,16 +532,21 @@ class IDRiDGrading(SizedDataset[dict[str, Any]]):
 
     Raises:
         DataNotFoundError: no data root given, or files missing under it.
-        ValueError: bad ``split`` or ``size``; a CSV or photograph that is not as published.
+        ValueError: bad ``split``, ``size`` or ``task``; a CSV or photograph that is not as published.
     """
 
     set_name = "grading"
-    label_names = tuple(f"{i} {name}" for i, name in enumerate(DR_GRADES))
+    label_names = GRADING_TASKS["grade"]
     dme_names = tuple(f"{i} {name}" for i, name in enumerate(DME_RISKS))
     spacing_unit = "DD"
 
     def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", size: int = DEFAULT_SIZE,
-                 prepare: bool = True, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 prepare: bool = True, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 task: str = "grade") -> None:
+        if task not in GRADING_TASKS:
+            raise ValueError(f"task must be one of {tuple(GRADING_TASKS)}, got {task!r}")
+        self.task = task
+        self.label_names = GRADING_TASKS[task]
         self.official_part = _check_split(split)
         self.size = check_size(size)
         self.shape = returned_shape(self.size)
@@ -609,7 +625,7 @@ class IDRiDGrading(SizedDataset[dict[str, Any]]):
         measurements = torch.tensor([fovea[0], fovea[1], distance_dd], dtype=torch.float32).unbind()
         sample = {
             "image": torch.from_numpy(entry["image"]).float() / 255.0,
-            "label": torch.tensor(case.grade, dtype=torch.int64),
+            "label": torch.tensor(self._label(case.grade), dtype=torch.int64),
             "fov": torch.from_numpy(entry["fov"]),
             "spacing": torch.tensor([1.0 / d for d in self.dd_px_yx], dtype=torch.float32),
             "concepts": {},
@@ -624,8 +640,13 @@ class IDRiDGrading(SizedDataset[dict[str, Any]]):
         }
         return self.transform(sample) if self.transform is not None else sample
 
+    def _label(self, grade: int) -> int:
+        """The ``"label"`` of a photograph of ICDR ``grade`` under this data set's ``task``."""
+        return grade if self.task == "grade" else int(grade >= REFERABLE_MIN_GRADE)
+
     def __repr__(self) -> str:
-        return f"IDRiDGrading(split={self.split!r}, size={self.size}, n={len(self)}, shape={self.shape})"
+        return (f"IDRiDGrading(split={self.split!r}, task={self.task!r}, size={self.size}, n={len(self)}, "
+                f"shape={self.shape})")
 
 
 # ---------------------------------------------------------------------------------------------

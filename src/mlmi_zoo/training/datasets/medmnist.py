@@ -10,7 +10,9 @@ from a directory the user points to), the MD5 check is cached per file state, ev
 file, and samples are the library's dicts. MedMNIST images were *resized* from their originals
 (28 px or 28³ voxels regardless of the original field of view), so they carry **no physical spacing**:
 samples have no ``"spacing"`` key and :attr:`MedMNIST.spacing` is ``None``. Physical-unit heads
-cannot be trained on them.
+cannot be trained on them. ``upsample_to`` enlarges 2D images by bilinear interpolation (for
+backbones that down-sample 32-fold); it adds no detail: a MedMNIST+ file of that size, resized from
+the originals, is the better input where one is at hand.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from mlmi_zoo.training.data_spec import SizedDataset
 from mlmi_zoo.training.datasets._location import data_file
@@ -162,6 +165,8 @@ class MedMNIST(SizedDataset[dict[str, Any]]):
         size: image side of MedMNIST+ files (28, 64, 128, 224); ``None`` means 28 or the file's own.
         verify: ``True`` checks the official MD5 (unknown files are refused), a 32-hex string checks
             that MD5, ``False`` skips the check.
+        upsample_to: return 2D images of ``upsample_to`` x ``upsample_to`` pixels, bilinearly
+            interpolated from the file's (``None``: as stored); at least the file's size.
         transform: optional callable applied to each sample dict (augmentation).
 
     Attributes:
@@ -170,7 +175,8 @@ class MedMNIST(SizedDataset[dict[str, Any]]):
     Raises:
         FileNotFoundError: file not found, or neither ``path_or_dir`` nor ``$MLMI_ZOO_DATA`` given.
         ValueError: checksum mismatch (expected and actual MD5), corrupt or truncated file, missing keys,
-            labels outside the known classes, an unknown flag with ``verify=True``.
+            labels outside the known classes, an unknown flag with ``verify=True``, an ``upsample_to``
+            smaller than the file's images or asked of 3D volumes.
     """
 
     spacing = None  # resized images: no physical pixel size
@@ -183,6 +189,7 @@ class MedMNIST(SizedDataset[dict[str, Any]]):
         size: int | None = None,
         verify: bool | str = True,
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        upsample_to: int | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -225,6 +232,10 @@ class MedMNIST(SizedDataset[dict[str, Any]]):
             )
         self.images = images  # uint8 as stored; scaled per item to keep 64^3 volumes small in memory
         self.labels = labels
+        if upsample_to is not None and (self.spatial_dims != 2 or upsample_to < images.shape[1]):
+            raise ValueError(f"upsample_to={upsample_to!r}: expected an image side >= {images.shape[1]} "
+                             f"(the file's) for 2D images; {self.flag} holds {self.spatial_dims}D images")
+        self.upsample_to = upsample_to
 
     # -- loading ---------------------------------------------------------------------------------
     def _verify(self, verify: bool | str) -> None:
@@ -291,6 +302,9 @@ class MedMNIST(SizedDataset[dict[str, Any]]):
             img = img.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
         else:
             img = img.unsqueeze(0)  # (1, H, W) or (1, D, H, W)
+        if self.upsample_to is not None and self.upsample_to != img.shape[-1]:
+            side = self.upsample_to
+            img = F.interpolate(img[None], size=(side, side), mode="bilinear", align_corners=False)[0]
         sample = {
             "image": img.contiguous(),
             "label": torch.tensor(self.labels[index], dtype=torch.int64),
