@@ -91,14 +91,17 @@ def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, An
 
 
 def _git_commit() -> str | None:
-    """The commit of the mlmi-zoo source tree that ran the evaluation, when it is a git checkout."""
+    """The commit of the mlmi-zoo source tree that ran the evaluation (``-dirty`` when tracked files
+    were modified), when it is a git checkout; None otherwise."""
     import subprocess
 
     root = Path(__file__).resolve().parents[3]
     if not (root / ".git").exists():
         return None
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        # "-dirty" when tracked files differ from the commit: the code that ran is then not exactly the commit
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
