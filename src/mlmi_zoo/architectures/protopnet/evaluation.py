@@ -232,6 +232,16 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
                 f"duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} limit; "
                 + evidence["verdict"]["sentence"])
         block["evidence"] = evidence
+    elif sanity["degenerate_share"] > DEGENERATE_LIMIT:
+        # Without lesion masks there is no purity to compare, but degenerate prototypes alone rule out
+        # "demonstrated".
+        sentence = (f"not demonstrated on this data: {sanity['degenerate']} of {sanity['prototypes']} prototypes "
+                    f"({sanity['degenerate_share']:.0%}) are degenerate (border {sanity['on_border']}, background "
+                    f"{sanity['on_background']}, duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} "
+                    "limit; the data carry no lesion masks for a purity comparison")
+        block["evidence"] = {"metric": "prototype sanity (degenerate share)", "verdict": {
+            "status": "not demonstrated on this data", "control": "prototype sanity checks", "sentence": sentence,
+            "difference": None}}
     return block
 
 
