@@ -1,4 +1,4 @@
-"""Attention-MIL on long bags of cached features: memory, scaling, and MONAI's MILModel; JSON lines.
+"""Attention-MIL on long bags of cached features: memory and scaling; JSON lines.
 
     python bench/bench_mil.py [--device cuda] [--repeats 5]
     python bench/bench_mil.py --ceiling [--signal 3 4]   # Bayes ceiling of the tile-bag MIL targets
@@ -11,11 +11,9 @@ N = 1k, 10k, 100k, each N in a fresh subprocess (train mode, cross-entropy, forw
 - ``mil_time_scaling_<family>``: time(100k) / time(10k) of forward + backward; target <= 11
   (10 would be linear). Each time is the median of at least ``--repeats`` steps and of enough
   steps to fill ``MIN_TIMED_S`` seconds (``timed_steps`` in the row).
-- ``mil_forward_vs_monai_att_<family>``: our ``model(feats)`` vs MONAI's
-  ``MILModel(mil_mode="att")`` head on the same (B, N, D) features, eval mode, no autograd. MONAI's
-  model is built with ``backbone=nn.Identity()`` and only its head, ``calc_head(feats)``, is timed:
-  its ``forward`` would first reshape the bag into images for its CNN backbone. Value = our time /
-  MONAI's time, target <= 1.0.
+
+Speed against other implementations (torchmil, MONAI, plain torch) on the same network is
+``bench_mil_peers.py``.
 
 ``--ceiling`` computes what an oracle reaches on the test split of the release recipes (feature
 tile bags, seed 0, bags [750, 950), 50-400 tiles) at each ``feature_signal``: it knows the tumour
@@ -43,8 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from _common import (MemoryProbe, add_common_args, compare, guarded, machine, ratio_row, run_worker, setup,
-                     time_fn, worker_result)
+from _common import MemoryProbe, add_common_args, guarded, machine, run_worker, setup, time_fn, worker_result
 
 FAMILIES = ("additive_mil_features", "abmil_features")
 SIZES = (1_000, 10_000, 100_000)
@@ -107,24 +104,6 @@ def bench_scaling(name: str, dim: int, repeats: int, device: str) -> list[dict[s
          "baseline_s": round(runs[10_000]["wall_s"], 5), "candidate_s": round(runs[100_000]["wall_s"], 5),
          **detail, "machine": machine(device)},
     ]
-
-
-def bench_vs_monai(name: str, batch: int, bag_size: int, dim: int, repeats: int, device: str) -> dict[str, Any]:
-    from monai.networks.nets import MILModel
-    from torch import nn
-
-    from mlmi_zoo import create_model
-
-    ours = create_model(name, in_features=dim).eval().to(device)
-    theirs = MILModel(num_classes=ours.num_classes, mil_mode="att", pretrained=False, backbone=nn.Identity(),
-                      backbone_num_features=dim).eval().to(device)
-    feats = torch.randn(batch, bag_size, dim, device=device)  # (B, N, D)
-    with torch.no_grad():
-        tm, to = compare(lambda: theirs.calc_head(feats), lambda: ours(feats), repeats=repeats, device=device)
-    return ratio_row(f"mil_forward_vs_monai_att_{name.removesuffix('_features')}", tm, to, 1.0, "<=", device,
-                     unit="our forward / MONAI MILModel(att) head time", batch=batch, bag_size=bag_size,
-                     feature_dim=dim, ours_params=sum(p.numel() for p in ours.parameters()),
-                     monai_head_params=sum(p.numel() for k, p in theirs.named_parameters() if not k.startswith("net.")))
 
 
 def _oracle_bag(y: Any, sig: float, shift_sd: float, fractions: Any, prior: Any) -> tuple[Any, Any]:
@@ -211,8 +190,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--dim", type=int, default=512, help="feature width D (default: 512)")
-    parser.add_argument("--monai-batch", type=int, default=1, help="bags per batch for the MONAI comparison")
-    parser.add_argument("--monai-bag", type=int, default=10_000, help="instances per bag for the MONAI comparison")
     parser.add_argument("--ceiling", action="store_true", help="print the oracle ceiling of the tile-bag targets")
     parser.add_argument("--signal", type=float, nargs="+", default=[3.0, 4.0], help="feature_signal values for --ceiling")
     args = parser.parse_args()
@@ -225,8 +202,6 @@ def main() -> None:
         family = name.removesuffix("_features")
         rows = {f"mil_peak_memory_100k_{family}": (1.5, "<="), f"mil_time_scaling_{family}": (11.0, "<=")}
         guarded(rows, None, None, device, lambda name=name: bench_scaling(name, args.dim, args.repeats, device))
-        guarded(f"mil_forward_vs_monai_att_{family}", 1.0, "<=", device, lambda name=name: bench_vs_monai(
-            name, args.monai_batch, args.monai_bag, args.dim, args.repeats, device))
 
 
 if __name__ == "__main__":

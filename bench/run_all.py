@@ -30,6 +30,7 @@ SCRIPTS: tuple[tuple[str, bool], ...] = (
     ("bench_protopnet.py", True),
     ("bench_explain.py", True),
     ("bench_mil.py", True),
+    ("bench_mil_peers.py", True),
     ("bench_import.py", True),
     ("bench_demo.py", True),
     ("bench_phantoms.py", False),

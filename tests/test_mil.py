@@ -206,6 +206,58 @@ def test_plain_attention_is_ilse_eq8_and_gated_differs() -> None:
         assert make("abmil_features", gated=g)(torch.randn(2, 4, D)).shape == (2, 2)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_attention_in_place_without_autograd_equals_the_recorded_scores(gated: bool) -> None:
+    # Without autograd the activations overwrite the projection in place: the same numbers, bit for bit.
+    pool = AttentionPool(8, 4, gated=gated)
+    h = torch.randn(2, 6, 8)
+    recorded = pool.scores(h.requires_grad_())
+    assert recorded.requires_grad
+    with torch.no_grad():
+        inference = pool.scores(h)
+    assert torch.equal(recorded.detach(), inference)
+    frozen = AttentionPool(8, 4, gated=gated).requires_grad_(False)  # grad mode on, nothing to record
+    frozen.load_state_dict(pool.state_dict())
+    assert torch.equal(frozen.scores(h.detach()), inference)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_no_mask_gives_exactly_the_all_true_mask_result(name: str, gated: bool) -> None:
+    # An absent mask skips the masking; the result is that of an all-True mask, bit for bit, in
+    # inference and with autograd, over several chunks.
+    model = make(name, gated=gated, instance_chunk=5)
+    x = torch.randn(2, 12, D)
+    ones = torch.ones(2, 12, dtype=torch.bool)
+    fields = ("logits", "attention", "attention_scores", "contributions", "area_logits", "instance_logits")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            unmasked, all_true = model.forward_bag(x), model.forward_bag(x, ones)
+        assert unmasked.logits.requires_grad == grad and torch.equal(unmasked.mask, ones)
+        for field in fields:
+            a, b = getattr(unmasked, field), getattr(all_true, field)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), field
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_abmil_logits_are_ilse_eqs_8_9_by_hand(gated: bool) -> None:
+    # The whole chunked pass (embedding, attention, masked softmax, pooling, classifier) against
+    # the formulas computed at once in float64 from the weights.
+    model = make("abmil_features", gated=gated, instance_chunk=4, quantities=(), bag_context=False, classifier_hidden=0)
+    x, mask = padded([torch.randn(n, D) for n in (9, 3)])
+    with torch.no_grad():
+        logits = model(x, mask).double()
+        w = {k: v.double() for k, v in model.state_dict().items()}
+        h = torch.relu(x.double() @ w["embed.0.weight"].T + w["embed.0.bias"])
+        projected = h @ w["attention.project.weight"].T + w["attention.project.bias"]
+        v, u = projected.chunk(2, -1) if gated else (projected, None)
+        a = torch.tanh(v) * torch.sigmoid(u) if u is not None else torch.tanh(v)
+        scores = (a @ w["attention.score.weight"].T + w["attention.score.bias"])[..., 0]
+        attn = scores.masked_fill(~mask, -math.inf).softmax(-1)
+        by_hand = (attn[..., None] * h).sum(1) @ w["classifier.weight"].T + w["classifier.bias"]
+    torch.testing.assert_close(logits, by_hand, rtol=0, atol=1e-6)
+
+
 def test_attention_branches_each_sum_to_one() -> None:
     pool = AttentionPool(8, 4, gated=True, branches=3)
     mask = torch.tensor([[True, True, False], [True, True, True]])

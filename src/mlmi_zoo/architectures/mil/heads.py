@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mlmi_zoo.specs import QuantitySpec
+from mlmi_zoo.specs import InputSpecError, QuantitySpec
 from mlmi_zoo.units import convert
 
 __all__ = ["AttentionPool", "AttentionWeights", "InstanceAreaHead", "challenge_mask", "check_bag_mask", "instance_ranks",
@@ -41,27 +41,36 @@ def check_bag_mask(mask: torch.Tensor | None, batch: int, length: int, device: t
     """Return a (B, N) bool mask of valid instances, refusing bags with none.
 
     Args:
-        mask: (B, N) bool/integer mask, ``True`` = valid instance; ``None`` = all valid.
+        mask: (B, N) bool mask, ``True`` = valid instance, or an integer mask of 0 and 1 (read as
+            bool); ``None`` = all valid.
         batch: B.
         length: N.
         device: where the mask should live.
 
     Raises:
-        ValueError: for a wrong shape or dtype, an empty bag (N = 0) or a bag whose mask is all False.
+        InputSpecError: for a wrong type, shape or dtype, an integer mask with values other than 0
+            and 1, an empty bag (N = 0) or a bag whose mask is all False.
     """
     if length == 0:
-        raise ValueError("expected bags with at least one instance, got N=0; drop empty bags before the model")
+        raise InputSpecError("expected bags with at least one instance, got N=0; drop empty bags before the model")
     if mask is None:
         return torch.ones(batch, length, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor):
+        raise InputSpecError(f"mask must be a torch.Tensor (B, N) of bool, got {type(mask).__name__}")
     if mask.is_floating_point():
-        raise ValueError(f"expected a bool mask (B, N), got dtype {mask.dtype}; use mask.bool() on 0/1 masks")
+        raise InputSpecError(f"expected a bool mask (B, N), got dtype {mask.dtype}; use mask.bool() on 0/1 masks")
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"expected a mask of shape (B, N) = {(batch, length)}, got {tuple(mask.shape)}")
+        raise InputSpecError(f"expected a mask of shape (B, N) = {(batch, length)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        values = mask.unique()
+        other = values[(values != 0) & (values != 1)]
+        if other.numel():
+            raise InputSpecError(f"an integer mask holds 0 and 1 only; got values {other[:5].tolist()}")
     mask = mask.to(device=device, dtype=torch.bool)
     empty = (~mask.any(1)).nonzero().flatten()
     if empty.numel():
-        raise ValueError(f"bag(s) {empty.tolist()} have no valid instance (all-False mask); "
-                         f"attention over an empty bag is undefined: drop them")
+        raise InputSpecError(f"bag(s) {empty.tolist()} have no valid instance (all-False mask); "
+                             f"attention over an empty bag is undefined: drop them")
     return mask
 
 
@@ -147,12 +156,23 @@ class AttentionPool(nn.Module):
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """(B, N, F) instance embeddings -> (B, K, N) raw attention scores."""
         projected = self.project(h)  # (B, N, A) or (B, N, 2A)
-        if self.gated:
+        # Without a graph to record (inference, explain) the activations overwrite the projection's
+        # own buffer: the same numbers without two or three fresh (B, N, A) tensors per chunk, which
+        # on long bags cost more in page faults than the arithmetic. Autograd keeps the out-of-place
+        # form (tanh and sigmoid save their outputs for the backward pass).
+        inplace = not projected.requires_grad
+        if self.gated and inplace:
+            width = projected.shape[-1] // 2
+            v, u = projected.narrow(-1, 0, width), projected.narrow(-1, width, width)
+            a = v.tanh_().mul_(u.sigmoid_())  # (B, N, A), a view of the projection's buffer
+        elif self.gated:
+            # chunk, not narrow: the backward of a split writes both halves' gradients into one
+            # tensor, where each narrow would zero-fill a (B, N, 2A) gradient of its own.
             v, u = projected.chunk(2, dim=-1)
             a = torch.tanh(v) * torch.sigmoid(u)  # (B, N, A)
         else:
-            a = torch.tanh(projected)  # (B, N, A)
-        return rearrange(self.score(a), "b n k -> b k n")
+            a = projected.tanh_() if inplace else torch.tanh(projected)  # (B, N, A)
+        return self.score(a).transpose(1, 2)  # (B, K, N)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> AttentionWeights:
         """Attention over the valid instances.

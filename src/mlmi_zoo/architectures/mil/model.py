@@ -63,6 +63,9 @@ What we changed:
   allocator's free lists: one (N, hidden) tensor of a 100k-instance bag is 51 MB, above glibc's mmap
   threshold, so it would be mapped fresh and page-faulted in on every step, and the step time would
   grow faster than N. Chunking changes no result: each instance is processed independently.
+- Without autograd (inference, ``explain``) the attention's ``tanh`` and ``sigmoid`` overwrite
+  the projection's buffer instead of allocating new tensors, and a call without a mask applies
+  none; both give exactly the numbers of the masked, out-of-place computation.
 - Raw-tile models encode instances in chunks of ``encoder_chunk`` at inference, so encoder
   activations do not grow with ``N``; training subsamples instances instead (see
   :mod:`mlmi_zoo.architectures.mil.training`).
@@ -122,11 +125,45 @@ class BagOutputs:
     instance_logits: torch.Tensor | None = None  # (B, N, C) additive MIL: psi(h_n), before the attention weight
 
 
+class _Chunks:
+    """One (B, N, ...) output of the per-instance pass, assembled from its chunks along N.
+
+    Args:
+        length: N.
+        direct: write each chunk into one bag-sized tensor (without autograd); else keep the
+            chunks and concatenate them at the end (autograd records the concatenation).
+    """
+
+    def __init__(self, length: int, direct: bool) -> None:
+        self.length = length
+        self.direct = direct
+        self.parts: list[torch.Tensor] = []
+        self.out: torch.Tensor | None = None
+
+    def put(self, sl: slice, value: torch.Tensor) -> None:
+        """Add the (B, n, ...) result of the chunk ``sl``."""
+        if not self.direct:
+            self.parts.append(value)
+            return
+        if self.out is None:
+            self.out = value.new_empty(value.shape[0], self.length, *value.shape[2:])
+        self.out[:, sl] = value
+
+    def gather(self) -> torch.Tensor | None:
+        """The (B, N, ...) output, or None when no chunk was added."""
+        if self.direct or not self.parts:
+            return self.out
+        return torch.cat(self.parts, 1)
+
+
 class _MILModel(InterpretableModel[MILConfig]):
     """Shared plumbing of both MIL families: encoding, embedding, attention, physical head."""
 
     config_class = MILConfig
     explanation_class: ClassVar[type[MILExplanation]] = MILExplanation
+    # Whether the classifier pools the instance embeddings (then every chunk's embedding is kept for
+    # the pooling), or reads only the per-instance terms of _instance_terms.
+    pools_embeddings: ClassVar[bool] = True
 
     def __init__(self, config: MILConfig) -> None:
         super().__init__(config)
@@ -161,10 +198,12 @@ class _MILModel(InterpretableModel[MILConfig]):
                          intensity=c.intensity, modality=c.modality, value_range=(0.0, 1.0))
 
     def validate_input(self, x: torch.Tensor, spacing: Any = None) -> None:
-        """Check a bag: (B, N, D) features, or (B, N, C, t, t) tiles for raw-tile models."""
+        """Check a bag's layout and dtype: (B, N, D) features, or (B, N, C, t, t) tiles for raw-tile
+        models. Its values are checked by :meth:`checked_bag`, which knows the mask."""
         c = self.config
         if c.instance_encoder is None:
-            super().validate_input(x)
+            self.input_spec.check_layout(x, name="feats")
+            self._check_dtype(x)
             return
         if not isinstance(x, torch.Tensor) or x.ndim != 5:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -172,8 +211,24 @@ class _MILModel(InterpretableModel[MILConfig]):
         if tuple(x.shape[-2:]) != (c.tile_size, c.tile_size):
             raise InputSpecError(f"expected {c.tile_size}x{c.tile_size} tiles (the tile area depends on it), "
                                  f"got {tuple(x.shape[-2:])}; re-tile or set tile_size")
-        self.input_spec.validate(rearrange(x, "b n c h w -> (b n) c h w"))
+        self.input_spec.check_layout(rearrange(x, "b n c h w -> (b n) c h w"), name="feats")
         self._check_dtype(x)
+
+    def checked_bag(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a padded batch of bags and its mask (see :meth:`forward_bag`).
+
+        Only valid instances must be finite (and, for raw tiles, in range): the model never reads
+        the others, so NaN or Inf there is accepted and comes back as 0.
+
+        Returns:
+            the features the model reads, and the (B, N) bool mask.
+
+        Raises:
+            InputSpecError: for a bag or mask that does not fit, naming the bag and instance of a bad value.
+        """
+        self.validate_input(feats)
+        mask = check_bag_mask(mask, feats.shape[0], feats.shape[1], feats.device)
+        return self.input_spec.check_values(feats, valid=mask, name="feats"), mask
 
     # -- the computation -----------------------------------------------------------------------------
     def encode_instances(self, tiles: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -206,20 +261,20 @@ class _MILModel(InterpretableModel[MILConfig]):
         """(B, n, F) embeddings of one chunk -> per-instance classifier terms, or None (pooled classifier)."""
         return None
 
-    def _classify(self, hs: list[torch.Tensor], terms: list[torch.Tensor], attn: torch.Tensor,
+    def _classify(self, hs: list[torch.Tensor], terms: torch.Tensor | None, attn: torch.Tensor,
                   bounds: list[slice]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, C) and contributions (B, N, C) or None.
 
         Args:
-            hs: per chunk, (B, n, F) instance embeddings.
-            terms: per chunk, what :meth:`_instance_terms` returned (empty when it returns None).
+            hs: per chunk, (B, n, F) instance embeddings (empty unless ``pools_embeddings``).
+            terms: (B, N, C) what :meth:`_instance_terms` returned, chunk by chunk, or None.
             attn: (B, N) attention, 0 at padding.
             bounds: per chunk, its instance slice of the bag.
         """
         raise NotImplementedError
 
     def _instance_pass(self, feats: torch.Tensor, mask: torch.Tensor) -> tuple[
-            list[torch.Tensor], list[torch.Tensor], list[slice], torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            list[torch.Tensor], torch.Tensor | None, list[slice], torch.Tensor, torch.Tensor | None]:
         """The per-instance networks, chunk by chunk (see ``instance_chunk``).
 
         Args:
@@ -227,17 +282,24 @@ class _MILModel(InterpretableModel[MILConfig]):
             mask: (B, N) bool.
 
         Returns:
-            embeddings and classifier terms per chunk, the chunk slices, raw attention scores
-            (B, N), covered-fraction logits (B, N, Q) or None, and the bag summary (B, F), the
-            mean embedding over valid instances.
+            embeddings per chunk (only for a classifier that pools them, else empty), classifier
+            terms (B, N, C) or None, the chunk slices, raw attention scores (B, N), and
+            covered-fraction logits (B, N, Q) or None.
         """
         n = feats.shape[1]
         step = self.config.instance_chunk
         bounds = [slice(start, min(start + step, n)) for start in range(0, n, step)]
         weights = mask.to(feats.dtype)  # (B, N)
-        hs, terms, scores, own = [], [], [], []
-        total = feats.new_zeros(feats.shape[0], self.config.hidden)  # (B, F) sum of valid embeddings
-        project = self.embed[0]
+        hs: list[torch.Tensor] = []
+        # Without autograd each chunk's results are written into bag-sized outputs: no
+        # concatenation copies, and no small tensors left between one chunk's large temporaries
+        # and the next's, which fragments the C heap (a 1M-instance bag's peak memory then grew
+        # by one attention buffer per chunk in some runs).
+        direct = not torch.is_grad_enabled()
+        scores, terms, own = _Chunks(n, direct), _Chunks(n, direct), _Chunks(n, direct)
+        # The bag's mean embedding serves only the score offset (bag_context).
+        total = feats.new_zeros(feats.shape[0], self.config.hidden) if self.score_offset is not None else None  # (B, F)
+        project, *tail = self.embed  # Linear, then ReLU and Dropout (slicing a Sequential builds a new module)
         assert isinstance(project, nn.Linear)  # built in __init__
         centre = None
         if self.config.bag_normalise:
@@ -246,25 +308,33 @@ class _MILModel(InterpretableModel[MILConfig]):
             mean = torch.einsum("bn,bnd->bd", weights, feats) / weights.sum(1, keepdim=True)  # (B, D)
             centre = nn.functional.linear(mean, project.weight)[:, None]  # (B, 1, F)
         for sl in bounds:
-            pre = project(feats[:, sl])  # (B, n, F)
-            h = self.embed[1:](pre if centre is None else pre - centre)  # (B, n, F)
-            hs.append(h)
+            h = project(feats[:, sl])  # (B, n, F)
+            if centre is not None:
+                h = h - centre
+            for layer in tail:
+                h = layer(h)
+            if self.pools_embeddings:
+                hs.append(h)
             if self.area_head is not None:
                 # The area head scores the instance features linearly (see InstanceAreaHead).
-                own.append(self.area_head.fraction(feats[:, sl]))  # (B, n, Q) each tile's own evidence
-            scores.append(self.attention.scores(h)[:, 0])  # (B, n)
+                own.put(sl, self.area_head.fraction(feats[:, sl]))  # (B, n, Q) each tile's own evidence
+            scores.put(sl, self.attention.scores(h)[:, 0])  # (B, n)
             term = self._instance_terms(h)
             if term is not None:
-                terms.append(term)
-            total = total + torch.einsum("bn,bnf->bf", weights[:, sl], h)
-        context = total / weights.sum(1, keepdim=True)  # (B, F); every bag has a valid instance
-        raw = torch.cat(scores, 1)  # (B, N)
-        if self.score_offset is not None:
+                terms.put(sl, term)
+            if total is not None:
+                total = total + torch.bmm(weights[:, None, sl], h)[:, 0]  # (B, F) sum of valid embeddings
+        raw = scores.gather()  # (B, N)
+        assert raw is not None  # every chunk has scores
+        if self.score_offset is not None and total is not None:
+            context = total / weights.sum(1, keepdim=True)  # (B, F) mean embedding; every bag has a valid instance
             raw = raw + self.score_offset(context)  # (B, 1) broadcast: one offset per bag
         area_logits = None
         if self.area_head is not None:
-            area_logits = self.area_head.with_prior(torch.cat(own, 1), mask)  # (B, N, Q)
-        return hs, terms, bounds, raw, area_logits, context
+            own_scores = own.gather()
+            assert own_scores is not None  # every chunk has them
+            area_logits = self.area_head.with_prior(own_scores, mask)  # (B, N, Q)
+        return hs, terms.gather(), bounds, raw, area_logits
 
     def forward_bag(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> BagOutputs:
         """One pass over a padded batch of bags.
@@ -274,22 +344,25 @@ class _MILModel(InterpretableModel[MILConfig]):
             mask: (B, N) bool, True at valid instances; ``None`` = all valid.
 
         Raises:
-            InputSpecError: when ``feats`` does not fit the input spec.
-            ValueError: for an empty bag or an all-False mask.
+            InputSpecError: when ``feats`` does not fit the input spec, a valid instance holds NaN or
+                Inf, or for an empty bag, a mask of the wrong shape or dtype, or an all-False mask.
         """
-        self.validate_input(feats)
-        mask = check_bag_mask(mask, feats.shape[0], feats.shape[1], feats.device)
+        every_valid = mask is None
+        feats, mask = self.checked_bag(feats, mask)
         if self.encoder is not None:
             feats = self.encode_instances(feats, mask)  # (B, N, D)
-        hs, terms, bounds, scores, area_logits, _ = self._instance_pass(feats, mask)
-        pooled = mask
+        hs, terms, bounds, scores, area_logits = self._instance_pass(feats, mask)
         if self.training and self.config.top_instance_masking > 0:
             pooled = challenge_mask(scores, mask, self.config.top_instance_k, self.config.top_instance_masking)
-        attn = masked_softmax(scores, pooled)  # (B, N); 0 at padding and at masked instances
+            attn = masked_softmax(scores, pooled)  # (B, N); 0 at padding and at masked instances
+        elif every_valid:
+            attn = scores.softmax(-1)  # (B, N); no mask given: nothing to mask, the same numbers
+        else:
+            attn = masked_softmax(scores, mask)  # (B, N); 0 at padding
         logits, contributions = self._classify(hs, terms, attn, bounds)
         return BagOutputs(logits=logits, attention=attn, attention_scores=scores, mask=mask,
                           contributions=contributions, area_logits=area_logits,
-                          instance_logits=torch.cat(terms, 1) if terms else None)
+                          instance_logits=terms)
 
     def explanation_bias(self) -> torch.Tensor | None:
         """(C,) the global bias of an exact decomposition, or None when there is none."""
@@ -322,10 +395,12 @@ class _MILModel(InterpretableModel[MILConfig]):
             attention, raw scores, contributions (additive MIL), per-instance and bag measurements.
         """
         out = self.forward_bag(feats, mask)
+        if coords is not None and not isinstance(coords, torch.Tensor):
+            raise InputSpecError(f"coords must be a torch.Tensor (B, N, 2|3), got {type(coords).__name__}")
         if coords is not None and (coords.ndim != 3 or tuple(coords.shape[:2]) != tuple(out.mask.shape)
                                    or coords.shape[-1] not in (2, 3)):
-            raise ValueError(f"expected coords of shape (B, N, 2|3) with (B, N) = {tuple(out.mask.shape)}, "
-                             f"got {tuple(coords.shape)}")
+            raise InputSpecError(f"expected coords of shape (B, N, 2|3) with (B, N) = {tuple(out.mask.shape)}, "
+                                 f"got {tuple(coords.shape)}")
         per_instance = self.instance_measurements(out, microns_per_pixel)
         units = {q.name: q.unit for q in self.config.quantities}
         measurements = {name: Measurement(name, v.sum(1), units[name]) for name, v in per_instance.items()}
@@ -357,10 +432,12 @@ class ABMIL(_MILModel):
         super().__init__(config)
         self.classifier = _classifier(config.hidden, config.classifier_hidden, config.num_classes, bias=True)
 
-    def _classify(self, hs: list[torch.Tensor], terms: list[torch.Tensor], attn: torch.Tensor,
+    def _classify(self, hs: list[torch.Tensor], terms: torch.Tensor | None, attn: torch.Tensor,
                   bounds: list[slice]) -> tuple[torch.Tensor, None]:
-        z = sum(torch.einsum("bn,bnf->bf", attn[:, sl], h) for sl, h in zip(bounds, hs))  # (B, F) bag embedding
-        return self.classifier(z), None
+        z = torch.bmm(attn[:, None, bounds[0]], hs[0])  # (B, 1, F) bag embedding, summed over the chunks
+        for sl, h in zip(bounds[1:], hs[1:]):
+            z = z + torch.bmm(attn[:, None, sl], h)
+        return self.classifier(z[:, 0]), None
 
 
 class AdditiveMIL(_MILModel):
@@ -372,6 +449,7 @@ class AdditiveMIL(_MILModel):
 
     family = "additive_mil"
     explanation_class = AdditiveMILExplanation
+    pools_embeddings = False  # the logits are sums of psi(h_n): no embedding outlives its chunk
 
     def __init__(self, config: MILConfig) -> None:
         super().__init__(config)
@@ -381,9 +459,10 @@ class AdditiveMIL(_MILModel):
     def _instance_terms(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(h)  # (B, n, C) psi(h_n), before the attention weight
 
-    def _classify(self, hs: list[torch.Tensor], terms: list[torch.Tensor], attn: torch.Tensor,
+    def _classify(self, hs: list[torch.Tensor], terms: torch.Tensor | None, attn: torch.Tensor,
                   bounds: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
-        contributions = attn[..., None] * torch.cat(terms, 1)  # (B, N, C); attn is exactly 0 at padding
+        assert terms is not None  # _instance_terms returns every chunk's psi(h_n)
+        contributions = attn[..., None] * terms  # (B, N, C); attn is exactly 0 at padding
         return contributions.sum(1) + self.bias, contributions
 
     def explanation_bias(self) -> torch.Tensor:
