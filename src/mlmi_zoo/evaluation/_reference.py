@@ -151,19 +151,24 @@ def _untrained_copy(model: Any, seed: int) -> Any:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        covered: set[int] = set()
-        for module in clone.modules():
-            reset = getattr(module, "reset_parameters", None)
-            if callable(reset):
-                reset()
-                covered.update(id(p) for p in module.parameters(recurse=False))
-        with torch.no_grad():
-            for param in clone.parameters():
-                if id(param) not in covered and param.numel() > 1:
-                    torch.nn.init.normal_(param, float(param.mean()), float(param.std()))
+        _reinitialise(clone)
     finally:
         torch.random.set_rng_state(state)
     return clone.eval()
+
+
+def _reinitialise(part: torch.nn.Module) -> None:
+    """Re-initialise every parameter of ``part`` in place (see :func:`_untrained_copy`)."""
+    covered: set[int] = set()
+    for module in part.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            covered.update(id(p) for p in module.parameters(recurse=False))
+    with torch.no_grad():
+        for param in part.parameters():
+            if id(param) not in covered and param.numel() > 1:
+                torch.nn.init.normal_(param, float(param.mean()), float(param.std()))
 
 
 def _evidence_map(model: Any, record: Any, x: torch.Tensor, spacing: torch.Tensor | None) -> torch.Tensor | None:
@@ -204,17 +209,7 @@ def cascading_randomisation(model: Any, x: torch.Tensor, spacing: torch.Tensor |
     steps: list[dict[str, Any]] = []
     try:
         for k, name in enumerate(reversed(parts)):
-            child = getattr(clone, name)
-            covered: set[int] = set()
-            for module in child.modules():
-                reset = getattr(module, "reset_parameters", None)
-                if callable(reset):
-                    reset()
-                    covered.update(id(p) for p in module.parameters(recurse=False))
-            with torch.no_grad():
-                for param in child.parameters():
-                    if id(param) not in covered and param.numel() > 1:
-                        torch.nn.init.normal_(param, float(param.mean()), float(param.std()))
+            _reinitialise(getattr(clone, name))
             maps = _evidence_map(clone, record, x, spacing)
             if maps is None:
                 break
