@@ -36,13 +36,13 @@ def test_override_type_and_key_are_checked() -> None:
 
 
 def test_list_filters() -> None:
-    assert mlmi_zoo.list_models("baseline_*") == ["baseline_resnet18", "baseline_resnet8"]
+    assert mlmi_zoo.list_models("baseline_*") == ["baseline_resnet18", "baseline_resnet8", "baseline_tf_efficientnet_lite0"]
     assert all("." in n for n in mlmi_zoo.list_models(pretrained=True))
 
 
 def test_cli_list_and_info(capsys) -> None:
     assert main(["list", "baseline_*"]) == 0
-    assert capsys.readouterr().out.split() == ["baseline_resnet18", "baseline_resnet8"]
+    assert capsys.readouterr().out.split() == ["baseline_resnet18", "baseline_resnet8", "baseline_tf_efficientnet_lite0"]
     assert main(["info", "baseline_resnet8"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["input_spec"]["in_channels"] == 1 and info["num_parameters"] > 0
