@@ -31,6 +31,7 @@ SCRIPTS: tuple[tuple[str, bool], ...] = (
     ("bench_explain.py", True),
     ("bench_mil.py", True),
     ("bench_mil_peers.py", True),
+    ("bench_image_peers.py", True),
     ("bench_import.py", True),
     ("bench_demo.py", True),
     ("bench_phantoms.py", False),
