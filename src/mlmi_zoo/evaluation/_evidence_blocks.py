@@ -25,7 +25,7 @@ import torch
 
 from mlmi_zoo.evaluation._collect import _Collected
 from mlmi_zoo.evaluation._common import _cat, _Context
-from mlmi_zoo.evaluation.evidence import NOT_ASSESSED, compare, compare_auroc, exact_check, not_assessed
+from mlmi_zoo.evaluation.evidence import compare, compare_auroc, exact_check, not_assessed
 from mlmi_zoo.evaluation.results import ELEMENTS
 from mlmi_zoo.families import family_of
 
@@ -177,10 +177,4 @@ def verdicts(blocks: dict[str, Any], faithfulness: dict[str, Any]) -> dict[str, 
         else:
             out[name] = not_assessed("no control comparison is implemented for this element of this family yet")["verdict"]
     return out
-
-
-def status_symbol(status: str) -> str:
-    """A short form of a verdict status for tables."""
-    return {"demonstrated": "demonstrated", "not demonstrated on this data": "not demonstrated",
-            NOT_ASSESSED: "no control", "not applicable": "n/a"}.get(status, status)
 
