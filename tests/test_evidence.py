@@ -187,3 +187,18 @@ def test_a_model_that_reads_back_its_own_readers_rating_gains_nothing_leave_read
     assert same_reader == pytest.approx(1.0)  # scored against its own reader the copy looks perfect
     assert lro == pytest.approx(inter)  # left out, it is exactly one more reader
     assert len(m_i) == 60 * 3 * 2
+
+
+@pytest.mark.parametrize("kind,train,other,key", [
+    ("mias", {"women": [1, 2, 3]}, {"women": [3, 4]}, "woman 3"),
+    ("idrid", {"image_ids": ["IDRiD_001", "IDRiD_002"]}, {"image_ids": ["IDRiD_002"]}, "IDRiD_002"),
+])
+def test_split_overlap_is_checked_for_the_real_photograph_sets(kind, train, other, key) -> None:
+    from mlmi_zoo.evaluation._data import check_split_overlap
+
+    source = {"Info.txt": "abc"} if kind == "mias" else {"set": "grading", "md5_of_listing": "abc"}
+    trained = {"kind": kind, "source": source, "splits": {"train": train}}
+    with pytest.raises(ValueError, match=key):
+        check_split_overlap(trained, {"kind": kind, "source": source, "splits": {"test": other}}, "test")
+    disjoint = {"women": [9]} if kind == "mias" else {"image_ids": ["IDRiD_099"]}
+    assert check_split_overlap(trained, {"kind": kind, "source": source, "splits": {"test": disjoint}}, "test") is None

@@ -119,6 +119,10 @@ def _case_ids(record: Mapping[str, Any]) -> range | set[Any]:
         return {int(i) for i in record["indices"]}
     if "patient_ids" in record:
         return {str(p) for p in record["patient_ids"]}
+    if "women" in record:  # mammograms: a woman in two splits is a leak even through her other breast
+        return {f"woman {w}" for w in record["women"]}
+    if "image_ids" in record:
+        return {str(i) for i in record["image_ids"]}
     if "indices_sha256" in record:
         return {record["indices_sha256"]}
     return {"all cases"}
@@ -137,6 +141,10 @@ def _source_identity(desc: Mapping[str, Any], split: str) -> tuple[Any, ...] | N
         ident: tuple[Any, ...] = (kind, source.get("sha256"))
         # Without the patient ids, the deterministic patient split is the identity.
         return ident if "patient_ids" in record else ident + (record.get("patient_split", split),)
+    if kind in ("mias", "mias_bags"):
+        return (kind, json.dumps(source.get("Info.txt"), sort_keys=True))
+    if kind == "idrid":
+        return (kind, source.get("set"), source.get("md5_of_listing"))
     if kind in ("folder_csv", "cached_bags"):
         name = record.get("source")
         return (kind, name, json.dumps((source or {}).get(name), sort_keys=True))
