@@ -33,7 +33,6 @@ _MIL_SMALL = {"hidden": 8, "attention_hidden": 8, "classifier_hidden": 4,
 # Keyed by family, or by architecture name where one family takes different inputs.
 CASES: dict[str, Case] = {
     "baseline": Case({"img_size": (32, 32), "feature_stride": 8}, _image(1, 32, 32)),
-    # cut at stride 8, timm's EfficientNet features keep (and run) the later blocks, which get no gradient
     "baseline_tf_efficientnet_lite0": Case({"img_size": (32, 32), "feature_stride": 32}, _image(1, 32, 32)),
     "protopnet": Case({"img_size": (32, 32), "prototypes_per_class": 2, "prototype_dim": 16}, _image(1, 32, 32)),
     "cbm": Case({"img_size": (32, 32), "spacing": (0.7, 0.7)}, _image(1, 32, 32), {"spacing": (0.7, 0.7)}),

@@ -202,3 +202,17 @@ def test_split_overlap_is_checked_for_the_real_photograph_sets(kind, train, othe
         check_split_overlap(trained, {"kind": kind, "source": source, "splits": {"test": other}}, "test")
     disjoint = {"women": [9]} if kind == "mias" else {"image_ids": ["IDRiD_099"]}
     assert check_split_overlap(trained, {"kind": kind, "source": source, "splits": {"test": disjoint}}, "test") is None
+
+
+def test_idrid_photographs_of_different_official_parts_are_different_cases() -> None:
+    """IDRiD numbers the photographs of its official train and test parts both from IDRiD_001."""
+    from mlmi_zoo.evaluation._data import check_split_overlap
+
+    source = {"set": "grading", "md5_of_listing": "abc"}
+    trained = {"kind": "idrid", "source": source,
+               "splits": {"train": {"official_part": "train", "image_ids": ["IDRiD_001", "IDRiD_002"]}}}
+    test = {"official_part": "test", "image_ids": ["IDRiD_001"]}
+    assert check_split_overlap(trained, {"kind": "idrid", "source": source, "splits": {"test": test}}, "test") is None
+    val = {"official_part": "train", "image_ids": ["IDRiD_002"]}
+    with pytest.raises(ValueError, match="IDRiD_002"):
+        check_split_overlap(trained, {"kind": "idrid", "source": source, "splits": {"val": val}}, "val")

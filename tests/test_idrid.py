@@ -322,3 +322,49 @@ def test_data_spec_builds_and_describes_idrid() -> None:
     assert source["md5_of_listing"] == hashlib.sha256(json.dumps([list(x) for x in listing]).encode()).hexdigest()
     with pytest.raises(ValueError, match="dataset must be"):
         build_dataset(DataSpec(kind="idrid", params={"dataset": "grades", "root": str(DATA)}), "val")
+
+
+# ---------------------------------------------------------------------------------------------
+# the lesion union and localization scored on the segmentation photographs
+# ---------------------------------------------------------------------------------------------
+def test_union_mask_is_the_or_of_the_annotated_lesions() -> None:
+    five, union = segmentation("test"), segmentation("test", union="MA+HE+EX+SE")
+    for i in (0, len(five) - 1):
+        a, b = five[i], union[i]
+        rows = [LESIONS.index(c) for c in ("MA", "HE", "EX", "SE")]
+        expected = (a["mask"][rows] & a["annotated"][rows, None, None]).any(0)
+        assert b["mask"].shape == (1, *returned_shape(SIZE)) and torch.equal(b["mask"][0], expected)
+        assert bool(b["annotated"].all()) == bool(a["annotated"][rows].any())
+    with pytest.raises(ValueError, match="union must name lesions"):
+        segmentation("test", union="MA+XX")
+
+
+def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_has_no_masks(tmp_path: Path) -> None:
+    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
+    from mlmi_zoo.evaluation.localization import activation_precision
+    from mlmi_zoo.registry import create_model
+
+    torch.manual_seed(0)
+    shape = returned_shape(SIZE)
+    model = create_model("protopnet_resnet8", img_size=shape, in_channels=3, label_names=("non-referable", "referable"),
+                         prototypes_per_class=2, prototype_dim=16).eval()
+    graded = DataSpec("idrid", {"root": str(DATA), "dataset": "grading", "task": "referable", "size": SIZE})
+    model.save_pretrained(tmp_path / "model", extra={"data": describe(graded)})
+    annotated = {"kind": "idrid", "params": {"root": str(DATA), "dataset": "segmentation", "size": SIZE,
+                                             "union": "MA+HE+EX+SE"}}
+    limits = EvaluationLimits(deletion_cases=4, deletion_steps=2, spacing_cases=2, purity_train_cases=8, val_cases=4,
+                              oracle_train_cases=8, intervention_repeats=1, examples=1, control_train_cases=16)
+    doc = evaluate(f"local-dir:{tmp_path / 'model'}", graded, max_cases=8, n_boot=20, batch_size=8, limits=limits,
+                   localization_data=annotated)
+    loc = doc["elements"]["localization"]
+    assert loc["applicable"] and loc["metrics"]["cases_with_mask"] == 27
+    assert loc["details"]["annotated_data"]["cases"] == 27 and "--localization-data" in doc["command"]
+    masks = torch.stack([s["mask"] for s in segmentation("test", union="MA+HE+EX+SE")])
+    ceiling = float(activation_precision(masks.float(), masks).mean())
+    assert loc["metrics"]["activation_precision_top5pct_ceiling"] == pytest.approx(ceiling, abs=1e-9)
+    assert {"centre_prior", "uniform", "random", "brightness"} <= set(loc["evidence"]["controls"])
+    assert doc["verdicts"]["localization"]["metric"] == "activation precision (top 5%)"
+    assert doc["n_cases"] == 8 and doc["data"]["source"]["set"] == "grading"  # the task is still the graded split's
+    with pytest.raises(ValueError, match="has lesion masks of its own"):
+        evaluate(f"local-dir:{tmp_path / 'model'}", annotated, max_cases=4, n_boot=5, batch_size=4, limits=limits,
+                 localization_data=annotated)

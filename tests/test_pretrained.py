@@ -197,13 +197,21 @@ def test_imagenet_for_other_timm_models_asks_timm_for_its_hub_safetensors() -> N
     assert weights.provenance.license == cfg.license and weights.provenance.mean == (sum(cfg.mean) / 3,)
 
 
-def test_random_init_is_unchanged() -> None:
+def test_random_init_is_timms_own_model_cut_at_the_stage() -> None:
     torch.manual_seed(0)
     backbone = create_backbone(SMALL, 1, feature_stride=16)
-    torch.manual_seed(0)  # what create_backbone did before `init` existed: a probe, then the cut body
+    torch.manual_seed(0)  # a probe for the stage layout, then timm's model with its later stages pruned
     probe = timm.create_model(SMALL, pretrained=False, in_chans=1, features_only=True)
     index = probe.feature_info.reduction().index(16)
-    body = timm.create_model(SMALL, pretrained=False, in_chans=1, features_only=True, out_indices=(index,))
+    model = timm.create_model(SMALL, pretrained=False, in_chans=1)
+    model.prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
     assert backbone.provenance is None
-    reference = body.state_dict()
+    reference = model.state_dict()
+    assert backbone.body.state_dict().keys() == reference.keys()
     assert all(torch.equal(v, reference[k]) for k, v in backbone.body.state_dict().items())
+    # the cut removes what comes after it: nothing runs or trains for nothing
+    x = torch.randn(2, 1, 64, 64)
+    assert backbone(x).shape == (2, probe.feature_info.channels()[index], 4, 4)
+    assert torch.equal(backbone(x), model.forward_intermediates(x, indices=[index], intermediates_only=True)[-1])
+    full = timm.create_model(SMALL, pretrained=False, in_chans=1, features_only=True, out_indices=(index,))
+    assert sum(p.numel() for p in backbone.parameters()) < sum(p.numel() for p in full.parameters())

@@ -48,6 +48,35 @@ def test_every_pushed_prototype_lies_on_a_lesion_cell() -> None:
     assert any(fractions[r["index"], r["location"][0] * latent[1] + r["location"][1]] >= 0.5 for r in records)
 
 
+def test_foreground_push_stays_inside_the_foreground_and_off_the_border() -> None:
+    """A fundus-like disc of tissue in a black surround: no prototype lands outside it or on the grid edge."""
+    model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(64, 64), prototypes_per_class=3, prototype_dim=16,
+                                  feature_stride=4).eval()
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    disc = (yy - 31.5) ** 2 + (xx - 40) ** 2 < 24 ** 2  # off-centre, so the right border cells touch it
+    images = torch.rand(8, 1, 64, 64, generator=g) * disc
+    batch = {"image": images, "fov": disc.expand(8, 64, 64), "label": torch.arange(8) % 2, "index": torch.arange(8)}
+    free = push_prototypes(model, [batch])
+    records = push_prototypes(model, [batch], foreground="fov")
+    latent = tuple(records[0]["latent_shape"])
+    fraction = model.backbone.cell_fraction(disc[None, None].float(), latent)[0, 0]  # (h, w)
+    for rec in records:
+        i, j = rec["location"]
+        assert 0 < i < latent[0] - 1 and 0 < j < latent[1] - 1, rec["location"]
+        assert fraction[i, j] >= 0.5, (rec["location"], float(fraction[i, j]))
+    # without the option the same prototypes may go anywhere: the option is what keeps them inside
+    assert any(fraction[tuple(r["location"])] < 0.5 or 0 in r["location"] or latent[0] - 1 in r["location"]
+               or latent[1] - 1 in r["location"] for r in free)
+
+
+def test_foreground_push_names_a_missing_key() -> None:
+    model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=1, prototype_dim=16).eval()
+    loader, _ = _batches()
+    with pytest.raises(ValueError, match="'fov'"):
+        push_prototypes(model, loader, foreground="fov")
+
+
 def test_on_lesion_push_needs_masks() -> None:
     model = mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=1, prototype_dim=16).eval()
     loader, _ = _batches()

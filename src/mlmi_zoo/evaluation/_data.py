@@ -121,8 +121,9 @@ def _case_ids(record: Mapping[str, Any]) -> range | set[Any]:
         return {str(p) for p in record["patient_ids"]}
     if "women" in record:  # mammograms: a woman in two splits is a leak even through her other breast
         return {f"woman {w}" for w in record["women"]}
-    if "image_ids" in record:
-        return {str(i) for i in record["image_ids"]}
+    if "image_ids" in record:  # IDRiD numbers the photographs of each official part from 001
+        part = record.get("official_part")
+        return {str(i) if part is None else f"{part}/{i}" for i in record["image_ids"]}
     if "indices_sha256" in record:
         return {record["indices_sha256"]}
     return {"all cases"}

@@ -131,7 +131,9 @@ def _spacing_invariance(col: _Collected, model: Any, ds: Dataset, limits: Evalua
 def _localization_block(col: _Collected, what_map: str, does_not_show: str,
                         tp_mask: torch.Tensor | None, ctx: _Context | None = None) -> dict[str, Any]:
     if not col.masks_seen:
-        return _not_applicable("not applicable: these data carry no lesion masks to compare the maps with", does_not_show)
+        block = _not_applicable("not applicable: these data carry no lesion masks to compare the maps with", does_not_show)
+        block["details"] = {"map": what_map}  # what another, annotated data set would score
+        return block
     ap, pg = _cat(col.ap), _cat(col.pg)
     annotated = torch.isfinite(ap)
     if not annotated.any():

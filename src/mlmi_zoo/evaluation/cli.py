@@ -42,6 +42,9 @@ def build_parser() -> _Parser:
     p.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON to write (default: results.json)")
     p.add_argument("--figures", type=Path, help="folder for the PNG figures (default: OUT's folder/figures)")
     p.add_argument("--baseline", metavar="URI", help="black-box baseline evaluated on the same cases for comparison")
+    p.add_argument("--localization-data", metavar="SPEC",
+                   help="a data set with lesion masks (its test split) on which localization is scored when the "
+                        "evaluated data have none, e.g. 'idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE'")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples of the task CIs (default: 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and random orders (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="cases per forward pass (default: 32)")
@@ -76,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(shlex.quote(a) for a in ["mlmi-zoo", "evaluate", *args_list])
     doc = evaluate(args.model, data, split=args.split, out=args.out, figures_dir=args.figures,
                    baseline_uri=args.baseline, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
-                   max_cases=args.max_cases, command=command)
+                   max_cases=args.max_cases, command=command, localization_data=args.localization_data)
     auroc = doc["task"]["auroc"]
     log.info("AUROC %s on %d %s cases; results in %s", auroc.get("estimate"), doc["n_cases"], doc["split"], args.out)
     print(f"wrote {args.out} ({doc['n_cases']} cases, {doc['elapsed_s']} s)")

@@ -42,7 +42,7 @@ from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
-from mlmi_zoo.evaluation._elements import _not_applicable
+from mlmi_zoo.evaluation._elements import _localization_block, _not_applicable
 from mlmi_zoo.evaluation._evidence_blocks import add_evidence, task_evidence, verdicts
 from mlmi_zoo.evaluation._reference import _ImageControls, cascading_randomisation, training_reference
 from mlmi_zoo.evaluation.task import task_metrics
@@ -90,6 +90,56 @@ def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, An
     return block
 
 
+class _MaskOnly(torch.utils.data.Dataset):
+    """The fields a localization pass reads from an annotated set: image, mask, patient, index.
+
+    The annotated set need not carry the task's labels (a segmentation set has none), nor its
+    measurements or concepts; its label is set to -1 so that nothing reads it as a class.
+    """
+
+    KEEP = ("image", "mask", "patient_id", "index")
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self.dataset[i]
+        out = {k: sample[k] for k in self.KEEP if k in sample}
+        out["label"] = torch.tensor(-1, dtype=torch.int64)
+        return out
+
+
+def _annotated_localization(model: Any, ctx: _Context, data: DataSpec | str | Path | Mapping[str, Any],
+                            what_map: str, does_not_show: str) -> tuple[dict[str, Any], Any]:
+    """Localization on another data set that has lesion masks where the evaluated split has none.
+
+    The maps are the ones the evaluation reads everywhere (the top contribution to the predicted
+    class), scored against the annotated set's test-split masks beside the same controls; the
+    centre prior is fitted on the annotated set's training split. Returns the localization block
+    and the collected pass (for the cascading randomisation on these images).
+    """
+    spec = load_data_spec(data)
+    annotated = _MaskOnly(build_dataset(spec, "test"))
+    train = build_dataset(spec, "train") if spec.size_of("train") != 0 else None
+    actx = dataclasses.replace(ctx, spec=spec, train_spec=None, split="test", dataset=annotated, limitations=[])
+    actx.train_dataset = (lambda: _MaskOnly(train) if train is not None else None)  # type: ignore[method-assign]
+    actx.reference = training_reference(model, actx, ctx.limits.control_train_cases)
+    loader = DataLoader(annotated, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate)
+    with torch.no_grad():
+        col = _run_images(model, loader, ctx.limits, _ImageControls(model, actx.reference, ctx.seed))
+    block = _localization_block(col, what_map, does_not_show, None, actx)
+    if block.get("applicable"):
+        desc = describe(spec)
+        block["details"]["annotated_data"] = {
+            "spec": data_spec_to_text(spec), "source": desc.get("source"), "split": "test", "cases": len(annotated),
+            "centre_prior_from": f"{len(train) if train is not None else 0} training cases of the same set",
+            "why": "the evaluated split has no lesion masks; the maps are scored on this annotated set instead"}
+    return block, col
+
+
 def _git_commit() -> str | None:
     """The commit of the mlmi-zoo source tree that ran the evaluation (``-dirty`` when tracked files
     were modified), when it is a git checkout; None otherwise."""
@@ -115,7 +165,8 @@ def _train_spec_from_config(config_doc: Mapping[str, Any]) -> DataSpec | None:
 
 
 def _default_command(model_uri: str, spec_text: str, split: str, out: Path | None, figures_dir: Path | None,
-                     baseline_uri: str | None, n_boot: int, seed: int, batch_size: int, max_cases: int | None) -> str:
+                     baseline_uri: str | None, n_boot: int, seed: int, batch_size: int, max_cases: int | None,
+                     localization_text: str | None = None) -> str:
     parts = ["mlmi-zoo", "evaluate", model_uri, "--data", spec_text, "--split", split]
     if out is not None:
         parts += ["--out", str(out)]
@@ -126,6 +177,8 @@ def _default_command(model_uri: str, spec_text: str, split: str, out: Path | Non
     parts += ["--n-boot", str(n_boot), "--seed", str(seed), "--batch-size", str(batch_size)]
     if max_cases is not None:
         parts += ["--max-cases", str(max_cases)]
+    if localization_text is not None:
+        parts += ["--localization-data", localization_text]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -142,6 +195,7 @@ def evaluate(
     max_cases: int | None = None,
     command: str | None = None,
     limits: EvaluationLimits = EvaluationLimits(),
+    localization_data: DataSpec | str | Path | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model on one split: the task with bootstrap CIs and the five elements.
 
@@ -161,6 +215,10 @@ def evaluate(
         max_cases: evaluate only the first ``max_cases`` cases of the split.
         command: the command line recorded in the document (default: the equivalent CLI call).
         limits: caps on the expensive parts (see :class:`EvaluationLimits`).
+        localization_data: a data set with lesion masks (its test split) on which localization is
+            scored when the evaluated data have none, e.g. IDRiD's segmentation photographs for a
+            model evaluated on IDRiD's graded photographs; the maps, metrics and controls are the
+            usual ones, the centre prior is fitted on that set's training split.
 
     Returns:
         The results document (it validates with :func:`~mlmi_zoo.evaluation.results.validate_results`).
@@ -199,6 +257,9 @@ def evaluate(
         dataset = _subset(dataset, max_cases)
     if len(dataset) == 0:
         raise ValueError(f"the {split!r} split of {spec.kind} is empty; set data.{split}_size or choose another split")
+    if localization_data is not None and dataset[0].get("mask") is not None:
+        raise ValueError(f"localization_data scores localization on another, annotated data set; the {split!r} split "
+                         f"of {spec.kind} has lesion masks of its own, so leave localization_data unset")
     collate = collate_for(spec)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     folder = Path(figures_dir) if figures_dir is not None else (Path(out).parent / "figures" if out is not None else None)
@@ -225,11 +286,16 @@ def evaluate(
 
     blocks = record.evaluation_section()(model, col, ctx)
     add_evidence(model, blocks, col, ctx)
-    if record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
+    loc_col = col
+    if localization_data is not None and record.inputs == "images":
+        blocks["localization"], loc_col = _annotated_localization(
+            model, ctx, localization_data, blocks["localization"].get("details", {}).get("map", "evidence map"),
+            blocks["localization"].get("does_not_show", ""))
+    elif record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
         blocks["localization"]["off_centre"] = _off_centre_localization(model, ctx, blocks["localization"])
-    if record.inputs == "images" and col.keep_x and blocks["localization"].get("applicable"):
-        x = _cat(col.keep_x)[:16]
-        spacing = _cat(col.keep_spacing)[:16] if col.keep_spacing else None
+    if record.inputs == "images" and loc_col.keep_x and blocks["localization"].get("applicable"):
+        x = _cat(loc_col.keep_x)[:16]
+        spacing = _cat(loc_col.keep_spacing)[:16] if loc_col.keep_spacing else None
         cascade = cascading_randomisation(model, x, spacing if spacing is not None and len(spacing) == len(x) else None,
                                           seed)
         if cascade:
@@ -266,7 +332,9 @@ def evaluate(
         "n_cases": len(dataset),
         "command": command or _default_command(model_uri, data_spec_to_text(spec), split,
                                                Path(out) if out is not None else None, folder, baseline_uri, n_boot,
-                                               seed, batch_size, max_cases),
+                                               seed, batch_size, max_cases,
+                                               None if localization_data is None
+                                               else data_spec_to_text(load_data_spec(localization_data))),
         "mlmi_zoo_version": __version__,
         "seed": seed,
         "bootstrap": {"description": (

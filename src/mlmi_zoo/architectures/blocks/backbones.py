@@ -8,15 +8,18 @@ so small medical patches (28–64 px) keep a latent grid fine enough to localise
 ResNet names (``resnet8``, ``resnet10``, ``resnet18``, ``resnet34``) exist in 2D (timm's ResNet)
 and 3D (MONAI's ResNet) with the same stage layout. ``resnet8`` is a small variant for 28–64 px
 inputs and tests: one basic block per stage, widths 16-32-64-128. Any other timm model name works
-in 2D through ``features_only``. Models start from random init or from zoo weights; a timm backbone
-can instead start from pretrained weights (``init``, see :mod:`.pretrained`), which timm loads before
-the network is cut, and the backbone then records their provenance and input normalisation.
+in 2D. A timm model is cut with its own ``prune_intermediate_layers`` (the stages after the cut are
+removed, so they neither run nor hold parameters) and read with ``forward_intermediates``; models
+without that interface go through ``features_only``. Models start from random init or from zoo
+weights; a timm backbone can instead start from pretrained weights (``init``, see :mod:`.pretrained`),
+which timm loads before the network is cut, and the backbone then records their provenance and
+input normalisation. Parameter names are timm's own (``conv_stem``, ``blocks.0``, ...).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +66,8 @@ class Backbone(nn.Module):
             (feed ``(x - mean) / std`` per channel); ``None`` for random initialisation.
     """
 
-    def __init__(self, body: nn.Module, info: BackboneInfo, list_output: bool = False) -> None:
+    def __init__(self, body: nn.Module, info: BackboneInfo, list_output: bool = False,
+                 intermediate: int | None = None) -> None:
         super().__init__()
         self.body = body
         self.out_channels = info.out_channels
@@ -71,8 +75,13 @@ class Backbone(nn.Module):
         self.offset = info.offset
         self.provenance = info.provenance
         self._list_output = list_output
+        self._intermediate = intermediate  # a pruned timm model: read this feature index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._intermediate is not None:
+            body: Any = self.body  # a timm model with the forward_intermediates interface
+            return body.forward_intermediates(x, indices=[self._intermediate], intermediates_only=True,
+                                              stop_early=True)[-1]
         feats = self.body(x)
         return feats[-1] if self._list_output else feats
 
@@ -225,6 +234,14 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
     if index is None:
         raise ValueError(f"{name}: no stage with reduction <= {feature_stride} (stages reduce by {reductions})")
     weights = resolve_init(init, name, in_channels)
+    channels = _feature_info(probe).channels()[index]
+    model = timm.create_model(name, pretrained=weights.pretrained, pretrained_cfg_overlay=weights.pretrained_cfg_overlay,
+                              in_chans=in_channels)
+    if hasattr(model, "prune_intermediate_layers") and hasattr(model, "forward_intermediates"):
+        # drop the stages after the cut (and the head): they would run and hold parameters for nothing
+        cast(Any, model).prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
+        info = BackboneInfo(channels, reductions[index], provenance=weights.loaded_provenance())
+        return Backbone(model, info, intermediate=index)
     body = timm.create_model(name, pretrained=weights.pretrained, pretrained_cfg_overlay=weights.pretrained_cfg_overlay,
                              in_chans=in_channels, features_only=True, out_indices=(index,))
     info = BackboneInfo(_feature_info(body).channels()[-1], reductions[index], provenance=weights.loaded_provenance())

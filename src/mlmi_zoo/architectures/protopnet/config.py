@@ -104,7 +104,8 @@ class ProtoPNetConfig(ModelConfig):
 
     # config.json files before config_version 2 held the training settings in the model config.
     TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = (
-        "clst_coef", "sep_coef", "l1_coef", "fa_coef", "push_on_lesion", "measure_map_coef", "prototype_init")
+        "clst_coef", "sep_coef", "l1_coef", "fa_coef", "push_on_lesion", "push_foreground", "measure_map_coef",
+        "prototype_init")
 
     # and the count head's options flat in the model config (physical_head, measure_*).
     COUNT_HEAD_FIELDS_V1: ClassVar[dict[str, str]] = {
@@ -167,6 +168,11 @@ class ProtoPNetTrainingSettings:
             receptive-field window lies mostly on a lesion, and training pulls prototypes towards
             such cells (the cluster cost), so each prototype is a piece of a lesion rather than of
             the background (a CNN with zero padding otherwise tends to match the crop border).
+        push_foreground: the batch key of a foreground mask (``(H, W)`` or ``(1, H, W)`` per image,
+            e.g. a fundus photograph's field of view ``"fov"`` or a mammogram's ``"breast"``): push
+            projects prototypes only onto latent cells whose receptive-field window lies mostly
+            on it and that are not on the latent grid's border, so no prototype is a piece of the
+            black surround or of the padded image edge. ``None``: any cell.
         measure_map_coef: weight of the fraction map's fit to the lesion masks (``"count"``, when
             the batch has masks).
         prototype_init: where the prototypes start. ``"uniform"`` (ProtoPNet): uniform in
@@ -185,6 +191,7 @@ class ProtoPNetTrainingSettings:
     l1_coef: float = 1e-4
     fa_coef: float = 0.0
     push_on_lesion: bool = False
+    push_foreground: str | None = None
     measure_map_coef: float = 1.0
     prototype_init: Literal["uniform", "data"] = "uniform"
 

@@ -337,5 +337,5 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
         self.set_prototype_sources(None if records is None else [None if r is None else dict(r) for r in records])
 
 
-register_backbones(ProtoPNet, ("resnet8", "resnet18"), "ProtoPNet (This Looks Like That) on a {backbone} backbone.")
+register_backbones(ProtoPNet, ("resnet8", "resnet18", "tf_efficientnet_lite0"), "ProtoPNet (This Looks Like That) on a {backbone} backbone.")
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "PrototypeLayer",
     "Similarity",
+    "foreground_cells",
     "latent_box",
     "lesion_cells",
 ]
@@ -229,6 +230,29 @@ def lesion_cells(model: "ProtoPNet", mask: torch.Tensor, latent_shape: tuple[int
     fraction = rearrange(model.backbone.cell_fraction(mask.float(), tuple(latent_shape)), "b 1 ... -> b (...)")  # (B, L)
     mostly = fraction >= 0.5
     return torch.where(mostly.any(1, keepdim=True), mostly, fraction > 0)
+
+
+def foreground_cells(model: "ProtoPNet", foreground: torch.Tensor,
+                     latent_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """(B, L) bool: latent cells whose window lies mostly (>= half) on the foreground, off the grid's border.
+
+    A border cell's receptive field reaches past the image edge (into padding), and its window is
+    clipped there, so it is left out even where the foreground reaches the edge (a fundus field of
+    view cut by the top and bottom of the photograph).
+
+    Args:
+        model: the ProtoPNet (its backbone's stride and offset place the windows).
+        foreground: (B, *spatial) or (B, 1, *spatial) foreground masks (bool or [0, 1]).
+        latent_shape: the latent grid.
+    """
+    dims = len(latent_shape)
+    mask = foreground if foreground.ndim == dims + 2 else foreground.unsqueeze(1)
+    fraction = model.backbone.cell_fraction(mask.float(), tuple(latent_shape))[:, 0]  # (B, *latent)
+    inner = torch.ones(tuple(latent_shape), dtype=torch.bool, device=fraction.device)
+    if all(n > 2 for n in latent_shape):  # a grid of 1-2 cells per axis has no inside
+        inner = torch.zeros_like(inner)
+        inner[(slice(1, -1),) * dims] = True
+    return rearrange((fraction >= 0.5) & inner, "b ... -> b (...)")
 
 
 def _lesion_cells(model: "ProtoPNet", batch: dict[str, Any], latent_shape: tuple[int, ...],

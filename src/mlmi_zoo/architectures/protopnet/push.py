@@ -23,6 +23,7 @@ from mlmi_zoo.architectures.protopnet.prototypes import (
     _device_of,
     _EvalMode,
     _lesion_cells,
+    foreground_cells,
     latent_box,
 )
 
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
-                    device: torch.device | str | None = None, on_lesion: bool = False) -> list[dict[str, Any] | None]:
+                    device: torch.device | str | None = None, on_lesion: bool = False,
+                    foreground: str | None = None) -> list[dict[str, Any] | None]:
     """Project every prototype onto its nearest latent patch of a training image of its own class.
 
     Streams over ``loader`` once, in eval mode (batch-norm statistics do not move; each module's
@@ -51,6 +53,9 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
         on_lesion: project only onto latent cells that overlap the lesion (``batch["mask"]``, a
             (B, 1, *spatial) lesion mask); images without a lesion are not candidates. With lesion
             masks this makes every prototype a piece of a lesion, not of the background around it.
+        foreground: the batch key of a foreground mask (``(B, H, W)`` or ``(B, 1, H, W)``): project only
+            onto latent cells whose window lies mostly on it, off the latent grid's border
+            (:func:`~mlmi_zoo.architectures.protopnet.prototypes.foreground_cells`).
 
     Returns:
         one record per prototype (also stored on the model and saved with it): ``prototype``,
@@ -90,6 +95,12 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             d = d.masked_fill(~own[..., None], math.inf)
             if on_lesion:
                 d = d.masked_fill(~_lesion_cells(model, batch, latent_shape, device)[None], math.inf)
+            if foreground is not None:
+                if batch.get(foreground) is None:
+                    raise ValueError(f"push foreground={foreground!r}: the batches have no {foreground!r} entry "
+                                     f"(they have {sorted(batch)})")
+                d = d.masked_fill(~foreground_cells(model, torch.as_tensor(batch[foreground]).to(device),
+                                                    latent_shape)[None], math.inf)
             batch_d, flat = rearrange(d, "p b l -> p (b l)").min(-1)  # (P,), (P,)
             better = batch_d < best_d  # strict: the first best patch in loader order wins ties
             if not better.any():

@@ -247,7 +247,8 @@ class ProtoPNetTraining(FamilyTraining):
             JSON-safe summary for the run log.
         """
         if stage == "push":
-            records = push_prototypes(model, loader, device, on_lesion=self.settings.push_on_lesion)
+            records = push_prototypes(model, loader, device, on_lesion=self.settings.push_on_lesion,
+                                      foreground=self.settings.push_foreground)
             pushed = [r for r in records if r is not None]
             return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
                     "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}

@@ -676,6 +676,10 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
         prepare: build the missing cache entries of the split now (a progress bar); ``False`` builds
             each one when it is first read.
         transform: optional callable applied to each sample dict.
+        union: lesion codes (e.g. ``("MA", "HE", "EX", "SE")`` or ``"MA+HE+EX+SE"``): ``"mask"`` is then ``(1, H, W)``, the
+            union of those lesions' masks where they are annotated, and ``"annotated"`` ``(1,)``
+            (any of them annotated), the form a localization metric against "any lesion" reads.
+            ``None`` (default): the five masks.
 
     Attributes:
         lesions (:data:`LESIONS`), image_ids, annotated (``(N, 5)`` bool: which mask files exist),
@@ -693,7 +697,16 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
 
     def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", size: int = DEFAULT_SIZE,
                  clip_to_fov: bool = True, prepare: bool = True,
-                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 union: Sequence[str] | None = None) -> None:
+        if union is not None:
+            codes = union.split("+") if isinstance(union, str) else list(union)  # "MA+HE" (a data-spec string)
+            unknown = [c for c in codes if c not in LESIONS]
+            if not codes or unknown:
+                raise ValueError(f"union must name lesions among {LESIONS}, got {union!r}")
+            self.union: tuple[str, ...] | None = tuple(codes)
+        else:
+            self.union = None
         self.official_part = _check_split(split)
         self.size = check_size(size)
         self.shape = returned_shape(self.size)
@@ -791,11 +804,17 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
         concepts = torch.tensor(present, dtype=torch.float32).unbind()
         ex = LESIONS.index("EX")
         ex_area = float(entry["area_in_fov"][ex]) / dd_original ** 2 if annotated[ex] else math.nan
+        mask, annotated_out = torch.from_numpy(masks), torch.from_numpy(annotated)
+        if self.union is not None:
+            rows = [LESIONS.index(c) for c in self.union]
+            keep = annotated_out[rows]
+            mask = (mask[rows] & keep[:, None, None]).any(0, keepdim=True)
+            annotated_out = keep.any().reshape(1)
         sample = {
             "image": torch.from_numpy(entry["image"]).float() / 255.0,
             "label": torch.tensor(-1, dtype=torch.int64),
-            "mask": torch.from_numpy(masks),
-            "annotated": torch.from_numpy(annotated),
+            "mask": mask,
+            "annotated": annotated_out,
             "fov": torch.from_numpy(fov),
             "spacing": torch.tensor([1.0 / d for d in dd_yx], dtype=torch.float32),
             "concepts": {LESION_NAMES[c].replace(" ", "_"): v for c, v in zip(LESIONS[:-1], concepts)},
@@ -809,7 +828,7 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
 
     def __repr__(self) -> str:
         return (f"IDRiDSegmentation(split={self.split!r}, size={self.size}, n={len(self)}, shape={self.shape}, "
-                f"clip_to_fov={self.clip_to_fov})")
+                f"clip_to_fov={self.clip_to_fov}" + (f", union={self.union}" if self.union else "") + ")")
 
 
 # ---------------------------------------------------------------------------------------------
