@@ -234,6 +234,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
             "does_not_show": block.get("does_not_show") or "—",
             "controls": _control_rows(block.get("evidence")), "evidence_metric": (block.get("evidence") or {}).get("metric"),
             "verdict": ((results.get("verdicts") or {}).get(key) or {}).get("sentence"),
+            "scored_on": _scored_on((block.get("details") or {}).get("annotated_data")),
         })
     faith = results.get("faithfulness") or {"applicable": False, "reason": "not evaluated for this model"}
     faithfulness = {"applicable": faith.get("applicable", False), "reason": faith.get("reason"),
@@ -281,6 +282,15 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         limitations=limitations, load_uri=name, usage=usage, command=results["command"], bibtex="\n\n".join(bibtex),
     )
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def _scored_on(annotated: dict[str, Any] | None) -> str | None:
+    """The sentence that says an element was scored on another, annotated data set."""
+    if not annotated:
+        return None
+    return (f"Scored on the {annotated['split']} split of another data set with lesion masks, "
+            f"`{annotated['spec']}` ({annotated['cases']} cases; centre prior from {annotated['centre_prior_from']}): "
+            f"{annotated['why']}.")
 
 
 def _article(word: str) -> str:

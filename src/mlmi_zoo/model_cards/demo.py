@@ -27,9 +27,22 @@ __all__ = ["run_demo", "load_samples", "save_samples", "main"]
 
 
 def save_samples(folder: str | Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Store one sample case (raw tensors + JSON metadata) under ``folder/samples/name.safetensors``."""
+    """Store one sample case (raw tensors + JSON metadata) under ``folder/samples/name.safetensors``.
+
+    An 8-bit image (every value a multiple of 1/255 in [0, 1], as a photograph's) is stored as
+    uint8 and restored exactly by :func:`load_samples`: a 640-px RGB photograph takes 0.8 MB
+    instead of 3.3 MB.
+    """
     from mlmi_zoo._weights import save_weights
 
+    tensors, meta = dict(tensors), dict(meta)
+    image = tensors.get("image")
+    if image is not None and image.is_floating_point():
+        levels = (image.double() * 255).round()
+        # kept only where the bytes give back exactly the same float32 tensor
+        if bool(((levels >= 0) & (levels <= 255)).all()) and torch.equal(levels.to(torch.uint8).float() / 255.0, image):
+            tensors["image"] = levels.to(torch.uint8)
+            meta["image_scale"] = "1/255"
     path = Path(folder) / "samples" / f"{name}.safetensors"
     save_weights(tensors, path, metadata={"meta": json.dumps(meta, sort_keys=True)})
     return path
@@ -47,6 +60,8 @@ def load_samples(folder: str | Path) -> list[tuple[dict[str, torch.Tensor], dict
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        if meta.pop("image_scale", None) == "1/255":  # stored as uint8 by save_samples
+            tensors["image"] = tensors["image"].float() / 255.0
         meta.setdefault("name", path.stem)
         out.append((tensors, meta))
     return out

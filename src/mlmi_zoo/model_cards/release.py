@@ -33,6 +33,7 @@ class Release:
     name: str  # family_backbone.tag
     recipe: str  # file name in src/mlmi_zoo/training/recipes
     baseline: str | None = None  # bundled name of the black-box baseline on the same data
+    localization_data: str | None = None  # an annotated set scoring localization where the test split has no masks
 
 
 RELEASES = (
@@ -51,6 +52,10 @@ RELEASES = (
     Release("protopnet_resnet8.adrenalmnist3d", "protopnet_adrenalmnist3d.yaml", "baseline_resnet8.adrenalmnist3d"),
     Release("baseline_resnet8.lidc_nodule3d", "baseline_lidc_nodule3d.yaml"),
     Release("protopnet_resnet8.lidc_nodule3d", "protopnet_lidc_nodule3d.yaml", "baseline_resnet8.lidc_nodule3d"),
+    Release("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_lite0_idrid_rdr_release.yaml"),
+    Release("protopnet_tf_efficientnet_lite0.idrid_rdr", "protopnet_lite0_idrid_rdr.yaml",
+            "baseline_tf_efficientnet_lite0.idrid_rdr",
+            localization_data="idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE"),
 )
 
 
@@ -115,9 +120,10 @@ def evaluate_and_card(release: Release, cards: Path) -> dict:
     shutil.rmtree(folder / "figures", ignore_errors=True)
     baseline = release.baseline if release.baseline and (cards / release.baseline / "model.safetensors").is_file() else None
     command = (f"mlmi-zoo evaluate {release.name} --split test --out src/mlmi_zoo/model_cards/{release.name}/results.json "
-               f"--figures src/mlmi_zoo/model_cards/{release.name}/figures" + (f" --baseline {baseline}" if baseline else ""))
+               f"--figures src/mlmi_zoo/model_cards/{release.name}/figures" + (f" --baseline {baseline}" if baseline else "")
+               + (f" --localization-data {release.localization_data}" if release.localization_data else ""))
     results = evaluate(release.name, None, split="test", out=folder / "results.json", figures_dir=folder / "figures",
-                       baseline_uri=baseline, command=command)
+                       baseline_uri=baseline, command=command, localization_data=release.localization_data)
     write_card(folder, folder / "results.json", folder / "figures")
     _store_samples(folder, recipe_path)
     log.info("%s: test AUROC %.4f", release.name, results["task"]["auroc"]["estimate"])
