@@ -209,7 +209,7 @@ def test_options_and_overrides_in_any_order():
     for args in parsed:
         assert (args.model, str(args.data), str(args.out), args.epochs) == ("NAME", "D", "O", 3)
         assert args.overrides == ["optim.weight_decay=0.01"]
-        assert args.lr == 1e-3 and args.freeze == ("backbone",)  # defaults where nothing was said
+        assert args.lr is None and args.freeze is None  # nothing said: left to plan_finetune's defaults
     args = _parse(["finetune", "N", "--data", "D", "lr=3e-4", "freeze=none", "labels=a,b", "intensity=refit", "seed=2"])
     assert (args.lr, args.freeze, args.labels, args.intensity, args.seed) == (3e-4, (), ("a", "b"), "refit", 2)
     train = _parse(["train", "r.yaml", "--run-dir", "R", "optim.lr=0.1", "--quiet", "stages.0.epochs=2"])
@@ -326,8 +326,10 @@ def test_the_readme_finetune_example_runs_verbatim(tmp_path):
     write_nodules(tmp_path, n=6, name="test.csv", seed=1)
     write_xrays(tmp_path / "xrays", per_class=4)
     for command in commands:
-        # the one substitution: a tiny budget through the documented --epochs option
+        # the one substitution: a tiny budget through the documented --epochs / --steps options
         command = ["1" if a == "5" and command[i - 1] == "--epochs" else a for i, a in enumerate(command)]
+        if command[:2] == ["mlmi-zoo", "finetune"] and "--epochs" not in command:
+            command = [*command, "--steps", "2"]
         argv = [sys.executable, "-m", "mlmi_zoo.cli", *command[1:]] if command[0] == "mlmi-zoo" \
             else [sys.executable, *command[1:]]
         result = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)

@@ -319,7 +319,7 @@ def test_finetune_on_folder_csv_with_new_labels(tmp_path, reference_run):
     (data / "labels.csv").write_text("\n".join(rows) + "\n")
 
     uri = f"local-dir:{reference_run / 'final'}"
-    out = finetune(uri, data, epochs=1, out_dir=tmp_path / "ft", batch_size=8, quiet=True,
+    out = finetune(uri, data, epochs=1, out_dir=tmp_path / "ft", batch_size=8, quiet=True, freeze=("backbone",),
                    overrides=["model.config.intensity.kind=identity"])
     model = mlmi_zoo.load(f"local-dir:{out}")
     assert model.label_names == ("cyst", "solid")
@@ -329,7 +329,7 @@ def test_finetune_on_folder_csv_with_new_labels(tmp_path, reference_run):
     assert "case0.png" not in json.dumps(config)  # the description, never the data
     base = weights(reference_run / "final")
     tuned = weights(out)
-    assert all(torch.equal(tuned[k], base[k]) for k in tuned if k.startswith("backbone."))  # frozen by default
+    assert all(torch.equal(tuned[k], base[k]) for k in tuned if k.startswith("backbone."))  # frozen as asked
 
 
 def test_validation_metrics_hand_computed():

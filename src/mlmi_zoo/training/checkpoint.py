@@ -50,6 +50,9 @@ class Position:
         metrics_lines: lines in metrics.jsonl when the checkpoint was written.
         best_value: best ``select_metric`` so far in the last stage (``None``: none yet).
         best: the metrics line of that epoch.
+        stage_best_value: best ``select_metric`` so far in the current stage, for a stage with
+            ``patience`` (``None``: none yet).
+        stage_best_epoch: epochs of the current stage completed when that value was reached.
     """
 
     stage: int = 0
@@ -60,6 +63,8 @@ class Position:
     metrics_lines: int = 0
     best_value: float | None = None
     best: dict[str, Any] = field(default_factory=dict)
+    stage_best_value: float | None = None
+    stage_best_epoch: int = 0
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

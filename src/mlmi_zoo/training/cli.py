@@ -69,22 +69,29 @@ class _Key:
 
 # The finetune keys that matter, as key=value or --option (the option is the key with '-' for '_').
 FINETUNE_KEYS: dict[str, _Key] = {
-    "epochs": _Key("epochs", int, "epochs of each gradient stage of the base model's stages (default 3)"),
-    "lr": _Key("lr", float, "peak learning rate, cosine decay over each stage (default 0.001)"),
+    "epochs": _Key("epochs", int, "epochs of each gradient stage of the base model's stages (default: from a "
+                   "budget of 1000 optimiser steps shared by the stages, see steps=)"),
+    "steps": _Key("steps", int, "optimiser steps shared by the gradient stages in the base model's proportions, "
+                  "epochs = steps / (training images / batch size) (default 1000; epochs= overrides it)"),
+    "patience": _Key("patience", int, "early stopping: a gradient stage stops after this many epochs without a "
+                     "better val AUROC and continues from its best epoch (default 0: every epoch runs)"),
+    "lr": _Key("lr", float, "peak learning rate of every gradient stage, cosine decay (default: the base model's, "
+               "stage by stage)"),
     "batch_size": _Key("batch_size", int, "images per optimiser step (default 16)"),
-    "freeze": _Key("freeze", _prefixes, "parameter prefixes kept frozen, comma separated; 'none' trains all "
-                   "(default backbone)"),
+    "freeze": _Key("freeze", _prefixes, "parameter prefixes kept frozen, comma separated, e.g. backbone; 'none' "
+                   "trains all (default: none)"),
     "labels": _Key("labels", _names, "class names in index order, comma separated (default: the labels the "
                    "data hold, sorted)"),
-    "val_fraction": _Key("val_fraction", float, "share of the data held out for validation, split by seed "
-                         "(default 0.2)"),
+    "val_fraction": _Key("val_fraction", float, "share of the data held out for validation (early stopping and "
+                         "the choice of the final epoch), split by seed (default 0.2)"),
     "seed": _Key("seed", int, "seed of the split, the data order and the new heads (default 0)"),
     "intensity": _Key("intensity", _intensity, "check: refuse images the base model's intensity transform "
                       "cannot read (default); refit: re-fit its window to your training images (recorded); "
                       "keep: no check"),
 }
-_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-3, "batch_size": 16, "freeze": ("backbone",), "labels": None,
-                             "val_fraction": 0.2, "seed": 0, "intensity": "check"}
+# None: the value is derived by plan_finetune (finetune.default_stages, DEFAULT_FREEZE, the base model's rates).
+_DEFAULTS: dict[str, Any] = {"epochs": None, "steps": None, "patience": None, "lr": None, "batch_size": 16,
+                             "freeze": None, "labels": None, "val_fraction": 0.2, "seed": 0, "intensity": "check"}
 
 _FINETUNE_EPILOG = "key=value overrides (anywhere on the line, like the options):\n" + "\n".join(
     textwrap.fill(k.meaning, width=100, initial_indent=f"  {key + '=...':<18}", subsequent_indent=" " * 20)
@@ -127,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", type=Path, help="run folder (default finetune-<architecture>); the model is OUT/final")
     f.add_argument("--labels", help=FINETUNE_KEYS["labels"].meaning)
     f.add_argument("--freeze", action="append", metavar="PREFIX",
-                   help="parameter prefix to keep frozen (repeatable; default: backbone; 'none' trains all)")
+                   help="parameter prefix to keep frozen (repeatable; default: none, every layer trains)")
     f.add_argument("--epochs", type=int, help=FINETUNE_KEYS["epochs"].meaning)
+    f.add_argument("--steps", type=int, help=FINETUNE_KEYS["steps"].meaning)
+    f.add_argument("--patience", type=int, help=FINETUNE_KEYS["patience"].meaning)
     f.add_argument("--lr", type=float, help=FINETUNE_KEYS["lr"].meaning)
     f.add_argument("--batch-size", type=int, help=FINETUNE_KEYS["batch_size"].meaning)
     f.add_argument("--val-fraction", type=float, help=FINETUNE_KEYS["val_fraction"].meaning)
@@ -166,7 +175,8 @@ def _finetune_keys(args: argparse.Namespace) -> None:
     from mlmi_zoo.training.recipe import Recipe
 
     options: dict[str, Any] = {
-        "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "val_fraction": args.val_fraction,
+        "epochs": args.epochs, "steps": args.steps, "patience": args.patience, "lr": args.lr,
+        "batch_size": args.batch_size, "val_fraction": args.val_fraction,
         "seed": args.seed, "intensity": args.intensity,
         "labels": _names(args.labels) if args.labels else None,
         "freeze": None if args.freeze is None else tuple(p for p in args.freeze if p.lower() != "none"),
@@ -258,6 +268,6 @@ def _finetune(args: argparse.Namespace) -> int:
     final = finetune(args.model, args.data, label_names=args.labels, freeze=args.freeze, epochs=args.epochs,
                      out_dir=args.out, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      overrides=args.overrides, resume=args.resume, quiet=args.quiet, val_fraction=args.val_fraction,
-                     intensity=args.intensity)
+                     intensity=args.intensity, patience=args.patience, steps=args.steps)
     logging.getLogger("mlmi_zoo.training").info("fine-tuned model written to %s", final)
     return 0

@@ -123,11 +123,20 @@ class StageSection:
         name: one of the family adapter's ``stage_names``.
         epochs: gradient epochs (ignored for special stages, which run once).
         lr: this stage's peak learning rate (``None``: ``optim.lr``).
+        patience: early stopping of a gradient stage: it ends after this many epochs without a
+            better ``select_metric`` on val and continues from its best epoch's weights (``None``:
+            every epoch runs and the stage ends with its last epoch's weights).
     """
 
     name: str
     epochs: int = 1
     lr: float | None = None
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"stage {self.name!r}: patience must be >= 1 epoch (or null: no early stopping), "
+                             f"got {self.patience}")
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,7 @@ class Trainer:
         self.eval_batch_size = recipe.optim.eval_batch_size or recipe.optim.batch_size
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", writer=self.dist.main)
+        self._stage_best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # see _early_stopping
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> Path:
@@ -172,7 +173,10 @@ class Trainer:
                 line = self._train_epoch(model, run, pos)
                 line.update(self._validate(model, adapter, stage.name))
                 pos.epoch, pos.batch, pos.global_epoch = pos.epoch + 1, 0, pos.global_epoch + 1
-                self._end_of_unit(model, run, pos, line, stage_done=pos.epoch >= stage.epochs)
+                stage_done = self._early_stopping(model, stage, pos, line) or pos.epoch >= stage.epochs
+                self._end_of_unit(model, run, pos, line, stage_done=stage_done)
+                if stage_done:
+                    break
         return self._finish(model)
 
     # -- one epoch ----------------------------------------------------------------------------------
@@ -238,16 +242,54 @@ class Trainer:
         return gradient[-1] if gradient else next(s for s in adapter.stage_names if s not in adapter.special_stages)
 
     # -- end of an epoch / special stage ---------------------------------------------------------------
+    def _better(self, value: float, best: float | None) -> bool:
+        """Whether ``value`` of ``select_metric`` beats ``best`` (a NaN never does)."""
+        minimise = self.recipe.select_metric in ("val_loss", "val_stage_loss")
+        return math.isfinite(value) and (best is None or (value < best if minimise else value > best))
+
+    def _early_stopping(self, model: InterpretableModel, stage: StageSection, pos: Position,
+                        line: dict[str, Any]) -> bool:
+        """Track the best epoch of a stage with ``patience``; return whether the stage ends here.
+
+        The best epoch's weights are kept in ``checkpoints/stage_best``; when the stage ends (patience
+        run out, or its last epoch) they are loaded back, so the next stage (or ``final/``) starts
+        from them. Without ``patience`` nothing is tracked and the stage runs all its epochs.
+        """
+        if stage.patience is None:
+            return False
+        if pos.epoch == 1:
+            pos.stage_best_value, pos.stage_best_epoch, self._stage_best = None, 0, None
+        if self._better(line.get(self.recipe.select_metric, math.nan), pos.stage_best_value):
+            pos.stage_best_value, pos.stage_best_epoch = line[self.recipe.select_metric], pos.epoch
+            # in memory on every process; on disk for a resumed run
+            self._stage_best = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                                model.export_metadata())
+            self._checkpoint("stage_best", model, None, pos)
+        stop = pos.epoch - pos.stage_best_epoch >= stage.patience
+        if stop or pos.epoch >= stage.epochs:
+            line["stage_best_epoch"] = pos.stage_best_epoch
+            if stop and pos.epoch < stage.epochs:
+                line["early_stop"] = True
+            if pos.stage_best_epoch and pos.stage_best_epoch != pos.epoch:
+                if self._stage_best is None:  # resumed after the best epoch: read back what it saved
+                    saved = load_checkpoint(self.ckpt_dir / "stage_best")
+                    self._stage_best = saved.model_state, saved.state.get("model_metadata") or {}
+                weights, metadata = self._stage_best
+                model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+                model.import_metadata(metadata)
+            log.info("%s ends after epoch %d of %d%s; it continues from its best epoch, %d (%s %.4f)", stage.name,
+                     pos.epoch, stage.epochs, f" ({stage.patience} without a better {self.recipe.select_metric})"
+                     if line.get("early_stop") else "", pos.stage_best_epoch, self.recipe.select_metric,
+                     pos.stage_best_value if pos.stage_best_value is not None else math.nan)
+        return stop
+
     def _end_of_unit(self, model: InterpretableModel, run: GradientStage | None, pos: Position, line: dict[str, Any],
                      stage_done: bool) -> None:
         """Log the line, track the best epoch of the last stage, advance, checkpoint."""
         r = self.recipe
         if pos.stage == len(r.stages) - 1:  # final/ holds the best epoch of the last stage
             value = line.get(r.select_metric, math.nan)
-            minimise = r.select_metric in ("val_loss", "val_stage_loss")
-            best = pos.best_value
-            better = best is None or (value < best if minimise else value > best)
-            if math.isfinite(value) and better:
+            if self._better(value, pos.best_value):
                 pos.best_value, pos.best = value, dict(line)
                 line["best"] = True
         self.metrics.append(line)

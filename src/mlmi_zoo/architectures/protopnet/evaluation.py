@@ -42,8 +42,8 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["localization"] = _localization_block(
         col, "similarity map of the prototype with the largest contribution to the predicted class",
-        "A high overlap shows where the top prototype matched, not that the matched region is why the lesion is "
-        "malignant.", _tp_mask(labels, predicted, model.num_classes), ctx)
+        "A high overlap shows where the top prototype matched, not that the matched region is why the case "
+        "belongs to its class.", _tp_mask(labels, predicted, model.num_classes), ctx)
     out["visual_recognizability"] = _prototype_purity(model, ctx)
     out["physical_attribution"], lim = _physical_block(
         col, model, ctx.dataset, ctx.limits, ctx.figures, _measure_fn(model),
