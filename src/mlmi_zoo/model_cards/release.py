@@ -53,9 +53,6 @@ RELEASES = (
     Release("baseline_resnet8.lidc_nodule3d", "baseline_lidc_nodule3d.yaml"),
     Release("protopnet_resnet8.lidc_nodule3d", "protopnet_lidc_nodule3d.yaml", "baseline_resnet8.lidc_nodule3d"),
     Release("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_lite0_idrid_rdr_release.yaml"),
-    Release("protopnet_tf_efficientnet_lite0.idrid_rdr", "protopnet_lite0_idrid_rdr.yaml",
-            "baseline_tf_efficientnet_lite0.idrid_rdr",
-            localization_data="idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE"),
 )
 
 
