@@ -324,3 +324,21 @@ def check_device(device: str) -> str:
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {device} requested but torch.cuda.is_available() is False; use --device cpu")
     return device
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (none when it does not exist), as a resumable benchmark wrote them.
+
+    Raises:
+        ValueError: a line that is not JSON, named by its number.
+    """
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number} is not a JSON line ({err})") from err
+    return rows

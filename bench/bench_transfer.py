@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from _common import BENCH_DIR, machine
+from _common import BENCH_DIR, machine, read_rows
 
 from mlmi_zoo.architectures.blocks.pretrained import cache_dir
 
@@ -423,24 +423,6 @@ def defaults_signature() -> dict[str, Any]:
 
     return {"freeze": list(finetune.DEFAULT_FREEZE), "steps": finetune.DEFAULT_STEPS,
             "patience": finetune.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of ``path`` (none when it does not exist).
-
-    Raises:
-        ValueError: a line that is not JSON, named by its number.
-    """
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number} is not a JSON line ({err})") from err
-    return rows
 
 
 def _key(row: dict[str, Any]) -> str:
