@@ -216,3 +216,31 @@ def test_idrid_photographs_of_different_official_parts_are_different_cases() -> 
     val = {"official_part": "train", "image_ids": ["IDRiD_002"]}
     with pytest.raises(ValueError, match="IDRiD_002"):
         check_split_overlap(trained, {"kind": "idrid", "source": source, "splits": {"val": val}}, "val")
+
+
+def test_protopnet_actionability_control_tells_a_ranked_explanation_from_a_flat_one() -> None:
+    """Disabling the case's top prototype must cost more decision margin than disabling a random one."""
+    from types import SimpleNamespace
+
+    from mlmi_zoo.architectures.protopnet.evaluation import _disable_top_vs_random
+    from mlmi_zoo.evaluation._collect import _Collected
+
+    g = torch.Generator().manual_seed(0)
+    n, c, p = 200, 2, 10
+    ctx = SimpleNamespace(seed=0, n_boot=200)
+    col = _Collected()
+    col.n_cases, col.has_groups = n, False
+    ranked = torch.rand(n, c, p, generator=g) * 0.1
+    winner = torch.randint(c, (n,), generator=g)
+    ranked[torch.arange(n), winner, torch.randint(p, (n,), generator=g)] += 3.0  # one prototype decides each case
+    logits = ranked.sum(-1)
+    top = ranked[torch.arange(n), logits.argmax(-1)].argmax(-1)
+    ranked_block = _disable_top_vs_random(logits, ranked, top, col, ctx)
+    assert ranked_block["verdict"]["status"] == "demonstrated"
+    assert set(ranked_block["controls"]) == {"random_prototype"}
+    flat = torch.zeros(n, c, p)
+    flat[torch.arange(n), winner] = 0.3  # every prototype of the winning class contributes the same
+    flat_logits = flat.sum(-1)
+    flat_top = flat[torch.arange(n), flat_logits.argmax(-1)].argmax(-1)
+    flat_block = _disable_top_vs_random(flat_logits, flat, flat_top, col, ctx)
+    assert flat_block["verdict"]["status"] != "demonstrated"

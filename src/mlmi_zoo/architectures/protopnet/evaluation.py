@@ -82,11 +82,45 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     block["details"] = {"per_prototype_mean_abs_logit_change": own.abs().mean(0).tolist(),
                         "per_prototype_accuracy_when_disabled": off_accuracy.tolist(),
                         "logit_change": "exactly minus the prototype's contribution (similarities are masked before the last layer)"}
+    block["evidence"] = _disable_top_vs_random(logits, contributions, top, col, ctx)
     out["actionability"] = block
     ctx.faithfulness = _deletion(model, col, ctx.limits, ctx.seed, ctx.figures, "top-prototype map",
                                  "A faithful map shows what the model uses, not that it is what a radiologist would use.", ctx)
     _examples_into(out, col, model, labels, logits.softmax(-1), ctx, "top prototype")
     return out
+
+
+def _decision_margin(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """(N,) logit of the predicted class minus the largest other logit."""
+    rows = torch.arange(logits.shape[0])
+    others = logits.clone()
+    others[rows, predicted] = -math.inf
+    return logits[rows, predicted] - others.max(-1).values
+
+
+def _disable_top_vs_random(logits: torch.Tensor, contributions: torch.Tensor, top: torch.Tensor, col: _Collected,
+                           ctx: _Context) -> dict[str, Any]:
+    """Does acting on the explanation matter more than acting at random?
+
+    Per case: the drop of the decision margin (predicted logit minus the largest other, in logits)
+    when the prototype the explanation ranks first for the predicted class is disabled, beside the
+    drop when a prototype drawn uniformly at random (seeded) is disabled instead. Disabling removes
+    exactly a prototype's stated contributions from every logit (the transparency switch-off test
+    checks this in the model), so both drops are read from the contributions.
+    """
+    n, _, n_prototypes = contributions.shape
+    rows = torch.arange(n)
+    predicted = logits.argmax(-1)
+    margin = _decision_margin(logits, predicted)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    drawn = torch.randint(n_prototypes, (n,), generator=generator)
+
+    def drop(disabled: torch.Tensor) -> torch.Tensor:
+        return margin - _decision_margin(logits - contributions[rows, :, disabled], predicted)
+
+    return compare("decision margin lost when the top prototype is disabled (logit)", drop(top).double().numpy(),
+                   {"random_prototype": drop(drawn).double().numpy()}, col.case_groups(),
+                   n_boot=ctx.n_boot, seed=ctx.seed)
 
 
 def _switch_off_all(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any] | None:
