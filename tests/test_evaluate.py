@@ -148,6 +148,11 @@ def test_mil_document(family, tmp_path) -> None:
         assert doc["verdicts"]["localization"]["status"] in ("demonstrated", "not demonstrated on this data")
     assert "tumour_area_mm2_relative_error_positive_bags" in el["physical_attribution"]["metrics"]
     assert doc["faithfulness"]["applicable"] and doc["faithfulness"]["details"]["removed"] == "instances"
+    action = el["actionability"]["evidence"]
+    assert set(action["controls"]) == {"random_k_tiles"} and action["n_cases"] == doc["n_cases"]
+    # the model's value is the mean logit lost when the top tiles go: minus the reported mean change
+    assert action["model"]["estimate"] == pytest.approx(-el["actionability"]["metrics"]["mean_logit_change_top_instances_excluded"])
+    assert doc["verdicts"]["actionability"]["metric"] == action["metric"]
     if family == "additive_mil":
         assert el["transparency"]["metrics"]["decomposition_error_max"] <= 1e-5
     else:

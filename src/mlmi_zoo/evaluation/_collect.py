@@ -87,6 +87,7 @@ class _Collected:
     per_bag_groups: list[str] = dataclasses.field(default_factory=list)
     topk_share: list[float] = dataclasses.field(default_factory=list)
     exclusion_delta: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    exclusion_delta_random: list[torch.Tensor] = dataclasses.field(default_factory=list)  # as many random tiles
     exclusion_flipped: list[torch.Tensor] = dataclasses.field(default_factory=list)
     curves: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     curve_fractions: torch.Tensor | None = None
@@ -290,6 +291,7 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
     col = _Collected()
     additive = family_of(model).instance_scores == "contributions"
     untrained = _untrained_copy(model, seed)
+    draws = torch.Generator().manual_seed(seed)  # the random tiles excluded beside the top ones
     kept = 0
     for batch in loader:
         x, mask = adapter.inputs(model, batch)
@@ -334,10 +336,13 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
             for b in range(n):
                 if bool(inst[b][mask[b]].any()):  # bags that hold tumour
                     col.topk_share.append(float(inst[b][top_share[b]].float().mean()))
+        random_k = (instance_ranks(torch.rand(mask.shape, generator=draws).to(mask.device), mask) < k[:, None]) & mask
         with torch.no_grad():
             excluded = model(x, mask & ~top_k)  # (B, C)
+            excluded_random = model(x, mask & ~random_k)
         rows = torch.arange(n)
         col.exclusion_delta.append((excluded[rows, predicted] - logits[rows, predicted]).cpu())
+        col.exclusion_delta_random.append((excluded_random[rows, predicted] - logits[rows, predicted]).cpu())
         flipped = excluded.argmax(-1) != predicted
         col.exclusion_flipped.append(flipped[predicted == pos].cpu() if pos is not None else flipped.cpu())
         # instance deletion curves on the first bags

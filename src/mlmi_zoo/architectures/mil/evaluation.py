@@ -93,6 +93,11 @@ def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
         "positive_bags_predicted": int(flipped.numel()),
     }, does_not_show="Excluding tiles shows how the decision rests on them, not that the remaining tiles are benign.")
     out["actionability"]["details"] = {"k": f"min({ctx.limits.top_instances}, valid instances - 1)", "ranked_by": scores_name}
+    # acting on the explanation against acting at random: the same number of tiles, drawn uniformly (seeded)
+    out["actionability"]["evidence"] = compare(
+        "logit of the predicted class lost when its top-k tiles are excluded", (-delta).double().numpy(),
+        {"random_k_tiles": (-_cat(col.exclusion_delta_random)).double().numpy()}, col.case_groups(),
+        n_boot=ctx.n_boot, seed=ctx.seed)
     if col.curves:
         fractions = col.curve_fractions
         if fractions is None:
