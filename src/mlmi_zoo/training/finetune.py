@@ -516,6 +516,16 @@ def _parent_training(doc: Mapping[str, Any], model: InterpretableModel
     return training, stages, None if lr is None else float(lr)
 
 
+def _check_budget(epochs: int | None, steps: int | None, patience: int | None) -> None:
+    """Refuse a budget that cannot run: ``epochs`` or ``steps`` below 1, ``patience`` below 0 (None: the default)."""
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be >= 1 (or None: derived from the step budget), got {epochs}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1 (or None: {DEFAULT_STEPS}), got {steps}")
+    if patience is not None and patience < 0:
+        raise ValueError(f"patience must be >= 0 epochs (0: no early stopping), got {patience}")
+
+
 def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str], train_cases: int, batch_size: int,
                    epochs: int | None = None, lr: float | None = None, patience: int | None = None,
                    steps: int | None = None) -> tuple[tuple[StageSection, ...], dict[str, Any]]:
@@ -548,12 +558,7 @@ def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str]
     """
     if train_cases < 1 or batch_size < 1:
         raise ValueError(f"train_cases and batch_size must be >= 1, got {train_cases} and {batch_size}")
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be >= 1 (or None: derived from the step budget), got {epochs}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1 (or None: {DEFAULT_STEPS}), got {steps}")
-    if patience is not None and patience < 0:
-        raise ValueError(f"patience must be >= 0 epochs (0: no early stopping), got {patience}")
+    _check_budget(epochs, steps, patience)
     if not parent_stages:
         raise ValueError("parent_stages is empty; a fine-tuning run needs the base model's stages")
     budget = DEFAULT_STEPS if steps is None else steps
@@ -636,12 +641,7 @@ def plan_finetune(
 
     if intensity not in INTENSITY_MODES:
         raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {intensity!r}")
-    if epochs is not None and epochs < 1:
-        raise ValueError(f"epochs must be >= 1 (or None: derived from the step budget), got {epochs}")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1 (or None: {DEFAULT_STEPS}), got {steps}")
-    if patience is not None and patience < 0:
-        raise ValueError(f"patience must be >= 0 epochs (0: no early stopping), got {patience}")
+    _check_budget(epochs, steps, patience)
     if lr is not None and not lr > 0:
         raise ValueError(f"lr must be > 0 (or None: the base model's learning rates), got {lr}")
     if not 0.0 < val_fraction < 1.0:
