@@ -172,7 +172,9 @@ class ProtoPNetTrainingSettings:
             e.g. a fundus photograph's field of view ``"fov"`` or a mammogram's ``"breast"``): push
             projects prototypes only onto latent cells whose receptive-field window lies mostly
             on it and that are not on the latent grid's border, so no prototype is a piece of the
-            black surround or of the padded image edge. ``None``: any cell.
+            black surround or of the padded image edge. ``"intensity"``: the foreground is read
+            from each image (brighter than its minimum by 10% of its range), for images that carry
+            no mask. ``None``: any cell.
         measure_map_coef: weight of the fraction map's fit to the lesion masks (``"count"``, when
             the batch has masks).
         prototype_init: where the prototypes start. ``"uniform"`` (ProtoPNet): uniform in
@@ -184,6 +186,24 @@ class ProtoPNetTrainingSettings:
             in 64 dimensions mostly start far from every cell; the cluster cost then moves only
             the nearest one of each class, and push projects the others onto arbitrary patches.
             The model itself never reads data: the option only tells the trainer what to do.
+        push_off_border: push projects prototypes only onto cells off the latent grid's border (their
+            receptive field does not reach into the padding past the image edge), for images
+            without a foreground mask; ``push_foreground`` implies it.
+        push_distinct: push projects no two prototypes onto the same training image (each takes
+            its nearest patch in an image no nearer prototype took), so no prototype shows what
+            another already shows.
+        div_coef: weight of the diversity cost (:func:`~mlmi_zoo.architectures.protopnet.training.diversity_cost`):
+            the mean over prototype pairs of how far their angle falls short of ``arccos(div_cosine)``. The add-on's
+            Sigmoid output sits near 0.5 in every channel, so without it prototypes learnt a small
+            distance apart point the same way (cosine >= 0.99) and push makes them duplicates.
+            0 turns it off.
+        div_cosine: the cosine above which a pair of prototypes is penalised.
+        near_data_coef: weight of the prototype-to-data cost
+            (:func:`~mlmi_zoo.architectures.protopnet.training.near_data_cost`): each prototype's
+            distance to its nearest cell of an own-class image in the batch. The cluster cost pulls
+            only the prototype nearest to each image, so the others can drift off the data and are
+            then pushed onto whatever patch is least far; this keeps every prototype on the data.
+            0 turns it off.
     """
 
     clst_coef: float = 0.8
@@ -194,9 +214,18 @@ class ProtoPNetTrainingSettings:
     push_foreground: str | None = None
     measure_map_coef: float = 1.0
     prototype_init: Literal["uniform", "data"] = "uniform"
+    push_off_border: bool = False
+    push_distinct: bool = False
+    div_coef: float = 0.0
+    div_cosine: float = 0.9
+    near_data_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prototype_init not in ("uniform", "data"):
             raise ValueError(f"prototype_init must be 'uniform' or 'data', got {self.prototype_init!r}")
         if self.fa_coef < 0 or self.measure_map_coef < 0:
             raise ValueError(f"fa_coef and measure_map_coef must be >= 0, got {self.fa_coef}, {self.measure_map_coef}")
+        if self.near_data_coef < 0:
+            raise ValueError(f"near_data_coef must be >= 0, got {self.near_data_coef}")
+        if self.div_coef < 0 or not -1.0 <= self.div_cosine < 1.0:
+            raise ValueError(f"div_coef must be >= 0 and div_cosine in [-1, 1), got {self.div_coef}, {self.div_cosine}")

@@ -266,13 +266,19 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
                 f"duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} limit; "
                 + evidence["verdict"]["sentence"])
         block["evidence"] = evidence
-    elif sanity["degenerate_share"] > DEGENERATE_LIMIT:
-        # Without lesion masks there is no purity to compare, but degenerate prototypes alone rule out
-        # "demonstrated".
-        sentence = (f"not demonstrated on this data: {sanity['degenerate']} of {sanity['prototypes']} prototypes "
-                    f"({sanity['degenerate_share']:.0%}) are degenerate (border {sanity['on_border']}, background "
-                    f"{sanity['on_background']}, duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} "
-                    "limit; the data carry no lesion masks for a purity comparison")
+    else:
+        # Without lesion masks there is no purity to compare with a control, so nothing is demonstrated;
+        # the sentence says whether the prototypes at least pass the sanity checks.
+        counts = (f"{sanity['degenerate']} of {sanity['prototypes']} prototypes ({sanity['degenerate_share']:.0%}) "
+                  f"are degenerate (border {sanity['on_border']}, background {sanity['on_background']}, duplicate "
+                  f"{sanity['duplicates']})")
+        if sanity["degenerate_share"] > DEGENERATE_LIMIT:
+            sentence = (f"not demonstrated on this data: {counts}, above the {DEGENERATE_LIMIT:.0%} limit; the data "
+                        "carry no lesion masks for a purity comparison")
+        else:
+            sentence = (f"not demonstrated on this data: the prototypes pass the sanity checks ({counts}, within the "
+                        f"{DEGENERATE_LIMIT:.0%} limit), but the data carry no lesion masks, so what they show is not "
+                        "compared with any control")
         block["evidence"] = {"metric": "prototype sanity (degenerate share)", "verdict": {
             "status": "not demonstrated on this data", "control": "prototype sanity checks", "sentence": sentence,
             "difference": None}}

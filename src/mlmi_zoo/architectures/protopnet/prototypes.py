@@ -248,11 +248,19 @@ def foreground_cells(model: "ProtoPNet", foreground: torch.Tensor,
     dims = len(latent_shape)
     mask = foreground if foreground.ndim == dims + 2 else foreground.unsqueeze(1)
     fraction = model.backbone.cell_fraction(mask.float(), tuple(latent_shape))[:, 0]  # (B, *latent)
-    inner = torch.ones(tuple(latent_shape), dtype=torch.bool, device=fraction.device)
-    if all(n > 2 for n in latent_shape):  # a grid of 1-2 cells per axis has no inside
+    inner = inner_cells(latent_shape, fraction.device)
+    return rearrange((fraction >= 0.5) & inner, "b ... -> b (...)")
+
+
+def inner_cells(latent_shape: tuple[int, ...] | torch.Size, device: torch.device | str | None = None) -> torch.Tensor:
+    """(*latent) bool: the cells off the latent grid's border (every cell when an axis has at most two,
+    as such a grid has no inside)."""
+    dims = len(latent_shape)
+    inner = torch.ones(tuple(latent_shape), dtype=torch.bool, device=device)
+    if all(n > 2 for n in latent_shape):
         inner = torch.zeros_like(inner)
         inner[(slice(1, -1),) * dims] = True
-    return rearrange((fraction >= 0.5) & inner, "b ... -> b (...)")
+    return inner
 
 
 def _lesion_cells(model: "ProtoPNet", batch: dict[str, Any], latent_shape: tuple[int, ...],

@@ -24,24 +24,47 @@ from mlmi_zoo.architectures.protopnet.prototypes import (
     _EvalMode,
     _lesion_cells,
     foreground_cells,
+    inner_cells,
     latent_box,
 )
 
-__all__ = ["push_prototypes", "TopkPatches", "prototype_topk_patches", "render_prototypes"]
+__all__ = ["push_prototypes", "intensity_foreground", "TopkPatches", "prototype_topk_patches", "render_prototypes"]
 
 log = logging.getLogger(__name__)
+
+
+INTENSITY_FOREGROUND = "intensity"  # push_prototypes(foreground=...): a foreground read from the image itself
+BACKGROUND_SPAN = 0.1  # intensity foreground: above the image's minimum by this share of its range
+
+
+def intensity_foreground(x: torch.Tensor) -> torch.Tensor:
+    """(B, *spatial) bool: pixels brighter than the image's minimum by 10% of its range (channel mean).
+
+    The foreground of images that carry no mask (MedMNIST thumbnails, a user's PNGs): the dark
+    surround of a scan or an empty corner of a volume is not tissue. It is the complement of what
+    the prototype sanity check calls background (a near-constant patch at the image's minimum).
+
+    Args:
+        x: (B, C, *spatial) images after the model's intensity transform.
+    """
+    grey = x.float().mean(1)  # (B, *spatial)
+    flat = grey.flatten(1)
+    low, high = flat.amin(1), flat.amax(1)  # (B,)
+    threshold = low + BACKGROUND_SPAN * (high - low)
+    return grey > threshold.reshape(-1, *([1] * (grey.ndim - 1)))
 
 
 @torch.no_grad()
 def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
                     device: torch.device | str | None = None, on_lesion: bool = False,
-                    foreground: str | None = None) -> list[dict[str, Any] | None]:
+                    foreground: str | None = None, distinct: bool = False,
+                    off_border: bool = False) -> list[dict[str, Any] | None]:
     """Project every prototype onto its nearest latent patch of a training image of its own class.
 
     Streams over ``loader`` once, in eval mode (batch-norm statistics do not move; each module's
     mode is restored afterwards), with one distance computation per batch for all prototypes and
-    only the running best kept per prototype. Afterwards each prototype vector *equals* the
-    add-on output at one latent location of one training image of its class.
+    only the running best candidates kept per prototype. Afterwards each prototype vector *equals*
+    the add-on output at one latent location of one training image of its class.
 
     Args:
         model: a :class:`~mlmi_zoo.architectures.protopnet.model.ProtoPNet`.
@@ -53,9 +76,18 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
         on_lesion: project only onto latent cells that overlap the lesion (``batch["mask"]``, a
             (B, 1, *spatial) lesion mask); images without a lesion are not candidates. With lesion
             masks this makes every prototype a piece of a lesion, not of the background around it.
-        foreground: the batch key of a foreground mask (``(B, H, W)`` or ``(B, 1, H, W)``): project only
-            onto latent cells whose window lies mostly on it, off the latent grid's border
+        foreground: the batch key of a foreground mask (``(B, H, W)`` or ``(B, 1, H, W)``), or
+            ``"intensity"`` for a mask read from each image (:func:`intensity_foreground`): project
+            only onto latent cells whose window lies mostly on it, off the latent grid's border
             (:func:`~mlmi_zoo.architectures.protopnet.prototypes.foreground_cells`).
+        distinct: no two prototypes are projected onto the same training image. Prototypes are
+            placed in order of their nearest distance; each takes its nearest patch in an image no
+            earlier prototype took (the candidates are each prototype's nearest patches in as
+            many distinct images as there are prototypes, so one is always free when the class has
+            that many images). Without it, prototypes that were learnt close together are
+            projected onto one patch and show the same thing twice.
+        off_border: project only onto cells off the latent grid's border, whose receptive field
+            does not reach into the padding past the image edge (a foreground implies it).
 
     Returns:
         one record per prototype (also stored on the model and saved with it): ``prototype``,
@@ -67,12 +99,14 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
     device = _device_of(model, device)
     layer = model.prototype_layer
     P, D = layer.prototypes.shape
+    K = P if distinct else 1  # candidates kept per prototype, each from a different image
+    dims = model.config.spatial_dims
     proto_class = model.prototype_classes.to(device)  # (P,)
-    best_d = torch.full((P,), math.inf, device=device)
-    best_vec = layer.prototypes.detach().clone()  # (P, D)
-    best_index = torch.full((P,), -1, dtype=torch.long)
-    best_loc = torch.zeros(P, dtype=torch.long)
-    best_spacing = torch.full((P, model.config.spatial_dims), math.nan)  # (P, dims) mm; NaN = unknown
+    cand_d = torch.full((P, K), math.inf, device=device)
+    cand_vec = torch.zeros(P, K, D, device=device)
+    cand_index = torch.full((P, K), -1, dtype=torch.long)
+    cand_loc = torch.zeros(P, K, dtype=torch.long)
+    cand_spacing = torch.full((P, K, dims), math.nan)  # mm; NaN = unknown
     latent_shape: tuple[int, ...] = ()
     input_shape: tuple[int, ...] = ()
     seen = 0
@@ -90,39 +124,48 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
                                  f"{tuple(x.shape[2:])} after {input_shape}; resize or crop the images to one size")
             latent_shape, input_shape = tuple(z.shape[2:]), tuple(x.shape[2:])
             d = rearrange(layer.distances(z), "b p ... -> p b (...)")  # (P, B, L)
-            L = d.shape[-1]
             own = proto_class[:, None] == labels[None, :]  # (P, B)
             d = d.masked_fill(~own[..., None], math.inf)
             if on_lesion:
                 d = d.masked_fill(~_lesion_cells(model, batch, latent_shape, device)[None], math.inf)
             if foreground is not None:
-                if batch.get(foreground) is None:
+                if foreground == INTENSITY_FOREGROUND:
+                    fg = intensity_foreground(x)
+                elif batch.get(foreground) is None:
                     raise ValueError(f"push foreground={foreground!r}: the batches have no {foreground!r} entry "
-                                     f"(they have {sorted(batch)})")
-                d = d.masked_fill(~foreground_cells(model, torch.as_tensor(batch[foreground]).to(device),
-                                                    latent_shape)[None], math.inf)
-            batch_d, flat = rearrange(d, "p b l -> p (b l)").min(-1)  # (P,), (P,)
-            better = batch_d < best_d  # strict: the first best patch in loader order wins ties
-            if not better.any():
-                continue
-            b_idx, l_idx = flat // L, flat % L
-            vectors = rearrange(z, "b d ... -> b (...) d")[b_idx, l_idx]  # (P, D)
-            best_d = torch.where(better, batch_d, best_d)
-            best_vec = torch.where(better[:, None], vectors, best_vec)
-            better_cpu, b_cpu = better.cpu(), b_idx.cpu()
-            best_index = torch.where(better_cpu, index[b_cpu], best_index)
-            best_loc = torch.where(better_cpu, l_idx.cpu(), best_loc)
+                                     f"(they have {sorted(batch)}); 'intensity' reads a foreground from the images")
+                else:
+                    fg = torch.as_tensor(batch[foreground]).to(device)
+                d = d.masked_fill(~foreground_cells(model, fg, latent_shape)[None], math.inf)
+            if off_border:
+                d = d.masked_fill(~inner_cells(latent_shape, device).flatten()[None, None], math.inf)
+            image_d, image_loc = d.min(-1)  # (P, B): each image's nearest cell (the first on ties)
+            vectors = rearrange(z, "b d ... -> b (...) d")[torch.arange(B, device=device)[None], image_loc]  # (P, B, D)
             if batch.get("spacing") is not None:
                 spacing = torch.as_tensor(batch["spacing"], dtype=torch.float32).reshape(B, -1)  # (B, dims)
-                best_spacing = torch.where(better_cpu[:, None], spacing[b_cpu], best_spacing)
             else:
-                best_spacing = torch.where(better_cpu[:, None], torch.tensor(math.nan), best_spacing)
-        found = torch.isfinite(best_d)
-        layer.prototypes.data.copy_(torch.where(found[:, None], best_vec, layer.prototypes.data))
+                spacing = torch.full((B, dims), math.nan)
+            # Merge with the running candidates; a stable sort keeps earlier images first on ties.
+            all_d = torch.cat([cand_d, image_d], 1)  # (P, K + B)
+            order = torch.sort(all_d, dim=1, stable=True).indices[:, :K]  # (P, K)
+            cand_d = all_d.gather(1, order)
+            cand_vec = torch.cat([cand_vec, vectors], 1).gather(1, order[..., None].expand(-1, -1, D))
+            order_cpu = order.cpu()
+            cand_index = torch.cat([cand_index, index[None].expand(P, -1)], 1).gather(1, order_cpu)
+            cand_loc = torch.cat([cand_loc, image_loc.cpu()], 1).gather(1, order_cpu)
+            cand_spacing = torch.cat([cand_spacing, spacing[None].expand(P, -1, -1)], 1).gather(
+                1, order_cpu[..., None].expand(-1, -1, dims))
+
+    pick = _assign(cand_d.cpu(), cand_index, distinct)  # (P,) which candidate each prototype takes
+    rows = torch.arange(P)
+    best_d = cand_d.cpu()[rows, pick]
+    found = torch.isfinite(best_d)
+    layer.prototypes.data.copy_(torch.where(found[:, None].to(device), cand_vec[rows.to(device), pick.to(device)],
+                                            layer.prototypes.data))
+    best_index, best_loc, best_spacing = cand_index[rows, pick], cand_loc[rows, pick], cand_spacing[rows, pick]
 
     records: list[dict[str, Any] | None] = []
-    best_d_cpu = best_d.cpu()
-    sims = layer.similarity(best_d_cpu.clamp_max(torch.finfo(best_d_cpu.dtype).max))
+    sims = layer.similarity(best_d.clamp_max(torch.finfo(best_d.dtype).max))
     for j in range(P):
         if not bool(found[j]):
             log.warning("prototype %d (class %s) found no image of its class; it was not projected", j,
@@ -143,11 +186,37 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             "box_px": box,
             "spacing": sp,
             "box_mm": None if sp is None else [[lo * s, hi * s] for (lo, hi), s in zip(box, sp)],
-            "distance": float(best_d_cpu[j]),
+            "distance": float(best_d[j]),
             "similarity": float(sims[j]),
         })
     model.set_prototype_sources(records)
     return records
+
+
+def _assign(distances: torch.Tensor, indices: torch.Tensor, distinct: bool) -> torch.Tensor:
+    """(P,) the candidate each prototype takes: its nearest, or with ``distinct`` a greedy
+    one-image-per-prototype assignment in order of the prototypes' nearest distances (a prototype
+    whose candidates are all taken keeps its nearest and is then a duplicate the sanity check counts).
+
+    Args:
+        distances: (P, K) candidate distances, ascending per row (inf: no candidate).
+        indices: (P, K) the candidates' image indices.
+    """
+    P = distances.shape[0]
+    pick = torch.zeros(P, dtype=torch.long)
+    if not distinct:
+        return pick
+    taken: set[int] = set()
+    for j in torch.argsort(distances[:, 0], stable=True).tolist():
+        for k in range(distances.shape[1]):
+            if not math.isfinite(float(distances[j, k])):
+                break
+            if int(indices[j, k]) not in taken:
+                pick[j] = k
+                break
+        if math.isfinite(float(distances[j, pick[j]])):
+            taken.add(int(indices[j, pick[j]]))
+    return pick
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,14 @@ What we changed:
 - With ``push_on_lesion``, the cluster cost measures each image's distance to its own-class
   prototypes over lesion cells only (the cells push may use), so prototypes are learnt where they
   will be projected; the separation cost and the logits still use every cell.
+- Optional diversity cost (``div_coef``): a hinge on the cosine of every pair of prototypes, in the
+  spirit of the within-class orthogonality of TesNet (Wang et al., "Interpretable image recognition
+  by constructing transparent embedding space", ICCV 2021), so that prototypes differ in direction,
+  not only by a small distance around the Sigmoid's midpoint; with ``push_distinct`` push then takes
+  a different image for each prototype.
+- Optional prototype-to-data cost (``near_data_coef``): the first interpretability regulariser of Li
+  et al., "Deep learning for case-based reasoning through prototypes" (AAAI 2018), every prototype
+  close to at least one encoded input, here to a cell of an own-class image of the batch.
 - ``joint`` trains the last layer too (ProtoPNet trains it with a small learning rate there).
 - Optional data-driven prototype start (``prototype_init="data"``,
   :func:`initialise_prototypes_from_data`): ProtoPNet draws prototypes uniformly in ``[0, 1]^D``;
@@ -58,6 +66,8 @@ from mlmi_zoo.architectures.protopnet.push import push_prototypes
 __all__ = [
     "ProtoPNetTraining",
     "cluster_separation_costs",
+    "diversity_cost",
+    "near_data_cost",
     "fine_annotation_cost",
     "lesion_min_distances",
 ]
@@ -82,6 +92,49 @@ def cluster_separation_costs(min_distances: torch.Tensor, labels: torch.Tensor,
     cluster = min_distances.masked_fill(~own, math.inf).amin(1)  # (B,)
     separation = min_distances.masked_fill(own, math.inf).amin(1)  # (B,)
     return cluster.mean(), separation.mean()
+
+
+def diversity_cost(prototypes: torch.Tensor, cosine: float) -> torch.Tensor:
+    """Mean over prototype pairs of ``max(0, arccos(cosine) - angle(p_i, p_j))``, in radians.
+
+    A hinge on the angle rather than on the cosine itself: the cosine's gradient vanishes as two
+    vectors become parallel (``d cos / d angle = -sin(angle)``), exactly where duplicates need
+    pushing apart, while the angle's does not.
+
+    Args:
+        prototypes: (P, D, ...) prototype vectors.
+        cosine: pairs whose cosine is above this (whose angle is below ``arccos(cosine)``) are penalised.
+
+    Returns:
+        scalar; 0 when no two prototypes are closer than ``arccos(cosine)`` in angle.
+    """
+    unit = F.normalize(prototypes.flatten(1), dim=1)
+    P = unit.shape[0]
+    if P < 2:
+        return prototypes.sum() * 0.0
+    i, j = torch.triu_indices(P, P, offset=1, device=unit.device)
+    # clamped off +-1, where arccos has an infinite slope
+    angle = torch.arccos((unit[i] * unit[j]).sum(-1).clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+    return F.relu(math.acos(cosine) - angle).mean()
+
+
+def near_data_cost(min_distances: torch.Tensor, labels: torch.Tensor, prototype_classes: torch.Tensor) -> torch.Tensor:
+    """Mean over prototypes of the distance to their nearest cell in an own-class image of the batch.
+
+    Args:
+        min_distances: (B, P) distance of each prototype to its nearest patch in each image.
+        labels: (B,) class of each image.
+        prototype_classes: (P,) class of each prototype.
+
+    Returns:
+        scalar over the prototypes whose class is in the batch (0 when none is).
+    """
+    own = labels[:, None] == prototype_classes[None, :]  # (B, P)
+    present = own.any(0)  # (P,)
+    if not present.any():
+        return min_distances.sum() * 0.0
+    nearest = min_distances.masked_fill(~own, math.inf).amin(0)  # (P,)
+    return nearest[present].mean()
 
 
 def fine_annotation_cost(similarity_maps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -204,6 +257,14 @@ class ProtoPNetTraining(FamilyTraining):
         _, separation = cluster_separation_costs(parts.min_distances, labels, classes)
         loss = ce + cfg.clst_coef * cluster + cfg.sep_coef * separation + cfg.l1_coef * l1
         logs.update(cluster=float(cluster.detach()), separation=float(separation.detach()))
+        if cfg.near_data_coef:
+            near = near_data_cost(cluster_distances, labels, classes)
+            loss = loss + cfg.near_data_coef * near
+            logs["near_data"] = float(near.detach())
+        if cfg.div_coef:
+            div = diversity_cost(model.prototype_layer.prototypes, cfg.div_cosine)
+            loss = loss + cfg.div_coef * div
+            logs["diversity"] = float(div.detach())
         if cfg.fa_coef and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:
             maps = model.prototype_layer.similarity(parts.distance_maps)
             mask = batch["mask"].to(x.device)
@@ -248,7 +309,9 @@ class ProtoPNetTraining(FamilyTraining):
         """
         if stage == "push":
             records = push_prototypes(model, loader, device, on_lesion=self.settings.push_on_lesion,
-                                      foreground=self.settings.push_foreground)
+                                      foreground=self.settings.push_foreground,
+                                      distinct=self.settings.push_distinct,
+                                      off_border=self.settings.push_off_border)
             pushed = [r for r in records if r is not None]
             return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
                     "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}

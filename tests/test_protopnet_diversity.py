@@ -1,0 +1,117 @@
+"""ProtoPNet options against degenerate prototypes: distinct push images, an intensity foreground, a diversity cost."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mlmi_zoo
+from mlmi_zoo.architectures.protopnet.config import ProtoPNetTrainingSettings
+from mlmi_zoo.architectures.protopnet.push import intensity_foreground, push_prototypes
+from mlmi_zoo.architectures.protopnet.training import diversity_cost
+
+
+def _model(per_class: int = 3):
+    return mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), prototypes_per_class=per_class,
+                                 prototype_dim=16, feature_stride=4).eval()
+
+
+def _loader(n: int = 12, batch: int = 5):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(n, 1, 32, 32, generator=g)
+    labels = torch.arange(n) % 2
+    return [{"image": images[i:i + batch], "label": labels[i:i + batch], "index": torch.arange(i, min(i + batch, n))}
+            for i in range(0, n, batch)]
+
+
+def test_collapsed_prototypes_go_to_distinct_images_only_when_asked() -> None:
+    """Prototypes of a class set to one vector all land on one patch; ``distinct`` spreads them over images,
+    each onto its nearest patch in an image no nearer prototype took."""
+    model = _model()
+    collapsed = model.prototype_layer.prototypes.detach()[:1].expand_as(model.prototype_layer.prototypes).clone()
+    with torch.no_grad():
+        model.prototype_layer.prototypes.copy_(collapsed)
+    same = push_prototypes(model, _loader())
+    for c in (0, 1):
+        assert len({(r["index"], tuple(r["location"])) for r in same if r["class"] == c}) == 1
+    with torch.no_grad():
+        model.prototype_layer.prototypes.copy_(collapsed)
+    spread = push_prototypes(model, _loader(), distinct=True)
+    assert len({r["index"] for r in spread}) == len(spread)
+    # the nearest of them keeps the patch the plain push found; every one is of its own class
+    labels = torch.arange(12) % 2
+    assert all(int(labels[r["index"]]) == r["class"] for r in spread)
+    assert min(r["distance"] for r in spread) == pytest.approx(min(r["distance"] for r in same))
+    # each prototype equals the add-on output at its recorded cell
+    for r in spread:
+        image = torch.cat([b["image"] for b in _loader()])[r["index"]][None]
+        z = model.latent(model.input_spec.intensity(image))[0]
+        assert torch.allclose(z[:, r["location"][0], r["location"][1]], model.prototype_layer.prototypes[r["prototype"]].flatten(),
+                              atol=1e-6)
+
+
+def test_distinct_push_falls_back_to_a_duplicate_when_the_class_has_too_few_images() -> None:
+    model = _model(per_class=3)
+    records = push_prototypes(model, _loader(n=4, batch=4), distinct=True)  # two images per class, three prototypes
+    for c in (0, 1):
+        assert len({r["index"] for r in records if r["class"] == c}) == 2
+
+
+def test_intensity_foreground_is_the_bright_part_and_push_stays_on_it() -> None:
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, 8:24, 10:26] = torch.rand(2, 1, 16, 16) * 0.5 + 0.5
+    fg = intensity_foreground(x)
+    assert fg.shape == (2, 32, 32) and bool(fg[:, 8:24, 10:26].all()) and not bool(fg[:, :8].any())
+    model = _model()
+    batch = {"image": x.repeat(3, 1, 1, 1), "label": torch.tensor([0, 1] * 3), "index": torch.arange(6)}
+    records = push_prototypes(model, [batch], foreground="intensity")
+    latent = tuple(records[0]["latent_shape"])
+    fraction = model.backbone.cell_fraction(fg[:1, None].float(), latent)[0, 0]
+    assert all(fraction[tuple(r["location"])] >= 0.5 for r in records)
+    with pytest.raises(ValueError, match="'intensity' reads a foreground"):
+        push_prototypes(model, [batch], foreground="fov")
+
+
+def test_diversity_cost_is_a_hinge_on_pairwise_angle() -> None:
+    import math
+    p = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]], requires_grad=True)
+    # pairs: (0,1) at an angle of atan(0.01), (0,2) and (1,2) near 90 degrees; hinge at arccos(0.9)
+    cost = diversity_cost(p, 0.9)
+    assert float(cost.detach()) == pytest.approx((math.acos(0.9) - math.atan(0.01)) / 3, rel=1e-4)
+    cost.backward()
+    assert p.grad is not None and float(p.grad[2].abs().sum()) == 0.0  # a pair beyond the hinge has no gradient
+    # nearly parallel prototypes still get a gradient that pushes them apart (a cosine hinge's vanishes)
+    assert float(p.grad[1, 1]) < 0 and abs(float(p.grad[1, 1])) > 0.1
+    assert float(diversity_cost(torch.eye(4), 0.5)) == 0.0
+    assert float(diversity_cost(torch.ones(1, 3), 0.5)) == 0.0
+
+
+def test_diversity_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="div_coef"):
+        ProtoPNetTrainingSettings(div_coef=-1.0)
+    with pytest.raises(ValueError, match="div_cosine"):
+        ProtoPNetTrainingSettings(div_cosine=1.0)
+
+
+def test_near_data_cost_is_each_prototypes_nearest_own_class_image() -> None:
+    from mlmi_zoo.architectures.protopnet.training import near_data_cost
+    d = torch.tensor([[1.0, 5.0, 2.0], [3.0, 0.5, 4.0]])  # (B=2, P=3)
+    labels = torch.tensor([0, 0])
+    classes = torch.tensor([0, 0, 1])  # prototype 2's class is absent from the batch
+    assert float(near_data_cost(d, labels, classes)) == pytest.approx((1.0 + 0.5) / 2)
+    assert float(near_data_cost(d, torch.tensor([2, 2]), classes)) == 0.0
+    with pytest.raises(ValueError, match="near_data_coef"):
+        ProtoPNetTrainingSettings(near_data_coef=-0.1)
+
+
+def test_off_border_push_never_takes_a_border_cell() -> None:
+    model = _model()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 1, 32, 32, generator=g) * 0.3
+    x[:, :, :, :6] = 1.0  # a bright strip at the left edge: the nearest patches of most prototypes
+    batch = {"image": x, "label": torch.tensor([0, 1] * 3), "index": torch.arange(6)}
+    free = push_prototypes(model, [batch])
+    records = push_prototypes(model, [batch], off_border=True)
+    latent = records[0]["latent_shape"]
+    for r in records:
+        assert all(0 < v < n - 1 for v, n in zip(r["location"], latent)), r["location"]
+    assert any(not all(0 < v < n - 1 for v, n in zip(r["location"], latent)) for r in free)
