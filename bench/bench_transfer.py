@@ -547,8 +547,11 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     if abs(doc["task"]["auroc"]["estimate"] - _auroc(scores, labels)) > 1e-6:
         raise RuntimeError(f"{final}: evaluate's test AUROC {doc['task']['auroc']['estimate']} is not the "
                            f"predictions' {_auroc(scores, labels)}")
-    return {"kind": "run", "dataset": name, "family": family, "model": model, "defaults": defaults_signature(),
-            **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
+    from mlmi_zoo.registry import bundled_dir, read_config
+
+    parent_sha256 = read_config(bundled_dir() / model)["weights_sha256"]  # which release of the parent was tuned
+    return {"kind": "run", "dataset": name, "family": family, "model": model, "parent_sha256": parent_sha256,
+            "defaults": defaults_signature(), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
             "test_patients": len(set(patients.tolist())), "patients": DATASETS[name].patients,
             "sanity": sanity_counts(doc), "results": str(final.parent / "results.json"),
             "threads": torch.get_num_threads(), "machine": machine(),
