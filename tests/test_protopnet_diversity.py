@@ -115,3 +115,18 @@ def test_off_border_push_never_takes_a_border_cell() -> None:
     for r in records:
         assert all(0 < v < n - 1 for v, n in zip(r["location"], latent)), r["location"]
     assert any(not all(0 < v < n - 1 for v, n in zip(r["location"], latent)) for r in free)
+
+
+def test_a_thin_foreground_needs_a_lower_share() -> None:
+    """A one-pixel line fills a quarter of no 4-px window: at the default share no cell qualifies and the
+    prototypes are not pushed; with a low share every pushed cell touches the line."""
+    model = _model()
+    x = torch.zeros(4, 1, 32, 32)
+    x[:, :, 16, 4:28] = 1.0
+    batch = {"image": x, "label": torch.tensor([0, 1, 0, 1]), "index": torch.arange(4)}
+    assert all(r is None for r in push_prototypes(model, [batch], foreground="intensity"))
+    records = push_prototypes(model, [batch], foreground="intensity", foreground_share=0.05)
+    fraction = model.backbone.cell_fraction(intensity_foreground(x)[:1, None].float(), tuple(records[0]["latent_shape"]))[0, 0]
+    assert all(r is not None and fraction[tuple(r["location"])] >= 0.05 for r in records)
+    with pytest.raises(ValueError, match="push_foreground_share"):
+        ProtoPNetTrainingSettings(push_foreground_share=0.0)

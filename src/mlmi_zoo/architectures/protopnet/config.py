@@ -186,6 +186,8 @@ class ProtoPNetTrainingSettings:
             in 64 dimensions mostly start far from every cell; the cluster cost then moves only
             the nearest one of each class, and push projects the others onto arbitrary patches.
             The model itself never reads data: the option only tells the trainer what to do.
+        push_foreground_share: the share of a cell's receptive-field window that must lie on the
+            foreground (default half); lower for thin structures in empty surroundings.
         push_off_border: push projects prototypes only onto cells off the latent grid's border (their
             receptive field does not reach into the padding past the image edge), for images
             without a foreground mask; ``push_foreground`` implies it.
@@ -214,6 +216,7 @@ class ProtoPNetTrainingSettings:
     push_foreground: str | None = None
     measure_map_coef: float = 1.0
     prototype_init: Literal["uniform", "data"] = "uniform"
+    push_foreground_share: float = 0.5
     push_off_border: bool = False
     push_distinct: bool = False
     div_coef: float = 0.0
@@ -225,6 +228,8 @@ class ProtoPNetTrainingSettings:
             raise ValueError(f"prototype_init must be 'uniform' or 'data', got {self.prototype_init!r}")
         if self.fa_coef < 0 or self.measure_map_coef < 0:
             raise ValueError(f"fa_coef and measure_map_coef must be >= 0, got {self.fa_coef}, {self.measure_map_coef}")
+        if not 0.0 < self.push_foreground_share <= 1.0:
+            raise ValueError(f"push_foreground_share must be in (0, 1], got {self.push_foreground_share}")
         if self.near_data_coef < 0:
             raise ValueError(f"near_data_coef must be >= 0, got {self.near_data_coef}")
         if self.div_coef < 0 or not -1.0 <= self.div_cosine < 1.0:

@@ -233,8 +233,9 @@ def lesion_cells(model: "ProtoPNet", mask: torch.Tensor, latent_shape: tuple[int
 
 
 def foreground_cells(model: "ProtoPNet", foreground: torch.Tensor,
-                     latent_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-    """(B, L) bool: latent cells whose window lies mostly (>= half) on the foreground, off the grid's border.
+                     latent_shape: tuple[int, ...] | torch.Size, share: float = 0.5) -> torch.Tensor:
+    """(B, L) bool: latent cells whose window lies mostly (>= ``share``, default half) on the foreground,
+    off the grid's border.
 
     A border cell's receptive field reaches past the image edge (into padding), and its window is
     clipped there, so it is left out even where the foreground reaches the edge (a fundus field of
@@ -244,12 +245,16 @@ def foreground_cells(model: "ProtoPNet", foreground: torch.Tensor,
         model: the ProtoPNet (its backbone's stride and offset place the windows).
         foreground: (B, *spatial) or (B, 1, *spatial) foreground masks (bool or [0, 1]).
         latent_shape: the latent grid.
+        share: the share of a cell's window that must be foreground (a thin structure, such as a gland
+            in an otherwise empty volume, fills little of any window).
     """
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
     dims = len(latent_shape)
     mask = foreground if foreground.ndim == dims + 2 else foreground.unsqueeze(1)
     fraction = model.backbone.cell_fraction(mask.float(), tuple(latent_shape))[:, 0]  # (B, *latent)
     inner = inner_cells(latent_shape, fraction.device)
-    return rearrange((fraction >= 0.5) & inner, "b ... -> b (...)")
+    return rearrange((fraction >= share) & inner, "b ... -> b (...)")
 
 
 def inner_cells(latent_shape: tuple[int, ...] | torch.Size, device: torch.device | str | None = None) -> torch.Tensor:

@@ -58,7 +58,7 @@ def intensity_foreground(x: torch.Tensor) -> torch.Tensor:
 def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
                     device: torch.device | str | None = None, on_lesion: bool = False,
                     foreground: str | None = None, distinct: bool = False,
-                    off_border: bool = False) -> list[dict[str, Any] | None]:
+                    off_border: bool = False, foreground_share: float = 0.5) -> list[dict[str, Any] | None]:
     """Project every prototype onto its nearest latent patch of a training image of its own class.
 
     Streams over ``loader`` once, in eval mode (batch-norm statistics do not move; each module's
@@ -88,6 +88,7 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             projected onto one patch and show the same thing twice.
         off_border: project only onto cells off the latent grid's border, whose receptive field
             does not reach into the padding past the image edge (a foreground implies it).
+        foreground_share: with ``foreground``, the share of a cell's window that must lie on it.
 
     Returns:
         one record per prototype (also stored on the model and saved with it): ``prototype``,
@@ -136,7 +137,7 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
                                      f"(they have {sorted(batch)}); 'intensity' reads a foreground from the images")
                 else:
                     fg = torch.as_tensor(batch[foreground]).to(device)
-                d = d.masked_fill(~foreground_cells(model, fg, latent_shape)[None], math.inf)
+                d = d.masked_fill(~foreground_cells(model, fg, latent_shape, foreground_share)[None], math.inf)
             if off_border:
                 d = d.masked_fill(~inner_cells(latent_shape, device).flatten()[None, None], math.inf)
             image_d, image_loc = d.min(-1)  # (P, B): each image's nearest cell (the first on ties)

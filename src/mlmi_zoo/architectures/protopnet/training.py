@@ -311,7 +311,8 @@ class ProtoPNetTraining(FamilyTraining):
             records = push_prototypes(model, loader, device, on_lesion=self.settings.push_on_lesion,
                                       foreground=self.settings.push_foreground,
                                       distinct=self.settings.push_distinct,
-                                      off_border=self.settings.push_off_border)
+                                      off_border=self.settings.push_off_border,
+                                      foreground_share=self.settings.push_foreground_share)
             pushed = [r for r in records if r is not None]
             return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
                     "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}
