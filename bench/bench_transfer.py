@@ -547,10 +547,7 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     if abs(doc["task"]["auroc"]["estimate"] - _auroc(scores, labels)) > 1e-6:
         raise RuntimeError(f"{final}: evaluate's test AUROC {doc['task']['auroc']['estimate']} is not the "
                            f"predictions' {_auroc(scores, labels)}")
-    from mlmi_zoo.registry import bundled_dir, read_config
-
-    parent_sha256 = read_config(bundled_dir() / model)["weights_sha256"]  # which release of the parent was tuned
-    return {"kind": "run", "dataset": name, "family": family, "model": model, "parent_sha256": parent_sha256,
+    return {"kind": "run", "dataset": name, "family": family, "model": model, "parent_sha256": _parent_sha256(model),
             "defaults": defaults_signature(), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
             "test_patients": len(set(patients.tolist())), "patients": DATASETS[name].patients,
             "sanity": sanity_counts(doc), "results": str(final.parent / "results.json"),
@@ -702,7 +699,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         n_train = sum(meta.get("counts", {}).get("train", {}).values()) if meta else "—"
         load = (f"{p['loadavg_before'][0]:.1f}→{p['loadavg_after'][0]:.1f} / "
                 f"{b['loadavg_before'][0]:.1f}→{b['loadavg_after'][0]:.1f}")
-        lines.append(f"| {spec.label} | {n_train} / {p['test_cases']} ({p['test_patients']} {PLURAL[spec.patients]}) "
+        # a row fine-tuned from an earlier release of the parent is marked (the parent was retrained since)
+        stale = p.get("parent_sha256") != _parent_sha256(p["model"])
+        lines.append(f"| {spec.label}{' †' if stale else ''} | {n_train} / {p['test_cases']} ({p['test_patients']} {PLURAL[spec.patients]}) "
                      f"| {ci(p)} | {ci(b)} | {diff} | {met} | {p['wall_s']:.0f} / {b['wall_s']:.0f} "
                      f"| {epochs(p)}; {epochs(b)} | {sanity} | {load} |")
     any_run = next(iter(runs.values()), None)
@@ -711,8 +710,17 @@ def table(rows: list[dict[str, Any]]) -> str:
     m = any_run["machine"]
     head = (f"Defaults {json.dumps({k: v for k, v in signature.items() if k != 'export_version'})}; measured on "
             f"{m['cpu']}, {m['cores']} cores (shared with other jobs), torch {m['torch']} ({any_run['threads']} "
-            "thread), CPU. `*`: the stage stopped early.")
+            "thread), CPU. `*`: the stage stopped early. †: the ProtoPNet was fine-tuned from an earlier release of "
+            "its parent, not the bundled one (run again to replace the row).")
     return head + "\n\n" + "\n".join(lines)
+
+
+def _parent_sha256(model: str) -> str | None:
+    """The weights sha256 of the bundled parent ``model`` (None if it is not bundled)."""
+    from mlmi_zoo.registry import bundled_dir, read_config
+
+    folder = bundled_dir() / model
+    return read_config(folder)["weights_sha256"] if (folder / "config.json").is_file() else None
 
 
 def write_readme(text: str, readme: Path = README) -> None:
