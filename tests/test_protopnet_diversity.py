@@ -130,3 +130,27 @@ def test_a_thin_foreground_needs_a_lower_share() -> None:
     assert all(r is not None and fraction[tuple(r["location"])] >= 0.05 for r in records)
     with pytest.raises(ValueError, match="push_foreground_share"):
         ProtoPNetTrainingSettings(push_foreground_share=0.0)
+
+
+def test_cell_fields_are_the_cells_true_and_effective_receptive_field() -> None:
+    """The true field of a cell covers its stride window and every pixel it depends on, shifts with the cell,
+    is clipped at the image edge, and the weights' gradients are not touched."""
+    from mlmi_zoo.architectures.protopnet.evaluation import cell_fields
+
+    model = _model()
+    image = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(3))
+    centre = cell_fields(model, image, (4, 4))
+    corner = cell_fields(model, image, (0, 0))
+    (r0, r1), (c0, c1) = centre["theoretical_px"]
+    assert r1 - r0 > model.backbone.stride and c1 - c0 > model.backbone.stride  # more than the stride window
+    assert corner["theoretical_px"][0][0] == 0 and corner["theoretical_px"][0][1] < r1  # clipped, and elsewhere
+    for a in range(2):  # the effective field lies inside the true one
+        assert centre["theoretical_px"][a][0] <= centre["effective_px"][a][0] < centre["effective_px"][a][1] \
+            <= centre["theoretical_px"][a][1]
+    # a pixel outside the true field does not change the cell
+    x = model.input_spec.intensity(image[None])
+    z = model.latent(x)[0, :, 4, 4]
+    x2 = x.clone()
+    x2[..., 0, 0] += 1.0 if r0 > 0 else 0.0
+    assert torch.allclose(model.latent(x2)[0, :, 4, 4], z) or r0 == 0
+    assert all(p.grad is None for p in model.parameters())

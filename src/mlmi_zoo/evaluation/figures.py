@@ -226,7 +226,7 @@ def plot_deletion(curves: Mapping[str, Curve], path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def _draw_region(ax: Any, region: Any, shape: tuple[int, ...]) -> None:
+def _draw_region(ax: Any, region: Any, shape: tuple[int, ...], colour: str = "yellow", style: str = "-") -> None:
     """Outline a box ``(row0, col0, row1, col1)`` (half-open, pixels; 3D boxes use their last two axes
     pairs ``(z0, row0, col0, z1, row1, col1)``) or the contour of a boolean mask."""
     from matplotlib.patches import Rectangle
@@ -237,23 +237,30 @@ def _draw_region(ax: Any, region: Any, shape: tuple[int, ...]) -> None:
     if arr.ndim == 1 and arr.size in (4, 6):
         half = arr.size // 2
         r0, c0, r1, c1 = arr[half - 2], arr[half - 1], arr[-2], arr[-1]
-        ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, ec="yellow", lw=1.5))
+        ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, ec=colour, ls=style, lw=1.5))
         return
     mask = _overlay_slice(arr)
     if mask.shape != shape:
         raise ValueError(f"a region must be a box of 4/6 numbers or a mask of the image size {shape}; got {arr.shape}")
     if mask.any() and not mask.all():
-        ax.contour(mask > 0.5, levels=[0.5], colors="yellow", linewidths=1.2)
+        ax.contour(mask > 0.5, levels=[0.5], colors=colour, linestyles=style, linewidths=1.2)
 
 
-def plot_prototype_gallery(patches: Sequence[tuple[Any, Any, str]], path: str | Path, columns: int = 5) -> Path:
+# outline colours and line styles of the regions a gallery panel may carry, in order
+_REGION_STYLES = (("yellow", "-"), ("cyan", "--"), ("magenta", "-"))
+
+
+def plot_prototype_gallery(patches: Sequence[tuple[Any, Any, str]], path: str | Path, columns: int = 5,
+                           legend: str | None = None) -> Path:
     """A grid of prototype source images with the prototype's patch outlined.
 
     Args:
-        patches: list of (image (C, *spatial), box or mask or None, title); a box is
-            ``(row0, col0, row1, col1)`` in pixels (half-open), a mask is a (*spatial) bool array.
+        patches: list of (image (C, *spatial), region, title); a region is a box
+            ``(row0, col0, row1, col1)`` in pixels (half-open), a (*spatial) bool mask, None, or a list
+            of up to three boxes or masks, outlined in yellow, dashed cyan and magenta.
         path: output PNG.
         columns: images per row.
+        legend: a line under the grid saying what each outline is.
 
     Returns:
         ``path``.
@@ -263,14 +270,20 @@ def plot_prototype_gallery(patches: Sequence[tuple[Any, Any, str]], path: str | 
         raise ValueError("plot_prototype_gallery needs at least one (image, region, title) entry")
     cols = min(columns, len(patches))
     rows = -(-len(patches) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows + (0.4 if legend else 0.0)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, region, title) in zip(axes.flat, patches):
         disp = _display(image)
         ax.imshow(disp, cmap="gray" if disp.ndim == 2 else None, interpolation="nearest")
-        _draw_region(ax, region, disp.shape[:2])
+        regions = region if isinstance(region, list) else [region]
+        if len(regions) > len(_REGION_STYLES):
+            raise ValueError(f"a gallery panel outlines at most {len(_REGION_STYLES)} regions, got {len(regions)}")
+        for r, (colour, style) in zip(regions, _REGION_STYLES):
+            _draw_region(ax, r, disp.shape[:2], colour, style)
         ax.set_title(title, fontsize=8)
+    if legend:
+        fig.text(0.5, 0.005, legend, ha="center", va="bottom", fontsize=7, wrap=True)
     return _save(fig, path)
 
 

@@ -8,7 +8,7 @@ disabling a prototype) and deletion curves along the top-prototype map.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -234,7 +234,8 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
     figures: list[str] = []
     if pushed:
         metrics["unique_prototypes"] = unique_prototypes(records)
-        figures = _gallery(model, train, records, ctx)
+        figures, fields = _gallery(model, train, records, ctx)
+        details["prototype_fields"] = fields
     else:
         ctx.limitations.append("The prototypes were not projected onto training patches (no push), so they are not "
                                "patches of real cases.")
@@ -299,19 +300,81 @@ def _find_sample(ds: SizedDataset[dict[str, Any]], index: int) -> Mapping[str, A
     return None
 
 
-def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict[str, Any]], ctx: _Context) -> list[str]:
-    patches = []
+GALLERY_LEGEND = ("yellow: the latent cell's stride window (where its map value is drawn); dashed cyan: its true "
+                  "receptive field (every pixel with a non-zero gradient); magenta: its effective field (the centred "
+                  "box holding half of the gradient)")
+
+
+FIELD_PROBES = 4  # random inputs whose non-zero gradients are added to the image's for the true field
+
+
+def cell_fields(model: Any, image: torch.Tensor, location: Sequence[int]) -> dict[str, list[list[int]]]:
+    """The input region one latent cell depends on, by gradient of that cell's latent vector.
+
+    Args:
+        model: a ProtoPNet.
+        image: (C, *spatial) the image after the model's intensity transform.
+        location: the cell's latent index per axis.
+
+    Returns:
+        ``theoretical_px``: the bounding box of every pixel with a non-zero gradient, on the image or on
+        any of ``FIELD_PROBES`` uniform random inputs (a ReLU that is off on one image hides part of the
+        field on that image only): the true receptive field, clipped to the image. ``effective_px``:
+        on the image itself, the smallest box centred on the gradient's peak that holds half of its
+        magnitude (Luo et al. 2016), within the true field. Half-open ``[start, stop)`` per spatial
+        axis. The stride window drawn for the cell's map value is only a lower bound of both.
+    """
+    def gradient(x: torch.Tensor) -> torch.Tensor:
+        x = x[None].detach().clone().requires_grad_(True)
+        with torch.enable_grad():  # the gradient reaches the input only: the weights' .grad stay untouched
+            z = model.latent(x)
+            (g,) = torch.autograd.grad(z[(0, slice(None), *(int(v) for v in location))].pow(2).sum(), x)
+        return g.abs().sum(1)[0]  # (*spatial)
+
+    grad = gradient(image)
+    reach = grad > 0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(FIELD_PROBES):
+        reach |= gradient(torch.rand(image.shape, generator=generator).to(image)) > 0
+    shape = tuple(grad.shape)
+    nonzero = torch.nonzero(reach)
+    if not len(nonzero):
+        full = [[0, n] for n in shape]
+        return {"theoretical_px": full, "effective_px": full}
+    theoretical = [[int(nonzero[:, a].min()), int(nonzero[:, a].max()) + 1] for a in range(grad.ndim)]
+    grad = grad * reach
+    total, effective = float(grad.sum()), theoretical
+    if total > 0:
+        peak = [int(v) for v in torch.nonzero(grad == grad.max())[0]]
+        for half in range(max(shape)):
+            box = [[max(lo, c - half), min(hi, c + half + 1)] for c, (lo, hi) in zip(peak, theoretical)]
+            if float(grad[tuple(slice(a, b) for a, b in box)].sum()) >= 0.5 * total:
+                effective = box
+                break
+    return {"theoretical_px": theoretical, "effective_px": effective}
+
+
+def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict[str, Any]], ctx: _Context
+             ) -> tuple[list[str], list[dict[str, Any]]]:
+    """The gallery of prototype sources (each with its stride window, true and effective receptive
+    field) and the fields per prototype; a volume shows the slice through the cell's centre."""
+    patches, fields = [], []
     for rec in records[:20]:
         sample = _find_sample(train, int(rec["index"]))
         if sample is None:
             continue
         image = model.input_spec.intensity(torch.as_tensor(sample["image"]).float()[None])[0]
-        box = rec["box_px"]
-        flat = [b[0] for b in box] + [b[1] for b in box]  # (row0, col0, row1, col1) or the 3D form
+        field = cell_fields(model, image, rec["location"])
+        fields.append({"prototype": int(rec["prototype"]), **field})
+        boxes = [rec["box_px"], field["theoretical_px"], field["effective_px"]]
+        if image.ndim == 4:  # (C, D, H, W): the slice through the window's centre, boxes in-plane
+            z = (int(rec["box_px"][0][0]) + int(rec["box_px"][0][1]) - 1) // 2
+            image, boxes = image[:, z], [b[1:] for b in boxes]
+        flat = [[b[0] for b in box] + [b[1] for b in box] for box in boxes]  # (row0, col0, row1, col1)
         patches.append((image, flat, f"#{rec['prototype']} {rec['class_name']} (case {rec['index']})"))
     if not patches:
-        return []
-    return ctx.figures.draw("prototype_gallery", figs.plot_prototype_gallery, patches)
+        return [], fields
+    return ctx.figures.draw("prototype_gallery", figs.plot_prototype_gallery, patches, legend=GALLERY_LEGEND), fields
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,34 +386,22 @@ DUPLICATE_COSINE = 0.99
 
 
 def receptive_field(model: Any) -> dict[str, Any]:
-    """The input region that one latent cell sees, by gradient: the theoretical field (every input pixel
-    with a non-zero gradient of the centre cell) and the effective field (the smallest centred box
-    holding half of the gradient magnitude; Luo et al., "Understanding the effective receptive
-    field in deep convolutional neural networks", NeurIPS 2016), per spatial axis, in pixels.
-
-    Computed on a constant mid-grey input of the model's input size with the model's weights
-    (zero-gradient pixels are outside the field whatever the input)."""
+    """The input region that the centre latent cell sees, by gradient (:func:`cell_fields`): the
+    theoretical field (every input pixel with a non-zero gradient on a mid-grey input or on random
+    inputs) and the effective field (the smallest centred box holding half of the gradient magnitude
+    on the mid-grey input; Luo et al., "Understanding the effective receptive field in deep
+    convolutional neural networks", NeurIPS 2016), per spatial axis, in pixels, with the model's
+    weights and input size."""
     shape = tuple(int(s) for s in (model.input_spec.size or ()))
     if not shape:
         return {}
-    x = torch.full((1, model.input_spec.in_channels, *shape), 0.5, requires_grad=True)
-    z = model.latent(x)  # (1, D, *latent)
-    centre = tuple(s // 2 for s in z.shape[2:])
-    z[(0, slice(None), *centre)].pow(2).sum().backward()
-    assert x.grad is not None
-    grad = x.grad.abs().sum(1)[0]  # (*spatial)
-    nonzero = torch.nonzero(grad > 0)
-    theoretical = [int(nonzero[:, a].max() - nonzero[:, a].min() + 1) if len(nonzero) else 0 for a in range(grad.ndim)]
-    total = float(grad.sum())
-    effective = [0] * grad.ndim
-    if total > 0:
-        peak = [int(v) for v in torch.nonzero(grad == grad.max())[0]]
-        for half in range(0, max(shape)):
-            box = tuple(slice(max(0, c - half), c + half + 1) for c in peak)
-            if float(grad[box].sum()) >= 0.5 * total:
-                effective = [min(s, 2 * half + 1) for s in shape]
-                break
-    return {"input_px": list(shape), "latent_shape": list(z.shape[2:]), "theoretical_px": theoretical,
+    x = torch.full((model.input_spec.in_channels, *shape), 0.5)
+    with torch.no_grad():
+        latent = tuple(model.latent(x[None]).shape[2:])
+    field = cell_fields(model, x, tuple(n // 2 for n in latent))
+    theoretical = [b - a for a, b in field["theoretical_px"]]
+    effective = [b - a for a, b in field["effective_px"]]
+    return {"input_px": list(shape), "latent_shape": list(latent), "theoretical_px": theoretical,
             "effective_px": effective,
             "theoretical_share_of_input": float(np.prod(theoretical) / np.prod(shape)) if theoretical else math.nan}
 
