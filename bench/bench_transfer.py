@@ -590,10 +590,17 @@ def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int) -> 
 _STEM = ["--freeze", "backbone.body.0", "--freeze", "backbone.body.1"]
 
 
+def _has_last_layer(family: str) -> bool:
+    """Whether the family's training has a ``last_layer`` stage (the old command set its passes too)."""
+    from mlmi_zoo.families import families
+
+    return "last_layer" in families()[family].training.stage_names
+
+
 # name -> extra CLI options; one factor at a time around "centre". "previous" is the old default command.
 GRID: dict[str, Callable[[str], list[str]]] = {
     "previous": lambda family: ["--freeze", "backbone", "--epochs", "3", "--lr", "0.001", "--patience", "0"]
-    + (["stages.3.epochs=3", "stages.3.lr=0.001"] if family == "protopnet" else []),
+    + (["stages.3.epochs=3", "stages.3.lr=0.001"] if _has_last_layer(family) else []),
     "centre": lambda family: ["--freeze", "none", "--steps", "1000", "--patience", "5"],
     "steps300": lambda family: ["--freeze", "none", "--steps", "300", "--patience", "5"],
     "steps3000": lambda family: ["--freeze", "none", "--steps", "3000", "--patience", "5"],
