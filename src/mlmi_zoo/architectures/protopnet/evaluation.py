@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mlmi_zoo.architectures.protopnet.push import BACKGROUND_SPAN  # push's intensity foreground is its complement
 from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
 from mlmi_zoo.evaluation._common import _cat, _Context, _subset, _to_tensor_list
@@ -432,7 +433,7 @@ def prototype_sanity(model: Any, train: SizedDataset[dict[str, Any]] | None) -> 
             box = tuple(slice(int(b[0]), int(b[1])) for b in rec["box_px"])
             patch, span = image[box], float(image.max() - image.min())
             background[p] = bool(span > 0 and float(patch.std()) < 0.02 * span
-                                 and float(patch.mean()) <= float(image.min()) + 0.1 * span)
+                                 and float(patch.mean()) <= float(image.min()) + BACKGROUND_SPAN * span)
     duplicate = same_source | near
     degenerate = border | background | duplicate
     return {"prototypes": n, "on_border": int(border.sum()), "on_background": int(background.sum()),
