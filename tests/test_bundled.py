@@ -105,3 +105,20 @@ def test_shipped_prototypes_pass_the_sanity_checks(name: str) -> None:
     assert border == sanity["on_border"]
     sources = [(r["index"], *r["location"]) for r in records]
     assert len(sources) - len(set(sources)) == sanity["same_source"]
+
+
+def test_a_cropped_demo_sample_keeps_only_the_square_around_its_finding() -> None:
+    from mlmi_zoo.model_cards.release import _crop_sample
+
+    image = torch.rand(1, 100, 120) + 0.5
+    mask = torch.zeros(1, 100, 120, dtype=torch.bool)
+    mask[0, 70:74, 100:104] = True  # a finding near the lower-right corner
+    sample = {"image": image, "mask": mask, "spacing": torch.tensor([0.5, 0.5]), "label": torch.tensor(1)}
+    out = _crop_sample(sample, 10.0)  # 10 mm = 20 px
+    kept = out["image"][0] != 0
+    rows, cols = torch.nonzero(kept, as_tuple=True)
+    assert int(kept.sum()) == 20 * 20 and rows.min() == 61 and cols.min() == 91  # centre (71, 101)
+    assert torch.equal(out["image"][0][kept], image[0][kept]) and torch.equal(out["mask"], mask)
+    assert out["label"] is sample["label"]
+    edge = _crop_sample({"image": image, "mask": torch.zeros_like(mask)}, 200.0)  # larger than the image: all kept
+    assert torch.equal(edge["image"], image)

@@ -258,6 +258,18 @@ def test_training_stages_train_the_right_parameters():
     with pytest.raises(ValueError, match="mode='joint'"):
         adapter.loss(independent, batch, "joint")
 
+    # validation (eval mode) scores the deployed model: its logits are those of the predicted concepts, while
+    # the stage loss stays the true-concept objective
+    independent.eval()
+    val = adapter.loss(independent, batch, "label_head")
+    with torch.no_grad():
+        deployed = independent(batch["image"])
+        on_truth = independent.predict_label(independent.codec.target_bottleneck(
+            adapter.concept_targets(independent, batch, torch.device("cpu"))))
+    torch.testing.assert_close(val.logits, deployed)
+    assert not torch.allclose(val.logits, on_truth)
+    torch.testing.assert_close(val.loss, torch.nn.functional.cross_entropy(on_truth, batch["label"]))
+
     sequential = make_model().train()
     adapter = training_for(sequential, {"mode": "sequential"})
     out = adapter.loss(sequential, batch, "label_head")

@@ -244,3 +244,52 @@ def test_protopnet_actionability_control_tells_a_ranked_explanation_from_a_flat_
     flat_top = flat[torch.arange(n), flat_logits.argmax(-1)].argmax(-1)
     flat_block = _disable_top_vs_random(flat_logits, flat, flat_top, col, ctx)
     assert flat_block["verdict"]["status"] != "demonstrated"
+
+
+def _reader_case_collection(readers: np.ndarray, model_levels: np.ndarray, patients: list[str]):
+    from mlmi_zoo.evaluation._collect import _Collected
+    from mlmi_zoo.specs import ConceptSpec
+
+    spec = ConceptSpec("spiculation", "ordinal", levels=tuple(str(k) for k in range(1, 6)))
+    col = _Collected()
+    col.concept_pred["spiculation"] = [torch.nn.functional.one_hot(torch.as_tensor(model_levels), 5).double()]
+    col.reader_concepts["spiculation"] = [torch.as_tensor(readers, dtype=torch.float64)]
+    col.n_cases = len(readers)
+    col.add_groups(patients)
+    return type("Model", (), {"concept_specs": (spec,)})(), col
+
+
+def test_model_reader_agreement_pairs_the_model_with_each_reader_as_readers_are_paired() -> None:
+    from mlmi_zoo.architectures.cbm.evaluation import _reader_agreement
+    from mlmi_zoo.evaluation.recognizability import inter_reader_agreement, model_reader_agreement
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 5, 90)
+    readers = np.full((90, 8), np.nan)
+    readers[:, :3] = np.clip(truth[:, None] + rng.integers(-1, 2, (90, 3)), 0, 4)
+    readers[:30, 1:] = np.nan  # one reader only: counted in model-reader agreement, in no pair
+    patients = [f"p{i // 2}" for i in range(90)]
+
+    # A model that agrees with every reader exactly when they all agree: kappas 1, margin 0.
+    same = np.repeat(truth[:, None], 8, 1).astype(float)
+    same[:, 3:] = np.nan
+    model, col = _reader_case_collection(same, truth, patients)
+    details: dict = {}
+    m = _reader_agreement(model, col, details)
+    assert m["spiculation_model_reader_kappa"] == pytest.approx(1.0)
+    assert m["spiculation_inter_reader_kappa"] == pytest.approx(1.0)
+    assert m["spiculation_model_minus_inter_reader_kappa"]["estimate"] == pytest.approx(0.0)
+
+    # Noisy readers: the two kappas are the library's own, on the same cases; a constant model loses clearly.
+    model, col = _reader_case_collection(readers, truth, patients)
+    details = {}
+    m = _reader_agreement(model, col, details)
+    by = {str(i): readers[i][np.isfinite(readers[i])].tolist() for i in range(90)}
+    assert m["spiculation_inter_reader_kappa"] == pytest.approx(inter_reader_agreement(by, "quadratic", range(5)))
+    assert m["spiculation_model_reader_kappa"] == pytest.approx(
+        model_reader_agreement({str(i): float(v) for i, v in enumerate(truth)}, by, "quadratic", range(5)))
+    record = details["spiculation"]["reader_agreement"]
+    assert record["readings"] == 30 + 60 * 3 and record["model_minus_inter_reader"]["patients"] == 30  # cases 30..89
+    model, col = _reader_case_collection(readers, np.full(90, 2), patients)
+    m = _reader_agreement(model, col, {})
+    assert m["spiculation_model_minus_inter_reader_kappa"]["high"] < 0

@@ -27,7 +27,8 @@ from mlmi_zoo.registry import UnknownModelError, bundled_dir
 from mlmi_zoo.units import quantity
 
 NODULE = "protopnet_resnet8.lidc_nodule"  # 2D CT, 64x64 at 0.7 mm, a diameter head, stride 8
-CBM = "cbm_resnet8.lidc_nodule"  # concepts: 4 ordinal ratings, binary calcified, diameter_mm, mean_hu
+CBM = "cbm_resnet8.lidc_nodule"  # concepts: 3 ordinal shape ratings, diameter_mm
+CBM_BINARY = "cbm_resnet8.nodule_phantom"  # binary calcification, categorical texture, diameter_mm
 BAGS = "abmil_features.tilebag"
 FAMILIES = [NODULE, CBM, "baseline_resnet8.lidc_nodule", BAGS, "additive_mil_features.tilebag"]
 
@@ -395,32 +396,35 @@ def cbm() -> mlmi_zoo.InterpretableModel[Any]:
     return _model(CBM)
 
 
-@pytest.mark.parametrize("concept, value, match", [
-    ("diameter_mm", math.nan, r"concept 'diameter_mm' takes a finite number in 'mm', got nan"),
-    ("diameter_mm", math.inf, r"concept 'diameter_mm' takes a finite number in 'mm', got inf"),
-    ("diameter_mm", "inf mm", r"concept 'diameter_mm' takes a finite number in 'mm', got 'inf mm'"),
-    ("diameter_mm", None, r"concept 'diameter_mm' takes a number in 'mm' or a length such as '14 mm', got None"),
-    ("calcified", None, r"binary concept 'calcified' takes 0, 1, True, False or a probability, got None"),
-    ("texture", None, r"concept 'texture' takes a level name \[.*\] or an index 0..4, got None"),
-    ("calcified", math.nan, r"binary concept 'calcified' takes a value in \[0, 1\], got nan"),
+@pytest.mark.parametrize("name, concept, value, match", [
+    (CBM, "diameter_mm", math.nan, r"concept 'diameter_mm' takes a finite number in 'mm', got nan"),
+    (CBM, "diameter_mm", math.inf, r"concept 'diameter_mm' takes a finite number in 'mm', got inf"),
+    (CBM, "diameter_mm", "inf mm", r"concept 'diameter_mm' takes a finite number in 'mm', got 'inf mm'"),
+    (CBM, "diameter_mm", None, r"concept 'diameter_mm' takes a number in 'mm' or a length such as '14 mm', got None"),
+    (CBM_BINARY, "calcification", None,
+     r"binary concept 'calcification' takes 0, 1, True, False or a probability, got None"),
+    (CBM, "sphericity", None, r"concept 'sphericity' takes a level name \[.*\] or an index 0..4, got None"),
+    (CBM_BINARY, "calcification", math.nan, r"binary concept 'calcification' takes a value in \[0, 1\], got nan"),
 ], ids=["nan", "inf", "inf-text", "none", "none-binary", "none-level", "nan-binary"])
-def test_a_missing_or_infinite_intervention_is_refused(cbm, concept, value, match) -> None:
+def test_a_missing_or_infinite_intervention_is_refused(name, concept, value, match) -> None:
+    model = _model(name)
     with pytest.raises(ConceptValueError, match=match):
-        cbm.intervene(_images(cbm), {concept: value})
+        model.intervene(_images(model), {concept: value})
 
 
-@pytest.mark.parametrize("concept, value, match", [
-    ("calcified", 1.5, r"binary concept 'calcified' takes a value in \[0, 1\], got 1.5"),
-    ("calcified", -0.1, r"binary concept 'calcified' takes a value in \[0, 1\], got -0.1"),
-    ("texture", 7, r"concept 'texture' takes a level name .* or an index 0..4, got 7"),
-    ("texture", 2.5, r"concept 'texture' takes a level name .* or an index 0..4, got 2.5"),
-    ("texture", "6 very solid", r"concept 'texture' has levels \[.*\], got '6 very solid'"),
-    ("diameter_mm", -5.0, r"concept 'diameter_mm' is a length, area or volume: it takes a value >= 0, got -5.0"),
-    ("diameter_mm", True, r"concept 'diameter_mm' takes a number in 'mm' or a length such as '14 mm', got True"),
+@pytest.mark.parametrize("name, concept, value, match", [
+    (CBM_BINARY, "calcification", 1.5, r"binary concept 'calcification' takes a value in \[0, 1\], got 1.5"),
+    (CBM_BINARY, "calcification", -0.1, r"binary concept 'calcification' takes a value in \[0, 1\], got -0.1"),
+    (CBM, "sphericity", 7, r"concept 'sphericity' takes a level name .* or an index 0..4, got 7"),
+    (CBM, "sphericity", 2.5, r"concept 'sphericity' takes a level name .* or an index 0..4, got 2.5"),
+    (CBM, "sphericity", "6 very round", r"concept 'sphericity' has levels \[.*\], got '6 very round'"),
+    (CBM, "diameter_mm", -5.0, r"concept 'diameter_mm' is a length, area or volume: it takes a value >= 0, got -5.0"),
+    (CBM, "diameter_mm", True, r"concept 'diameter_mm' takes a number in 'mm' or a length such as '14 mm', got True"),
 ], ids=["binary-above", "binary-below", "level-index", "level-fraction", "level-name", "negative-length", "bool"])
-def test_a_value_outside_the_concepts_range_is_refused(cbm, concept, value, match) -> None:
+def test_a_value_outside_the_concepts_range_is_refused(name, concept, value, match) -> None:
+    model = _model(name)
     with pytest.raises(ConceptValueError, match=match):
-        cbm.intervene(_images(cbm), {concept: value})
+        model.intervene(_images(model), {concept: value})
 
 
 @pytest.mark.parametrize("value, match", [
@@ -432,14 +436,16 @@ def test_a_string_that_is_not_a_length_is_refused_for_a_length_concept(cbm, valu
         cbm.intervene(_images(cbm), {"diameter_mm": value})
 
 
-def test_a_string_is_refused_for_a_binary_concept(cbm) -> None:
-    with pytest.raises(ConceptValueError, match=r"binary concept 'calcified' takes 0, 1, True, False or a probability, "
-                                                r"got 'yes'"):
-        cbm.intervene(_images(cbm), {"calcified": "yes"})
+def test_a_string_is_refused_for_a_binary_concept() -> None:
+    model = _model(CBM_BINARY)
+    with pytest.raises(ConceptValueError, match=r"binary concept 'calcification' takes 0, 1, True, False or a "
+                                                r"probability, got 'yes'"):
+        model.intervene(_images(model), {"calcification": "yes"})
 
 
 def test_an_unknown_concept_is_refused_with_the_known_ones(cbm) -> None:
-    with pytest.raises(ConceptValueError, match=r"unknown concept 'size'; this model's concepts are \['spiculation'"):
+    with pytest.raises(ConceptValueError, match=r"unknown concept 'size'; this model's concepts are \['spiculation', "
+                                                r"'lobulation', 'sphericity'"):
         cbm.intervene(_images(cbm), {"size": 1})
 
 
@@ -456,11 +462,13 @@ def test_per_case_values_must_fit_the_batch(cbm, value, match) -> None:
 
 def test_a_valid_intervention_is_what_the_explanation_reports(cbm) -> None:
     x = _images(cbm)
-    given = cbm.intervene(x, {"diameter_mm": "1.4 cm", "calcified": torch.tensor([0.0, 1.0]), "texture": "5 solid"})
+    given = cbm.intervene(x, {"diameter_mm": "1.4 cm", "sphericity": "5 round"})
     torch.testing.assert_close(given.measurements["diameter_mm"].value, torch.tensor([14.0, 14.0]),
                                rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(given.concepts["calcified"], torch.tensor([0.0, 1.0]))
-    assert given.concepts["texture"].argmax(-1).tolist() == [4, 4]
+    assert given.concepts["sphericity"].argmax(-1).tolist() == [4, 4]
+    binary = _model(CBM_BINARY)
+    given = binary.intervene(_images(binary), {"calcification": torch.tensor([0.0, 1.0])})
+    torch.testing.assert_close(given.concepts["calcification"], torch.tensor([0.0, 1.0]))
 
 
 # -- MIL --------------------------------------------------------------------------------------------------

@@ -219,17 +219,66 @@ def _lidc_index():
 
 
 @pytest.mark.data
-def test_lidc_splits_are_by_patient_and_exclude_indeterminate():
-    _lidc_index()
-    sets = {}
+def test_lidc_splits_are_by_patient_one_case_per_nodule_and_exclude_indeterminate():
+    index = _lidc_index()
+    sets, nodules = {}, []
     for split in ("train", "val", "test"):
         ds = NodulePhantom(None, source="lidc", split=split, size=32)
         sets[split] = set(ds._lidc.patient_ids())
-        mal = ds._lidc.index.ratings["malignancy"][ds._lidc.rows]
-        assert (mal != 3).all() and len(ds) > 100
+        nodules += ds._lidc.nodule_ids()
+        assert all(m != 3.0 for m in ds._lidc.malignancy) and len(ds) > 100
+        for rows, median in zip(ds._lidc.readings, ds._lidc.malignancy):  # the case's readers are its nodule's
+            assert set(index.nodule_id[rows]) == {index.nodule_id[rows[0]]}
+            assert median == np.median(index.ratings["malignancy"][rows])
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+    assert len(nodules) == len(set(nodules))  # one case per nodule
     total = NodulePhantom(None, source="lidc", size=32)
-    assert len(total) == sum(len(NodulePhantom(None, source="lidc", split=s, size=32)) for s in sets)
+    assert len(total) == len(nodules)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("dims", [2, 3])
+def test_no_rating_enters_an_lidc_image(dims):
+    """The image and mask are made from the readers' contours alone: other ratings give the same pixels."""
+    _lidc_index()
+    ds = NodulePhantom(None, source="lidc", split="val", size=32, spatial_dims=dims)
+    before = [ds[i] for i in range(6)]
+    ratings = ds._lidc.index.ratings
+    saved = {k: v.copy() for k, v in ratings.items()}
+    try:
+        rng = np.random.default_rng(0)
+        for k, v in ratings.items():
+            if k != "malignancy":  # the case list (median malignancy != 3) stays the same
+                v[:] = rng.integers(1, 6, size=v.shape)
+        after = [ds[i] for i in range(6)]
+    finally:
+        for k, v in saved.items():
+            ratings[k][:] = v
+    for x, y in zip(before, after):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+        assert any(not torch.equal(x["reader_concepts"][k], y["reader_concepts"][k]) for k in x["reader_concepts"])
+
+
+@pytest.mark.data
+def test_lidc_concepts_are_the_readers_median_and_travel_with_each_readers_own():
+    index = _lidc_index()
+    ds = NodulePhantom(None, source="lidc", split="val", size=32)
+    seen = set()
+    for i in range(0, 80, 3):
+        s = ds[i]
+        rows = ds._lidc.readings[i]
+        assert s["readers"] == len(rows)
+        assert int(s["label"]) == int(np.median(index.ratings["malignancy"][rows]) > 3)
+        for name in ("sphericity", "lobulation", "spiculation"):
+            own = s["reader_concepts"][name]
+            assert own[: len(rows)].tolist() == [float(index.ratings[name][a] - 1) for a in rows]
+            assert torch.isnan(own[len(rows):]).all()
+            values = sorted(own[: len(rows)].tolist())
+            assert float(s["concepts"][name]) == values[(len(values) - 1) // 2]  # the lower median
+        assert float(s["concepts"]["spiculated"]) == float(s["concepts"]["spiculation"] >= 2)
+        seen.add(len(rows))
+    assert {1, 2, 4} <= seen
+    assert set(s["concepts"]) == {"sphericity", "lobulation", "spiculation", "spiculated", "lobulated", "round"}
 
 
 def test_rasterise_polygon_closed_and_open():
@@ -246,37 +295,45 @@ def test_rasterise_polygon_closed_and_open():
 
 
 @pytest.mark.data
-def test_lidc_sample_mask_matches_the_contour():
+def test_lidc_sample_mask_is_the_readers_consensus():
     from mlmi_zoo.training.datasets.contour_masks import _by_slice, _rasterise_slice, shoelace_area
 
     index = _lidc_index()
     ds = NodulePhantom(None, source="lidc", split="val", size=64)
-    checked = 0
-    for i in range(0, 60, 4):
+    checked_single = checked_consensus = 0
+    for i in range(0, 120, 2):
         s = ds[i]
-        a = int(np.searchsorted(index.reading_id, s["reading_id"]))
-        assert int(s["label"]) == int(index.ratings["malignancy"][a] >= 4)
-        assert s["patient_id"] == index.patient_id[a] and s["nodule_id"].startswith(s["patient_id"])
-        ps = float(index.pixel_spacing[a])
+        rows = ds._lidc.readings[i]
+        ps = float(index.pixel_spacing[rows[0]])
+        assert s["patient_id"] == index.patient_id[rows[0]] and s["nodule_id"].startswith(s["patient_id"])
         assert torch.allclose(s["spacing"], torch.tensor([ps, ps], dtype=torch.float32))
         area_px = int(s["mask"].sum())
         assert float(s["measurements"]["area_mm2"]) == pytest.approx(area_px * ps * ps, rel=1e-5)
-        slices = _by_slice(index.contours(a))
-        pts_all = np.concatenate([p for v in slices.values() for _, p in v])
+        readers = [_by_slice(index.contours(int(a))) for a in rows]
+        pts_all = np.concatenate([p for r in readers for v in r.values() for _, p in v])
         lo, hi = pts_all.min(0), pts_all.max(0)
-        rows, cols = np.arange(lo[1], hi[1] + 1), np.arange(lo[0], hi[0] + 1)
-        counts = {z: int(_rasterise_slice(v, rows, cols).sum()) for z, v in slices.items()}
-        z_best = max(counts, key=counts.get)
-        if (hi - lo).max() < 60:  # the nodule fits the 64-pixel crop: the sample is the largest slice
-            assert area_px == counts[z_best]
-            polys = slices[z_best]
+        if (hi - lo).max() >= 60:  # the nodule does not fit the 64-pixel crop
+            continue
+        grid_r, grid_c = np.arange(lo[1], hi[1] + 1), np.arange(lo[0], hi[0] + 1)
+        zs = sorted({z for r in readers for z in r})
+        votes = {z: sum(_rasterise_slice(r[z], grid_r, grid_c).astype(int) for r in readers if z in r) for z in zs}
+        need = -(-len(rows) // 2)
+        counts = {z: int((v >= need).sum()) for z, v in votes.items()}
+        if max(counts.values()) == 0:
+            continue  # readers without a common half: the union, checked by construction only
+        assert area_px == max(counts.values())  # the largest consensus slice, wholly inside the crop
+        if len(rows) == 1:
+            polys = readers[0][max(counts, key=counts.get)]
             if len(polys) == 1 and polys[0][0]:
-                pts = np.unique(polys[0][1], axis=0)
-                shoelace = shoelace_area(polys[0][1])
+                shoelace, pts = shoelace_area(polys[0][1]), np.unique(polys[0][1], axis=0)
                 # closed polygon = interior + boundary lattice points: A <= I + B <= A + B/2 + 1 (Pick)
                 assert shoelace <= area_px <= shoelace + len(pts) / 2 + 1 + 1e-6
-                checked += 1
-    assert checked >= 5
+                checked_single += 1
+        elif len(rows) >= 3:
+            union = max(int((v >= 1).sum()) for v in votes.values())
+            assert area_px <= union
+            checked_consensus += 1
+    assert checked_single >= 3 and checked_consensus >= 5
 
 
 @pytest.mark.data

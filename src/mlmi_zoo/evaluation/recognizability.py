@@ -213,11 +213,14 @@ def leave_reader_out_pairs(model: ArrayLike, ratings: ArrayLike, nodules: Sequen
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ordered pairs of two different readings of the same nodule, for leave-reader-out agreement.
 
-    When each case's image is made from one reader's reading (LIDC-IDRI here: the rendered texture
-    follows that reader's ratings), scoring the model on that image against the same reader rewards
-    reading the rating back from the image. Leave-reader-out pairs the model's rating of reading
-    ``i`` with the rating of every *other* reading ``j != i`` of the nodule, exactly as readers are
-    paired with each other (:func:`inter_reader_agreement`), so the two kappas are comparable.
+    Leave-reader-out pairs the model's rating of reading ``i`` with the rating of every *other* reading
+    ``j != i`` of the nodule, exactly as readers are paired with each other
+    (:func:`inter_reader_agreement`), so the two kappas are computed on the same pairs. Where a case's
+    image were made from one reader's reading, scoring the model against that same reader would reward
+    reading the rating back from the image; leaving the reader out removes that. Where the image is
+    made from no rating (the LIDC-IDRI nodules of this library), pass one row per reading with the
+    model's rating of the nodule repeated: the pairs are then the model against each reader ``q``
+    beside each other reader ``p`` against ``q``.
 
     Args:
         model: (N,) the model's rating of each case (one case = one reading's image).

@@ -19,6 +19,7 @@ import time
 from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +35,7 @@ class Release:
     recipe: str  # file name in src/mlmi_zoo/training/recipes
     baseline: str | None = None  # bundled name of the black-box baseline on the same data
     localization_data: str | None = None  # an annotated set scoring localization where the test split has no masks
+    sample_crop_mm: float | None = None  # demo samples keep only this square around the finding, the rest blanked
 
 
 RELEASES = (
@@ -53,11 +55,43 @@ RELEASES = (
     Release("baseline_resnet8.lidc_nodule3d", "baseline_lidc_nodule3d.yaml"),
     Release("protopnet_resnet8.lidc_nodule3d", "protopnet_lidc_nodule3d.yaml", "baseline_resnet8.lidc_nodule3d"),
     Release("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_lite0_idrid_rdr_release.yaml"),
+    # mini-MIAS: research use only; a release carries no film beyond a few sample crops
+    Release("baseline_tf_efficientnet_lite0.mias", "baseline_lite0_mias_release.yaml", sample_crop_mm=60.0),
+    Release("cbm_tf_efficientnet_lite0.mias", "cbm_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
+            sample_crop_mm=60.0),
 )
 
 
-def _store_samples(folder: Path, recipe_path: Path, n: int = 2) -> None:
-    """Save ``n`` test cases (raw tensors + ground truth) for the demo."""
+def _crop_sample(sample: dict[str, Any], crop_mm: float) -> dict[str, Any]:
+    """``sample`` with every image-sized tensor blanked outside a ``crop_mm`` square around its finding.
+
+    The square is centred on the lesion mask's centroid, else on the breast (or field-of-view) mask's,
+    else on the image centre. For data whose licence lets a release carry only a few sample crops (mini-MIAS):
+    the model still runs on the full canvas, but only the crop holds the original pixels.
+    """
+    image = sample["image"]
+    hw = tuple(image.shape[-2:])
+    spacing = sample.get("spacing")
+    px = [max(1, round(crop_mm / float(s))) for s in (spacing if spacing is not None else (1.0, 1.0))]
+    centre = [n // 2 for n in hw]
+    for key in ("mask", "breast", "fov"):
+        m = sample.get(key)
+        if isinstance(m, torch.Tensor) and m.shape[-2:] == hw and bool(m.any()):
+            rows, cols = torch.nonzero(m.reshape(-1, *hw).any(0), as_tuple=True)
+            centre = [int(rows.float().mean()), int(cols.float().mean())]
+            break
+    keep = torch.zeros(hw, dtype=torch.bool)
+    lo = [min(max(c - n // 2, 0), max(h - n, 0)) for c, n, h in zip(centre, px, hw)]
+    keep[lo[0]:lo[0] + px[0], lo[1]:lo[1] + px[1]] = True
+    out = dict(sample)
+    for key, value in sample.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[-2:]) == hw:
+            out[key] = value * keep if value.dtype != torch.bool else value & keep
+    return out
+
+
+def _store_samples(folder: Path, recipe_path: Path, n: int = 2, crop_mm: float | None = None) -> None:
+    """Save ``n`` test cases (raw tensors + ground truth) for the demo, cropped when ``crop_mm`` is given."""
     from mlmi_zoo.model_cards.demo import save_samples
     from mlmi_zoo.training.data_spec import build_dataset
     from mlmi_zoo.training.datasets.catalog import source_for
@@ -75,7 +109,7 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2) -> None:
     source = source_for({"kind": spec.kind, "params": spec.params})
     shutil.rmtree(folder / "samples", ignore_errors=True)
     for i in range(min(n, len(dataset))):
-        sample = dataset[i]
+        sample = dataset[i] if crop_mm is None else _crop_sample(dataset[i], crop_mm)
         tensors = {k: v for k, v in sample.items() if isinstance(v, torch.Tensor) and k != "index"}
         names = getattr(dataset, "label_names", None)
         label = int(sample["label"])
@@ -83,6 +117,8 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2) -> None:
                 "label": names[label] if names else label}
         for key, value in sample.get("measurements", {}).items():
             meta[f"true {key}"] = round(float(value), 3)
+        if crop_mm is not None:
+            meta["crop"] = f"only a {crop_mm:g} mm square around the finding is kept; the rest of the image is blanked"
         save_samples(folder, f"test_case_{i}", tensors, meta)
 
 
@@ -122,7 +158,7 @@ def evaluate_and_card(release: Release, cards: Path) -> dict:
     results = evaluate(release.name, None, split="test", out=folder / "results.json", figures_dir=folder / "figures",
                        baseline_uri=baseline, command=command, localization_data=release.localization_data)
     write_card(folder, folder / "results.json", folder / "figures")
-    _store_samples(folder, recipe_path)
+    _store_samples(folder, recipe_path, crop_mm=release.sample_crop_mm)
     log.info("%s: test AUROC %.4f", release.name, results["task"]["auroc"]["estimate"])
     return results
 

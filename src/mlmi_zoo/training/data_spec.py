@@ -12,9 +12,10 @@ is identified in :func:`describe`):
   case ``i`` is a function of ``(seed, i)`` only. The splits are disjoint index ranges of it:
   train ``[0, train_size)``, val ``[train_size, train_size + val_size)``, test after that. A
   sample's ``"index"`` is its case number in the generator, so indices never repeat across splits.
-* ``lidc_nodules``: LIDC-IDRI readings rendered by :class:`NodulePhantom` with ``source="lidc"``;
-  the split is the patient-level split of :mod:`mlmi_zoo.training.datasets.lidc_index` (no patient in two
-  splits). ``*_size`` optionally keeps the first n readings of a split.
+* ``lidc_nodules``: LIDC-IDRI nodules (one case per nodule, its readers' consensus contour) rendered by
+  :class:`NodulePhantom` with ``source="lidc"``; the split is the patient-level split of
+  :mod:`mlmi_zoo.training.datasets.lidc_index` (no patient in two splits). ``*_size`` optionally keeps the
+  first n nodules of a split.
 * ``medmnist``: the official train/val/test arrays of the ``.npz`` (MD5-verified); ``*_size``
   optionally keeps the first n.
 * ``mias``: mini-MIAS mammograms (:mod:`mlmi_zoo.training.datasets.mias`); the fixed split by woman
@@ -372,13 +373,13 @@ def describe(spec: DataSpec) -> dict[str, Any]:
     if spec.kind == "lidc_nodules":
         from mlmi_zoo.training.datasets.phantoms import NodulePhantom
 
-        from mlmi_zoo.training.datasets.lidc import LidcReadings
+        from mlmi_zoo.training.datasets.lidc import LidcNodules
         from mlmi_zoo.training.datasets.lidc_index import resolve_lidc_path
 
         for split in SPLITS:
             ds = NodulePhantom(spec.size_of(split), source="lidc", split=split, **p)
-            readings = LidcReadings(ds.config)
-            patients = readings.patient_ids()[: len(ds)]  # the cases this split uses, in case order
+            nodules = LidcNodules(ds.config)
+            patients = nodules.patient_ids()[: len(ds)]  # the cases this split uses, in case order
             out["splits"][split] = {"size": len(ds), "patient_split": split, "patient_ids": sorted(set(patients))}
         lidc_path = resolve_lidc_path(p.get("lidc_path"))
         out["source"] = {"file": lidc_path.name, "sha256": _sha256(lidc_path)}

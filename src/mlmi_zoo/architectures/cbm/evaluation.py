@@ -124,7 +124,7 @@ def _concept_quality(model: Any, col: _Collected, ctx: _Context) -> dict[str, An
                 "continuous": ("mae",)}[spec.kind]
         for key in keys:
             metrics[f"{spec.name}_{key}"] = result[key]
-    if col.nodule_ids:
+    if col.reader_concepts:
         metrics.update(_reader_agreement(model, col, details, ctx.n_boot, ctx.seed))
     block = element(True, metrics=metrics, does_not_show=does_not_show)
     block["details"] = details
@@ -133,43 +133,46 @@ def _concept_quality(model: Any, col: _Collected, ctx: _Context) -> dict[str, An
 
 def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any], n_boot: int = 500,
                       seed: int = 0) -> dict[str, Any]:
-    """Model vs radiologists beside radiologists vs each other, per rated concept (LIDC-IDRI); also
-    leave-reader-out (the model on one reading's image against the other readers only), with the
-    paired bootstrap over nodules of its margin to the inter-reader kappa."""
+    """Model vs radiologists beside radiologists vs each other, per rated concept (LIDC-IDRI).
+
+    Each case is one nodule whose image no rating entered, carrying every reader's own rating. Over
+    all ordered pairs of two different readers ``(p, q)`` of a nodule, the model's rating is paired with
+    reader ``q`` exactly as reader ``p`` is, so the two weighted kappas are computed on the same pairs;
+    their difference gets a paired bootstrap over patients.
+    """
     metrics: dict[str, Any] = {}
-    nodules = np.asarray(col.nodule_ids)
+    patients = col.case_groups()
     for spec in model.concept_specs:
-        if spec.kind == "continuous" or spec.name not in col.concept_pred:
+        if spec.kind == "continuous" or spec.name not in col.concept_pred or spec.name not in col.reader_concepts:
             continue
-        pred, true = _cat(col.concept_pred[spec.name]), _cat(col.concept_true[spec.name]).numpy()
-        ratings: dict[str, list[float]] = {}
-        model_by: dict[str, float] = {}
-        for nodule in np.unique(nodules):
-            rows = np.flatnonzero(nodules == nodule)
-            ratings[str(nodule)] = [float(v) for v in true[rows]]
-            mean = pred[rows].mean(0)  # a nodule's readings are renderings of one object: average the model
-            model_by[str(nodule)] = float(mean.argmax()) if mean.ndim else float(mean >= 0.5)
+        pred = _cat(col.concept_pred[spec.name])
+        readers = _cat(col.reader_concepts[spec.name]).numpy()  # (N, max readers), NaN-padded
+        per_case = (pred.argmax(-1) if pred.ndim == 2 else (pred >= 0.5).long()).double().numpy()
+        case, reader = np.nonzero(np.isfinite(readers))
+        ratings = {str(i): readers[i][np.isfinite(readers[i])].tolist() for i in range(len(readers))}
         weights: Literal["quadratic"] | None = "quadratic" if spec.kind == "ordinal" else None
         labels = list(range(spec.width)) if spec.kind != "binary" else [0, 1]
         inter = inter_reader_agreement(ratings, weights=weights, labels=labels)
-        model_k = model_reader_agreement(model_by, ratings, weights=weights, labels=labels)
+        model_k = model_reader_agreement({str(i): float(v) for i, v in enumerate(per_case)}, ratings, weights=weights,
+                                         labels=labels)
+        # (model, reader q, reader p) over ordered reader pairs p != q of one nodule: one row per reading, the
+        # model's rating repeated, the pairing of leave_reader_out_pairs.
+        m_i, r_j, r_i, pair_case = leave_reader_out_pairs(per_case[case], readers[case, reader], case.astype(str).tolist())
+        paired = agreement(m_i, r_j, weights, labels) if len(m_i) else math.nan
         metrics[f"{spec.name}_model_reader_kappa"] = model_k
         metrics[f"{spec.name}_inter_reader_kappa"] = inter
-        # Leave-reader-out: the model on reading i's image against the other readers j != i only.
-        per_case = (pred.argmax(-1) if pred.ndim == 2 else (pred >= 0.5).long()).double().numpy()
-        m_i, r_j, r_i, pair_nodule = leave_reader_out_pairs(per_case, true, nodules.tolist())
-        lro = agreement(m_i, r_j, weights, labels) if len(m_i) else math.nan
-        metrics[f"{spec.name}_model_reader_kappa_leave_reader_out"] = lro
-        record: dict[str, Any] = {"weights": weights, "nodules": len(ratings), "model_reader_kappa": model_k,
-                                  "inter_reader_kappa": inter, "model_reader_kappa_leave_reader_out": lro}
+        record: dict[str, Any] = {"weights": weights, "nodules": len(ratings), "readings": int(len(case)),
+                                  "model_reader_kappa": model_k, "inter_reader_kappa": inter,
+                                  "model_reader_kappa_on_reader_pairs": paired}
         if len(m_i):
             def margin(mi: np.ndarray, rj: np.ndarray, ri: np.ndarray) -> float:
                 return agreement(mi, rj, weights, labels) - agreement(ri, rj, weights, labels)
 
-            ci = bootstrap_ci(margin, m_i, r_j, r_i, n=n_boot, seed=seed, groups=pair_nodule)
-            record["leave_reader_out_minus_inter_reader"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high,
-                                                             "resampled": "nodules"}
-            metrics[f"{spec.name}_leave_reader_out_minus_inter_reader_kappa"] = {
+            groups = patients[pair_case.astype(np.int64)]
+            ci = bootstrap_ci(margin, m_i, r_j, r_i, n=n_boot, seed=seed, groups=groups)
+            record["model_minus_inter_reader"] = {"estimate": ci.estimate, "low": ci.low, "high": ci.high,
+                                                  "resampled": "patients", "patients": int(len(np.unique(groups)))}
+            metrics[f"{spec.name}_model_minus_inter_reader_kappa"] = {
                 "estimate": ci.estimate, "low": ci.low, "high": ci.high}
         details.setdefault(spec.name, {})["reader_agreement"] = record
     return metrics

@@ -365,4 +365,4 @@ class CBM(InterpretableModel[CBMConfig]):
         return self.intervene_vector(x, table, known, spacing)
 
 
-register_backbones(CBM, ("resnet8", "resnet18"), "Concept bottleneck model (Koh et al. 2020) on a {backbone} backbone.")
+register_backbones(CBM, ("resnet8", "resnet18", "tf_efficientnet_lite0"), "Concept bottleneck model (Koh et al. 2020) on a {backbone} backbone.")

@@ -8,7 +8,9 @@ Stages:
 - ``"label_head"``: the concept -> label head alone, on cross-entropy ``L_y``. In ``independent``
   mode it sees the *true* concepts of the batch (missing ones imputed from training-split
   statistics) and never runs the image network; in ``sequential`` (and ``joint``) mode it sees the
-  frozen concept model's *predicted* bottleneck vectors.
+  frozen concept model's *predicted* bottleneck vectors. Validation always scores the model as it is
+  used, on its predicted concepts, so the epoch kept is the best deployed model, not the best label
+  predictor on true concepts.
 - ``"joint"``: everything, on ``L_y + joint_lambda * L_c`` — Koh et al.'s weighting (lambda scales
   the concept loss, the label loss keeps weight 1).
 
@@ -140,6 +142,13 @@ class CBMTraining(FamilyTraining):
             vector = model.codec.target_bottleneck(self.concept_targets(model, batch, device))  # (B, K)
             logits = model.predict_label(vector)
             ce = nn.functional.cross_entropy(logits, labels.to(device))
+            if not model.training:
+                # Validation scores the model as it is used, on its own predicted concepts: the true-concept
+                # logits would make every validation metric (and so the kept epoch) the label predictor's on
+                # true concepts, which no deployed model sees. The stage loss stays the training objective.
+                x = self.inputs(model, batch)
+                with torch.no_grad():
+                    logits = model.predict_label(model.codec.bottleneck(model.concept_logits(x, _spacing(batch, x.device))))
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
         x = self.inputs(model, batch)
         spacing = _spacing(batch, x.device)  # the model resamples onto its canonical grid with it (config.resample)

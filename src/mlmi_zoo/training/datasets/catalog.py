@@ -100,9 +100,13 @@ SOURCES: dict[str, DataSource] = {
         PHANTOM_GT, True, (ZOO_BIBTEX,)),
     "lidc_nodules": DataSource(
         "LIDC-IDRI-grounded nodules", "LIDC-IDRI", "cc-by-3.0", "CT", "lung",
-        "one real LIDC-IDRI radiologist reading per case: the drawn contour at the scan's real spacing is the mask, "
-        "the ratings are the concepts, malignancy (>= 4 vs <= 2; 3 excluded) the label; only the CT texture is rendered",
-        "radiologist annotations (contours and ratings) of LIDC-IDRI; split by patient", True, LIDC_BIBTEX),
+        "one real LIDC-IDRI nodule per case: the consensus of its readers' contours (pixels drawn by at least half of "
+        "them) at the scan's real spacing is the mask; the CT texture and the nodule's density are rendered at random, "
+        "never from a rating; the label is the readers' median malignancy (above 3 vs below 3; 3 excluded)",
+        "radiologist annotations of LIDC-IDRI: contours (the geometry) and ratings (labels and concepts: the readers' "
+        "median, each reader's own kept for agreement); only the shape ratings (sphericity, lobulation, spiculation) "
+        "are measured, since texture, internal structure, calcification, margin and subtlety could be drawn only from "
+        "a reader's rating; split by patient", True, LIDC_BIBTEX),
     "tilebag_phantom": DataSource(
         "mlmi-zoo tile-bag phantom", "mlmi-zoo/tilebag-phantom", "apache-2.0", "histopathology", "generic tissue",
         "procedural H&E-like slides as bags of tiles; tumour tiles carry larger, darker, irregular nuclei",

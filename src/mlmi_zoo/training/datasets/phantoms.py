@@ -62,7 +62,7 @@ class NodulePhantomConfig:
     """Everything that defines a :class:`NodulePhantom`; case ``i`` is a function of this and ``i``.
 
     Args:
-        length: number of cases; ``None`` in ``source="lidc"`` mode means all readings of the split.
+        length: number of cases; ``None`` in ``source="lidc"`` mode means all nodules of the split.
         spatial_dims: 2 (a patch ``(H, W)``) or 3 (a volume ``(D, H, W)``).
         size: patch size in pixels; an int means the same on every axis.
         spacing_range: in-plane pixel spacing (mm) drawn uniformly per case (synthetic source).
@@ -70,7 +70,7 @@ class NodulePhantomConfig:
         diameter_range_mm: base diameter of the nodule body, drawn uniformly; the upper end is
             lowered so the nodule always fits the smallest field of view (see ``max_diameter_mm``).
         seed: data-set seed.
-        source: ``"synthetic"`` or ``"lidc"`` (real LIDC-IDRI contours and ratings).
+        source: ``"synthetic"`` or ``"lidc"`` (real LIDC-IDRI contours and ratings, one case per nodule).
         p_nodule: probability that a case holds a nodule (synthetic only).
         label_noise: probability that the rule's label is flipped.
         lidc_path: the LIDC-IDRI annotation SQLite or its folder (``source="lidc"``; else ``$MLMI_ZOO_DATA``).
@@ -165,7 +165,7 @@ class NodulePhantom(SizedDataset[dict[str, Any]]):
     """CT-like lung-nodule patches in HU with exact masks, concepts, measurements and labels.
 
     Args:
-        length: number of cases (synthetic); in ``source="lidc"`` mode, ``None`` = all readings of
+        length: number of cases (synthetic); in ``source="lidc"`` mode, ``None`` = all nodules of
             the split, otherwise the first ``length`` of them.
         spatial_dims: 2 or 3.
         size: patch size in pixels (int or per-axis tuple).
@@ -181,7 +181,8 @@ class NodulePhantom(SizedDataset[dict[str, Any]]):
 
     Each sample is ``{"image": (1, *S) float32 HU, "mask": (1, *S) bool, "spacing": (dims,) mm,
     "label": int64, "concepts": {name: float32}, "measurements": {name: float32}, "index": int}``;
-    LIDC samples add ``"patient_id"``, ``"reading_id"`` and ``"nodule_id"``.
+    LIDC samples add ``"reader_concepts"`` (each reader's concepts, NaN-padded), ``"patient_id"``,
+    ``"nodule_id"`` and ``"readers"``.
     """
 
     label_names: tuple[str, ...] = ("benign", "malignant")
@@ -199,12 +200,12 @@ class NodulePhantom(SizedDataset[dict[str, Any]]):
         if source == "lidc":
             if p_nodule != 1.0:
                 raise ValueError(f"p_nodule applies to the synthetic source only; source='lidc' got {p_nodule}")
-            from mlmi_zoo.training.datasets.lidc import LidcReadings
+            from mlmi_zoo.training.datasets.lidc import LidcNodules
 
-            self._lidc = LidcReadings(self.config)
+            self._lidc = LidcNodules(self.config)
             self._length = len(self._lidc) if length is None else length
             if self._length > len(self._lidc):
-                raise ValueError(f"length={length} but split {split!r} holds {len(self._lidc)} LIDC readings; "
+                raise ValueError(f"length={length} but split {split!r} holds {len(self._lidc)} LIDC nodules; "
                                  f"pass length=None for all of them")
         else:
             self._length = int(length)  # type: ignore[arg-type]

@@ -36,9 +36,9 @@ def _nodule_panel(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str]:
     lines = [f"d={float(m['diameter_mm']):.1f}mm {size}", f"HU={float(m['mean_hu']):.0f} sp={sp}"]
     c = sample["concepts"]
     if "patient_id" in sample:
-        keys = ("spiculation", "calcification", "texture", "margin", "malignancy")
+        keys = ("sphericity", "lobulation", "spiculation")
         lines.append(" ".join(f"{k[:4]}={_fmt(c[k])}" for k in keys if k in c))
-        lines.append(f"{sample['patient_id'][-4:]} r{sample['reading_id']} y={int(sample['label'])}")
+        lines.append(f"{sample['patient_id'][-4:]} {sample['readers']} readers y={int(sample['label'])}")
     else:
         lines.append(" ".join(f"{k[:4]}={_fmt(v)}" for k, v in c.items()) + f" y={int(sample['label'])}")
     return img, mask, "\n".join(lines)
