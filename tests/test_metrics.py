@@ -445,3 +445,35 @@ def test_figures_write_png_files(tmp_path) -> None:
     ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_example_figures_of_restricted_images_show_only_a_crop_around_the_map_maximum(tmp_path) -> None:
+    from mlmi_zoo.evaluation.figures import _crop_window, plot_examples
+    from mlmi_zoo.training.datasets.catalog import source_for
+
+    heat = np.zeros((200, 100))
+    heat[190, 5] = 1.0  # the maximum sits in a corner: the window stays inside the image
+    rows, cols = _crop_window((200, 100), heat, 0.25)
+    assert (rows.start, rows.stop, cols.start, cols.stop) == (150, 200, 0, 25)
+    assert _crop_window((200, 100), None, 0.5) == (slice(50, 150), slice(25, 75))  # no map: the centre
+    path = plot_examples([torch.rand(1, 64, 64)], [torch.rand(64, 64)], ["a"], tmp_path / "crop.png", crop=0.25)
+    assert path.is_file()
+    with pytest.raises(ValueError, match="fraction"):
+        plot_examples([torch.rand(1, 8, 8)], [None], ["a"], tmp_path / "bad.png", crop=1.5)
+    # the licence decides: mini-MIAS figures show crops, every other bundled source whole images
+    assert not source_for({"kind": "mias"}).whole_images_shareable and not source_for({"kind": "mias_bags"}).whole_images_shareable
+    assert source_for({"kind": "lidc_nodules"}).whole_images_shareable and source_for({"kind": "idrid"}).whole_images_shareable
+
+
+def test_a_cropped_prototype_gallery_moves_its_boxes_with_the_crop(tmp_path) -> None:
+    from mlmi_zoo.evaluation.figures import _crop_panel, plot_prototype_gallery
+
+    image = torch.rand(1, 100, 100)
+    boxes = [np.array([40, 60, 48, 68]), np.array([30, 50, 58, 78]), None]
+    cropped, moved, title = _crop_panel(image, boxes, "#0", 0.5)  # a 50-px window centred on (44, 64): rows 19:69, columns 39:89
+    assert cropped.shape == (1, 50, 50) and title.endswith("(crop)")
+    assert moved[0].tolist() == [21, 21, 29, 29] and moved[1].tolist() == [11, 11, 39, 39] and moved[2] is None
+    assert np.array_equal(cropped, image.numpy()[:, 19:69, 39:89])
+    assert plot_prototype_gallery([(image, boxes, "#0")], tmp_path / "g.png", crop=0.5).is_file()
+    with pytest.raises(ValueError, match="2D boxes"):
+        _crop_panel(image, torch.zeros(100, 100, dtype=torch.bool), "#0", 0.5)

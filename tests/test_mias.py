@@ -163,6 +163,7 @@ def test_samples_labels_and_the_four_centreless_images(every: MIAS, samples: dic
     assert torch.equal(s["spacing"], torch.tensor([FAST, FAST]))
     assert (int(s["label"]), s["patient_id"], s["index"], s["has_centre"]) == (1, "mias-w001", 0, True)
     assert float(s["measurements"]["radius_mm"]) == pytest.approx(39.4)
+    assert float(s["measurements"]["diameter_mm"]) == pytest.approx(78.8)  # the circle's diameter, for size heads
     assert int(s["concepts"]["abnormality"]) == 2 and int(s["concepts"]["tissue"]) == 1  # CIRC, G
     for name, sample in samples.items():
         record = every.records[sample["index"]]

@@ -103,9 +103,12 @@ def _base_dataset(ds: Any) -> Any:
 class _Figures:
     """Writes PNGs into ``folder``; the document cites them as ``figures/<name>.png``."""
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, image_crop: float | None = None) -> None:
         self.folder = folder
         self.index: dict[str, str] = {}
+        # Figures of input images show only this fraction of each side (None: whole images); set for data whose
+        # licence allows a card only a few sample crops (DataSource.whole_images_shareable).
+        self.image_crop = image_crop
 
     def draw(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[str]:
         """Draw one figure; returns ``[relative path]`` (empty when figures are off)."""

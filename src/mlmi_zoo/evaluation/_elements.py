@@ -71,7 +71,8 @@ def _physical_block(col: _Collected, model: Any, ds: Dataset, limits: Evaluation
                      f"(true {float(_cat(col.truth[name])[i]):.1f})" for name in col.measured]
             titles.append("\n".join(parts) or "counted lesion fraction")
         if n and len(x) == n:
-            figures += fig.draw("measurement_maps", figs.plot_examples, list(x), list(_cat(col.keep_counted)), titles)
+            figures += fig.draw("measurement_maps", figs.plot_examples, list(x), list(_cat(col.keep_counted)), titles,
+                                crop=fig.image_crop)
     if explain_values is not None:
         invariance = _spacing_invariance(col, model, ds, limits, explain_values)
         if invariance is None:
@@ -250,7 +251,7 @@ def _examples(col: _Collected, model: Any, labels: torch.Tensor, probs: torch.Te
     names = model.label_names
     titles = [f"label {names[int(labels[i])]}; p({names[int(probs[i].argmax())]}) = {float(probs[i].max()):.2f}\n"
               f"overlay: {map_name} map" for i in range(n)]
-    return fig.draw("examples", figs.plot_examples, list(x), list(maps), titles)
+    return fig.draw("examples", figs.plot_examples, list(x), list(maps), titles, crop=fig.image_crop)
 
 
 # ---------------------------------------------------------------------------------------------

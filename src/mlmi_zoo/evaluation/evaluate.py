@@ -49,10 +49,12 @@ from mlmi_zoo.evaluation.task import task_metrics
 from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
 from mlmi_zoo.families import family_of
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
+from mlmi_zoo.training.datasets.catalog import source_for
 
 __all__ = ["evaluate", "EvaluationLimits", "load_data_spec", "check_split_overlap", "data_spec_to_text"]
 
 log = logging.getLogger(__name__)
+IMAGE_CROP = 0.25  # the side fraction figures show of images that may not be shared whole
 
 # ---------------------------------------------------------------------------------------------
 # the runner
@@ -263,7 +265,9 @@ def evaluate(
     collate = collate_for(spec)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     folder = Path(figures_dir) if figures_dir is not None else (Path(out).parent / "figures" if out is not None else None)
-    fig = _Figures(folder)
+    # a licence that allows only sample crops (mini-MIAS): figures of the images show a quarter of each side
+    fig = _Figures(folder, None if source_for({"kind": spec.kind, "params": dict(spec.params)}).whole_images_shareable
+                   else IMAGE_CROP)
     ctx = _Context(spec, train_spec, split, dataset, limits, fig, seed, batch_size, collate, limitations, n_boot=n_boot)
 
     family = model.family

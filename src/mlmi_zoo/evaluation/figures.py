@@ -251,7 +251,7 @@ _REGION_STYLES = (("yellow", "-"), ("cyan", "--"), ("magenta", "-"))
 
 
 def plot_prototype_gallery(patches: Sequence[tuple[Any, Any, str]], path: str | Path, columns: int = 5,
-                           legend: str | None = None) -> Path:
+                           legend: str | None = None, crop: float | None = None) -> Path:
     """A grid of prototype source images with the prototype's patch outlined.
 
     Args:
@@ -261,10 +261,14 @@ def plot_prototype_gallery(patches: Sequence[tuple[Any, Any, str]], path: str | 
         path: output PNG.
         columns: images per row.
         legend: a line under the grid saying what each outline is.
+        crop: show only a square of this fraction of each image side, centred on the first region (boxes
+            only; for data whose licence allows only sample crops); None shows whole images.
 
     Returns:
         ``path``.
     """
+    if crop is not None:
+        patches = [_crop_panel(image, region, title, crop) for image, region, title in patches]
     plt = _pyplot()
     if not patches:
         raise ValueError("plot_prototype_gallery needs at least one (image, region, title) entry")
@@ -287,7 +291,8 @@ def plot_prototype_gallery(patches: Sequence[tuple[Any, Any, str]], path: str | 
     return _save(fig, path)
 
 
-def plot_examples(images: Sequence[Any], overlays: Sequence[Any | None], titles: Sequence[str], path: str | Path) -> Path:
+def plot_examples(images: Sequence[Any], overlays: Sequence[Any | None], titles: Sequence[str], path: str | Path,
+                  crop: float | None = None) -> Path:
     """A row of input images, each with an optional heat-map overlay (e.g. similarity or attention).
 
     Args:
@@ -295,6 +300,8 @@ def plot_examples(images: Sequence[Any], overlays: Sequence[Any | None], titles:
         overlays: list of (*spatial) maps at image resolution, or None entries.
         titles: one title per image.
         path: output PNG.
+        crop: show only a square of this fraction of each side, centred on the overlay's maximum (the
+            image centre without one), for data whose licence allows only sample crops; None shows all.
 
     Returns:
         ``path``.
@@ -305,15 +312,55 @@ def plot_examples(images: Sequence[Any], overlays: Sequence[Any | None], titles:
             f"images, overlays and titles must be non-empty and equally long; got {len(images)}, "
             f"{len(overlays)}, {len(titles)}"
         )
+    if crop is not None and not 0.0 < crop <= 1.0:
+        raise ValueError(f"crop is a fraction of the image side in (0, 1], got {crop}")
     fig, axes = plt.subplots(1, len(images), figsize=(2.4 * len(images), 2.6), squeeze=False)
     for ax, image, overlay, title in zip(axes[0], images, overlays, titles):
         disp = _display(image)
+        heat = None if overlay is None else _overlay_slice(overlay)
+        if crop is not None:
+            window = _crop_window(disp.shape[:2], heat, crop)
+            disp = disp[window]
+            heat = None if heat is None else heat[window]
+            title = f"{title}\n(crop)"
         ax.imshow(disp, cmap="gray" if disp.ndim == 2 else None, interpolation="nearest")
-        if overlay is not None:
-            ax.imshow(_overlay_slice(overlay), cmap="jet", alpha=0.4, interpolation="bilinear")
+        if heat is not None:
+            ax.imshow(heat, cmap="jet", alpha=0.4, interpolation="bilinear")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     return _save(fig, path)
+
+
+def _crop_panel(image: Any, region: Any, title: str, fraction: float) -> tuple[np.ndarray, Any, str]:
+    """A gallery panel cut to a ``fraction`` square around its first box; boxes move with the crop."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"crop is a fraction of the image side in (0, 1], got {fraction}")
+    img = _array(image)
+    regions = region if isinstance(region, list) else [region]
+    boxes = [None if r is None else _array(r) for r in regions]
+    if any(b is not None and not (b.ndim == 1 and b.size == 4) for b in boxes):
+        raise ValueError("a cropped gallery panel outlines 2D boxes (row0, col0, row1, col1) only")
+    hw = (int(img.shape[-2]), int(img.shape[-1]))
+    heat = None
+    if boxes and boxes[0] is not None:
+        heat = np.zeros(hw)
+        heat[min(max(int((boxes[0][0] + boxes[0][2]) // 2), 0), hw[0] - 1),
+             min(max(int((boxes[0][1] + boxes[0][3]) // 2), 0), hw[1] - 1)] = 1.0
+    rows, cols = _crop_window(hw, heat, fraction)
+    moved = [None if b is None else np.array([b[0] - rows.start, b[1] - cols.start, b[2] - rows.start, b[3] - cols.start])
+             for b in boxes]
+    return img[..., rows, cols], moved if isinstance(region, list) else moved[0], f"{title}\n(crop)"
+
+
+def _crop_window(hw: tuple[int, int], heat: np.ndarray | None, fraction: float) -> tuple[slice, slice]:
+    """A square of ``fraction`` of each side, centred on ``heat``'s maximum (else the centre), inside the image."""
+    size = [max(1, round(n * fraction)) for n in hw]
+    if heat is not None and heat.shape[:2] == tuple(hw) and np.isfinite(heat).any():
+        centre = np.unravel_index(int(np.nanargmax(heat)), heat.shape[:2])
+    else:
+        centre = (hw[0] // 2, hw[1] // 2)
+    lo = [min(max(int(c) - s // 2, 0), n - s) for c, s, n in zip(centre, size, hw)]
+    return slice(lo[0], lo[0] + size[0]), slice(lo[1], lo[1] + size[1])
 
 
 def plot_heatmap(

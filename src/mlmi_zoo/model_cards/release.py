@@ -35,7 +35,9 @@ class Release:
     recipe: str  # file name in src/mlmi_zoo/training/recipes
     baseline: str | None = None  # bundled name of the black-box baseline on the same data
     localization_data: str | None = None  # an annotated set scoring localization where the test split has no masks
-    sample_crop_mm: float | None = None  # demo samples keep only this square around the finding, the rest blanked
+    # demo samples keep only this square (mm) around the finding, the rest blanked: for data whose licence lets a
+    # release carry only a few sample crops (mini-MIAS)
+    sample_crop_mm: float | None = None
 
 
 RELEASES = (

@@ -375,7 +375,8 @@ def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict
         patches.append((image, flat, f"#{rec['prototype']} {rec['class_name']} (case {rec['index']})"))
     if not patches:
         return [], fields
-    return ctx.figures.draw("prototype_gallery", figs.plot_prototype_gallery, patches, legend=GALLERY_LEGEND), fields
+    return ctx.figures.draw("prototype_gallery", figs.plot_prototype_gallery, patches, legend=GALLERY_LEGEND,
+                            crop=ctx.figures.image_crop), fields
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,9 @@ class DataSource:
     ground_truth: str
     has_spacing: bool
     bibtex: tuple[str, ...] = field(default_factory=tuple)
+    # whether a card may show whole images; False for licences that allow only a few sample crops (mini-MIAS):
+    # its figures then show crops
+    whole_images_shareable: bool = True
 
 
 ZOO_BIBTEX = """@software{mlmi_zoo,
@@ -117,14 +120,14 @@ SOURCES: dict[str, DataSource] = {
         "by block averaging and oriented chest wall left; split by woman. Licence: research use only, cite the "
         "database, never rent, lease or sell it",
         "radiologists' truth per image: background tissue, class and severity of each abnormality, and a circle "
-        "(centre, radius in pixels x 0.2 mm) enclosing it (none for 4 abnormal images)", True, (MIAS_BIBTEX,)),
+        "(centre, radius in pixels x 0.2 mm) enclosing it (none for 4 abnormal images)", True, (MIAS_BIBTEX,), whole_images_shareable=False),
     "mias_bags": DataSource(
         "mini-MIAS", "mini-MIAS", "research-use-only", "mammography (digitised film)", "breast",
         "322 mediolateral-oblique film mammograms of 161 women (Suckling et al. 1994) as bags of breast tiles, each "
         "encoded once by a frozen encoder (cached features, never the images); split by woman. Licence: research use "
         "only, cite the database, never rent, lease or sell it",
         "radiologists' truth per image: class and severity of each abnormality and a circle enclosing it; a tile is "
-        "positive when it overlaps a circle (unknown on the 4 abnormal images without one)", True, (MIAS_BIBTEX,)),
+        "positive when it overlaps a circle (unknown on the 4 abnormal images without one)", True, (MIAS_BIBTEX,), whole_images_shareable=False),
     "idrid": DataSource(
         "IDRiD", "IDRiD", "cc-by-4.0", "fundus photography", "eye (retina)",
         "Indian Diabetic Retinopathy Image Dataset (Porwal et al. 2018): 516 photographs with DR and macular-edema "

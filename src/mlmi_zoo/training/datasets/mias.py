@@ -42,7 +42,8 @@ What we changed with respect to the files:
 
 Samples: ``{"image": float32 (1, H, W) in [0, 1], "mask": bool (1, H, W), "spacing": float32 (2,) mm,
 "label": int64, "concepts": {"abnormality": class index in ABNORMALITY_CLASSES, "tissue": index in
-TISSUES}, "measurements": {"radius_mm": radius of the largest circle, NaN without one}, "index":
+TISSUES}, "measurements": {"radius_mm": radius of the largest circle, "diameter_mm": twice that, NaN
+without one}, "index":
 number - 1, "patient_id": "mias-wNNN", "name": "mdbNNN", "breast": bool (H, W), "abnormal": bool,
 "has_centre": bool}``.
 Labels: ``task="abnormal"`` (normal 0 / abnormal 1, all 322 images) or ``task="severity"`` (benign 0 /
@@ -599,7 +600,7 @@ class MIAS(SizedDataset[dict[str, Any]]):
         ConceptSpec("abnormality", "categorical", levels=ABNORMALITY_CLASSES),
         ConceptSpec("tissue", "ordinal", levels=TISSUES),
     )
-    quantities = (QuantitySpec("radius_mm", "mm"),)
+    quantities = (QuantitySpec("radius_mm", "mm"), QuantitySpec("diameter_mm", "mm"))
 
     def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", spacing_mm: float = 0.8,
                  task: str = "abnormal",
@@ -728,7 +729,7 @@ class MIAS(SizedDataset[dict[str, Any]]):
             "spacing": torch.tensor(self.spacing, dtype=torch.float32),  # (2,) mm
             "label": torch.tensor(self.label_of(record), dtype=torch.int64),
             "concepts": {"abnormality": values[0], "tissue": values[1]},
-            "measurements": {"radius_mm": values[2]},
+            "measurements": {"radius_mm": values[2], "diameter_mm": 2.0 * values[2]},
             "index": record.number - 1,
             "patient_id": f"mias-w{record.woman:03d}",
             "name": record.name,
