@@ -293,3 +293,18 @@ def test_model_reader_agreement_pairs_the_model_with_each_reader_as_readers_are_
     model, col = _reader_case_collection(readers, np.full(90, 2), patients)
     m = _reader_agreement(model, col, {})
     assert m["spiculation_model_minus_inter_reader_kappa"]["high"] < 0
+
+
+def test_left_out_a_model_that_reads_back_the_other_reader_is_exactly_one_more_reader() -> None:
+    from mlmi_zoo.architectures.cbm.evaluation import _pairs_leaving_out
+    from mlmi_zoo.evaluation.recognizability import agreement
+
+    rng = np.random.default_rng(1)
+    readers = np.full((50, 8), np.nan)
+    readers[:, :2] = rng.integers(0, 5, (50, 2))  # two readers per nodule
+    own = np.full((50, 8), np.nan)
+    own[:, 0], own[:, 1] = readers[:, 1], readers[:, 0]  # drawn without reader q, the model sees the other reader
+    m, rq, rp, case, _ = _pairs_leaving_out(own, readers)
+    assert len(m) == 100 and np.array_equal(m, rp)  # the model's pairs are exactly the readers' pairs
+    assert agreement(m, rq, "quadratic", range(5)) == pytest.approx(agreement(rp, rq, "quadratic", range(5)))
+    assert sorted(set(case.tolist())) == list(range(50))

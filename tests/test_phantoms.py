@@ -344,3 +344,34 @@ def test_lidc_readings_of_one_nodule_share_an_id():
     sizes = Counter(Counter(index.nodule_id.tolist()).values())
     assert sum(v for k, v in sizes.items() if k <= 4) / sum(sizes.values()) > 0.99  # at most 4 readers
     assert sizes[4] > 500
+
+
+@pytest.mark.data
+def test_an_lidc_case_drawn_without_one_reader_holds_nothing_that_reader_drew():
+    from mlmi_zoo.training.datasets.contour_masks import _by_slice
+
+    index = _lidc_index()
+    ds = NodulePhantom(None, source="lidc", split="val", size=64)
+    checked = 0
+    for i in range(len(ds)):
+        rows = ds._lidc.readings[i]
+        if len(rows) != 2:
+            continue
+        full, without = ds[i], ds.render_leaving_out(i, 0)
+        # same random draws and the case's own concepts and label; only the outline changes
+        assert torch.equal(without["concepts"]["spiculation"], full["concepts"]["spiculation"])
+        assert int(without["label"]) == int(full["label"]) and without["readers"] == 2
+        # with two readers, the outline drawn without reader 0 is reader 1's alone (half of one reader is one)
+        only = NodulePhantom(None, source="lidc", split="val", size=64)
+        only._lidc.readings[i] = rows[1:]
+        assert torch.equal(without["mask"], only[i]["mask"]) and torch.equal(without["image"], only[i]["image"])
+        assert _by_slice(index.contours(int(rows[1])))  # reader 1 drew something
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
+    single = next(i for i in range(len(ds)) if len(ds._lidc.readings[i]) == 1)
+    with pytest.raises(ValueError, match="one of several readers"):
+        ds.render_leaving_out(single, 0)
+    with pytest.raises(ValueError, match="source='lidc'"):
+        NodulePhantom(4, size=32).render_leaving_out(0, 0)

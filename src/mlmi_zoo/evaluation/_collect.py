@@ -75,6 +75,7 @@ class _Collected:
     concept_pred: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     concept_true: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     reader_concepts: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)  # (n, readers)
+    reader_case_index: list[int] = dataclasses.field(default_factory=list)  # each such case's "index" in its data set
     cache_parts: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     missing_concepts: tuple[str, ...] = ()
     data_concepts: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
@@ -249,9 +250,12 @@ def _collect_concepts(col: _Collected, model: Any, exp: Any, batch: Mapping[str,
         value = pred.value if hasattr(pred, "value") else pred
         col.concept_pred.setdefault(spec.name, []).append(torch.as_tensor(value).double().cpu())
         col.concept_true.setdefault(spec.name, []).append(torch.as_tensor(given[spec.name]).reshape(-1).double())
-    for name, v in (batch.get("reader_concepts") or {}).items():  # each reader's own rating (LIDC), NaN-padded
+    readers = batch.get("reader_concepts") or {}
+    for name, v in readers.items():  # each reader's own rating (LIDC), NaN-padded
         if name in col.concept_pred:
             col.reader_concepts.setdefault(name, []).append(torch.as_tensor(v).double().reshape(len(v), -1))
+    if readers:
+        col.reader_case_index.extend(int(i) for i in _to_tensor_list(batch["index"]))
     missing = [s.name for s in model.concept_specs if s.name not in given]
     if missing:  # interventions need every concept's ground truth (NaN where a case lacks it)
         col.missing_concepts = tuple(missing)

@@ -125,29 +125,33 @@ def _concept_quality(model: Any, col: _Collected, ctx: _Context) -> dict[str, An
         for key in keys:
             metrics[f"{spec.name}_{key}"] = result[key]
     if col.reader_concepts:
-        metrics.update(_reader_agreement(model, col, details, ctx.n_boot, ctx.seed))
+        metrics.update(_reader_agreement(model, col, details, ctx.n_boot, ctx.seed, ctx))
     block = element(True, metrics=metrics, does_not_show=does_not_show)
     block["details"] = details
     return block
 
 
 def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any], n_boot: int = 500,
-                      seed: int = 0) -> dict[str, Any]:
+                      seed: int = 0, ctx: _Context | None = None) -> dict[str, Any]:
     """Model vs radiologists beside radiologists vs each other, per rated concept (LIDC-IDRI).
 
     Each case is one nodule whose image no rating entered, carrying every reader's own rating. Over
     all ordered pairs of two different readers ``(p, q)`` of a nodule, the model's rating is paired with
     reader ``q`` exactly as reader ``p`` is, so the two weighted kappas are computed on the same pairs;
-    their difference gets a paired bootstrap over patients.
+    their difference gets a paired bootstrap over patients. Where the data can draw a nodule without one
+    reader's outline (``render_leaving_out``), the model's rating paired with reader ``q`` is read from
+    the image that holds nothing ``q`` drew (leave-reader-out): the consensus outline is made of the
+    readers' own outlines, and an outline and its reader's shape ratings are not independent.
     """
     metrics: dict[str, Any] = {}
     patients = col.case_groups()
+    left_out = _leave_reader_out_ratings(model, col, ctx) if ctx is not None else {}
     for spec in model.concept_specs:
         if spec.kind == "continuous" or spec.name not in col.concept_pred or spec.name not in col.reader_concepts:
             continue
         pred = _cat(col.concept_pred[spec.name])
         readers = _cat(col.reader_concepts[spec.name]).numpy()  # (N, max readers), NaN-padded
-        per_case = (pred.argmax(-1) if pred.ndim == 2 else (pred >= 0.5).long()).double().numpy()
+        per_case = _rating(pred).numpy()
         case, reader = np.nonzero(np.isfinite(readers))
         ratings = {str(i): readers[i][np.isfinite(readers[i])].tolist() for i in range(len(readers))}
         weights: Literal["quadratic"] | None = "quadratic" if spec.kind == "ordinal" else None
@@ -156,14 +160,23 @@ def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any], n_bo
         model_k = model_reader_agreement({str(i): float(v) for i, v in enumerate(per_case)}, ratings, weights=weights,
                                          labels=labels)
         # (model, reader q, reader p) over ordered reader pairs p != q of one nodule: one row per reading, the
-        # model's rating repeated, the pairing of leave_reader_out_pairs.
+        # model's rating repeated (or, left out, its rating of the image without q), the pairing of
+        # leave_reader_out_pairs.
         m_i, r_j, r_i, pair_case = leave_reader_out_pairs(per_case[case], readers[case, reader], case.astype(str).tolist())
-        paired = agreement(m_i, r_j, weights, labels) if len(m_i) else math.nan
         metrics[f"{spec.name}_model_reader_kappa"] = model_k
         metrics[f"{spec.name}_inter_reader_kappa"] = inter
         record: dict[str, Any] = {"weights": weights, "nodules": len(ratings), "readings": int(len(case)),
                                   "model_reader_kappa": model_k, "inter_reader_kappa": inter,
-                                  "model_reader_kappa_on_reader_pairs": paired}
+                                  "model_reader_kappa_on_reader_pairs": agreement(m_i, r_j, weights, labels)
+                                  if len(m_i) else math.nan}
+        if spec.name in left_out:
+            # the same pairs, the model's rating of the image without reader q beside reader q
+            own = left_out[spec.name]  # (N, max readers): the model on the image without that reader, NaN if none
+            m_i, r_j, r_i, pair_case, order = _pairs_leaving_out(own, readers)
+            lro = agreement(m_i, r_j, weights, labels) if len(m_i) else math.nan
+            metrics[f"{spec.name}_model_reader_kappa_leave_reader_out"] = lro
+            record["model_reader_kappa_leave_reader_out"] = lro
+            record["paired"] = order
         if len(m_i):
             def margin(mi: np.ndarray, rj: np.ndarray, ri: np.ndarray) -> float:
                 return agreement(mi, rj, weights, labels) - agreement(ri, rj, weights, labels)
@@ -176,6 +189,54 @@ def _reader_agreement(model: Any, col: _Collected, details: dict[str, Any], n_bo
                 "estimate": ci.estimate, "low": ci.low, "high": ci.high}
         details.setdefault(spec.name, {})["reader_agreement"] = record
     return metrics
+
+
+def _rating(pred: torch.Tensor) -> torch.Tensor:
+    """(N,) the model's rating on the readers' scale: the most likely level, or a binary concept at 0.5."""
+    return (pred.argmax(-1) if pred.ndim == 2 else (pred >= 0.5).long()).double()
+
+
+def _leave_reader_out_ratings(model: Any, col: _Collected, ctx: _Context) -> dict[str, np.ndarray]:
+    """Per rated concept, ``(N, max readers)``: the model's rating of each case drawn without that reader.
+
+    Empty when the data cannot draw a case without a reader. NaN where the reader does not exist or is the
+    nodule's only one.
+    """
+    render = getattr(_base_dataset(ctx.dataset), "render_leaving_out", None)
+    names = [s.name for s in model.concept_specs if s.kind != "continuous" and s.name in col.reader_concepts]
+    if render is None or not names or len(col.reader_case_index) != len(_cat(col.reader_concepts[names[0]])):
+        return {}
+    present = np.isfinite(_cat(col.reader_concepts[names[0]]).numpy())  # (N, max readers)
+    out = {name: np.full(present.shape, np.nan) for name in names}
+    jobs = [(i, j) for i in range(len(present)) if present[i].sum() >= 2 for j in np.flatnonzero(present[i])]
+    for start in range(0, len(jobs), ctx.batch_size):
+        chunk = jobs[start:start + ctx.batch_size]
+        samples = [render(col.reader_case_index[i], int(j)) for i, j in chunk]
+        x = model.input_spec.intensity(torch.stack([s["image"] for s in samples]).float())
+        spacing = torch.stack([torch.as_tensor(s["spacing"], dtype=torch.float32) for s in samples])
+        with torch.no_grad():
+            exp = model.explain(x, spacing=spacing)
+        for name in names:
+            value = exp.concepts[name]
+            rating = _rating(torch.as_tensor(value.value if hasattr(value, "value") else value).double().cpu())
+            for (i, j), r in zip(chunk, rating.tolist()):
+                out[name][i, j] = r
+    return out
+
+
+def _pairs_leaving_out(own: np.ndarray, readers: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(model on the image without q, reader q, reader p, case)`` over ordered reader pairs ``p != q``."""
+    rows: list[tuple[float, float, float, int]] = []
+    for i in range(len(readers)):
+        present = np.flatnonzero(np.isfinite(readers[i]))
+        rows.extend((float(own[i, q]), float(readers[i, q]), float(readers[i, p]), i)
+                    for q in present for p in present if p != q)
+    if not rows:
+        empty = np.zeros(0)
+        return empty, empty, empty, np.zeros(0, dtype=np.int64), "leave-reader-out"
+    m, rq, rp, case = (np.asarray(v) for v in zip(*rows))
+    return m, rq, rp, case.astype(np.int64), "leave-reader-out: the model's rating of the image drawn without reader q"
 
 
 def _interventions(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:

@@ -15,7 +15,9 @@ Labels and concepts aggregate the readers. Malignancy is the readers' median rat
 malignant, below 3 benign, exactly 3 excluded). Each concept is the readers' median rating (the lower
 middle one when their number is even), and every reader's own rating travels with the case
 (``reader_concepts``), so that a model can be compared with each reader beside the readers' agreement
-with each other.
+with each other. The consensus is made of the readers' own outlines, and an outline and its reader's
+shape ratings are not independent; ``sample(..., leave_out=j)`` therefore draws the nodule without reader
+``j``'s outline, the image the model is compared with reader ``j`` on.
 
 Which concepts are measured: only the shape ratings (sphericity, lobulation, spiculation), which the
 consensus contour carries. Texture, internal structure, calcification, margin and subtlety would have
@@ -184,9 +186,20 @@ class LidcNodules:
             out.append(origin + (np.arange(n) - (n - 1) / 2.0) * (s / ps))
         return out[0], out[1]
 
-    def sample(self, i: int, rng: np.random.Generator, spacing: tuple[float, ...] | None) -> dict[str, Any]:
-        """Case ``i`` (at its native spacing, or at ``spacing``) as a NodulePhantom sample."""
+    def sample(self, i: int, rng: np.random.Generator, spacing: tuple[float, ...] | None,
+               leave_out: int | None = None) -> dict[str, Any]:
+        """Case ``i`` (at its native spacing, or at ``spacing``) as a NodulePhantom sample.
+
+        With ``leave_out=j`` the nodule is drawn from the consensus of every reader but the ``j``-th (in
+        ``reader_concepts`` order), everything else as in the case itself (the same random draws): the image
+        a model is compared with reader ``j`` on, which holds nothing reader ``j`` drew.
+        """
         rows = self.readings[i]
+        if leave_out is not None:
+            if not 0 <= leave_out < min(len(rows), MAX_READERS) or len(rows) < 2:
+                raise ValueError(f"case {i} has {len(rows)} reader(s); leave_out must be one of several readers, "
+                                 f"got {leave_out}")
+            rows = np.delete(rows, leave_out)
         mask, sp = self._mask(rows, spacing)
         shape = mask.shape
         u = rng.random(16)
@@ -197,14 +210,14 @@ class LidcNodules:
         img = self._render_nodule(img, mask, sp, u)
         img = img + np.float32(bg.noise_hu) * correlated_noise(rng, shape, bg.noise_smoothing)
         np.maximum(img, np.float32(AIR_HU), out=img)
-        concepts, readers = self._reader_concepts(rows)
+        concepts, readers = self._reader_concepts(self.readings[i])
         sample = nodule_sample(i, img.astype(np.float32), mask, sp, concepts)
         clean = int(self.malignancy[i] > 3.0)
         sample["label"] = torch.tensor(clean ^ int(flip), dtype=torch.int64)
         sample["reader_concepts"] = readers
         sample["patient_id"] = str(self.index.patient_id[rows[0]])
         sample["nodule_id"] = str(self.index.nodule_id[rows[0]])
-        sample["readers"] = len(rows)
+        sample["readers"] = len(self.readings[i])
         return ordered(sample)
 
     @staticmethod

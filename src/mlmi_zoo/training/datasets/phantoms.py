@@ -354,6 +354,20 @@ class NodulePhantom(SizedDataset[dict[str, Any]]):
         sample["concepts"]["size_category"] = native["concepts"]["size_category"]
         return ordered(sample)
 
+    def render_leaving_out(self, i: int, reader: int) -> dict[str, Any]:
+        """LIDC case ``i`` drawn from every reader's outline but reader ``reader``'s (``reader_concepts`` order).
+
+        For comparing a model with that reader on an image that holds nothing the reader drew; the same
+        random draws as ``self[i]``, so only the nodule's outline changes. Needs ``source="lidc"`` and a
+        nodule with at least two readers.
+        """
+        if self._lidc is None:
+            raise ValueError("render_leaving_out needs source='lidc': synthetic nodules have no readers")
+        i = int(i)
+        if not 0 <= i < self._length:
+            raise IndexError(f"index {i} out of range for a NodulePhantom of length {self._length}")
+        return self._lidc.sample(i, self._rng(i), None, leave_out=int(reader))
+
     def oracle_label(self, concepts: dict[str, Any], measurements: dict[str, Any]) -> Any:
         """The label rule applied to (batched) ground-truth concepts and measurements, without noise."""
         if self._lidc is not None:
