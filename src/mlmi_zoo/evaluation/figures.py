@@ -359,7 +359,13 @@ def _crop_window(hw: tuple[int, int], heat: np.ndarray | None, fraction: float) 
         centre = np.unravel_index(int(np.nanargmax(heat)), heat.shape[:2])
     else:
         centre = (hw[0] // 2, hw[1] // 2)
-    lo = [min(max(int(c) - s // 2, 0), n - s) for c, s, n in zip(centre, size, hw)]
+    return window_around(hw, (int(centre[0]), int(centre[1])), (size[0], size[1]))
+
+
+def window_around(hw: tuple[int, int], centre: tuple[int, int], size: tuple[int, int]) -> tuple[slice, slice]:
+    """Row and column slices of a ``size`` window centred on ``centre``, moved inside an image of shape ``hw``
+    (clipped to the image where it is larger): the crop of licence-restricted figures and demo samples."""
+    lo = [min(max(c - n // 2, 0), max(h - n, 0)) for c, n, h in zip(centre, size, hw)]
     return slice(lo[0], lo[0] + size[0]), slice(lo[1], lo[1] + size[1])
 
 

@@ -71,8 +71,10 @@ def _crop_sample(sample: dict[str, Any], crop_mm: float) -> dict[str, Any]:
     else on the image centre. For data whose licence lets a release carry only a few sample crops (mini-MIAS):
     the model still runs on the full canvas, but only the crop holds the original pixels.
     """
+    from mlmi_zoo.evaluation.figures import window_around
+
     image = sample["image"]
-    hw = tuple(image.shape[-2:])
+    hw = (int(image.shape[-2]), int(image.shape[-1]))
     spacing = sample.get("spacing")
     px = [max(1, round(crop_mm / float(s))) for s in (spacing if spacing is not None else (1.0, 1.0))]
     centre = [n // 2 for n in hw]
@@ -83,8 +85,7 @@ def _crop_sample(sample: dict[str, Any], crop_mm: float) -> dict[str, Any]:
             centre = [int(rows.float().mean()), int(cols.float().mean())]
             break
     keep = torch.zeros(hw, dtype=torch.bool)
-    lo = [min(max(c - n // 2, 0), max(h - n, 0)) for c, n, h in zip(centre, px, hw)]
-    keep[lo[0]:lo[0] + px[0], lo[1]:lo[1] + px[1]] = True
+    keep[window_around(hw, (centre[0], centre[1]), (px[0], px[1]))] = True
     out = dict(sample)
     for key, value in sample.items():
         if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[-2:]) == hw:
