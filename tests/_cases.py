@@ -36,6 +36,8 @@ CASES: dict[str, Case] = {
     "baseline_tf_efficientnet_lite0": Case({"img_size": (32, 32), "feature_stride": 32}, _image(1, 32, 32)),
     "protopnet": Case({"img_size": (32, 32), "prototypes_per_class": 2, "prototype_dim": 16}, _image(1, 32, 32)),
     "cbm": Case({"img_size": (32, 32), "spacing": (0.7, 0.7)}, _image(1, 32, 32), {"spacing": (0.7, 0.7)}),
+    "measurement": Case({"img_size": (64, 64), "spacing": (0.05, 0.05), "hidden": 4}, _image(3, 64, 64),
+                        {"spacing": (0.05, 0.05)}),
     "abmil_features": Case({"in_features": 16, "in_channels": 16, **_MIL_SMALL}, _bag(5, 16)),
     "additive_mil_features": Case({"in_features": 16, "in_channels": 16, **_MIL_SMALL}, _bag(5, 16)),
     "abmil_resnet8": Case({"tile_size": 16, **_MIL_SMALL}, lambda b: (torch.rand(b, 3, 3, 16, 16),)),

@@ -51,7 +51,7 @@ def test_idrid_referable_labels_are_grade_two_or_more_on_the_same_split() -> Non
 
 @pytest.mark.skipif(not (DATA / "idrid").is_dir(), reason=f"the IDRiD folder is absent under {DATA}")
 def test_idrid_unknown_task_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"task must be one of \('grade', 'referable'\), got 'rdr'"):
+    with pytest.raises(ValueError, match=r"task must be one of \('grade', 'referable', 'dme'\), got 'rdr'"):
         IDRiDGrading(DATA, split="val", size=32, task="rdr", prepare=False)
 
 

@@ -368,3 +368,70 @@ def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_ha
     with pytest.raises(ValueError, match="has lesion masks of its own"):
         evaluate(f"local-dir:{tmp_path / 'model'}", annotated, max_cases=4, n_boot=5, batch_size=4, limits=limits,
                  localization_data=annotated)
+
+
+# ---------------------------------------------------------------------------------------------
+# the macula set (both sets, for a macular-edema model)
+# ---------------------------------------------------------------------------------------------
+def test_macula_set_joins_both_sets_and_marks_what_each_photograph_lacks() -> None:
+    from torch.utils.data import default_collate
+
+    from mlmi_zoo.training.datasets.idrid import IDRiDMacula
+
+    for split, n_seg, n_grading in (("train", 44, 330), ("val", 10, 83)):
+        ds = IDRiDMacula(DATA, split, SIZE, prepare=False)
+        assert len(ds) == n_seg + n_grading
+        assert ds.image_ids[:n_seg] == tuple(f"segmentation/{i}" for i in segmentation(split, prepare=False).image_ids)
+        seg, graded = ds[0], ds[n_seg]
+        assert set(seg) == set(graded) == set(IDRiDMacula.KEYS)
+        assert int(seg["label"]) == -1 and torch.isnan(seg["fovea_xy"]).all()
+        assert not bool(graded["ex_annotated"]) and not graded["ex_mask"].any()
+        # the segmentation photograph's exudate mask is its own EX channel
+        own = segmentation(split)[0]
+        assert torch.equal(seg["ex_mask"][0], own["mask"][LESIONS.index("EX")])
+        # the graded photograph's label is its DME risk, and its fovea the grading set's
+        reference = grading(split, task="dme")[0]
+        assert int(graded["label"]) == int(reference["dme_risk"]) == ds.label_of(n_seg)
+        assert torch.equal(graded["fovea_xy"], reference["fovea_xy"])
+        default_collate([seg, graded])  # one batch may hold both
+    test = IDRiDMacula(DATA, "test", SIZE, prepare=False)
+    assert len(test) == 103 and all(i.startswith("grading/") for i in test.image_ids)
+    labels = csv_rows(IDRID / "grading" / "labels" / "test.csv")
+    assert [test.label_of(i) for i in range(len(test))] == [int(labels[i.split("/")[1]][1]) for i in test.image_ids]
+
+
+def test_macula_spec_describes_both_sets_and_stays_disjoint() -> None:
+    spec = DataSpec(kind="idrid", params={"dataset": "macula", "size": SIZE})
+    desc = describe(spec)
+    assert desc["source"]["set"] == "macula"
+    assert {k: v["size"] for k, v in desc["splits"].items()} == {"train": 374, "val": 93, "test": 103}
+    # IDRiD numbers the photographs of each official part from 001: a case is its part and its id
+    ids = {k: {f"{v['official_part']}/{i}" for i in v["image_ids"]} for k, v in desc["splits"].items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+
+
+def test_a_measurement_bottleneck_is_evaluated_against_the_masks_and_the_fovea(tmp_path: Path) -> None:
+    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
+    from mlmi_zoo.registry import create_model
+
+    torch.manual_seed(0)
+    shape = returned_shape(SIZE)
+    spacing = tuple(1.0 / d for d in grading("test", prepare=False).dd_px_yx)
+    model = create_model("measurement_resnet18", img_size=shape, spacing=spacing, hidden=4).eval()
+    spec = DataSpec("idrid", {"root": str(DATA), "dataset": "macula", "size": SIZE})
+    model.save_pretrained(tmp_path / "model", extra={"data": describe(spec)})
+    annotated = {"kind": "idrid", "params": {"root": str(DATA), "dataset": "segmentation", "size": SIZE, "union": "EX"}}
+    limits = EvaluationLimits(deletion_cases=4, deletion_steps=2, spacing_cases=2, examples=1, control_train_cases=16)
+    doc = evaluate(f"local-dir:{tmp_path / 'model'}", spec, max_cases=8, n_boot=20, batch_size=8, limits=limits,
+                   localization_data=annotated)
+    el = doc["elements"]
+    assert doc["n_cases"] == 8 and el["localization"]["details"]["annotated_data"]["cases"] == 27
+    aupr = el["localization"]["details"]["pixel_aupr"]
+    assert aupr["images"] == 27 - 0 and set(aupr["evidence"]["controls"]) == {"bright pixels",
+                                                                              "uniform (the mask's prevalence)"}
+    physical = el["physical_attribution"]
+    assert physical["details"]["landmark"]["cases"] == 8 and "training-mean position" in physical["evidence"]["controls"]
+    assert physical["details"]["ex_area"]["n"] == aupr["images"]
+    # the transparency check is exact, and the landmark correction scores the same cases
+    assert doc["verdicts"]["transparency"]["status"] == "demonstrated"
+    assert el["actionability"]["evidence"]["n_cases"] == 8

@@ -342,7 +342,17 @@ MEASURING = {
     "cbm": ({}, "spacing"),  # diameter_mm and mean_hu are continuous concepts of the default concepts
     "abmil": ({"quantities": (QuantitySpec("tumour_area_mm2", "mm^2"),)}, "microns_per_pixel"),
     "additive_mil": ({"quantities": (QuantitySpec("tumour_area_mm2", "mm^2"),)}, "microns_per_pixel"),
+    # every cell lesion (threshold near 0), so the distance to the nearest lesion cell is defined
+    "measurement": ({"threshold": 1e-6, "spacing": (0.5, 0.5)}, "spacing"),
 }
+
+
+def _spacing_power(unit: str) -> int:
+    """Power of the spacing's unit in ``unit``: of length (mm^k), or of the optic-disc diameter (DD^k)."""
+    from mlmi_zoo.units import ureg
+
+    dims = dict(ureg().Quantity(1, unit).dimensionality)
+    return int(dims.get("[optic_disc]", 0)) or spacing_exponent(unit)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -368,7 +378,10 @@ def test_measurements_of_one_input_scale_with_the_given_spacing(family: str, see
     zoomed = model.explain(*inputs, **{keyword: given_at(zoom)}).measurements
     assert base, f"{family}: no measurement with overrides {overrides}"
     for name, m in base.items():
-        k = spacing_exponent(m.unit)
+        if m.unit == "px":  # a position in the image's own pixels does not move with the spacing
+            torch.testing.assert_close(zoomed[name].value, m.value)
+            continue
+        k = _spacing_power(m.unit)
         assert float(m.value.min()) > 0, f"{name}: {m.value.tolist()} (the clamp at 0 would hide a scaling error)"
         torch.testing.assert_close(zoomed[name].value, zoom**k * m.value, rtol=1e-5, atol=0.0,
                                    msg=lambda text, where=f"{family} {name} [{m.unit}]": f"{where}: {text}")

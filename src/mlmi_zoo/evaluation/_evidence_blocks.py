@@ -41,24 +41,43 @@ def _stats(col: _Collected) -> np.ndarray | None:
 
 def task_evidence(probs: torch.Tensor, labels: torch.Tensor, col: _Collected, ctx: _Context,
                   baseline_probs: torch.Tensor | None) -> dict[str, Any] | None:
-    """AUROC of the model beside the image-statistics baseline and the black-box baseline (binary tasks).
+    """AUROC of the model beside the image-statistics baseline and the black-box baseline.
+
+    A binary task compares the positive class's score. A task of more classes compares each class
+    against the others (its one-vs-rest AUROC, on the same cases), one comparison per class with at
+    least one case of it and one of another.
 
     Returns:
-        ``{"image_statistics": comparison, "black_box_baseline": comparison}`` (each where available), or None.
+        ``{"image_statistics": comparison, "black_box_baseline": comparison}`` for a binary task,
+        ``{"image_statistics_class_<c>": ..., "black_box_baseline_class_<c>": ...}`` for more classes
+        (each where available), or None.
     """
-    if probs.shape[1] != 2:
-        return None
     out: dict[str, Any] = {}
     groups = col.case_groups()
-    score = probs[:, 1].numpy()
+    y = labels.numpy()
     ref, stats = ctx.reference, _stats(col)
-    if ref is not None and ref.task is not None and stats is not None and len(stats) == len(score):
+    control = None
+    if ref is not None and ref.task is not None and stats is not None and len(stats) == len(y):
         control = ref.task.predict(stats)
-        out["image_statistics"] = compare_auroc("AUROC", score, {"image statistics": control[:, -1]}, labels.numpy(),
-                                                groups, n_boot=ctx.n_boot, seed=ctx.seed)
-    if baseline_probs is not None:
-        out["black_box_baseline"] = compare_auroc("AUROC", score, {"black-box baseline": baseline_probs[:, 1].numpy()},
-                                                  labels.numpy(), groups, n_boot=ctx.n_boot, seed=ctx.seed)
+        if control.shape[1] != probs.shape[1]:  # the training split lacks a class: no per-class control
+            control = None
+    binary = probs.shape[1] == 2
+    for c in ([1] if binary else range(probs.shape[1])):
+        positive = (y == c).astype(np.int64)
+        if binary:
+            suffix, metric = "", "AUROC"
+        elif 0 < positive.sum() < len(positive):
+            suffix, metric = f"_class_{c}", f"AUROC of class {c} against the others"
+        else:
+            continue
+        score = probs[:, c].numpy()
+        if control is not None:
+            out[f"image_statistics{suffix}"] = compare_auroc(metric, score, {"image statistics": control[:, c]},
+                                                             positive, groups, n_boot=ctx.n_boot, seed=ctx.seed)
+        if baseline_probs is not None:
+            out[f"black_box_baseline{suffix}"] = compare_auroc(
+                metric, score, {"black-box baseline": baseline_probs[:, c].numpy()}, positive, groups,
+                n_boot=ctx.n_boot, seed=ctx.seed)
     return out or None
 
 

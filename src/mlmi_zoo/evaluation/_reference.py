@@ -84,8 +84,10 @@ def training_reference(model: Any, ctx: _Context, max_cases: int) -> _Reference:
             concepts.setdefault(name, []).append(torch.as_tensor(v).reshape(-1).double().numpy())
     ref.n_cases = len(subset)
     features = np.concatenate(feats)
+    y = np.concatenate(labels)
+    graded = y >= 0  # label -1: a case that trains something else (a lesion map), not the task
     try:
-        ref.task = StatisticsControl("classification").fit(features, np.concatenate(labels))
+        ref.task = StatisticsControl("classification").fit(features[graded], y[graded])
     except ValueError as err:
         ref.notes.append(f"image-statistics task control not fitted: {err}")
     for name, parts in measured.items():

@@ -292,9 +292,13 @@ def evaluate(
     add_evidence(model, blocks, col, ctx)
     loc_col = col
     if localization_data is not None and record.inputs == "images":
+        family_block = blocks["localization"]
+        own = family_block.get("details", {})
         blocks["localization"], loc_col = _annotated_localization(
-            model, ctx, localization_data, blocks["localization"].get("details", {}).get("map", "evidence map"),
-            blocks["localization"].get("does_not_show", ""))
+            model, ctx, localization_data, own.get("map", "evidence map"), family_block.get("does_not_show", ""))
+        if blocks["localization"].get("applicable"):  # what the family section measured on its own (a pixel AUPR)
+            blocks["localization"]["details"].update({k: v for k, v in own.items() if k != "map"})
+            blocks["localization"].update({k: v for k, v in family_block.items() if k.startswith("evidence_")})
     elif record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
         blocks["localization"]["off_centre"] = _off_centre_localization(model, ctx, blocks["localization"])
     if record.inputs == "images" and loc_col.keep_x and blocks["localization"].get("applicable"):

@@ -116,6 +116,18 @@ def _control_rows(evidence: dict[str, Any] | None) -> list[dict[str, str]]:
             for name, c in evidence["controls"].items()]
 
 
+def _further_comparisons(block: dict[str, Any]) -> list[dict[str, Any]]:
+    """The comparisons of an element beyond its main one (``evidence_*`` keys: a second metric, each quantity)."""
+    main = block.get("evidence")
+    found: list[dict[str, Any]] = []
+    for key in sorted(k for k in block if k.startswith("evidence_")):
+        value = block[key]
+        candidates = value.values() if key == "evidence_by_quantity" else [value]
+        found += [c for c in candidates if isinstance(c, dict) and "controls" in c and c is not main and c != main]
+    return [{"metric": c.get("metric"), "model": fmt(c.get("model")), "controls": _control_rows(c),
+             "verdict": (c.get("verdict") or {}).get("sentence")} for c in found]
+
+
 def _verdict_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     """The card's verdict table: one row per element (and faithfulness), read from results.json."""
     rows = []
@@ -167,7 +179,7 @@ def _card_data(config_doc: dict[str, Any], results: dict[str, Any], source: Any,
                 "channels": cfg["in_channels"],
                 "spatial_dims": cfg["spatial_dims"],
                 "size": cfg.get("img_size"),
-                "spacing_mm": cfg.get("spacing"),
+                f"spacing_{source.spacing_unit.lower()}": cfg.get("spacing"),
                 "intensity_transform": cfg.get("intensity"),
                 "modality": cfg.get("modality") or source.modality,
             },
@@ -235,6 +247,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
             "controls": _control_rows(block.get("evidence")), "evidence_metric": (block.get("evidence") or {}).get("metric"),
             "verdict": ((results.get("verdicts") or {}).get(key) or {}).get("sentence"),
             "scored_on": _scored_on((block.get("details") or {}).get("annotated_data")),
+            "further": _further_comparisons(block),
         })
     faith = results.get("faithfulness") or {"applicable": False, "reason": "not evaluated for this model"}
     faithfulness = {"applicable": faith.get("applicable", False), "reason": faith.get("reason"),
@@ -269,7 +282,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         name=name, summary=f"{_article(family_title)} {family_title} for {source.name} ({', '.join(cfg['label_names'])}), from mlmi-zoo.",
         architecture=config_doc["architecture"], family_title=family_title, method=method, config=cfg,
         num_parameters=results["model"].get("num_parameters", "n/a"),
-        input_text=_input_text(cfg), spacing_text=(" × ".join(f"{s:g}" for s in spacing) + " mm") if spacing else "none",
+        input_text=_input_text(cfg), spacing_text=(" × ".join(f"{s:g}" for s in spacing) + f" {source.spacing_unit}") if spacing else "none",
         intensity_text=_intensity_text(cfg.get("intensity") or {}), label_names=cfg["label_names"],
         operating_point=cfg.get("operating_point", 0.5),
         quantities_text=", ".join(f"{q['name']} [{q['unit']}]" for q in quantities) or "none",

@@ -38,6 +38,7 @@ class Release:
     # demo samples keep only this square (mm) around the finding, the rest blanked: for data whose licence lets a
     # release carry only a few sample crops (mini-MIAS)
     sample_crop_mm: float | None = None
+    samples: int = 2  # demo cases stored under samples/ (one for a black box whose photographs are large)
 
 
 RELEASES = (
@@ -56,7 +57,11 @@ RELEASES = (
     Release("protopnet_resnet8.adrenalmnist3d", "protopnet_adrenalmnist3d.yaml", "baseline_resnet8.adrenalmnist3d"),
     Release("baseline_resnet8.lidc_nodule3d", "baseline_lidc_nodule3d.yaml"),
     Release("protopnet_resnet8.lidc_nodule3d", "protopnet_lidc_nodule3d.yaml", "baseline_resnet8.lidc_nodule3d"),
-    Release("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_lite0_idrid_rdr_release.yaml"),
+    # IDRiD: a 640-px photograph is 0.8 MB as a demo sample; a black box shows one
+    Release("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_lite0_idrid_rdr_release.yaml", samples=1),
+    Release("baseline_tf_efficientnet_lite0.idrid_dme", "baseline_lite0_idrid_dme.yaml", samples=1),
+    Release("measurement_tf_efficientnet_lite0.idrid_dme", "measurement_lite0_idrid_dme.yaml",
+            "baseline_tf_efficientnet_lite0.idrid_dme", localization_data="idrid:dataset=segmentation,size=640,union=EX"),
     # mini-MIAS: research use only; a release carries no film beyond a few sample crops
     Release("baseline_tf_efficientnet_lite0.mias", "baseline_lite0_mias_release.yaml", sample_crop_mm=60.0),
     Release("cbm_tf_efficientnet_lite0.mias", "cbm_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
@@ -161,7 +166,7 @@ def evaluate_and_card(release: Release, cards: Path) -> dict:
     results = evaluate(release.name, None, split="test", out=folder / "results.json", figures_dir=folder / "figures",
                        baseline_uri=baseline, command=command, localization_data=release.localization_data)
     write_card(folder, folder / "results.json", folder / "figures")
-    _store_samples(folder, recipe_path, crop_mm=release.sample_crop_mm)
+    _store_samples(folder, recipe_path, n=release.samples, crop_mm=release.sample_crop_mm)
     log.info("%s: test AUROC %.4f", release.name, results["task"]["auroc"]["estimate"])
     return results
 

@@ -2,8 +2,9 @@
 
 :func:`validate` runs the family adapter's loss of a stage over the validation split in eval mode,
 gathers the logits from every process (:func:`~mlmi_zoo.training.distributed.gather_rows`), and
-returns ``val_``-prefixed metrics: those of :func:`classification_metrics` plus ``val_stage_loss``,
-the stage's own loss (cross-entropy plus the family's terms).
+returns ``val_``-prefixed metrics: those of :func:`classification_metrics` on the cases with a label
+(label -1 marks a case that supervises something else, e.g. a lesion map) plus ``val_stage_loss``,
+the stage's own loss (cross-entropy plus the family's terms) over every case.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def validate(model: InterpretableModel, adapter: FamilyTraining, loader: DataLoa
     all_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)  # (N,)
     all_logits, all_labels = gather_rows(all_logits, group), gather_rows(all_labels, group)
     totals = all_reduce_sum({"stage_loss": stage_loss, "n": float(n)}, group, device)
-    metrics = classification_metrics(all_logits.cpu(), all_labels.cpu())
+    graded = all_labels >= 0  # a case without a label (-1) may train a map only (IDRiDMacula's segmentation photographs)
+    metrics = classification_metrics(all_logits[graded].cpu(), all_labels[graded].cpu())
     metrics["stage_loss"] = totals["stage_loss"] / max(totals["n"], 1)
     return {f"val_{k}": v for k, v in metrics.items()}
 

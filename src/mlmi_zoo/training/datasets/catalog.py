@@ -26,6 +26,9 @@ class DataSource:
     # whether a card may show whole images; False for licences that allow only a few sample crops (mini-MIAS):
     # its figures then show crops
     whole_images_shareable: bool = True
+    # the unit of the pixel spacing the data carry: mm, or DD (optic-disc diameters) for fundus photographs,
+    # whose pixel size in mm is unknown
+    spacing_unit: str = "mm"
 
 
 ZOO_BIBTEX = """@software{mlmi_zoo,
@@ -136,7 +139,7 @@ SOURCES: dict[str, DataSource] = {
         "are in optic-disc diameters (DD), a unit of its own: no pixel size in mm is known",
         "retina specialists' grades (ICDR DR grade 0-4, macular-edema risk 0-2), fovea and optic-disc centres, and "
         "pixel masks of microaneurysms, haemorrhages, hard and soft exudates and the optic disc (a missing mask "
-        "file = not annotated)", False, IDRID_BIBTEX),
+        "file = not annotated)", True, IDRID_BIBTEX, spacing_unit="DD"),
     "medmnist:pneumoniamnist": DataSource(
         "PneumoniaMNIST", "medmnist/pneumoniamnist", "cc-by-4.0", "X-ray", "chest",
         "MedMNIST v2 paediatric chest X-rays (Kermany et al. 2018), resized to 28x28; official splits",

@@ -1,0 +1,65 @@
+"""Explaining one IDRiD fundus photograph with each bundled IDRiD model, on a CPU; JSON lines.
+
+    python bench/bench_idrid.py [--repeats 5] [--threads 0]
+
+Data: IDRiD (Porwal et al., Data 3(3):25, 2018; CC BY 4.0), the first official grading test photograph,
+read from ``$MLMI_ZOO_DATA/idrid`` at the models' 640-px long side (its resized copy cached first, outside
+the timing). Rows:
+
+- ``idrid_explain_<model>``: the median wall time of ``model.explain`` on the one photograph (a
+  ``(1, 3, 425, 640)`` batch, intensity transform included); target < 2 s, the case study's bound for
+  one full photograph on a CPU. The value is absolute seconds;
+- ``idrid_explain_<model>_vs_forward``: the same time as a ratio to the plain black-box baseline's
+  forward pass on the same input, timed interleaved in the same process (what the explanation costs on
+  top of the decision on this machine); target <= 10.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import add_common_args, compare, guarded, machine, ratio_row, setup
+
+MODELS = ("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_tf_efficientnet_lite0.idrid_dme",
+          "measurement_tf_efficientnet_lite0.idrid_dme")
+TARGET_S = 2.0
+RATIO_TARGET = 10.0  # an explanation within 10x the plain decision
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    add_common_args(p)
+    args = p.parse_args()
+    device = setup(args)
+    import mlmi_zoo
+    from mlmi_zoo.training.datasets.idrid import IDRiDGrading
+
+    image = IDRiDGrading(split="test", size=640, prepare=False)[0]["image"][None].to(device)
+    reference = mlmi_zoo.load(MODELS[0]).eval().to(device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            reference(reference.input_spec.intensity(image))
+
+    for name in MODELS:
+        def run(name: str = name) -> list[dict[str, object]]:
+            model = mlmi_zoo.load(name).eval().to(device)
+
+            def explain() -> None:
+                model.explain(model.input_spec.intensity(image))
+
+            base, cand = compare(forward, explain, repeats=args.repeats, device=device)
+            absolute = {"name": f"idrid_explain_{name}", "value": round(cand.wall_s, 4), "target": TARGET_S,
+                        "goal": "<=", "met": cand.wall_s <= TARGET_S, "unit": "s per photograph (640 px)",
+                        "cpu_s": round(cand.cpu_s, 4), "repeats": args.repeats, "machine": machine(device)}
+            ratio = ratio_row(f"idrid_explain_{name}_vs_forward", base, cand, RATIO_TARGET, "<=", device,
+                              unit=f"explain / {MODELS[0]} forward wall time")
+            return [absolute, ratio]
+
+        guarded({f"idrid_explain_{name}": (TARGET_S, "<="),
+                 f"idrid_explain_{name}_vs_forward": (RATIO_TARGET, "<=")}, None, None, device, run)
+
+
+if __name__ == "__main__":
+    main()
