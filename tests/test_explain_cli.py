@@ -205,3 +205,23 @@ def test_console_script_exits_2_and_help_exits_0() -> None:
     proc = subprocess.run([sys.executable, "-m", "mlmi_zoo.cli", "explain", "--help"], capture_output=True, text=True,
                           check=False)
     assert proc.returncode == 0 and "--spacing" in proc.stdout and "--slice" in proc.stdout
+
+
+def test_a_model_that_measures_in_disc_diameters_takes_its_spacing_in_dd(tmp_path: Path) -> None:
+    import torch
+
+    import mlmi_zoo
+    from mlmi_zoo.evaluation.explain_files import prepare_input
+
+    assert parse_spacing("0.0019 DD", "DD") == (0.0019,) and parse_spacing(0.01, "DD") == (0.01,)
+    with pytest.raises(ValueError, match="'0.7 mm' is not a size in DD"):
+        parse_spacing("0.7 mm", "DD")
+    torch.manual_seed(0)
+    model = mlmi_zoo.create_model("measurement_resnet18", img_size=(32, 48), spacing=(0.05, 0.05), hidden=4).eval()
+    path = tmp_path / "fundus.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)).save(path)
+    with pytest.raises(ValueError, match="measures in DD at a known scale"):
+        prepare_input(model, path)
+    prepared = prepare_input(model, path, spacing="0.025 DD")  # twice the model's resolution: resampled to its grid
+    assert prepared.unit == "DD" and prepared.spacing == pytest.approx((0.05, 0.05))
+    assert tuple(prepared.x.shape[2:]) == (32, 48) and "resampled from 0.025 x 0.025 DD" in " ".join(prepared.steps)

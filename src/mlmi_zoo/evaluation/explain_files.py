@@ -110,6 +110,7 @@ class PreparedInput:
         file_spacing: mm per axis ``(i, j[, k])`` of the file as read, or ``None``.
         spacing_source: ``"header: …"`` (e.g. ``"header: DICOM PixelSpacing"``), ``"user: --spacing"`` or ``"none"``.
         steps: what was done to the file, in order, in words (for the report).
+        unit: the unit of both spacings (mm; DD for a model that measures in optic-disc diameters).
     """
 
     path: Path
@@ -118,6 +119,7 @@ class PreparedInput:
     file_spacing: tuple[float, ...] | None
     spacing_source: str
     steps: tuple[str, ...]
+    unit: str = "mm"
 
 
 # -- finding and reading files -------------------------------------------------------------------
@@ -262,18 +264,23 @@ def _read_picture(path: Path) -> ReadImage:
 
 # -- parsing the command line's physical values --------------------------------------------------
 
-def parse_spacing(text: str | float | Sequence[float | str]) -> tuple[float, ...]:
-    """Parse a spacing given by a user into mm: one value for every axis, or one per axis.
+SPACING_UNITS = ("mm", "DD")  # a length, or optic-disc diameters (fundus photographs, :mod:`mlmi_zoo.units`)
+
+
+def parse_spacing(text: str | float | Sequence[float | str], unit: str = "mm") -> tuple[float, ...]:
+    """Parse a spacing given by a user into ``unit``: one value for every axis, or one per axis.
 
     Args:
         text: ``0.7``, ``"0.7"``, ``"0.7 mm"``, ``"700 um"``, ``"0.7,0.5"``, ``"0.7 mm, 0.5 mm"`` or a
-            sequence of such values. Bare numbers are mm; units are parsed by pint.
+            sequence of such values. Bare numbers are in ``unit``; units are parsed by pint.
+        unit: the unit of the model's spacing: ``"mm"`` (a length), or ``"DD"`` for a model that
+            measures in optic-disc diameters (``"0.0019 DD"``, one pixel's size in disc diameters).
 
     Returns:
-        mm per axis (a 1-tuple for an isotropic spacing).
+        ``unit`` per axis (a 1-tuple for an isotropic spacing).
 
     Raises:
-        ValueError: a value is not a length, not finite, or not positive.
+        ValueError: a value is not of ``unit``'s dimension, not finite, or not positive.
     """
     from mlmi_zoo.units import quantity
 
@@ -282,22 +289,40 @@ def parse_spacing(text: str | float | Sequence[float | str]) -> tuple[float, ...
     values = []
     for part in parts:
         try:
-            q = quantity(float(part), "mm") if isinstance(part, (int, float)) else quantity(part)
+            q = quantity(float(part), unit) if isinstance(part, (int, float)) else quantity(part)
             if q.dimensionless:
-                q = quantity(float(q.magnitude), "mm")  # bare numbers are millimetres
-            mm = float(q.to("mm").magnitude)
+                q = quantity(float(q.magnitude), unit)  # bare numbers are in the model's unit
+            value = float(q.to(unit).magnitude)
         except Exception as err:  # pint raises several unrelated types (parse, dimensionality)
-            raise ValueError(f"spacing {text!r}: {part!r} is not a length; give mm as numbers ('0.7') or a "
-                             f"length with its unit ('0.7 mm', '700 um'), one value or one per axis separated "
-                             f"by commas") from err
-        if not (math.isfinite(mm) and mm > 0):
-            raise ValueError(f"spacing {text!r}: every value must be a positive, finite length, got {mm:g} mm; "
-                             f"give the pixel size of the image, e.g. '0.7 mm'")
-        values.append(mm)
+            kind = "a length" if unit == "mm" else f"a size in {unit}"
+            raise ValueError(f"spacing {text!r}: {part!r} is not {kind}; give {unit} as numbers ('0.7') or a "
+                             f"value with its unit ('0.7 {unit}'" + (", '700 um'" if unit == "mm" else "")
+                             + "), one value or one per axis separated by commas") from err
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"spacing {text!r}: every value must be positive and finite, got {value:g} {unit}; "
+                             f"give the pixel size of the image, e.g. '0.7 {unit}'")
+        values.append(value)
     if not values or len(values) > 3:
         raise ValueError(f"spacing {text!r}: expected 1 value (all axes) or 2-3 values (one per axis), "
                          f"got {len(values)}")
     return tuple(values)
+
+
+def _check_spacing_text(text: str | float | Sequence[float | str]) -> None:
+    """Refuse a spacing that is neither a length nor a size in another spacing unit (before any model is loaded)."""
+    errors = []
+    for unit in SPACING_UNITS:
+        try:
+            parse_spacing(text, unit)
+            return
+        except ValueError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def spacing_unit(model: InterpretableModel[Any]) -> str:
+    """The unit of ``model``'s spacing: its config's ``unit`` (a measurement bottleneck's DD), else mm."""
+    return str(getattr(model.config, "unit", None) or "mm")
 
 
 def _center_arg(text: str) -> tuple[float, ...]:
@@ -440,13 +465,17 @@ def prepare_input(model: InterpretableModel[Any], path: str | Path, *, spacing: 
         if spacing is not None:
             steps.append("--spacing ignored: the header states the spacing")
     elif spacing is not None:
-        file_spacing = _fit_axes(parse_spacing(spacing), img.spatial_dims, "--spacing", p)
+        file_spacing = _fit_axes(parse_spacing(spacing, spacing_unit(model)), img.spatial_dims, "--spacing", p)
         source = "user: --spacing"
     else:
         file_spacing, source = None, "none"
     if file_spacing is None and _needs_spacing(model):
-        raise ValueError(f"{str(p)!r} ({img.format}) states no pixel spacing and the model measures in mm at a "
-                         f"known scale; give it with --spacing, e.g. --spacing 0.7 or --spacing '0.7 mm'")
+        unit = spacing_unit(model)
+        example = "0.7" if unit == "mm" else f"{min(spec.spacing or (1.0,)):.3g}"
+        raise ValueError(f"{str(p)!r} ({img.format}) states no pixel spacing and the model measures in {unit} at a "
+                         f"known scale; give it with --spacing, e.g. --spacing {example} or --spacing '{example} {unit}'"
+                         + ("" if unit == "mm" else f" (the size of one pixel of this file in {unit}: for optic-disc "
+                            "diameters, 1 / the disc's diameter in pixels)"))
 
     arr, intensity_note = _to_model_range(img, model)
     arr, channel_note = _fit_channels(arr, spec.in_channels, p)
@@ -467,7 +496,7 @@ def prepare_input(model: InterpretableModel[Any], path: str | Path, *, spacing: 
     if spec.spacing is not None:
         assert model_spacing is not None  # _needs_spacing refused files without one
         c_file = None if center is None else _fit_axes(tuple(float(c) for c in center), here, "--center", p)
-        x, model_spacing = _resample_and_cut(x, model_spacing, spec, out_size, c_file, p, steps)
+        x, model_spacing = _resample_and_cut(x, model_spacing, spec, out_size, c_file, p, steps, spacing_unit(model))
     else:
         if center is not None:
             raise ValueError("--center needs a model with a canonical spacing; this model sees whole images "
@@ -476,12 +505,12 @@ def prepare_input(model: InterpretableModel[Any], path: str | Path, *, spacing: 
     steps.append(f"intensities: {intensity_note}")
     net = spec.intensity(x.float().unsqueeze(0))  # (1, C, *size)
     return PreparedInput(path=p, x=net, spacing=model_spacing, file_spacing=file_spacing,
-                         spacing_source=source, steps=tuple(steps))
+                         spacing_source=source, steps=tuple(steps), unit=spacing_unit(model))
 
 
 def _resample_and_cut(x: torch.Tensor, spacing: tuple[float, ...], spec: InputSpec, size: tuple[int, ...],
                       center_file: tuple[float, ...] | None, path: Path,
-                      steps: list[str]) -> tuple[torch.Tensor, tuple[float, ...]]:
+                      steps: list[str], unit: str = "mm") -> tuple[torch.Tensor, tuple[float, ...]]:
     """(C, *spatial) at ``spacing`` -> (C, *size) at the model's spacing around the centre (step 6)."""
     assert spec.spacing is not None  # the caller's branch
     if center_file is None:
@@ -495,7 +524,7 @@ def _resample_and_cut(x: torch.Tensor, spacing: tuple[float, ...], spec: InputSp
         steps.append(f"centred on voxel {','.join(f'{c:g}' for c in center_file)} (i, j[, k]) of the file (--center)")
     x, center = _resample_around(x, spacing, spec.spacing, size, center)
     if not np.allclose(spacing, spec.spacing, rtol=1e-4):
-        steps.append(f"resampled from {_mm(spacing)} to the model's {_mm(spec.spacing)}")
+        steps.append(f"resampled from {_mm(spacing, unit)} to the model's {_mm(spec.spacing, unit)}")
     t = spec.intensity
     pad_value = t.low if t.kind == "window" else 0.0  # what the intensity transform maps to 0
     x, padded = _crop_or_pad(x, center, size, pad_value)
@@ -543,8 +572,8 @@ def _resample_around(x: torch.Tensor, spacing: Sequence[float], target: Sequence
     return resampled, [(c - a) * s / t for c, a, s, t in zip(center, lo, spacing, target)]
 
 
-def _mm(values: Sequence[float] | None) -> str:
-    return "unknown" if values is None else " x ".join(f"{v:.4g}" for v in values) + " mm"
+def _mm(values: Sequence[float] | None, unit: str = "mm") -> str:
+    return "unknown" if values is None else " x ".join(f"{v:.4g}" for v in values) + f" {unit}"
 
 
 # -- explaining and reporting --------------------------------------------------------------------
@@ -587,7 +616,7 @@ def summary_line(prepared: PreparedInput, exp: Explanation) -> str:
     label, prob = _decision(exp)
     parts = [f"{prepared.path.name}: {label} (p={prob:.3f})"]
     parts += [f"{name} {_value(m)} {m.unit}" for name, m in measurements_of(exp).items()]
-    parts.append(f"spacing {_mm(prepared.file_spacing)} ({prepared.spacing_source})" if prepared.file_spacing
+    parts.append(f"spacing {_mm(prepared.file_spacing, prepared.unit)} ({prepared.spacing_source})" if prepared.file_spacing
                  else "spacing unknown")
     return "; ".join(parts)
 
@@ -601,9 +630,9 @@ def _file_section(index: int, prepared: PreparedInput, exp: Explanation) -> str:
     label, prob = _decision(exp)
     rows: list[tuple[Any, ...]] = [
         ("file", str(prepared.path)),
-        ("spacing of the file", f"{_mm(prepared.file_spacing)} (i, j[, k])"),
+        ("spacing of the file", f"{_mm(prepared.file_spacing, prepared.unit)} (i, j[, k])"),
         ("spacing from", prepared.spacing_source),
-        ("spacing of the network input", f"{_mm(prepared.spacing)} (model layout: [slice,] row, column)"),
+        ("spacing of the network input", f"{_mm(prepared.spacing, prepared.unit)} (model layout: [slice,] row, column)"),
         ("prediction", f"{label} (p={prob:.3f})"),
     ]
     rows += [(f"measurement: {name}", f"{_value(m)} {m.unit}") for name, m in measurements_of(exp).items()]
@@ -623,7 +652,7 @@ def _explain_all(model_uri: str, paths: Sequence[str | Path], out: str | Path, *
     from mlmi_zoo._weights import write_text_atomic
 
     if spacing is not None:
-        parse_spacing(spacing)  # refuse a bad value before the model is loaded
+        _check_spacing_text(spacing)  # refuse a bad value before the model is loaded
     files = expand_paths(paths)
     model = mlmi_zoo.load(model_uri).eval()
     dims = model.input_spec.spatial_dims
@@ -645,7 +674,7 @@ def _explain_all(model_uri: str, paths: Sequence[str | Path], out: str | Path, *
     head = html_table(("", ""), [
         ("model", model_uri),
         ("model class", type(model).__name__),
-        ("input", f"{spec.in_channels} channel(s), {dims}D, size {spec.size}, canonical spacing {_mm(spec.spacing)}"),
+        ("input", f"{spec.in_channels} channel(s), {dims}D, size {spec.size}, canonical spacing {_mm(spec.spacing, spacing_unit(model))}"),
         ("files", str(len(done))),
     ])
     body = head + f"<ul>{toc}</ul>\n" + "\n".join(_file_section(i, p, e) for i, (p, e) in enumerate(done))
@@ -682,7 +711,7 @@ def explain_files(model_uri: str, paths: Sequence[str | Path], out: str | Path, 
 
 def _spacing_arg(text: str) -> str:
     try:
-        parse_spacing(text)
+        _check_spacing_text(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
