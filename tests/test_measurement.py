@@ -140,3 +140,17 @@ def test_a_task_of_three_classes_is_compared_with_the_baseline_class_by_class() 
     # a class with no case in the evaluated split has no one-vs-rest AUROC
     out = task_evidence(probs, torch.where(labels == 2, 1, labels), col, Ctx(), base)  # type: ignore[arg-type]
     assert set(out) == {"black_box_baseline_class_0", "black_box_baseline_class_1"}
+
+
+def test_spacing_is_read_and_checked_in_the_models_unit() -> None:
+    from mlmi_zoo.specs import InputSpecError
+
+    m = model()
+    assert m.input_spec.spacing_unit == "DD"
+    x = torch.rand(1, 3, 64, 64)
+    torch.testing.assert_close(m.explain(x, spacing=("0.1 DD", "0.1 DD")).distance,
+                               m.explain(x, spacing=(0.1, 0.1)).distance, equal_nan=True)
+    with pytest.raises(InputSpecError, match="'0.7 mm' is not in DD"):
+        m.explain(x, spacing=("0.7 mm", "0.7 mm"))
+    with pytest.raises(InputSpecError, match=r"DD is at least 100x larger than the model's canonical spacing"):
+        m.explain(x, spacing=(6.0, 6.0))

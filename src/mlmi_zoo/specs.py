@@ -115,6 +115,8 @@ class InputSpec:
         value_range: range of the values ``intensity.kind`` produces (``[0, 1]``); with the weights'
             normalisation (``intensity.mean`` / ``std``) :meth:`validate` expects this range mapped
             through it (``intensity.normalised_range``). Inputs far outside it are refused.
+        spacing_unit: the unit of ``spacing`` and of every spacing given: ``"mm"``, or ``"DD"`` (optic-disc
+            diameters per pixel) for a fundus model whose images carry no size in mm.
     """
 
     in_channels: int
@@ -124,6 +126,7 @@ class InputSpec:
     intensity: IntensityTransform = field(default_factory=IntensityTransform)
     modality: str = "unknown"
     value_range: tuple[float, float] | None = (0.0, 1.0)
+    spacing_unit: str = "mm"
 
     # -- validation -------------------------------------------------------------------------
     # An image more than this many times larger or smaller than `size` on some axis was almost surely
@@ -270,36 +273,39 @@ class InputSpec:
             InputSpecError: for a value that is not a positive, finite length, the wrong number of
                 values, or an implausible one.
         """
-        in_mm = _spacing_in_mm(spacing)
+        u = self.spacing_unit
+        with_unit = "a length with its unit, such as '700 um'," if u == "mm" else f"a value with its unit, such as '0.01 {u}',"
+        in_unit = _spacing_in(spacing, u)
         try:
-            s = torch.as_tensor(in_mm, dtype=torch.float64)
+            s = torch.as_tensor(in_unit, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as err:  # torch's errors for ragged or non-numeric nests
-            raise InputSpecError(f"spacing {spacing!r} must be numbers (mm) or lengths with a unit such as '0.7 mm', "
-                                 f"{self.spatial_dims} per image") from err
+            raise InputSpecError(f"spacing {spacing!r} must be numbers ({u}) or "
+                                 + ("lengths with a unit such as '0.7 mm'" if u == "mm" else f"values in {u}")
+                                 + f", {self.spatial_dims} per image") from err
         if s.ndim == 1:
             s = s.unsqueeze(0)
         if s.ndim != 2 or s.shape[-1] != self.spatial_dims:
             raise InputSpecError(
-                f"expected spacing with {self.spatial_dims} values per image (mm per axis), got shape {tuple(s.shape)}"
+                f"expected spacing with {self.spatial_dims} values per image ({u} per axis), got shape {tuple(s.shape)}"
             )
         if batch is not None and s.shape[0] not in (1, batch):
             raise InputSpecError(f"expected spacing for 1 or {batch} images, got {s.shape[0]}")
         if not torch.isfinite(s).all() or (s <= 0).any():
-            raise InputSpecError(f"spacing must be finite and positive (mm), got {s.tolist()}")
+            raise InputSpecError(f"spacing must be finite and positive ({u}), got {s.tolist()}")
         if self.spacing is not None:
             ratio = s / torch.tensor(self.spacing, dtype=s.dtype)
             fold = float(torch.maximum(ratio, 1 / ratio).max())  # how far off the farthest axis is, either way
             side = "larger" if float(ratio.max()) * float(ratio.min()) > 1 else "smaller"
             if fold >= self.MAX_SPACING_RATIO * (1 - 1e-9):  # 70 mm / 0.7 mm is 100 to rounding
                 raise InputSpecError(
-                    f"spacing {s.tolist()} mm is at least {self.MAX_SPACING_RATIO:g}x {side} than the model's "
-                    f"canonical spacing {self.spacing} mm on some axis: give mm per pixel (a length with its unit, "
-                    "such as '700 um', is converted), or resample the image nearer the canonical spacing"
+                    f"spacing {s.tolist()} {u} is at least {self.MAX_SPACING_RATIO:g}x {side} than the model's "
+                    f"canonical spacing {self.spacing} {u} on some axis: give {u} per pixel ({with_unit} is "
+                    "converted), or resample the image nearer the canonical spacing"
                 )
             if fold > self.WARN_SPACING_RATIO:
-                warnings.warn(f"spacing {s.tolist()} mm is {fold:.0f}x {side} than the model's canonical spacing "
-                              f"{self.spacing} mm: the model has not seen images at such a scale; check the unit "
-                              "(mm per pixel)", UserWarning, stacklevel=2)
+                warnings.warn(f"spacing {s.tolist()} {u} is {fold:.0f}x {side} than the model's canonical spacing "
+                              f"{self.spacing} {u}: the model has not seen images at such a scale; check the unit "
+                              f"({u} per pixel)", UserWarning, stacklevel=2)
         return s.float()
 
     def measurement_spacing(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor | None:
@@ -328,8 +334,9 @@ class InputSpec:
                 side = "larger" if max(ratios) > self.MAX_SIZE_RATIO else "smaller"
                 raise InputSpecError(
                     f"x is {spatial} pixels, more than {self.MAX_SIZE_RATIO:g}x {side} than the {tuple(self.size)} the "
-                    f"model was trained at, and no spacing was given: the canonical {self.spacing} mm would be assumed "
-                    "and every size measured wrong; pass spacing= (mm per pixel) or resample the image to about "
+                    f"model was trained at, and no spacing was given: the canonical {self.spacing} {self.spacing_unit} "
+                    f"would be assumed and every size measured wrong; pass spacing= ({self.spacing_unit} per pixel) or "
+                    "resample the image to about "
                     f"{tuple(self.size)} pixels"
                 )
             spacing = self.spacing
@@ -350,21 +357,24 @@ class InputSpec:
         return cls(**d)
 
 
-def _spacing_in_mm(spacing: Any) -> Any:
-    """``spacing`` with every length given with a unit (text or a pint quantity) converted to mm."""
+def _spacing_in(spacing: Any, unit: str = "mm") -> Any:
+    """``spacing`` with every value given with a unit (text or a pint quantity) converted to ``unit``."""
     if isinstance(spacing, torch.Tensor):
         return spacing
     if isinstance(spacing, (list, tuple)):
-        return [_spacing_in_mm(v) for v in spacing]
+        return [_spacing_in(v, unit) for v in spacing]
     if isinstance(spacing, str) or hasattr(spacing, "units"):
         from mlmi_zoo.units import quantity
 
         try:
             q = quantity(spacing) if isinstance(spacing, str) else spacing
-            return float(q.to("mm").magnitude)
+            return float(q.to(unit).magnitude)
         except Exception as err:  # pint raises several unrelated types (parse, dimensionality)
-            raise InputSpecError(f"spacing {spacing!r} is not a length: give mm as numbers, or a length with its "
-                                 "unit such as '0.7 mm'") from err
+            if unit == "mm":
+                raise InputSpecError(f"spacing {spacing!r} is not a length: give mm as numbers, or a length with its "
+                                     "unit such as '0.7 mm'") from err
+            raise InputSpecError(f"spacing {spacing!r} is not in {unit}: give {unit} as numbers, or a value with its "
+                                 f"unit such as '0.01 {unit}'") from err
     return spacing
 
 

@@ -33,6 +33,7 @@ lesion map, which is what the evaluation localizes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,7 @@ from mlmi_zoo.architectures.measurement.config import MeasurementConfig
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.explanations import Explanation, html_table, png_data_uri
 from mlmi_zoo.registry import register_backbones
-from mlmi_zoo.specs import InputSpecError, Measurement
+from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement
 
 __all__ = ["MeasurementBottleneck", "MeasurementExplanation", "TERMS"]
 
@@ -177,6 +178,11 @@ class MeasurementBottleneck(InterpretableModel[MeasurementConfig]):
         # channel 0: lesion logit (the rule reads it), channel 1: logit of the lesion share of the cell (the area)
         self.lesion_head = nn.Sequential(nn.Conv2d(f, h, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(h, 2, 1))
         self.landmark_head = nn.Sequential(nn.Conv2d(f, h, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(h, 1, 1))
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The input spec, with the spacing in the rule's unit (``config.unit``, DD per pixel for fundus photographs)."""
+        return dataclasses.replace(super().input_spec, spacing_unit=self.config.unit)
 
     # -- the parts ----------------------------------------------------------------------------------
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
