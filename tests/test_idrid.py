@@ -376,7 +376,7 @@ def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_ha
 def test_macula_set_joins_both_sets_and_marks_what_each_photograph_lacks() -> None:
     from torch.utils.data import default_collate
 
-    from mlmi_zoo.training.datasets.idrid import IDRiDMacula
+    from mlmi_zoo.training.datasets.idrid_macula import IDRiDMacula
 
     for split, n_seg, n_grading in (("train", 44, 330), ("val", 10, 83)):
         ds = IDRiDMacula(DATA, split, SIZE, prepare=False)

@@ -419,7 +419,8 @@ def describe(spec: DataSpec) -> dict[str, Any]:
 
         return {**out, **mias_bag_splits(dict(p), {split: spec.size_of(split) for split in SPLITS})}
     if spec.kind == "idrid":
-        from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDMacula, IDRiDSegmentation, source_checksums
+        from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDSegmentation, source_checksums
+        from mlmi_zoo.training.datasets.idrid_macula import IDRiDMacula
 
         read: list[Path] = []
         for split in SPLITS:

@@ -1,7 +1,7 @@
 """Training of a measurement bottleneck: the lesion map, the landmark map and the rule's weak supervision.
 
 One gradient stage, ``maps``, on batches that may mix two kinds of photograph (:class:`~mlmi_zoo.training.
-datasets.idrid.IDRiDMacula`): each loss term uses only the cases that carry its truth.
+datasets.idrid_macula.IDRiDMacula`): each loss term uses only the cases that carry its truth.
 
 * lesion map, on cases with a lesion mask (``"ex_annotated"``): per latent cell, binary cross-entropy of
   the lesion logit against "some pixel of the cell is lesion" (lesion cells weighted by
@@ -39,17 +39,13 @@ class MeasurementTraining(FamilyTraining):
     stage_names = ("maps",)
     settings_class = MeasurementTrainingSettings
 
-    def trainable_parameters(self, model: MeasurementBottleneck, stage: str) -> list[torch.nn.Parameter]:
-        return [p for p in model.parameters()]
-
     def loss(self, model: MeasurementBottleneck, batch: dict[str, Any], stage: str) -> LossOutput:
         s = self.settings
         x = self.inputs(model, batch)
         lesion, landmark = model.maps(x)
         b, _, h, w = lesion.shape
-        zero = lesion.sum() * 0.0
         logs: dict[str, float] = {}
-        total = zero
+        total = lesion.sum() * 0.0  # stays in the graph when a batch carries no truth for any term
         annotated = batch.get("ex_annotated")
         if annotated is not None and bool(annotated.any()):
             keep = annotated.bool()
@@ -60,7 +56,7 @@ class MeasurementTraining(FamilyTraining):
             total = total + lesion_term + coverage_term
             logs.update(lesion=lesion_term.item(), coverage=coverage_term.item())
         fovea = batch.get("fovea_xy")
-        if fovea is None:  # a graded photograph of the test split: fovea_xy as its own key
+        if fovea is None:  # data with no landmark positions at all: no landmark or rule term
             fovea = torch.full((b, 2), float("nan"), device=x.device)
         fovea = fovea.to(x.dtype)
         has_fovea = torch.isfinite(fovea).all(-1)
