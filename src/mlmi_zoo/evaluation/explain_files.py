@@ -321,8 +321,8 @@ def _check_spacing_text(text: str | float | Sequence[float | str]) -> None:
 
 
 def spacing_unit(model: InterpretableModel[Any]) -> str:
-    """The unit of ``model``'s spacing: its config's ``unit`` (a measurement bottleneck's DD), else mm."""
-    return str(getattr(model.config, "unit", None) or "mm")
+    """The unit of ``model``'s spacing, as its input spec states it (mm; DD for a measurement bottleneck)."""
+    return model.input_spec.spacing_unit
 
 
 def _center_arg(text: str) -> tuple[float, ...]:

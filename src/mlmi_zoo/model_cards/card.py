@@ -123,7 +123,7 @@ def _further_comparisons(block: dict[str, Any]) -> list[dict[str, Any]]:
     for key in sorted(k for k in block if k.startswith("evidence_")):
         value = block[key]
         candidates = value.values() if key == "evidence_by_quantity" else [value]
-        found += [c for c in candidates if isinstance(c, dict) and "controls" in c and c is not main and c != main]
+        found += [c for c in candidates if isinstance(c, dict) and "controls" in c and c != main]
     return [{"metric": c.get("metric"), "model": fmt(c.get("model")), "controls": _control_rows(c),
              "verdict": (c.get("verdict") or {}).get("sentence")} for c in found]
 
