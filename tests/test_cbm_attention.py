@@ -111,7 +111,7 @@ def test_fine_annotation_cost_trains_the_attention_head_in_the_concept_stage():
 
 def test_config_refuses_unknown_pooling_and_fine_annotation_without_attention():
     with pytest.raises(ValueError, match="pooling"):
-        CBMConfig(pooling="max")  # type: ignore[arg-type]
+        CBMConfig(pooling="median")  # type: ignore[arg-type]
     # the fine-annotation cost is a training setting, checked against the model it is to train
     with pytest.raises(ValueError, match="needs model.config.pooling='attention'"):
         training_for(make_model(), {"fa_coef": 1.0})

@@ -376,7 +376,7 @@ def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_ha
 def test_macula_set_joins_both_sets_and_marks_what_each_photograph_lacks() -> None:
     from torch.utils.data import default_collate
 
-    from mlmi_zoo.training.datasets.idrid_macula import IDRiDMacula
+    from mlmi_zoo.training.datasets.idrid_joined import IDRiDMacula
 
     for split, n_seg, n_grading in (("train", 44, 330), ("val", 10, 83)):
         ds = IDRiDMacula(DATA, split, SIZE, prepare=False)
@@ -408,6 +408,80 @@ def test_macula_spec_describes_both_sets_and_stays_disjoint() -> None:
     # IDRiD numbers the photographs of each official part from 001: a case is its part and its id
     ids = {k: {f"{v['official_part']}/{i}" for i in v["image_ids"]} for k, v in desc["splits"].items()}
     assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the lesion set (both sets, for a lesion-concept model of DR)
+# ---------------------------------------------------------------------------------------------
+def test_lesion_set_carries_each_lesion_type_as_concept_area_and_mask_where_known() -> None:
+    from torch.utils.data import default_collate
+
+    from mlmi_zoo.training.datasets.idrid_joined import AREA_CONCEPTS, LESION_CONCEPTS, IDRiDLesions
+
+    ds = IDRiDLesions(DATA, "train", SIZE, prepare=False)
+    assert len(ds) == 44 + 330 and ds.label_names == ("non-referable (grade 0-1)", "referable (grade 2-4)")
+    own = segmentation("train")[0]
+    seg, graded = ds[0], ds[44]
+    for k, name in enumerate(LESION_CONCEPTS):
+        assert bool(seg["concept_masks_known"][name]) == bool(own["annotated"][k])
+        assert torch.equal(seg["concept_masks"][name][0], own["mask"][k] & own["fov"])
+        torch.testing.assert_close(seg["concepts"][name], own["concepts"][name], equal_nan=True)
+        assert not bool(graded["concept_masks_known"][name]) and math.isnan(float(graded["concepts"][name]))
+    for name in AREA_CONCEPTS:
+        torch.testing.assert_close(seg["measurements"][name], own["measurements"][name], equal_nan=True)
+        assert math.isnan(float(graded["measurements"][name]))
+    assert float(seg["measurements"]["ex_area_dd2"]) > 0
+    assert int(seg["label"]) == -1 and int(graded["label"]) == int(grading("train", task="referable")[0]["label"])
+    assert ds.label_of(44) == int(graded["label"]) and ds.label_of(0) == -1
+    default_collate([seg, graded])  # one batch may hold both
+    test = IDRiDLesions(DATA, "test", SIZE, prepare=False)
+    assert len(test) == 103 and all(i.startswith("grading/") for i in test.image_ids)
+    annotated = test.concept_mask_set("test")
+    assert len(annotated) == 27 and annotated.image_ids == tuple(f"segmentation/{i}" for i in segmentation("test").image_ids)
+    assert IDRiDLesions(DATA, "train", SIZE, prepare=False, task="grade").label_of(44) == int(grading("train")[0]["label"])
+    with pytest.raises(ValueError, match="part must be one of"):
+        IDRiDLesions(DATA, "train", SIZE, prepare=False, part="masks")
+    with pytest.raises(ValueError, match="task must be"):
+        IDRiDLesions(DATA, "train", SIZE, prepare=False, task="dme")
+    desc = describe(DataSpec(kind="idrid", params={"dataset": "lesions", "size": SIZE}))
+    assert desc["source"]["set"] == "lesions"
+    assert {k: v["size"] for k, v in desc["splits"].items()} == {"train": 374, "val": 93, "test": 103}
+
+
+def test_a_lesion_concept_model_is_scored_per_lesion_type_against_the_masks(tmp_path: Path) -> None:
+    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
+    from mlmi_zoo.registry import create_model
+    from mlmi_zoo.specs import ConceptSpec
+    from mlmi_zoo.training.datasets.idrid_joined import AREA_CONCEPTS, LESION_CONCEPTS
+
+    torch.manual_seed(0)
+    concepts = (*(ConceptSpec(n, "binary") for n in LESION_CONCEPTS),
+                *(ConceptSpec(n, "continuous", unit="DD^2") for n in AREA_CONCEPTS))
+    spacing = tuple(1.0 / d for d in grading("test", prepare=False).dd_px_yx)
+    model = create_model("cbm_resnet18", img_size=returned_shape(SIZE), spacing=spacing, concepts=concepts,
+                         pooling="max", in_channels=3, label_names=("non-referable", "referable")).eval()
+    spec = DataSpec("idrid", {"root": str(DATA), "dataset": "lesions", "size": SIZE})
+    model.save_pretrained(tmp_path / "model", extra={"data": describe(spec)})
+    annotated = {"kind": "idrid", "params": {"root": str(DATA), "dataset": "segmentation", "size": SIZE,
+                                             "union": "MA+HE+EX+SE"}}
+    limits = EvaluationLimits(deletion_cases=4, deletion_steps=2, spacing_cases=2, examples=1, control_train_cases=16)
+    doc = evaluate(f"local-dir:{tmp_path / 'model'}", spec, max_cases=8, n_boot=20, batch_size=8, limits=limits,
+                   localization_data=annotated)
+    el = doc["elements"]
+    loc = el["localization"]
+    found = loc["details"]["finding_maps"]
+    # soft exudates are outlined on 14 of the 27 test photographs; the other types on every one
+    assert {n: found[n]["images"] for n in LESION_CONCEPTS} == {"microaneurysms": 27, "haemorrhages": 27,
+                                                                 "hard_exudates": 27, "soft_exudates": 14}
+    for n in LESION_CONCEPTS:
+        assert set(loc[f"evidence_pixel_aupr_{n}"]["controls"]) == {"image processing", "centre prior", "uniform"}
+        assert set(loc[f"evidence_pointing_game_{n}"]["controls"]) == {"image processing", "centre prior"}
+    physical = el["physical_attribution"]
+    assert physical["applicable"] and set(physical["evidence_by_quantity"]) == set(AREA_CONCEPTS)
+    assert physical["details"]["ex_area_dd2"]["n"] == 27 and physical["details"]["se_area_dd2"]["n"] == 14
+    # the graded photographs carry no concept: nothing to correct, nothing to score a concept against
+    assert not el["actionability"]["applicable"] and "no ground truth" in el["actionability"]["reason"]
+    assert not el["visual_recognizability"]["applicable"]
 
 
 def test_a_measurement_bottleneck_is_evaluated_against_the_masks_and_the_fovea(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from mlmi_zoo.architectures.mil.heads import instance_ranks
 from mlmi_zoo.evaluation._common import (
     EvaluationLimits,
     _batch_groups,
+    _cat,
     _positive_class,
     _to_tensor_list,
 )
@@ -211,7 +212,19 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
         if counted is not None:
             _collect_counted(col, counted, batch, limits, model.physical, spacing)
         _keep(col, limits, x, maps, batch, spacing)
+    _drop_without_truth(col)
     return col
+
+
+def _drop_without_truth(col: _Collected) -> None:
+    """Forget the quantities and concepts whose truth is missing (NaN) on every evaluated case: these data do not
+    measure them (IDRiD's graded photographs carry no lesion area), so nothing about them can be scored here."""
+    for pred, truth in ((col.measured, col.truth), (col.concept_pred, col.concept_true)):
+        for name in [n for n, t in truth.items() if not bool(torch.isfinite(_cat(t)).any())]:
+            pred.pop(name, None)
+            truth.pop(name)
+            if truth is col.concept_true:  # no concept of these can be corrected to its truth either
+                col.missing_concepts = tuple(dict.fromkeys((*col.missing_concepts, name)))
 
 
 def _collect_counted(col: _Collected, counted: torch.Tensor, batch: Mapping[str, Any], limits: EvaluationLimits,

@@ -23,7 +23,8 @@ is identified in :func:`describe`):
 * ``mias_bags``: the same images and split as bags of cached breast-tile features
   (:mod:`mlmi_zoo.training.datasets.mias_bags`); ``*_size`` optionally keeps the first n bags.
 * ``idrid``: IDRiD fundus photographs (:mod:`mlmi_zoo.training.datasets.idrid`), ``params["dataset"]``
-  ``"grading"``, ``"segmentation"`` or ``"macula"`` (both sets, for a macular-edema model); the official test part is ``test``, ``train``/``val`` a fixed
+  ``"grading"``, ``"segmentation"``, ``"macula"`` (both sets, for a macular-edema model) or ``"lesions"`` (both
+  sets, for a lesion-concept model of DR); the official test part is ``test``, ``train``/``val`` a fixed
   stratified partition of the official training part; ``*_size`` optionally keeps the first n.
 * ``folder_csv`` / ``cached_bags``: either one file per split (``params["train_csv"]``,
   ``["val_csv"]``, ``["test_csv"]``; bags: ``train_dir``...) or one source that is partitioned by
@@ -420,7 +421,7 @@ def describe(spec: DataSpec) -> dict[str, Any]:
         return {**out, **mias_bag_splits(dict(p), {split: spec.size_of(split) for split in SPLITS})}
     if spec.kind == "idrid":
         from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDSegmentation, source_checksums
-        from mlmi_zoo.training.datasets.idrid_macula import IDRiDMacula
+        from mlmi_zoo.training.datasets.idrid_joined import IDRiDLesions, IDRiDMacula
 
         read: list[Path] = []
         for split in SPLITS:
@@ -428,7 +429,7 @@ def describe(spec: DataSpec) -> dict[str, Any]:
             idrid: Dataset = ds
             while isinstance(idrid, (IndexSubset, MaterializedDataset)):
                 idrid = idrid.dataset
-            if not isinstance(idrid, (IDRiDGrading, IDRiDSegmentation, IDRiDMacula)):
+            if not isinstance(idrid, (IDRiDGrading, IDRiDSegmentation, IDRiDMacula, IDRiDLesions)):
                 raise TypeError(f"expected an idrid spec to build an IDRiD data set, got a {type(idrid).__name__}")
             used = idrid.image_ids[: len(ds)]  # the photographs this split uses, in case order
             out["splits"][split] = {"size": len(ds), "official_part": idrid.official_part, "image_ids": list(used)}

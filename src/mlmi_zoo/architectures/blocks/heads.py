@@ -34,27 +34,39 @@ from mlmi_zoo.architectures.blocks.backbones import latent_to_input
 from mlmi_zoo.specs import Measurement, QuantitySpec
 from mlmi_zoo.units import convert, ureg
 
-__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "dihedral_mean", "dihedral_views", "scaled_sample", "spacing_exponent", "to_pixel_domain", "from_pixel_domain"]
+__all__ = ["PhysicalHead", "LesionCountHead", "canonical_scale", "dihedral_mean", "dihedral_views", "scaled_sample", "spacing_exponent", "spacing_ruler", "to_pixel_domain", "from_pixel_domain"]
 
 
 @functools.lru_cache(maxsize=None)
 def spacing_exponent(unit: str) -> int:
-    """Power of length in ``unit``: 1 for mm, 2 for mm², 3 for mL, 0 for HU or dimensionless.
+    """Power of length in ``unit``: 1 for mm (or DD), 2 for mm² (or DD²), 3 for mL, 0 for HU or dimensionless.
+
+    A length is either in mm or in optic-disc diameters (DD, :mod:`mlmi_zoo.units`), never a mix; the
+    spacing is then in that same ruler (mm per pixel, or DD per pixel for a fundus photograph).
 
     Raises:
-        ValueError: for units that mix length with other dimensions (e.g. mm/s).
+        ValueError: for units that mix length with other dimensions (e.g. mm/s, or mm x DD).
     """
     dims = dict(ureg().Quantity(1, unit).dimensionality)
     length = dims.pop("[length]", 0)
-    if dims and set(dims) != {"[ct_number]"}:
-        raise ValueError(f"unit {unit!r} is neither a power of length nor an intensity; a physical head cannot scale it")
-    return int(length)
+    disc = dims.pop("[optic_disc]", 0)
+    if (dims and set(dims) != {"[ct_number]"}) or (length and disc):
+        raise ValueError(f"unit {unit!r} is neither a power of length (mm or DD) nor an intensity; a physical head "
+                         f"cannot scale it")
+    return int(length or disc)
+
+
+def spacing_ruler(unit: str) -> str:
+    """The unit a spacing must be given in for a quantity in ``unit``: ``"DD"`` for powers of the optic-disc
+    diameter, else ``"mm"``."""
+    return "DD" if "[optic_disc]" in dict(ureg().Quantity(1, unit).dimensionality) else "mm"
 
 
 @functools.lru_cache(maxsize=None)
 def _mm_power_to(unit: str) -> float:
+    """The factor from (spacing ruler)^k to ``unit``: mm^k -> unit, or DD^k -> unit."""
     k = spacing_exponent(unit)
-    return float(convert(1.0, f"mm**{k}", unit)) if k else 1.0
+    return float(convert(1.0, f"{spacing_ruler(unit)}**{k}", unit)) if k else 1.0
 
 
 def _spacing_factor(spacing: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from mlmi_zoo.architectures.blocks.heads import spacing_exponent
+from mlmi_zoo.architectures.blocks.heads import spacing_exponent, spacing_ruler
 from mlmi_zoo.base import ModelConfig
 from mlmi_zoo.specs import ConceptSpec
 
@@ -46,7 +46,12 @@ class CBMConfig(ModelConfig):
             ``"attention"`` (one learnt spatial attention shared by the binary, ordinal and
             categorical concepts; continuous ones stay mean-pooled; level logits centred over
             levels; see the module docstring). Both keep every concept logit the exact mean of
-            its map.
+            its map. ``"max"`` reads each binary concept at its strongest latent cell (a finding
+            present anywhere, e.g. a lesion type; the logit is the exact maximum of its map);
+            the other concepts stay mean-pooled.
+        concept_hidden: 0 for the paper's linear concept predictor (a 1x1 convolution); ``n > 0``
+            puts one hidden layer before it (a 3x3 convolution with ``n`` channels and a ReLU), still
+            one value per latent cell, so pooling stays exact.
         resample: when a spacing is given, resample the image onto the canonical grid (the same
             size and centre, ``spacing`` mm per pixel) before the concept predictor, so the
             network always sees physical scale: pixel-domain sizes are then canonical pixels,
@@ -65,7 +70,8 @@ class CBMConfig(ModelConfig):
     feature_stride: int = 8
     head_hidden: int = 32
     balance_concepts: bool = True
-    pooling: Literal["mean", "attention"] = "mean"
+    pooling: Literal["mean", "attention", "max"] = "mean"
+    concept_hidden: int = 0
     resample: bool = False
     dihedral_views: bool = False
 
@@ -84,8 +90,19 @@ class CBMConfig(ModelConfig):
                              "bottleneck); move them to `concepts`, e.g. ConceptSpec('diameter_mm', 'continuous', unit='mm')")
         if self.head not in ("linear", "mlp"):
             raise ValueError(f"head must be 'linear' or 'mlp', got {self.head!r}")
-        if self.pooling not in ("mean", "attention"):
-            raise ValueError(f"pooling must be 'mean' or 'attention', got {self.pooling!r}")
+        if self.pooling not in ("mean", "attention", "max"):
+            raise ValueError(f"pooling must be 'mean', 'attention' or 'max', got {self.pooling!r}")
+        if self.pooling == "max" and not any(c.kind == "binary" for c in self.concepts):
+            raise ValueError("pooling='max' reads binary concepts at their strongest cell; these concepts have none")
+        if self.pooling == "max" and self.dihedral_views:
+            raise ValueError("dihedral_views averages concept maps over views, which keeps means but not maxima; "
+                             "use it with pooling='mean' or 'attention'")
+        if self.concept_hidden < 0:
+            raise ValueError(f"concept_hidden must be >= 0 channels (0: a linear concept predictor), got {self.concept_hidden}")
+        rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and spacing_exponent(c.unit)}
+        if len(rulers) > 1:
+            raise ValueError(f"continuous concepts measure with one ruler, mm or DD (the spacing's unit); got both in "
+                             f"{[c.unit for c in self.concepts if c.kind == 'continuous']}")
         if self.dihedral_views and (self.spatial_dims < 2 or self.img_size[-1] != self.img_size[-2]):
             raise ValueError(f"dihedral_views turns the image plane by quarter turns and needs a square plane, "
                              f"got img_size {self.img_size}")
@@ -99,6 +116,12 @@ class CBMConfig(ModelConfig):
     @property
     def num_concepts(self) -> int:
         return len(self.concepts)
+
+    @property
+    def spacing_unit(self) -> str:
+        """The unit of the spacing: ``"DD"`` when the concepts measure in optic-disc diameters, else ``"mm"``."""
+        rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and spacing_exponent(c.unit)}
+        return rulers.pop() if rulers else "mm"
 
 
 @dataclass(frozen=True)
@@ -117,11 +140,18 @@ class CBMTrainingSettings:
         fa_coef: weight of the fine-annotation cost (attention mass off the lesion, on training
             lesion masks) in the concept and joint stages; 0 turns it off. Needs
             ``pooling="attention"``. Where it is on, localization is partly taught.
+        map_coef: weight of the cell-level loss of the max-pooled binary concepts' maps against the
+            data's masks of those findings (``batch["concept_masks"]``, on the cases where
+            ``batch["concept_masks_known"]``), in the concept and joint stages; 0 turns it off.
+            Needs ``pooling="max"``. Where it is on, the maps are taught where each finding lies.
+        map_pos_weight: weight of the cells that hold the finding in that loss (they are few).
     """
 
     mode: Literal["independent", "sequential", "joint"] = "sequential"
     joint_lambda: float = 1.0
     fa_coef: float = 0.0
+    map_coef: float = 0.0
+    map_pos_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("independent", "sequential", "joint"):
@@ -130,3 +160,7 @@ class CBMTrainingSettings:
             raise ValueError(f"joint_lambda must be >= 0, got {self.joint_lambda}")
         if self.fa_coef < 0:
             raise ValueError(f"fa_coef must be >= 0, got {self.fa_coef}")
+        if self.map_coef < 0:
+            raise ValueError(f"map_coef must be >= 0, got {self.map_coef}")
+        if self.map_pos_weight <= 0:
+            raise ValueError(f"map_pos_weight must be > 0, got {self.map_pos_weight}")

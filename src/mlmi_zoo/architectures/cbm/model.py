@@ -35,6 +35,11 @@ What we changed with respect to the paper:
   switched on, the concept maps are *taught* to lie on the lesion by the masks of the training
   split, so their localization on held-out cases measures how well that teaching generalises, not
   where an unsupervised model chose to look.
+- optional **max pooling of binary concepts** (:attr:`CBMConfig.pooling` ``"max"``): a finding that is
+  present when it is seen anywhere (a lesion type in a fundus photograph) is read at its strongest
+  latent cell, so the concept's map says where; the logit is exactly the map's maximum, and the map
+  can be taught cell by cell from lesion masks (:mod:`.training`, ``map_coef``). An area concept stays
+  mean-pooled: the mean of a per-cell map is a sum over cells, the form an area has.
 - **missing concept labels are masked** in the loss, and the concept losses are class-balanced.
 - the concept -> label head is linear by default, which makes the decision an exact sum of
   ``weight x concept`` terms; an MLP head is offered and documented as not decomposable.
@@ -59,6 +64,7 @@ returns is in :mod:`.explanations`.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
@@ -74,7 +80,7 @@ from mlmi_zoo.architectures.cbm.explanations import ConceptExplanation, MLPConce
 from mlmi_zoo.architectures.blocks.heads import canonical_scale, dihedral_mean, scaled_sample
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.registry import register_backbones
-from mlmi_zoo.specs import ConceptSpec, Measurement
+from mlmi_zoo.specs import ConceptSpec, InputSpec, Measurement
 
 __all__ = ["CBMConfig", "CBM", "NODULE_CONCEPTS"]
 
@@ -100,7 +106,13 @@ class CBM(InterpretableModel[CBMConfig]):
         self.backbone = create_backbone(config.backbone, config.in_channels, config.spatial_dims, config.feature_stride)
         self.codec = ConceptCodec(config.concepts, balance=config.balance_concepts)
         conv = nn.Conv3d if config.spatial_dims == 3 else nn.Conv2d
-        self.concept_head = conv(self.backbone.out_channels, self.codec.width, kernel_size=1)
+        f = self.backbone.out_channels
+        if config.concept_hidden:
+            self.concept_head: nn.Module = nn.Sequential(
+                conv(f, config.concept_hidden, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+                conv(config.concept_hidden, self.codec.width, kernel_size=1))
+        else:
+            self.concept_head = conv(f, self.codec.width, kernel_size=1)
         # One attention map shared by every concept: where the model reads its concepts.
         self.attention_head = (conv(self.backbone.out_channels, 1, kernel_size=1)
                                if config.pooling == "attention" else None)
@@ -110,6 +122,9 @@ class CBM(InterpretableModel[CBMConfig]):
         # (K,) 1 for units read through the attention, 0 for continuous (mean-pooled) ones.
         attended = torch.cat([torch.full((s.width,), float(s.kind != "continuous")) for s in config.concepts])
         self.register_buffer("_attended", attended, persistent=False)
+        # (K,) True for units read at their strongest cell (pooling="max": the binary concepts).
+        maxed = torch.cat([torch.full((s.width,), config.pooling == "max" and s.kind == "binary") for s in config.concepts])
+        self.register_buffer("_maxed", maxed, persistent=False)
         k, c = self.codec.width, config.num_classes
         if config.head == "linear":
             self.label_head: nn.Module = nn.Linear(k, c)
@@ -130,6 +145,19 @@ class CBM(InterpretableModel[CBMConfig]):
     def concept_names(self) -> tuple[str, ...]:
         """Names of the ``K`` bottleneck units."""
         return self.codec.unit_names
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The input spec, with the spacing in the concepts' ruler (DD per pixel when they measure in DD)."""
+        return dataclasses.replace(super().input_spec, spacing_unit=self.config.spacing_unit)
+
+    def pool(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, K, *latent) concept maps -> (B, K) concept logits: the maximum over cells for the units
+        ``pooling="max"`` reads at their strongest cell, the mean for the others."""
+        mean = reduce(maps, "b k ... -> b k", "mean")
+        if not bool(self._maxed.any()):
+            return mean
+        return torch.where(self._maxed.to(maps.device), reduce(maps, "b k ... -> b k", "max"), mean)
 
     # -- canonical grid ---------------------------------------------------------------------------
     def _grid_scale(self, x: torch.Tensor, spacing: Any) -> torch.Tensor | None:
@@ -184,7 +212,8 @@ class CBM(InterpretableModel[CBMConfig]):
             spacing: (dims,) or (B, dims) mm per pixel of ``x``; only used when ``config.resample``.
 
         Returns:
-            ``(maps, attention)``: maps (B, K, *latent) whose spatial mean is each concept logit
+            ``(maps, attention)``: maps (B, K, *latent) whose spatial mean (maximum for the units ``pooling='max'`` reads at
+            their strongest cell) is each concept logit
             (mean pooling: the 1x1-conv outputs; attention pooling: ``N a_p m_k(p)`` with level
             logits centred, continuous units as mean pooling gives them), and the attention (B, 1, *latent) summing to 1 over the grid, or
             ``None`` with mean pooling. On the canonical grid when the model resamples.
@@ -219,8 +248,8 @@ class CBM(InterpretableModel[CBMConfig]):
         return self._centre_levels(maps) * weight, attention
 
     def concept_maps_latent(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
-        """(B, C_in, *spatial) -> (B, K, *latent) concept maps whose spatial means are the concept
-        logits (on the canonical grid when the model resamples and ``spacing`` is given); see
+        """(B, C_in, *spatial) -> (B, K, *latent) concept maps whose spatial means (maxima for max-pooled units) are the
+        concept logits (on the canonical grid when the model resamples and ``spacing`` is given); see
         :meth:`concept_maps_and_attention`."""
         return self.concept_maps_and_attention(x, spacing)[0]
 
@@ -231,7 +260,7 @@ class CBM(InterpretableModel[CBMConfig]):
             x: network input (after the intensity transform).
             spacing: (dims,) or (B, dims) mm per pixel of ``x``; only used when ``config.resample``.
         """
-        return reduce(self.concept_maps_latent(x, spacing), "b k ... -> b k", "mean")
+        return self.pool(self.concept_maps_latent(x, spacing))
 
     def predict_label(self, concept_vector: torch.Tensor) -> torch.Tensor:
         """(B, K) bottleneck vectors -> (B, C) label logits (the concept -> label head)."""
@@ -298,7 +327,7 @@ class CBM(InterpretableModel[CBMConfig]):
 
     def _one_view(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         maps, attention = self._maps_and_attention(x, spacing)  # (B, K, *latent), (B, 1, *latent)
-        raw = reduce(maps, "b k ... -> b k", "mean")
+        raw = self.pool(maps)
         upsampled = self.from_canonical(self.backbone.to_input(maps, x.shape[2:]), spacing)  # on the input's pixels
         if attention is not None:
             attention = self.from_canonical(self.backbone.to_input(attention, x.shape[2:]), spacing)

@@ -24,6 +24,13 @@ the attention mass on latent cells whose receptive-field window holds no lesion 
 (:func:`attention_off_lesion`), averaged over the cases that carry a non-empty mask. Cells that
 touch the lesion cost nothing, so the model stays free to read a concept from the lesion's rim or
 from any part of it. The masks are moved onto the canonical grid like the images.
+With ``pooling="max"`` and ``map_coef > 0`` the concept and joint stages add ``map_coef`` times a
+cell-level loss on the map of each binary concept whose mask the batch carries: per latent cell, the
+binary cross-entropy of the map's logit against "some pixel of the cell holds the finding" (cells that
+do weighted by ``map_pos_weight``), on the cases whose mask of that finding is known
+(:func:`cell_map_loss`). The concept's logit is the maximum of that map, so the image-level concept
+follows. Cases with no label (``"label"`` -1, e.g. photographs annotated with masks but not graded)
+train the concepts and are left out of the label loss.
 What we changed: typed concepts with units, masking of missing labels, class balance (see
 :mod:`.concepts`). Training images can be flipped and turned by the recipe (``data.augment``,
 :mod:`mlmi_zoo.training.augment`): the nodule concepts do not change with orientation.
@@ -34,8 +41,9 @@ from collections.abc import Sized
 from typing import Any
 
 import torch
-from einops import rearrange, reduce
+from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
@@ -43,7 +51,7 @@ from mlmi_zoo.architectures.cbm.model import CBM
 from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 
-__all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "fit_concept_statistics"]
+__all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "cell_map_loss", "fit_concept_statistics"]
 
 # The recipe stages each training mode runs, in order.
 STAGES_BY_MODE: dict[str, tuple[str, ...]] = {
@@ -103,6 +111,34 @@ def attention_off_lesion(attention: torch.Tensor, cell_fraction: torch.Tensor) -
     return off[annotated].mean()
 
 
+def cell_map_loss(maps: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Cell-level binary cross-entropy of one concept's latent map against a mask of the finding.
+
+    Args:
+        maps: (B, *latent) the concept's logit per latent cell.
+        masks: (B, 1, *spatial) bool, where the finding lies, on the grid the network saw.
+        known: (B,) bool, the cases whose mask is known (an absent finding is a known, empty mask).
+        pos_weight: weight of the cells that hold the finding.
+
+    Returns:
+        scalar: the mean over the known cases' cells; 0 (with a gradient graph) when no case is known.
+    """
+    if not bool(known.any()):
+        return maps.sum() * 0.0
+    pool = F.adaptive_max_pool3d if maps.ndim == 4 else F.adaptive_max_pool2d
+    target = pool(masks[known].float(), tuple(maps.shape[1:]))[:, 0]  # (b, *latent): a pixel of the cell holds it
+    weight = 1.0 + (pos_weight - 1.0) * target
+    return F.binary_cross_entropy_with_logits(maps[known], target, weight=weight)
+
+
+def _label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the labelled cases (label >= 0); 0 (with a gradient graph) when none is."""
+    labels = labels.to(logits.device)
+    if not bool((labels >= 0).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=-1)
+
+
 class CBMTraining(FamilyTraining):
     """Losses and trainable parameters of each CBM training stage (see the module docstring)."""
 
@@ -116,6 +152,9 @@ class CBMTraining(FamilyTraining):
         if self.settings.fa_coef > 0 and model.config.pooling != "attention":
             raise ValueError("training.fa_coef > 0 penalises the attention outside the lesion and needs "
                              f"model.config.pooling='attention'; this model pools with {model.config.pooling!r}")
+        if self.settings.map_coef > 0 and model.config.pooling != "max":
+            raise ValueError("training.map_coef > 0 teaches the maps of max-pooled binary concepts cell by cell and "
+                             f"needs model.config.pooling='max'; this model pools with {model.config.pooling!r}")
 
     def prepare(self, model: CBM, train_set: Dataset) -> None:
         """Fit concept normalisation and imbalance weights on the training split."""
@@ -141,7 +180,7 @@ class CBMTraining(FamilyTraining):
             device = next(model.label_head.parameters()).device
             vector = model.codec.target_bottleneck(self.concept_targets(model, batch, device))  # (B, K)
             logits = model.predict_label(vector)
-            ce = nn.functional.cross_entropy(logits, labels.to(device))
+            ce = _label_ce(logits, labels)
             if not model.training:
                 # Validation scores the model as it is used, on its own predicted concepts: the true-concept
                 # logits would make every validation metric (and so the kept epoch) the label predictor's on
@@ -156,10 +195,10 @@ class CBMTraining(FamilyTraining):
             with torch.no_grad():
                 vector = model.codec.bottleneck(model.concept_logits(x, spacing))
             logits = model.predict_label(vector)
-            ce = nn.functional.cross_entropy(logits, labels)
+            ce = _label_ce(logits, labels)
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
         maps, attention = model.concept_maps_and_attention(x, spacing)  # (B, K, *latent), (B, 1, *latent)
-        raw = reduce(maps, "b k ... -> b k", "mean")  # (B, K), as model.concept_logits
+        raw = model.pool(maps)  # (B, K), as model.concept_logits
         concept_loss, parts = model.codec.loss(raw, self.concept_targets(model, batch, x.device))
         logs = {f"concept/{k}": float(v.detach()) for k, v in parts.items()}
         logs["concepts"] = float(concept_loss.detach())
@@ -171,14 +210,34 @@ class CBMTraining(FamilyTraining):
             fa = attention_off_lesion(attention, fractions)
             concept_loss = concept_loss + self.settings.fa_coef * fa
             logs["fine_annotation"] = float(fa.detach())
+        if self.settings.map_coef > 0:
+            map_loss = self._map_loss(model, maps, batch, spacing)
+            if map_loss is not None:
+                concept_loss = concept_loss + self.settings.map_coef * map_loss
+                logs["concept_maps"] = float(map_loss.detach())
         if stage == "concepts":
             with torch.no_grad():
                 logits = model.predict_label(model.codec.bottleneck(raw))
             return LossOutput(concept_loss, logits, logs)
         logits = model.predict_label(model.codec.bottleneck(raw))  # joint: gradients flow through the bottleneck
-        ce = nn.functional.cross_entropy(logits, labels)
+        ce = _label_ce(logits, labels)
         logs["ce"] = float(ce.detach())
         return LossOutput(ce + self.settings.joint_lambda * concept_loss, logits.detach(), logs)
+
+    def _map_loss(self, model: CBM, maps: torch.Tensor, batch: dict[str, Any],
+                  spacing: torch.Tensor | None) -> torch.Tensor | None:
+        """The mean cell-level loss over the max-pooled binary concepts whose masks the batch carries."""
+        masks, known = batch.get("concept_masks"), batch.get("concept_masks_known")
+        if not masks or known is None:
+            return None
+        terms = []
+        for spec, sl in zip(model.concept_specs, model.codec.slices):
+            if spec.kind != "binary" or spec.name not in masks:
+                continue
+            mask = model.to_canonical(masks[spec.name].to(device=maps.device, dtype=maps.dtype), spacing) > 0.5
+            terms.append(cell_map_loss(maps[:, sl.start], mask, known[spec.name].to(maps.device).bool(),
+                                       self.settings.map_pos_weight))
+        return torch.stack(terms).mean() if terms else None
 
     def trainable_parameters(self, model: CBM, stage: str) -> list[nn.Parameter]:
         self._check_stage(model, stage)

@@ -1,7 +1,7 @@
 """Training of a measurement bottleneck: the lesion map, the landmark map and the rule's weak supervision.
 
 One gradient stage, ``maps``, on batches that may mix two kinds of photograph (:class:`~mlmi_zoo.training.
-datasets.idrid_macula.IDRiDMacula`): each loss term uses only the cases that carry its truth.
+datasets.idrid_joined.IDRiDMacula`): each loss term uses only the cases that carry its truth.
 
 * lesion map, on cases with a lesion mask (``"ex_annotated"``): per latent cell, binary cross-entropy of
   the lesion logit against "some pixel of the cell is lesion" (lesion cells weighted by

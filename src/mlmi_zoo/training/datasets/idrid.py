@@ -71,8 +71,9 @@ distance taken as 2.5 DD, cannot be checked against the masks: the segmentation 
 position. Measured with the median DD, the fovea-to-disc distance of the 516 grading images has
 median 2.50 DD (5th-95th percentile 2.24-2.75 DD), so the two estimates agree on average.
 
-Measurements (where the data have truth): segmentation images, ``"ex_area_dd2"`` (hard-exudate
-area within the FOV, DD^2, from the full-resolution mask and the image's own disc diameter);
+Measurements (where the data have truth): segmentation images, ``"ma_area_dd2"``, ``"he_area_dd2"``,
+``"ex_area_dd2"``, ``"se_area_dd2"`` (each lesion type's area within the FOV, DD^2, from the
+full-resolution mask and the image's own disc diameter; NaN where the type is not annotated);
 grading images, ``"fovea_x_px"`` / ``"fovea_y_px"`` (returned pixels) and ``"fovea_od_distance_dd"``
 (DD), with ``"fovea_xy"`` and ``"optic_disc_xy"`` as ``(x, y)`` tensors. The macular-edema grade is
 defined by hard exudates within 1 DD of the fovea (:func:`macula_region`); the distance from the
@@ -129,7 +130,8 @@ DEFAULT_SIZE = 512
 MIN_SIZE = 32
 MAX_SIZE = STORED_GRADING_HW[1]  # larger would upsample the stored grading photographs
 FOV_RED_THRESHOLD = 20.0  # of 255, on the 5x5-smoothed red channel
-MEASUREMENT_UNITS = {"ex_area_dd2": "DD^2", "fovea_x_px": "px", "fovea_y_px": "px", "fovea_od_distance_dd": "DD"}
+MEASUREMENT_UNITS = {"ma_area_dd2": "DD^2", "he_area_dd2": "DD^2", "ex_area_dd2": "DD^2", "se_area_dd2": "DD^2",
+                     "fovea_x_px": "px", "fovea_y_px": "px", "fovea_od_distance_dd": "DD"}
 GRADING_VAL_FRACTION = 0.2
 SEGMENTATION_VAL_COUNT = 10
 SPLIT_SEED = 0
@@ -677,7 +679,8 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
     Each sample: ``{"image": float32 (3, H, W) in [0, 1], "label": int64 -1 (no grade published),
     "mask": bool (5, H, W) in :data:`LESIONS` order, "annotated": bool (5,), "fov": bool (H, W),
     "spacing": float32 (2,) DD per pixel (dy, dx), "concepts": {lesion name: 1.0 present / 0.0 absent
-    / NaN not annotated} for MA, HE, EX, SE, "measurements": {"ex_area_dd2"}, "index": int,
+    / NaN not annotated} for MA, HE, EX, SE, "measurements": {"ma_area_dd2", "he_area_dd2", "ex_area_dd2",
+    "se_area_dd2"} (NaN not annotated), "index": int,
     "patient_id": str, "image_id": str, "dd_px": float32}``.
 
     Args:
@@ -814,8 +817,9 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
         dd_yx = (dd_original * self.shape[0] / ORIGINAL_HW[0], dd_original * self.shape[1] / ORIGINAL_HW[1])
         present = [float(masks[k].any()) if annotated[k] else math.nan for k in range(len(LESIONS) - 1)]
         concepts = torch.tensor(present, dtype=torch.float32).unbind()
-        ex = LESIONS.index("EX")
-        ex_area = float(entry["area_in_fov"][ex]) / dd_original ** 2 if annotated[ex] else math.nan
+        areas = {f"{c.lower()}_area_dd2": torch.tensor(float(entry["area_in_fov"][k]) / dd_original ** 2
+                                                      if annotated[k] else math.nan, dtype=torch.float32)
+                 for k, c in enumerate(LESIONS[:-1])}
         mask, annotated_out = torch.from_numpy(masks), torch.from_numpy(annotated)
         if self.union is not None:
             rows = [LESIONS.index(c) for c in self.union]
@@ -830,7 +834,7 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
             "fov": torch.from_numpy(fov),
             "spacing": torch.tensor([1.0 / d for d in dd_yx], dtype=torch.float32),
             "concepts": {LESION_NAMES[c].replace(" ", "_"): v for c, v in zip(LESIONS[:-1], concepts)},
-            "measurements": {"ex_area_dd2": torch.tensor(ex_area, dtype=torch.float32)},
+            "measurements": areas,
             "index": int(index),
             "patient_id": f"segmentation/{self.official_part}/{case.image_id}",
             "image_id": case.image_id,
@@ -847,12 +851,13 @@ class IDRiDSegmentation(SizedDataset[dict[str, Any]]):
 # what the data specs use
 # ---------------------------------------------------------------------------------------------
 def idrid_dataset(dataset: str = "grading", split: str = "train", **kwargs: Any) -> SizedDataset[dict[str, Any]]:
-    """One split of the IDRiD grading, segmentation or macula set (the ``idrid`` kind of a data spec).
+    """One split of an IDRiD set (the ``idrid`` kind of a data spec).
 
     Args:
-        dataset: ``"grading"`` (:class:`IDRiDGrading`), ``"segmentation"`` (:class:`IDRiDSegmentation`)
-            or ``"macula"`` (:class:`~mlmi_zoo.training.datasets.idrid_macula.IDRiDMacula`: both, for a
-            macular-edema model).
+        dataset: ``"grading"`` (:class:`IDRiDGrading`), ``"segmentation"`` (:class:`IDRiDSegmentation`),
+            ``"macula"`` (:class:`~mlmi_zoo.training.datasets.idrid_joined.IDRiDMacula`: both, for a
+            macular-edema model) or ``"lesions"`` (:class:`~mlmi_zoo.training.datasets.idrid_joined.IDRiDLesions`:
+            both, for a lesion-concept model of DR).
         split: ``"train"``, ``"val"`` or ``"test"``.
         **kwargs: the data set's other arguments (``root``, ``size``, ``clip_to_fov``...).
 
@@ -863,11 +868,11 @@ def idrid_dataset(dataset: str = "grading", split: str = "train", **kwargs: Any)
         return IDRiDGrading(split=split, **kwargs)
     if dataset == "segmentation":
         return IDRiDSegmentation(split=split, **kwargs)
-    if dataset == "macula":
-        from mlmi_zoo.training.datasets.idrid_macula import IDRiDMacula
+    if dataset in ("macula", "lesions"):
+        from mlmi_zoo.training.datasets.idrid_joined import IDRiDLesions, IDRiDMacula
 
-        return IDRiDMacula(split=split, **kwargs)
-    raise ValueError(f"dataset must be 'grading', 'segmentation' or 'macula', got {dataset!r}")
+        return (IDRiDMacula if dataset == "macula" else IDRiDLesions)(split=split, **kwargs)
+    raise ValueError(f"dataset must be 'grading', 'segmentation', 'macula' or 'lesions', got {dataset!r}")
 
 
 def source_checksums(folder: Path, files: Sequence[Path]) -> dict[str, Any]:
