@@ -22,7 +22,7 @@ import torch
 from _common import add_common_args, compare, guarded, machine, ratio_row, setup
 
 MODELS = ("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_tf_efficientnet_lite0.idrid_dme",
-          "measurement_tf_efficientnet_lite0.idrid_dme")
+          "measurement_tf_efficientnet_lite0.idrid_dme", "cbm_tf_efficientnet_lite0.idrid_rdr")
 TARGET_S = 2.0
 RATIO_TARGET = 10.0  # an explanation within 10x the plain decision
 

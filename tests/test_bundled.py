@@ -39,10 +39,15 @@ def test_model_loads_and_explains_its_samples(name: str) -> None:
             assert exp.decomposition_error() <= 1e-5
 
 
+# The wheel carries every bundled folder, and PyPI refuses a file over 100 MB unless a larger limit is granted:
+# the bundled folders stay within 90 MiB, which leaves room for the code and the wheel's own overhead.
+RELEASE_BUDGET_BYTES = 90 * 2**20
+
+
 def test_release_fits_the_size_budget() -> None:
     total = sum(p.stat().st_size for p in bundled_dir().glob("*/*") if p.is_file())
     total += sum(p.stat().st_size for p in bundled_dir().glob("*/*/*") if p.is_file())
-    assert total <= 60 * 2**20
+    assert total <= RELEASE_BUDGET_BYTES, f"the bundled folders hold {total / 2**20:.1f} MiB"
 
 
 def test_readme_model_table_is_generated_from_the_cards() -> None:

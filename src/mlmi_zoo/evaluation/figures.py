@@ -9,6 +9,8 @@ concept-intervention curves (Koh et al., ICML 2020).
 """
 from __future__ import annotations
 
+import textwrap
+
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -326,7 +328,8 @@ def plot_examples(images: Sequence[Any], overlays: Sequence[Any | None], titles:
         ax.imshow(disp, cmap="gray" if disp.ndim == 2 else None, interpolation="nearest")
         if heat is not None:
             ax.imshow(heat, cmap="jet", alpha=0.4, interpolation="bilinear")
-        ax.set_title(title, fontsize=8)
+        # long class names would run into the next panel's title: wrap each line to the panel's width
+        ax.set_title("\n".join(textwrap.fill(line, 36) for line in title.split("\n")), fontsize=8)
         ax.axis("off")
     return _save(fig, path)
 

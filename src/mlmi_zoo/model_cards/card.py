@@ -128,6 +128,16 @@ def _further_comparisons(block: dict[str, Any]) -> list[dict[str, Any]]:
              "verdict": (c.get("verdict") or {}).get("sentence")} for c in found]
 
 
+def _finding_rows(found: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pixel AUPR of each finding's map pooled over every pixel of the annotated photographs, beside the controls."""
+    if not found:
+        return None
+    rows = [{"finding": name.replace("_", " "), "images": r["images"],
+             **{k: fmt(v) for k, v in r["pooled_aupr"].items()}}
+            for name, r in found.items() if isinstance(r, dict) and "pooled_aupr" in r]
+    return {"anchor": found.get("anchor"), "rows": rows}
+
+
 def _verdict_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     """The card's verdict table: one row per element (and faithfulness), read from results.json."""
     rows = []
@@ -248,6 +258,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
             "verdict": ((results.get("verdicts") or {}).get(key) or {}).get("sentence"),
             "scored_on": _scored_on((block.get("details") or {}).get("annotated_data")),
             "further": _further_comparisons(block),
+            "findings": _finding_rows((block.get("details") or {}).get("finding_maps")),
         })
     faith = results.get("faithfulness") or {"applicable": False, "reason": "not evaluated for this model"}
     faithfulness = {"applicable": faith.get("applicable", False), "reason": faith.get("reason"),

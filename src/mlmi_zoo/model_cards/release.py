@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import sys
 import time
@@ -57,11 +58,13 @@ RELEASES = (
     Release("protopnet_resnet8.adrenalmnist3d", "protopnet_adrenalmnist3d.yaml", "baseline_resnet8.adrenalmnist3d"),
     Release("baseline_resnet8.lidc_nodule3d", "baseline_lidc_nodule3d.yaml"),
     Release("protopnet_resnet8.lidc_nodule3d", "protopnet_lidc_nodule3d.yaml", "baseline_resnet8.lidc_nodule3d"),
-    # IDRiD: a 640-px photograph is 0.8 MB as a demo sample; a black box shows one
+    # IDRiD: a 640-px photograph is 0.8 MB as a demo sample; a black box and the concept bottleneck show one
     Release("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_lite0_idrid_rdr_release.yaml", samples=1),
     Release("baseline_tf_efficientnet_lite0.idrid_dme", "baseline_lite0_idrid_dme.yaml", samples=1),
     Release("measurement_tf_efficientnet_lite0.idrid_dme", "measurement_lite0_idrid_dme.yaml",
             "baseline_tf_efficientnet_lite0.idrid_dme", localization_data="idrid:dataset=segmentation,size=640,union=EX"),
+    Release("cbm_tf_efficientnet_lite0.idrid_rdr", "cbm_lite0_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
+            localization_data="idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE", samples=1),
     # mini-MIAS: research use only; a release carries no film beyond a few sample crops
     Release("baseline_tf_efficientnet_lite0.mias", "baseline_lite0_mias_release.yaml", sample_crop_mm=60.0),
     Release("cbm_tf_efficientnet_lite0.mias", "cbm_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
@@ -124,7 +127,8 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2, crop_mm: float |
         meta = {"source": source.name, "license": source.license, "split": "test", "case": int(sample.get("index", i)),
                 "label": names[label] if names else label}
         for key, value in sample.get("measurements", {}).items():
-            meta[f"true {key}"] = round(float(value), 3)
+            if math.isfinite(float(value)):  # a graded photograph has no lesion area: nothing to show
+                meta[f"true {key}"] = round(float(value), 3)
         if crop_mm is not None:
             meta["crop"] = f"only a {crop_mm:g} mm square around the finding is kept; the rest of the image is blanked"
         save_samples(folder, f"test_case_{i}", tensors, meta)
