@@ -139,3 +139,46 @@ def test_joint_training_with_the_map_loss_moves_the_map_onto_the_spots():
     for m, c in zip(maps, cells):
         if c.any():
             assert float(m[c].mean()) > float(m[~c].mean())
+
+
+def test_an_area_read_as_a_sum_of_cell_shares_is_never_negative_and_is_taught_by_the_mask_shares():
+    model = make_model(area_maps=(("spots_area_dd2", "spots"),))
+    model.codec.loc.fill_(40.0)  # a fitted standardisation: 40 +- 30 pixels
+    model.codec.scale.fill_(30.0)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        maps = model.concept_maps_latent(x)
+        raw = model.concept_logits(x)
+        shares = model.cell_shares(maps, "spots_area_dd2", (32, 32))
+    assert bool(((shares > 0) & (shares < 1)).all())
+    # the concept is the standardised pixel area: the sum of the shares times each cell's pixels
+    cell_px = 32 * 32 / shares[0].numel()
+    area_px = shares.flatten(1).sum(1) * cell_px
+    assert torch.allclose(raw[:, 1], (area_px - 40.0) / 30.0, atol=1e-4)
+    exp = model.explain(x, spacing=SPACING_DD)
+    area = exp.measurements["spots_area_dd2"].value
+    assert bool((area > 0).all())
+    assert torch.allclose(area, area_px * SPACING_DD[0] * SPACING_DD[1], rtol=1e-4)
+    assert exp.decomposition_error() < 1e-5
+    # the cell-level loss gains the shares' term against the masks' shares
+    batch = spots(8)
+    model.train()
+    adapter = training_for(model, {"mode": "joint", "map_coef": 1.0, "map_pos_weight": 3.0})
+    with_shares = adapter._map_loss(model, model.concept_maps_latent(model.input_spec.intensity(batch["image"])),
+                                    batch, None)
+    without = training_for(make_model(), {"mode": "joint", "map_coef": 1.0})._map_loss(
+        make_model().train(), make_model().concept_maps_latent(batch["image"]), batch, None)
+    assert with_shares is not None and without is not None
+    assert float(with_shares.detach()) != float(without.detach())
+    # training starts every cell at the share that gives the training mean area
+    from mlmi_zoo.architectures.cbm.training import start_area_shares
+
+    start_area_shares(model)
+    model.concept_head[-1].weight.data.zero_()  # the bias alone: the start
+    with torch.no_grad():
+        start = model.concept_logits(model.input_spec.intensity(batch["image"]))[:, 1]
+    assert torch.allclose(start, torch.zeros_like(start), atol=1e-3)  # the standardised mean
+    with pytest.raises(ValueError, match="area of the image plane"):
+        CBMConfig(concepts=LESIONS, area_maps=(("spots", "spots"),))
+    with pytest.raises(ValueError, match="is not one of the concepts"):
+        CBMConfig(concepts=LESIONS, area_maps=(("spots_area_dd2", "dots"),))

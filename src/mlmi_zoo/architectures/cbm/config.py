@@ -49,6 +49,11 @@ class CBMConfig(ModelConfig):
             its map. ``"max"`` reads each binary concept at its strongest latent cell (a finding
             present anywhere, e.g. a lesion type; the logit is the exact maximum of its map);
             the other concepts stay mean-pooled.
+        area_maps: pairs ``(area concept, finding)``: the continuous area concept is read as the sum over
+            latent cells of the share of each cell the finding covers (a sigmoid per cell, so the
+            area can never be negative), taught cell by cell from the finding's masks where the
+            training sets ``map_coef``. The area's map is each cell's term of its standardised value,
+            so the concept logit stays the exact mean of its map.
         concept_hidden: 0 for the paper's linear concept predictor (a 1x1 convolution); ``n > 0``
             puts one hidden layer before it (a 3x3 convolution with ``n`` channels and a ReLU), still
             one value per latent cell, so pooling stays exact.
@@ -72,6 +77,7 @@ class CBMConfig(ModelConfig):
     balance_concepts: bool = True
     pooling: Literal["mean", "attention", "max"] = "mean"
     concept_hidden: int = 0
+    area_maps: tuple[tuple[str, str], ...] = ()
     resample: bool = False
     dihedral_views: bool = False
 
@@ -99,6 +105,17 @@ class CBMConfig(ModelConfig):
                              "use it with pooling='mean' or 'attention'")
         if self.concept_hidden < 0:
             raise ValueError(f"concept_hidden must be >= 0 channels (0: a linear concept predictor), got {self.concept_hidden}")
+        by_name = {c.name: c for c in self.concepts}
+        for area, finding in self.area_maps:
+            spec = by_name.get(area)
+            if spec is None or spec.kind != "continuous" or spacing_exponent(spec.unit) != self.spatial_dims:
+                raise ValueError(f"area_maps: {area!r} must be a continuous concept whose unit is an area of the image "
+                                 f"plane (e.g. mm^2 or DD^2 for 2D images)")
+            if finding not in by_name:
+                raise ValueError(f"area_maps: the finding {finding!r} of {area!r} is not one of the concepts "
+                                 f"{sorted(by_name)}")
+        if len({a for a, _ in self.area_maps}) != len(self.area_maps):
+            raise ValueError(f"area_maps names an area concept twice: {self.area_maps}")
         rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and spacing_exponent(c.unit)}
         if len(rulers) > 1:
             raise ValueError(f"continuous concepts measure with one ruler, mm or DD (the spacing's unit); got both in "

@@ -39,7 +39,10 @@ What we changed with respect to the paper:
   present when it is seen anywhere (a lesion type in a fundus photograph) is read at its strongest
   latent cell, so the concept's map says where; the logit is exactly the map's maximum, and the map
   can be taught cell by cell from lesion masks (:mod:`.training`, ``map_coef``). An area concept stays
-  mean-pooled: the mean of a per-cell map is a sum over cells, the form an area has.
+  mean-pooled: the mean of a per-cell map is a sum over cells, the form an area has; with
+  :attr:`CBMConfig.area_maps` each cell's term is the share of the cell the finding covers (a sigmoid)
+  times the cell's pixels, so the area is a sum of per-cell shares, never negative, and each share can
+  be taught from the finding's masks.
 - **missing concept labels are masked** in the loss, and the concept losses are class-balanced.
 - the concept -> label head is linear by default, which makes the decision an exact sum of
   ``weight x concept`` terms; an MLP head is offered and documented as not decomposable.
@@ -65,6 +68,7 @@ returns is in :mod:`.explanations`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import torch
@@ -125,6 +129,10 @@ class CBM(InterpretableModel[CBMConfig]):
         # (K,) True for units read at their strongest cell (pooling="max": the binary concepts).
         maxed = torch.cat([torch.full((s.width,), config.pooling == "max" and s.kind == "binary") for s in config.concepts])
         self.register_buffer("_maxed", maxed, persistent=False)
+        # (unit, continuous index) of each area read as a sum of per-cell shares (config.area_maps)
+        names = [c.name for c in config.concepts]
+        self._share_units = tuple((self.codec.slices[names.index(a)].start, self.codec.continuous.index(names.index(a)))
+                                  for a, _ in config.area_maps)
         k, c = self.codec.width, config.num_classes
         if config.head == "linear":
             self.label_head: nn.Module = nn.Linear(k, c)
@@ -158,6 +166,32 @@ class CBM(InterpretableModel[CBMConfig]):
         if not bool(self._maxed.any()):
             return mean
         return torch.where(self._maxed.to(maps.device), reduce(maps, "b k ... -> b k", "max"), mean)
+
+    def _area_terms(self, maps: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+        """Turn the head's logits of each ``area_maps`` unit into its per-cell terms of the standardised area.
+
+        A cell's share ``s_p = sigmoid(l_p)`` of its ``P`` pixels (the image's pixels over the cells) is lesion;
+        the term ``(N P s_p - loc) / scale`` over the ``N`` cells has mean ``(P sum_p s_p - loc) / scale``: the
+        pixel-domain area ``P sum_p s_p``, standardised as the codec standardises the concept's targets.
+        """
+        if not self._share_units:
+            return maps
+        cells = math.prod(maps.shape[2:])
+        pixels = math.prod(spatial) / cells
+        channels = list(maps.unbind(1))
+        for unit, c in self._share_units:
+            area = cells * pixels * torch.sigmoid(maps[:, unit])
+            channels[unit] = (area - self.codec.loc[c]) / self.codec.scale[c]
+        return torch.stack(channels, 1)
+
+    def cell_shares(self, maps: torch.Tensor, area: str, spatial: tuple[int, ...]) -> torch.Tensor:
+        """(B, K, *latent) concept maps -> (B, *latent) share of each cell covered by the finding of ``area``
+        (an ``area_maps`` concept), on an input of ``spatial`` pixels; the inverse of :meth:`_area_terms`."""
+        j = [c.name for c in self.concept_specs].index(area)
+        unit, c = self.codec.slices[j].start, self.codec.continuous.index(j)
+        cells = math.prod(maps.shape[2:])
+        pixels = math.prod(spatial) / cells
+        return (maps[:, unit] * self.codec.scale[c] + self.codec.loc[c]) / (cells * pixels)
 
     # -- canonical grid ---------------------------------------------------------------------------
     def _grid_scale(self, x: torch.Tensor, spacing: Any) -> torch.Tensor | None:
@@ -234,8 +268,9 @@ class CBM(InterpretableModel[CBMConfig]):
 
     def _maps_and_attention(self, x: torch.Tensor, spacing: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pass of the concept network; see :meth:`concept_maps_and_attention`."""
-        feats = self.backbone(self.to_canonical(x, spacing))
-        maps = self.concept_head(feats)  # (B, K, *latent)
+        x = self.to_canonical(x, spacing)
+        feats = self.backbone(x)
+        maps = self._area_terms(self.concept_head(feats), tuple(x.shape[2:]))  # (B, K, *latent)
         if self.attention_head is None:
             return maps, None
         scores = self.attention_head(feats)  # (B, 1, *latent)

@@ -29,14 +29,16 @@ cell-level loss on the map of each binary concept whose mask the batch carries: 
 binary cross-entropy of the map's logit against "some pixel of the cell holds the finding" (cells that
 do weighted by ``map_pos_weight``), on the cases whose mask of that finding is known
 (:func:`cell_map_loss`). The concept's logit is the maximum of that map, so the image-level concept
-follows. Cases with no label (``"label"`` -1, e.g. photographs annotated with masks but not graded)
-train the concepts and are left out of the label loss.
+follows. Each area of ``model.config.area_maps`` adds the binary cross-entropy of each cell's predicted
+share against the share of the cell its finding's mask covers. Cases with no label (``"label"`` -1, e.g.
+photographs annotated with masks but not graded) train the concepts and are left out of the label loss.
 What we changed: typed concepts with units, masking of missing labels, class balance (see
 :mod:`.concepts`). Training images can be flipped and turned by the recipe (``data.augment``,
 :mod:`mlmi_zoo.training.augment`): the nodule concepts do not change with orientation.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sized
 from typing import Any
 
@@ -51,7 +53,8 @@ from mlmi_zoo.architectures.cbm.model import CBM
 from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 
-__all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "cell_map_loss", "fit_concept_statistics"]
+__all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "cell_map_loss", "fit_concept_statistics",
+           "start_area_shares"]
 
 # The recipe stages each training mode runs, in order.
 STAGES_BY_MODE: dict[str, tuple[str, ...]] = {
@@ -131,6 +134,24 @@ def cell_map_loss(maps: torch.Tensor, masks: torch.Tensor, known: torch.Tensor, 
     return F.binary_cross_entropy_with_logits(maps[known], target, weight=weight)
 
 
+def start_area_shares(model: CBM) -> None:
+    """Set the bias of each ``area_maps`` unit so that every cell starts at the share that gives the training mean area.
+
+    With the bias at 0 every cell would start half covered, an area thousands of standard deviations above
+    the mean, whose loss would swamp every other term in the first steps (the prior-probability start of
+    Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, applied to a share).
+    """
+    if not model.config.area_maps:
+        return
+    last = model.concept_head[-1] if isinstance(model.concept_head, nn.Sequential) else model.concept_head
+    pixels = math.prod(model.config.img_size)
+    with torch.no_grad():
+        for unit, c in model._share_units:
+            share = float(model.codec.loc[c]) / pixels
+            share = min(max(share, 1e-5), 0.5)
+            last.bias[unit] = math.log(share / (1.0 - share))
+
+
 def _label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the labelled cases (label >= 0); 0 (with a gradient graph) when none is."""
     labels = labels.to(logits.device)
@@ -157,8 +178,10 @@ class CBMTraining(FamilyTraining):
                              f"needs model.config.pooling='max'; this model pools with {model.config.pooling!r}")
 
     def prepare(self, model: CBM, train_set: Dataset) -> None:
-        """Fit concept normalisation and imbalance weights on the training split."""
+        """Fit concept normalisation and imbalance weights on the training split; start each ``area_maps`` share
+        at the training split's mean area (spread evenly over the cells)."""
         fit_concept_statistics(model, train_set)
+        start_area_shares(model)
 
     def _check_stage(self, model: CBM, stage: str) -> None:
         if stage not in self.stage_names:
@@ -237,6 +260,16 @@ class CBMTraining(FamilyTraining):
             mask = model.to_canonical(masks[spec.name].to(device=maps.device, dtype=maps.dtype), spacing) > 0.5
             terms.append(cell_map_loss(maps[:, sl.start], mask, known[spec.name].to(maps.device).bool(),
                                        self.settings.map_pos_weight))
+        for area, finding in model.config.area_maps:
+            if finding not in masks:
+                continue
+            mask = model.to_canonical(masks[finding].to(device=maps.device, dtype=maps.dtype), spacing) > 0.5
+            keep = known[finding].to(maps.device).bool()
+            if bool(keep.any()):
+                pool = F.adaptive_avg_pool3d if maps.ndim == 5 else F.adaptive_avg_pool2d
+                target = pool(mask[keep].float(), tuple(maps.shape[2:]))[:, 0]  # (b, *latent): the share each cell holds
+                share = model.cell_shares(maps[keep], area, tuple(mask.shape[2:])).clamp(1e-6, 1 - 1e-6)
+                terms.append(F.binary_cross_entropy(share, target))
         return torch.stack(terms).mean() if terms else None
 
     def trainable_parameters(self, model: CBM, stage: str) -> list[nn.Parameter]:
