@@ -153,7 +153,14 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             intensity=c.intensity,
             modality=c.modality,
             value_range=(0.0, 1.0) if c.spatial_dims else None,
+            spacing_unit=self.spacing_unit,
         )
+
+    @property
+    def spacing_unit(self) -> str:
+        """The unit of the spacing this model reads: ``"mm"``; a family that measures in another ruler (optic-disc
+        diameters, ``"DD"``) says so here, and its input spec carries it."""
+        return "mm"
 
     def validate_input(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor | None:
         """Check ``x`` against :attr:`input_spec` and the backbone's stride.

@@ -116,7 +116,7 @@ class CBMConfig(ModelConfig):
                                  f"{sorted(by_name)}")
         if len({a for a, _ in self.area_maps}) != len(self.area_maps):
             raise ValueError(f"area_maps names an area concept twice: {self.area_maps}")
-        rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and spacing_exponent(c.unit)}
+        rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and c.unit and spacing_exponent(c.unit)}
         if len(rulers) > 1:
             raise ValueError(f"continuous concepts measure with one ruler, mm or DD (the spacing's unit); got both in "
                              f"{[c.unit for c in self.concepts if c.kind == 'continuous']}")
@@ -137,7 +137,7 @@ class CBMConfig(ModelConfig):
     @property
     def spacing_unit(self) -> str:
         """The unit of the spacing: ``"DD"`` when the concepts measure in optic-disc diameters, else ``"mm"``."""
-        rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and spacing_exponent(c.unit)}
+        rulers = {spacing_ruler(c.unit) for c in self.concepts if c.kind == "continuous" and c.unit and spacing_exponent(c.unit)}
         return rulers.pop() if rulers else "mm"
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -105,7 +105,7 @@ def _finding_section(model: Any, ctx: _Context, out: dict[str, Any]) -> None:
     truth: dict[str, list[float]] = {s.name: [] for s in areas}
     ids: list[str] = []
 
-    def maps_of(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def maps_of(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         x = model.input_spec.intensity(batch["image"].float())
         exp = model.explain(x, spacing=batch["spacing"])
         for spec in areas:

@@ -67,7 +67,6 @@ returns is in :mod:`.explanations`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -84,7 +83,7 @@ from mlmi_zoo.architectures.cbm.explanations import ConceptExplanation, MLPConce
 from mlmi_zoo.architectures.blocks.heads import canonical_scale, dihedral_mean, scaled_sample
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.registry import register_backbones
-from mlmi_zoo.specs import ConceptSpec, InputSpec, Measurement
+from mlmi_zoo.specs import ConceptSpec, Measurement
 
 __all__ = ["CBMConfig", "CBM", "NODULE_CONCEPTS"]
 
@@ -104,6 +103,7 @@ class CBM(InterpretableModel[CBMConfig]):
     config_class = CBMConfig
 
     _attended: torch.Tensor  # (K,) buffer
+    _maxed: torch.Tensor  # (K,) buffer
 
     def __init__(self, config: CBMConfig) -> None:
         super().__init__(config)
@@ -129,6 +129,8 @@ class CBM(InterpretableModel[CBMConfig]):
         # (K,) True for units read at their strongest cell (pooling="max": the binary concepts).
         maxed = torch.cat([torch.full((s.width,), config.pooling == "max" and s.kind == "binary") for s in config.concepts])
         self.register_buffer("_maxed", maxed, persistent=False)
+        self._any_maxed = bool(maxed.any())  # a Python bool: the graph of forward does not branch on a tensor
+        self._spacing_unit = config.spacing_unit  # read once: pint has no place in a compiled forward
         # (unit, continuous index) of each area read as a sum of per-cell shares (config.area_maps)
         names = [c.name for c in config.concepts]
         self._share_units = tuple((self.codec.slices[names.index(a)].start, self.codec.continuous.index(names.index(a)))
@@ -155,15 +157,15 @@ class CBM(InterpretableModel[CBMConfig]):
         return self.codec.unit_names
 
     @property
-    def input_spec(self) -> InputSpec:
-        """The input spec, with the spacing in the concepts' ruler (DD per pixel when they measure in DD)."""
-        return dataclasses.replace(super().input_spec, spacing_unit=self.config.spacing_unit)
+    def spacing_unit(self) -> str:
+        """``"DD"`` when the concepts measure in optic-disc diameters, else ``"mm"`` (the input spec carries it)."""
+        return self._spacing_unit
 
     def pool(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, K, *latent) concept maps -> (B, K) concept logits: the maximum over cells for the units
         ``pooling="max"`` reads at their strongest cell, the mean for the others."""
         mean = reduce(maps, "b k ... -> b k", "mean")
-        if not bool(self._maxed.any()):
+        if not self._any_maxed:
             return mean
         return torch.where(self._maxed.to(maps.device), reduce(maps, "b k ... -> b k", "max"), mean)
 

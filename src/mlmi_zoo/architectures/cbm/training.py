@@ -144,12 +144,14 @@ def start_area_shares(model: CBM) -> None:
     if not model.config.area_maps:
         return
     last = model.concept_head[-1] if isinstance(model.concept_head, nn.Sequential) else model.concept_head
+    bias = last.bias
+    assert isinstance(bias, torch.Tensor)  # the concept head ends in a convolution with a bias
     pixels = math.prod(model.config.img_size)
     with torch.no_grad():
         for unit, c in model._share_units:
             share = float(model.codec.loc[c]) / pixels
             share = min(max(share, 1e-5), 0.5)
-            last.bias[unit] = math.log(share / (1.0 - share))
+            bias[unit] = math.log(share / (1.0 - share))
 
 
 def _label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -267,7 +269,8 @@ class CBMTraining(FamilyTraining):
             keep = known[finding].to(maps.device).bool()
             if bool(keep.any()):
                 pool = F.adaptive_avg_pool3d if maps.ndim == 5 else F.adaptive_avg_pool2d
-                target = pool(mask[keep].float(), tuple(maps.shape[2:]))[:, 0]  # (b, *latent): the share each cell holds
+                grid: Any = tuple(maps.shape[2:])
+                target = pool(mask[keep].float(), grid)[:, 0]  # (b, *latent): the share each cell holds
                 share = model.cell_shares(maps[keep], area, tuple(mask.shape[2:])).clamp(1e-6, 1 - 1e-6)
                 terms.append(F.binary_cross_entropy(share, target))
         return torch.stack(terms).mean() if terms else None

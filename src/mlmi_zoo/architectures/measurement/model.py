@@ -33,7 +33,6 @@ lesion map, which is what the evaluation localizes.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,7 @@ from mlmi_zoo.architectures.measurement.config import MeasurementConfig
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.explanations import Explanation, html_table, png_data_uri
 from mlmi_zoo.registry import register_backbones
-from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement
+from mlmi_zoo.specs import InputSpecError, Measurement
 
 __all__ = ["MeasurementBottleneck", "MeasurementExplanation", "TERMS"]
 
@@ -180,9 +179,9 @@ class MeasurementBottleneck(InterpretableModel[MeasurementConfig]):
         self.landmark_head = nn.Sequential(nn.Conv2d(f, h, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(h, 1, 1))
 
     @property
-    def input_spec(self) -> InputSpec:
-        """The input spec, with the spacing in the rule's unit (``config.unit``, DD per pixel for fundus photographs)."""
-        return dataclasses.replace(super().input_spec, spacing_unit=self.config.unit)
+    def spacing_unit(self) -> str:
+        """The rule's unit (``config.unit``, DD per pixel for fundus photographs); the input spec carries it."""
+        return self.config.unit
 
     # -- the parts ----------------------------------------------------------------------------------
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
