@@ -129,7 +129,8 @@ class CBM(InterpretableModel[CBMConfig]):
         # (K,) True for units read at their strongest cell (pooling="max": the binary concepts).
         maxed = torch.cat([torch.full((s.width,), config.pooling == "max" and s.kind == "binary") for s in config.concepts])
         self.register_buffer("_maxed", maxed, persistent=False)
-        self._any_maxed = bool(maxed.any())  # a Python bool: the graph of forward does not branch on a tensor
+        # a Python bool, from the config: the graph of forward does not branch on a tensor (nor on a meta one)
+        self._any_maxed = any(config.pooling == "max" and s.kind == "binary" for s in config.concepts)
         self._spacing_unit = config.spacing_unit  # read once: pint has no place in a compiled forward
         # (unit, continuous index) of each area read as a sum of per-cell shares (config.area_maps)
         names = [c.name for c in config.concepts]
