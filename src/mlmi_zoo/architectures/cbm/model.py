@@ -129,8 +129,9 @@ class CBM(InterpretableModel[CBMConfig]):
         # (K,) True for units read at their strongest cell (pooling="max": the binary concepts).
         maxed = torch.cat([torch.full((s.width,), config.pooling == "max" and s.kind == "binary") for s in config.concepts])
         self.register_buffer("_maxed", maxed, persistent=False)
-        # a Python bool, from the config: the graph of forward does not branch on a tensor (nor on a meta one)
-        self._any_maxed = any(config.pooling == "max" and s.kind == "binary" for s in config.concepts)
+        # a Python bool, from the config (which refuses max pooling without a binary concept): the graph of
+        # forward does not branch on a tensor, nor on a meta one
+        self._any_maxed = config.pooling == "max"
         self._spacing_unit = config.spacing_unit  # read once: pint has no place in a compiled forward
         # (unit, continuous index) of each area read as a sum of per-cell shares (config.area_maps)
         names = [c.name for c in config.concepts]
@@ -249,8 +250,8 @@ class CBM(InterpretableModel[CBMConfig]):
             spacing: (dims,) or (B, dims) mm per pixel of ``x``; only used when ``config.resample``.
 
         Returns:
-            ``(maps, attention)``: maps (B, K, *latent) whose spatial mean (maximum for the units ``pooling='max'`` reads at
-            their strongest cell) is each concept logit
+            ``(maps, attention)``: maps (B, K, *latent) whose spatial mean (maximum for the units
+            ``pooling='max'`` reads at their strongest cell) is each concept logit
             (mean pooling: the 1x1-conv outputs; attention pooling: ``N a_p m_k(p)`` with level
             logits centred, continuous units as mean pooling gives them), and the attention (B, 1, *latent) summing to 1 over the grid, or
             ``None`` with mean pooling. On the canonical grid when the model resamples.
@@ -286,8 +287,8 @@ class CBM(InterpretableModel[CBMConfig]):
         return self._centre_levels(maps) * weight, attention
 
     def concept_maps_latent(self, x: torch.Tensor, spacing: Any = None) -> torch.Tensor:
-        """(B, C_in, *spatial) -> (B, K, *latent) concept maps whose spatial means (maxima for max-pooled units) are the
-        concept logits (on the canonical grid when the model resamples and ``spacing`` is given); see
+        """(B, C_in, *spatial) -> (B, K, *latent) concept maps whose spatial means (maxima for max-pooled units)
+        are the concept logits (on the canonical grid when the model resamples and ``spacing`` is given); see
         :meth:`concept_maps_and_attention`."""
         return self.concept_maps_and_attention(x, spacing)[0]
 
