@@ -251,21 +251,29 @@ class CBMTraining(FamilyTraining):
 
     def _map_loss(self, model: CBM, maps: torch.Tensor, batch: dict[str, Any],
                   spacing: torch.Tensor | None) -> torch.Tensor | None:
-        """The mean cell-level loss over the max-pooled binary concepts whose masks the batch carries."""
+        """The mean cell-level loss over the max-pooled binary concepts and the ``area_maps`` areas whose masks the
+        batch carries."""
         masks, known = batch.get("concept_masks"), batch.get("concept_masks_known")
         if not masks or known is None:
             return None
+        canonical: dict[str, torch.Tensor] = {}
+
+        def mask_of(name: str) -> torch.Tensor:  # each finding's mask onto the canonical grid once
+            if name not in canonical:
+                mask = masks[name].to(device=maps.device, dtype=maps.dtype)
+                canonical[name] = model.to_canonical(mask, spacing) > 0.5
+            return canonical[name]
+
         terms = []
         for spec, sl in zip(model.concept_specs, model.codec.slices):
             if spec.kind != "binary" or spec.name not in masks:
                 continue
-            mask = model.to_canonical(masks[spec.name].to(device=maps.device, dtype=maps.dtype), spacing) > 0.5
-            terms.append(cell_map_loss(maps[:, sl.start], mask, known[spec.name].to(maps.device).bool(),
+            terms.append(cell_map_loss(maps[:, sl.start], mask_of(spec.name), known[spec.name].to(maps.device).bool(),
                                        self.settings.map_pos_weight))
         for area, finding in model.config.area_maps:
             if finding not in masks:
                 continue
-            mask = model.to_canonical(masks[finding].to(device=maps.device, dtype=maps.dtype), spacing) > 0.5
+            mask = mask_of(finding)
             keep = known[finding].to(maps.device).bool()
             if bool(keep.any()):
                 pool = F.adaptive_avg_pool3d if maps.ndim == 5 else F.adaptive_avg_pool2d

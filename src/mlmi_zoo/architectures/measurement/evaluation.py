@@ -29,6 +29,7 @@ from mlmi_zoo.evaluation._common import _base_dataset, _cat, _Context, _nanmean
 from mlmi_zoo.evaluation._elements import _deletion, _examples_into, _localization_block, _not_applicable
 from mlmi_zoo.evaluation._evidence_blocks import inputs_for_switch_off
 from mlmi_zoo.evaluation.evidence import compare, exact_check
+from mlmi_zoo.evaluation.lesion_maps import pixel_ap
 from mlmi_zoo.evaluation.physical import bland_altman, mae
 from mlmi_zoo.evaluation.results import element
 
@@ -85,12 +86,6 @@ def _rule_grade(distance: float, radius: float) -> int:
     return 0 if not math.isfinite(distance) else (2 if distance <= radius else 1)
 
 
-def _pixel_ap(score: np.ndarray, truth: np.ndarray) -> float:
-    from sklearn.metrics import average_precision_score
-
-    return float(average_precision_score(truth, score)) if truth.any() else math.nan
-
-
 def _annotated_pass(model: Any, ctx: _Context) -> dict[str, Any] | None:
     """The model on the segmentation test photographs: pixel AUPR, area, distance and grade against the masks."""
     data = _exudate_set(ctx, "test")
@@ -115,8 +110,8 @@ def _annotated_pass(model: Any, ctx: _Context) -> dict[str, Any] | None:
                 pooled["map"].append(score)
                 pooled["bright"].append(bright)
                 pooled["truth"].append(truth)
-                records["ap"].append(_pixel_ap(score, truth))
-                records["ap_bright"].append(_pixel_ap(bright, truth))
+                records["ap"].append(pixel_ap(score, truth))
+                records["ap_bright"].append(pixel_ap(bright, truth))
                 records["ap_uniform"].append(float(truth.mean()) if truth.any() else math.nan)
                 records["area"].append(float(exp.area[i]))
                 records["area_true"].append(float(batch["measurements"]["ex_area_dd2"][i]))
@@ -129,8 +124,8 @@ def _annotated_pass(model: Any, ctx: _Context) -> dict[str, Any] | None:
                 records["ids"].append(str(batch["patient_id"][i]))
     truth_all = np.concatenate(pooled["truth"])
     aupr = {
-        "pooled_over_pixels": {"model": _pixel_ap(np.concatenate(pooled["map"]), truth_all),
-                               "bright_pixels": _pixel_ap(np.concatenate(pooled["bright"]), truth_all),
+        "pooled_over_pixels": {"model": pixel_ap(np.concatenate(pooled["map"]), truth_all),
+                               "bright_pixels": pixel_ap(np.concatenate(pooled["bright"]), truth_all),
                                "uniform": float(truth_all.mean())},
         "images": len(records["ids"]),
         "pixels": "every pixel of the field of view of each segmentation test photograph, at the evaluated size",
