@@ -12,6 +12,9 @@ the timing). Rows:
 - ``idrid_explain_<model>_vs_forward``: the same time as a ratio to the plain black-box baseline's
   forward pass on the same input, timed interleaved in the same process (what the explanation costs on
   top of the decision on this machine); target <= 10.
+- the MIL models (bag = photograph, instance = field-of-view tile) take the photograph at 1072 px: their
+  time covers cutting it into 64-px tiles, encoding every tile with the frozen ImageNet encoder (nothing
+  cached) and ``model.explain`` of the bag; the ratio is against the same baseline forward at 640 px.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from _common import add_common_args, compare, guarded, machine, ratio_row, setup
 
 MODELS = ("baseline_tf_efficientnet_lite0.idrid_rdr", "baseline_tf_efficientnet_lite0.idrid_dme",
           "measurement_tf_efficientnet_lite0.idrid_dme", "cbm_tf_efficientnet_lite0.idrid_rdr")
+BAG_MODELS = ("abmil_features.idrid_rdr", "additive_mil_features.idrid_rdr")
 TARGET_S = 2.0
 RATIO_TARGET = 10.0  # an explanation within 10x the plain decision
 
@@ -33,25 +37,36 @@ def main() -> None:
     args = p.parse_args()
     device = setup(args)
     import mlmi_zoo
+    from mlmi_zoo.training.datasets.feature_cache import TileEncoder
     from mlmi_zoo.training.datasets.idrid import IDRiDGrading
+    from mlmi_zoo.training.datasets.idrid_bags import IDRiDBagSettings, fov_tiles
 
     image = IDRiDGrading(split="test", size=640, prepare=False)[0]["image"][None].to(device)
+    full = IDRiDGrading(split="test", size=1072, prepare=False)[0]
+    settings = IDRiDBagSettings(size=1072, tile_px=64)
+    encoder = TileEncoder(settings, in_chans=3).to(device)
     reference = mlmi_zoo.load(MODELS[0]).eval().to(device)
 
     def forward() -> None:
         with torch.no_grad():
             reference(reference.input_spec.intensity(image))
 
-    for name in MODELS:
+    for name in MODELS + BAG_MODELS:
         def run(name: str = name) -> list[dict[str, object]]:
             model = mlmi_zoo.load(name).eval().to(device)
 
             def explain() -> None:
-                model.explain(model.input_spec.intensity(image))
+                if name in BAG_MODELS:  # photograph -> tiles -> features -> the bag's explanation
+                    tiles = fov_tiles(full["image"], full["fov"], settings.tile_px, settings.min_fov_fraction)
+                    with torch.no_grad():
+                        feats = encoder(encoder.prepare(tiles.images.to(device)))
+                    model.explain(feats[None], coords=tiles.coords[None].to(device))
+                else:
+                    model.explain(model.input_spec.intensity(image))
 
             base, cand = compare(forward, explain, repeats=args.repeats, device=device)
             absolute = {"name": f"idrid_explain_{name}", "value": round(cand.wall_s, 4), "target": TARGET_S,
-                        "goal": "<=", "met": cand.wall_s <= TARGET_S, "unit": "s per photograph (640 px)",
+                        "goal": "<=", "met": cand.wall_s <= TARGET_S, "unit": f"s per photograph ({1072 if name in BAG_MODELS else 640} px)",
                         "cpu_s": round(cand.cpu_s, 4), "repeats": args.repeats, "machine": machine(device)}
             ratio = ratio_row(f"idrid_explain_{name}_vs_forward", base, cand, RATIO_TARGET, "<=", device,
                               unit=f"explain / {MODELS[0]} forward wall time")

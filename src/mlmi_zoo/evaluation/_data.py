@@ -144,7 +144,7 @@ def _source_identity(desc: Mapping[str, Any], split: str) -> tuple[Any, ...] | N
         return ident if "patient_ids" in record else ident + (record.get("patient_split", split),)
     if kind in ("mias", "mias_bags"):
         return (kind, json.dumps(source.get("Info.txt"), sort_keys=True))
-    if kind == "idrid":
+    if kind in ("idrid", "idrid_bags"):
         return (kind, source.get("set"), source.get("md5_of_listing"))
     if kind in ("folder_csv", "cached_bags"):
         name = record.get("source")

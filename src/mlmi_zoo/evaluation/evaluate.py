@@ -42,11 +42,12 @@ from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
-from mlmi_zoo.evaluation._elements import _localization_block, _not_applicable
+from mlmi_zoo.evaluation._elements import _instance_localization_block, _localization_block, _not_applicable
 from mlmi_zoo.evaluation._evidence_blocks import add_evidence, task_evidence, verdicts
 from mlmi_zoo.evaluation._reference import _ImageControls, cascading_randomisation, training_reference
+from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.task import task_metrics
-from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
+from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, element, validate_results
 from mlmi_zoo.families import family_of
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
 from mlmi_zoo.training.datasets.catalog import source_for
@@ -60,8 +61,8 @@ IMAGE_CROP = 0.25  # the side fraction figures show of images that may not be sh
 # the runner
 # ---------------------------------------------------------------------------------------------
 
-def _predict(model: Any, loader: Iterable[Mapping[str, Any]]) -> torch.Tensor:
-    """(N, C) probabilities of any zoo model over a loader."""
+def _predict(model: Any, loader: Iterable[Mapping[str, Any]], ids: list[str] | None = None) -> torch.Tensor:
+    """(N, C) probabilities of any zoo model over a loader; each batch's patient ids appended to ``ids`` if given."""
     from mlmi_zoo.architectures.blocks.stages import training_for
 
     adapter = training_for(model)
@@ -71,7 +72,39 @@ def _predict(model: Any, loader: Iterable[Mapping[str, Any]]) -> torch.Tensor:
             inputs = adapter.inputs(model, batch)
             logits = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
             probs.append(logits.softmax(-1).cpu())
+            if ids is not None:
+                ids += [str(p) for p in batch["patient_id"]]
     return torch.cat(probs)
+
+
+def _baseline_probs(base_model: Any, baseline_uri: str, model_inputs: str, dataset: Any, collate: Any, split: str,
+                    batch_size: int, groups: np.ndarray | None) -> torch.Tensor:
+    """(N, C) the black-box baseline's probabilities on the evaluated cases, in their order.
+
+    A baseline that takes the evaluated model's inputs reads the evaluated cases. A baseline of images
+    beside a model of bags cut from the same photographs reads the same split of its own training data
+    (its config.json's recipe) and is matched to the evaluated cases by patient id; every evaluated
+    case must be found.
+    """
+    from mlmi_zoo.hub import resolve
+    from mlmi_zoo.registry import read_config
+
+    if family_of(base_model).inputs == model_inputs:
+        return _predict(base_model, DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate))
+    base_spec = _train_spec_from_config(read_config(resolve(baseline_uri)))
+    if base_spec is None or groups is None:
+        raise ValueError(f"the baseline {baseline_uri} takes {family_of(base_model).inputs}, the evaluated model "
+                         f"{model_inputs}; matching them needs the baseline's recorded training data and patient ids")
+    base_data = build_dataset(base_spec, split)
+    loader = DataLoader(base_data, batch_size=batch_size, shuffle=False, collate_fn=collate_for(base_spec))
+    ids: list[str] = []
+    probs = _predict(base_model, loader, ids)
+    where = {p: i for i, p in enumerate(ids)}
+    missing = [str(g) for g in groups if str(g) not in where]
+    if missing:
+        raise ValueError(f"the baseline's {split!r} data ({base_spec.kind}) lack {len(missing)} evaluated case(s), "
+                         f"e.g. {missing[:3]}; the two must hold the same patients")
+    return probs[[where[str(g)] for g in groups]]
 
 
 def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,6 +173,59 @@ def _annotated_localization(model: Any, ctx: _Context, data: DataSpec | str | Pa
             "centre_prior_from": f"{len(train) if train is not None else 0} training cases of the same set",
             "why": "the evaluated split has no lesion masks; the maps are scored on this annotated set instead"}
     return block, col
+
+
+def _annotated_bag_localization(model: Any, ctx: _Context, data: DataSpec | str | Path | Mapping[str, Any],
+                                does_not_show: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Localization and recognizability of a bag model on another bag set whose instances carry truth.
+
+    The instance scores the family's section reads (attention scores, or each instance's contribution
+    to the positive class) are scored within each bag of the annotated set's test split beside the
+    same controls as in :func:`~mlmi_zoo.evaluation._elements._instance_localization_block`. The share
+    of finding tiles among each bag's top-k tiles is compared with the share among all its tiles (what
+    k tiles drawn at random hold on average), on the bags that hold a finding. Returns both blocks.
+    """
+    spec = load_data_spec(data)
+    annotated = build_dataset(spec, "test")
+    loader = DataLoader(annotated, batch_size=ctx.batch_size, shuffle=False, collate_fn=collate_for(spec))
+    actx = dataclasses.replace(ctx, spec=spec, train_spec=None, split="test", dataset=annotated, limitations=[])
+    with torch.no_grad():
+        col = _run_bags(model, loader, ctx.limits, ctx.seed)
+    if not col.inst_scores:
+        raise ValueError(f"localization_data {data_spec_to_text(spec)!r} carries no instance labels in its test split; "
+                         "a bag model's localization needs bags with instance truth")
+    block = _instance_localization_block(col, actx, does_not_show)
+    record = {"spec": data_spec_to_text(spec), "source": describe(spec).get("source"), "split": "test",
+              "cases": len(annotated),
+              "why": "the evaluated bags carry no instance labels; the instance scores are scored on this annotated set"}
+    block["details"] = {"annotated_data": record}
+    # per finding, when the annotated bags offer one set per finding: the same scores against that finding's tiles
+    for finding, data_f in (getattr(annotated, "finding_sets", lambda: {})() or {}).items():
+        loader_f = DataLoader(data_f, batch_size=ctx.batch_size, shuffle=False, collate_fn=collate_for(spec))
+        with torch.no_grad():
+            col_f = _run_bags(model, loader_f, ctx.limits, ctx.seed)
+        per_bag = {k: np.asarray(v, dtype=np.float64) for k, v in col_f.per_bag_auroc.items()}
+        if np.isfinite(per_bag["model"]).any():
+            block[f"evidence_{finding}"] = compare(
+                f"instance AUROC within each bag, {finding.replace('_', ' ')} tiles", per_bag["model"],
+                {k: v for k, v in per_bag.items() if k != "model"}, np.asarray(col_f.per_bag_groups),
+                n_boot=ctx.n_boot, seed=ctx.seed)
+    truths = [torch.as_tensor(annotated[i]["instance_labels"]).double() for i in range(len(annotated))]
+    holding = [i for i, t in enumerate(truths) if bool((t > 0).any())]  # the bags col.topk_share covers, in order
+    k = ctx.limits.top_instances
+    top, base = np.asarray(col.topk_share), np.asarray([float(truths[i].nanmean()) for i in holding])
+    recognizability = element(True, metrics={f"top{k}_finding_share": float(top.mean()) if top.size else float("nan"),
+                                             "all_tiles_finding_share": float(base.mean()) if base.size else float("nan"),
+                                             "bags_holding_a_finding": int(top.size)},
+                              does_not_show="A top list rich in annotated findings shows the evidence tiles hold "
+                                            "findings, not that a specialist would accept them as the reason.")
+    recognizability["details"] = {"annotated_data": record}
+    if top.size:
+        groups = [str(annotated[i]["patient_id"]) for i in holding]
+        recognizability["evidence"] = compare(f"share of finding tiles among the top-{k} tiles", top,
+                                              {"all tiles of the bag (k drawn at random, on average)": base}, groups,
+                                              n_boot=ctx.n_boot, seed=ctx.seed)
+    return block, recognizability
 
 
 def _git_commit() -> str | None:
@@ -259,9 +345,11 @@ def evaluate(
         dataset = _subset(dataset, max_cases)
     if len(dataset) == 0:
         raise ValueError(f"the {split!r} split of {spec.kind} is empty; set data.{split}_size or choose another split")
-    if localization_data is not None and dataset[0].get("mask") is not None:
+    own_truth = ("lesion masks" if dataset[0].get("mask") is not None
+                 else "instance labels" if dataset[0].get("instance_labels") is not None else None)
+    if localization_data is not None and own_truth is not None:
         raise ValueError(f"localization_data scores localization on another, annotated data set; the {split!r} split "
-                         f"of {spec.kind} has lesion masks of its own, so leave localization_data unset")
+                         f"of {spec.kind} has {own_truth} of its own, so leave localization_data unset")
     collate = collate_for(spec)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     folder = Path(figures_dir) if figures_dir is not None else (Path(out).parent / "figures" if out is not None else None)
@@ -299,6 +387,11 @@ def evaluate(
         if blocks["localization"].get("applicable"):  # what the family section measured on its own (a pixel AUPR)
             blocks["localization"]["details"].update({k: v for k, v in own.items() if k != "map"})
             blocks["localization"].update({k: v for k, v in family_block.items() if k.startswith("evidence_")})
+    elif localization_data is not None:  # a bag model: instance truth from another bag set
+        blocks["localization"], blocks["visual_recognizability"] = _annotated_bag_localization(
+            model, ctx, localization_data,
+            "A high instance AUROC shows that the instance scores rank the tiles that hold an annotated finding first "
+            "within each bag of the annotated set, not that every finding is found, nor that the decision rests on them.")
     elif record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
         blocks["localization"]["off_centre"] = _off_centre_localization(model, ctx, blocks["localization"])
     if record.inputs == "images" and loc_col.keep_x and blocks["localization"].get("applicable"):
@@ -318,7 +411,8 @@ def evaluate(
     if baseline_uri:
         base_model = mlmi_zoo.load(baseline_uri)
         base_model.eval()
-        base_probs = _predict(base_model, DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate))
+        base_probs = _baseline_probs(base_model, baseline_uri, record.inputs, dataset, collate, split, batch_size,
+                                     groups)
         base_task = task_metrics(base_probs, labels, float(base_model.config.operating_point), groups, n_boot, seed)
         base_sha = read_config(resolve(baseline_uri)).get("weights_sha256")
         baseline = {"uri": baseline_uri, "architecture": base_model.architecture, "weights_sha256": base_sha,

@@ -312,6 +312,9 @@ def _scored_on(annotated: dict[str, Any] | None) -> str | None:
     """The sentence that says an element was scored on another, annotated data set."""
     if not annotated:
         return None
+    if "centre_prior_from" not in annotated:  # bags whose instances carry truth
+        return (f"Scored on the {annotated['split']} split of another data set with instance truth, "
+                f"`{annotated['spec']}` ({annotated['cases']} cases): {annotated['why']}.")
     return (f"Scored on the {annotated['split']} split of another data set with lesion masks, "
             f"`{annotated['spec']}` ({annotated['cases']} cases; centre prior from {annotated['centre_prior_from']}): "
             f"{annotated['why']}.")

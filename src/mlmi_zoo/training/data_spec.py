@@ -26,6 +26,9 @@ is identified in :func:`describe`):
   ``"grading"``, ``"segmentation"``, ``"macula"`` (both sets, for a macular-edema model) or ``"lesions"`` (both
   sets, for a lesion-concept model of DR); the official test part is ``test``, ``train``/``val`` a fixed
   stratified partition of the official training part; ``*_size`` optionally keeps the first n.
+* ``idrid_bags``: the same photographs and splits as bags of cached field-of-view tile features
+  (:mod:`mlmi_zoo.training.datasets.idrid_bags`), ``params["dataset"]`` ``"grading"`` (graded bags) or
+  ``"segmentation"`` (bags with tile truth from the lesion masks); ``*_size`` optionally keeps the first n.
 * ``folder_csv`` / ``cached_bags``: either one file per split (``params["train_csv"]``,
   ``["val_csv"]``, ``["test_csv"]``; bags: ``train_dir``...) or one source that is partitioned by
   a permutation seeded with ``split_seed`` into ``val_fraction`` / ``test_fraction`` / the rest.
@@ -47,7 +50,7 @@ __all__ = ["DataSpec", "SPLITS", "build_dataset", "describe", "collate_for", "Si
 
 SPLITS = ("train", "val", "test")
 DataKind = Literal["nodule_phantom", "lidc_nodules", "tilebag_phantom", "medmnist", "folder_csv", "cached_bags",
-                   "mias", "mias_bags", "idrid"]
+                   "mias", "mias_bags", "idrid", "idrid_bags"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ class DataSpec:
 
 
 _PHANTOMS = ("nodule_phantom", "tilebag_phantom")
-_BAG_KINDS = ("tilebag_phantom", "cached_bags", "mias_bags")
+_BAG_KINDS = ("tilebag_phantom", "cached_bags", "mias_bags", "idrid_bags")
 
 
 def _check_split(split: str) -> None:
@@ -277,6 +280,10 @@ def _build(spec: DataSpec, split: str) -> SizedDataset[dict[str, Any]]:
         from mlmi_zoo.training.datasets.mias_bags import MiasBags
 
         return MiasBags(p.pop("root", None), split=split, max_images=spec.size_of(split), **p)
+    if spec.kind == "idrid_bags":
+        from mlmi_zoo.training.datasets.idrid_bags import IDRiDBags
+
+        return IDRiDBags(p.pop("root", None), split=split, max_images=spec.size_of(split), **p)
     if spec.kind == "idrid":
         from mlmi_zoo.training.datasets.idrid import idrid_dataset
 
@@ -419,6 +426,10 @@ def describe(spec: DataSpec) -> dict[str, Any]:
         from mlmi_zoo.training.datasets.mias_bags import mias_bag_splits
 
         return {**out, **mias_bag_splits(dict(p), {split: spec.size_of(split) for split in SPLITS})}
+    if spec.kind == "idrid_bags":
+        from mlmi_zoo.training.datasets.idrid_bags import idrid_bag_splits
+
+        return {**out, **idrid_bag_splits(dict(p), {split: spec.size_of(split) for split in SPLITS})}
     if spec.kind == "idrid":
         from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDSegmentation, source_checksums
         from mlmi_zoo.training.datasets.idrid_joined import IDRiDLesions, IDRiDMacula

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
 from mlmi_zoo.evaluation._common import _cat, _Context
 from mlmi_zoo.evaluation._elements import (
     _faithfulness_from_curves,
+    _instance_localization_block,
     _not_applicable,
     _per_case_auc,
     _physical_block,
@@ -24,7 +24,6 @@ from mlmi_zoo.evaluation._elements import (
 )
 from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.faithfulness import Curve
-from mlmi_zoo.evaluation.localization import instance_auroc
 from mlmi_zoo.evaluation.results import element
 from mlmi_zoo.families import family_of
 
@@ -36,27 +35,7 @@ def _mil(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     loc_dns = (f"A high instance AUROC shows that the {scores_name} ranks tumour tiles first, not that every tumour "
                "region of a slide is found.")
     if col.inst_scores:
-        res = instance_auroc(_cat(col.inst_scores)[None], _cat(col.inst_labels)[None])
-        figures = []
-        if col.heatmap is not None:
-            grid, kind = col.heatmap
-            figures = ctx.figures.draw("mil_heatmap", figs.plot_heatmap, grid, title=f"instance {kind} (one slide)",
-                                       xlabel="tile column", ylabel="tile row", colorbar_label=f"normalised {kind}")
-        # Pooled over bags, instance AUROC also rewards ranking *bags* (positive instances live in
-        # positive bags), so it is stated beside the bag-constant control's pooled AUROC; the verdict
-        # uses instance AUROC inside each bag, where a bag-constant score is exactly 0.5.
-        pooled_control = instance_auroc(_cat(col.inst_bag_scores)[None], _cat(col.inst_labels)[None])
-        per_bag = {k: np.asarray(v, dtype=np.float64) for k, v in col.per_bag_auroc.items()}
-        defined = np.isfinite(per_bag["model"])
-        metrics = {"instance_auroc_per_bag_mean": float(per_bag["model"][defined].mean()) if defined.any() else math.nan,
-                   "bags_with_both_instance_classes": int(defined.sum()),
-                   "instance_auroc_pooled": res["auroc"], "instance_auroc_pooled_bag_constant_control": pooled_control["auroc"],
-                   "instance_ap": res["ap"], "instances": res["n_instances"]}
-        out["localization"] = element(True, metrics=metrics, figures=figures, does_not_show=loc_dns)
-        if defined.any():
-            out["localization"]["evidence"] = compare(
-                "instance AUROC within each bag", per_bag["model"], {k: v for k, v in per_bag.items() if k != "model"},
-                np.asarray(col.per_bag_groups), n_boot=ctx.n_boot, seed=ctx.seed)
+        out["localization"] = _instance_localization_block(col, ctx, loc_dns)
         share = np.asarray(col.topk_share)
         out["visual_recognizability"] = element(
             True, metrics={f"top{ctx.limits.top_instances}_tumour_share": float(share.mean()) if share.size else math.nan,

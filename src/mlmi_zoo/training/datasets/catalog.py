@@ -140,6 +140,15 @@ SOURCES: dict[str, DataSource] = {
         "retina specialists' grades (ICDR DR grade 0-4, macular-edema risk 0-2), fovea and optic-disc centres, and "
         "pixel masks of microaneurysms, haemorrhages, hard and soft exudates and the optic disc (a missing mask "
         "file = not annotated)", True, IDRID_BIBTEX, spacing_unit="DD"),
+    "idrid_bags": DataSource(
+        "IDRiD", "IDRiD", "cc-by-4.0", "fundus photography", "eye (retina)",
+        "Indian Diabetic Retinopathy Image Dataset (Porwal et al. 2018) as bags of field-of-view tiles (bag = one "
+        "photograph, instance = a tile), each tile encoded once by a frozen encoder (cached features); the graded "
+        "photographs give the bag labels, the 81 photographs with lesion masks the tile truth; official test parts, "
+        "validation carved from the official training parts",
+        "retina specialists' grades (ICDR DR grade 0-4) of the graded photographs; on the segmentation photographs a "
+        "tile is positive when it holds a pixel of a lesion mask (microaneurysms, haemorrhages, hard or soft "
+        "exudates, where annotated)", True, IDRID_BIBTEX, spacing_unit="DD"),
     "medmnist:pneumoniamnist": DataSource(
         "PneumoniaMNIST", "medmnist/pneumoniamnist", "cc-by-4.0", "X-ray", "chest",
         "MedMNIST v2 paediatric chest X-rays (Kermany et al. 2018), resized to 28x28; official splits",

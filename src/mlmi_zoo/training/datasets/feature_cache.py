@@ -11,15 +11,84 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["CACHE_SUFFIX", "CachedFeatures", "cache_features", "encode_tiles", "load_cached_features", "slide_id_of"]
+__all__ = ["CACHE_SUFFIX", "CachedFeatures", "EncoderSettings", "TileEncoder", "cache_features", "encode_tiles",
+           "load_cached_features", "slide_id_of"]
 
 CACHE_SUFFIX = ".safetensors"
 _META_KEY = "mlmi_zoo"  # safetensors header metadata key holding our JSON
+
+
+# The input normalisation of Google's EfficientNet-Lite weights on [0, 1] levels (0.5 / 0.5 on every
+# channel; one grey channel: timm's summed kernels see the RGB average); a random encoder gets the same.
+_DEFAULT_MEAN, _DEFAULT_STD = 0.5, 0.5
+
+
+class EncoderSettings(Protocol):
+    """What a :class:`TileEncoder` is built from (the feature settings of a bag data set)."""
+
+    @property
+    def encoder(self) -> str: ...  # a timm model name or one of the zoo's ResNets
+    @property
+    def init(self) -> str: ...  # "imagenet" or "random"
+    @property
+    def encoder_seed(self) -> int: ...  # the seed of a random encoder
+    @property
+    def input_px(self) -> int | None: ...  # tiles resized to this side; None: their own size
+
+
+class TileEncoder(nn.Module):
+    """A frozen backbone whose last feature map is averaged over space: ``(B, C, t, t)`` -> ``(B, D)``.
+
+    Args:
+        settings: the encoder name, its initialisation, the random seed and the input size.
+        in_chans: channels of a tile (1: grey, 3: colour).
+
+    Attributes:
+        mean, std: ``(C, 1, 1)`` the input normalisation its weights expect (on ``[0, 1]`` levels).
+        weights: ``{"name", "source", "license", "sha256"}`` of the pretrained weights, or
+            ``{"init": "random", "seed": ...}``.
+        out_features: ``D``.
+    """
+
+    def __init__(self, settings: EncoderSettings, in_chans: int = 1) -> None:
+        super().__init__()
+        from mlmi_zoo.architectures.blocks.backbones import create_backbone
+
+        with torch.random.fork_rng(devices=[]):  # a random encoder is a function of its seed only
+            torch.manual_seed(settings.encoder_seed)
+            self.backbone = create_backbone(settings.encoder, in_chans, spatial_dims=2, feature_stride=32,
+                                            init=settings.init)
+        self.backbone.eval().requires_grad_(False)
+        provenance = self.backbone.provenance
+        if provenance is None:
+            mean, std = [_DEFAULT_MEAN] * in_chans, [_DEFAULT_STD] * in_chans
+            self.weights: dict[str, Any] = {"init": "random", "seed": settings.encoder_seed}
+        else:
+            mean, std = list(provenance.mean)[:in_chans], list(provenance.std)[:in_chans]
+            self.weights = {k: v for k, v in provenance.to_dict().items() if k in ("name", "source", "license", "sha256")}
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        self.out_features = int(self.backbone.out_channels)
+        self.input_px = settings.input_px
+
+    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(B, C, t, t)`` tiles in ``[0, 1]`` -> the encoder's input ``(B, C, s, s)`` (``s``: input_px or t)."""
+        if self.input_px is not None and tuple(tiles.shape[-2:]) != (self.input_px, self.input_px):
+            shrink = tiles.shape[-1] > self.input_px
+            tiles = F.interpolate(tiles, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False,
+                                  antialias=shrink)
+        return (tiles - self.mean.to(tiles)) / self.std.to(tiles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepared tiles ``(B, C, s, s)`` -> features ``(B, D)``."""
+        return self.backbone(x).mean(dim=(-2, -1))
 
 
 def encode_tiles(

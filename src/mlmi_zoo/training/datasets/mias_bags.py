@@ -52,12 +52,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from mlmi_zoo.architectures.blocks.pretrained import cache_dir
 from mlmi_zoo.training.data_spec import SizedDataset
-from mlmi_zoo.training.datasets.feature_cache import (CACHE_SUFFIX, cache_features, encode_tiles,
+from mlmi_zoo.training.datasets.feature_cache import (CACHE_SUFFIX, TileEncoder, cache_features, encode_tiles,
                                                       load_cached_features)
 from mlmi_zoo.training.datasets.mias import MIAS, MiasRecord, breast_tiles
 
@@ -67,9 +65,6 @@ logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
 CONTROL_NAMES = ("brightness", "breast_centre")
-# The input normalisation of Google's EfficientNet-Lite weights on [0, 1] grey levels (one channel:
-# timm's summed kernels see the RGB average, 0.5 / 0.5); a random encoder gets the same.
-_DEFAULT_MEAN, _DEFAULT_STD = 0.5, 0.5
 
 
 @dataclass(frozen=True)
@@ -107,50 +102,6 @@ class BagFeatureSettings:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive length in mm, got {value!r}")
-
-
-class TileEncoder(nn.Module):
-    """A frozen backbone whose last feature map is averaged over space: ``(B, C, t, t)`` -> ``(B, D)``.
-
-    Args:
-        settings: the encoder name, its initialisation and the random seed.
-
-    Attributes:
-        mean, std: the input normalisation its weights expect (on ``[0, 1]`` grey levels).
-        weights: ``{"name", "source", "license", "sha256"}`` of the pretrained weights, or
-            ``{"init": "random", "seed": ...}``.
-        out_features: ``D``.
-    """
-
-    def __init__(self, settings: BagFeatureSettings) -> None:
-        super().__init__()
-        from mlmi_zoo.architectures.blocks.backbones import create_backbone
-
-        with torch.random.fork_rng(devices=[]):  # a random encoder is a function of its seed only
-            torch.manual_seed(settings.encoder_seed)
-            self.backbone = create_backbone(settings.encoder, 1, spatial_dims=2, feature_stride=32, init=settings.init)
-        self.backbone.eval().requires_grad_(False)
-        provenance = self.backbone.provenance
-        if provenance is None:
-            self.mean, self.std = _DEFAULT_MEAN, _DEFAULT_STD
-            self.weights: dict[str, Any] = {"init": "random", "seed": settings.encoder_seed}
-        else:
-            self.mean, self.std = float(provenance.mean[0]), float(provenance.std[0])
-            self.weights = {k: v for k, v in provenance.to_dict().items() if k in ("name", "source", "license", "sha256")}
-        self.out_features = int(self.backbone.out_channels)
-        self.input_px = settings.input_px
-
-    def prepare(self, tiles: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, t, t)`` grey tiles in ``[0, 1]`` -> the encoder's input ``(B, 1, s, s)`` (``s``: input_px or t)."""
-        if self.input_px is not None and tuple(tiles.shape[-2:]) != (self.input_px, self.input_px):
-            shrink = tiles.shape[-1] > self.input_px
-            tiles = F.interpolate(tiles, size=(self.input_px, self.input_px), mode="bilinear", align_corners=False,
-                                  antialias=shrink)
-        return (tiles - self.mean) / self.std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Prepared tiles ``(B, 1, s, s)`` -> features ``(B, D)``."""
-        return self.backbone(x).mean(dim=(-2, -1))
 
 
 def _cache_key(settings: BagFeatureSettings, weights: dict[str, Any]) -> str:
