@@ -39,12 +39,12 @@ def main() -> None:
     import mlmi_zoo
     from mlmi_zoo.training.datasets.feature_cache import TileEncoder
     from mlmi_zoo.training.datasets.idrid import IDRiDGrading
-    from mlmi_zoo.training.datasets.idrid_bags import IDRiDBagSettings, fov_tiles
+    from mlmi_zoo.training.datasets.idrid_bags import IDRiDBagSettings, photograph_bag
 
     image = IDRiDGrading(split="test", size=640, prepare=False)[0]["image"][None].to(device)
     full = IDRiDGrading(split="test", size=1072, prepare=False)[0]
     settings = IDRiDBagSettings(size=1072, tile_px=64)
-    encoder = TileEncoder(settings, in_chans=3).to(device)
+    encoder = TileEncoder(settings, in_chans=3)  # tiles are encoded on the CPU, as a user's photograph would be
     reference = mlmi_zoo.load(MODELS[0]).eval().to(device)
 
     def forward() -> None:
@@ -57,10 +57,8 @@ def main() -> None:
 
             def explain() -> None:
                 if name in BAG_MODELS:  # photograph -> tiles -> features -> the bag's explanation
-                    tiles = fov_tiles(full["image"], full["fov"], settings.tile_px, settings.min_fov_fraction)
-                    with torch.no_grad():
-                        feats = encoder(encoder.prepare(tiles.images.to(device)))
-                    model.explain(feats[None], coords=tiles.coords[None].to(device))
+                    bag = photograph_bag(full["image"], full["fov"], settings, encoder)
+                    model.explain(bag["feats"].to(device), coords=bag["coords"].to(device))
                 else:
                     model.explain(model.input_spec.intensity(image))
 

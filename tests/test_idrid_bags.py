@@ -23,7 +23,7 @@ from mlmi_zoo.model_cards.release import RECIPES
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
 from mlmi_zoo.training.datasets._location import DATA_ENV_VAR
 from mlmi_zoo.training.datasets.idrid import IDRiDGrading, IDRiDSegmentation
-from mlmi_zoo.training.datasets.idrid_bags import CONTROL_NAMES, IDRiDBags, fov_tiles
+from mlmi_zoo.training.datasets.idrid_bags import CONTROL_NAMES, IDRiDBags, IDRiDBagSettings, fov_tiles, photograph_bag
 from mlmi_zoo.training.recipe import load_recipe
 from mlmi_zoo.training.trainer import train
 
@@ -114,6 +114,18 @@ def test_finding_sets_hold_one_lesion_type_each(segmentation_bags: IDRiDBags) ->
     assert all(s.encoded == 0 and len(s) == len(segmentation_bags) for s in sets.values())
 
 
+def test_a_new_photograph_becomes_the_same_bag(segmentation_bags: IDRiDBags) -> None:
+    sample = IDRiDSegmentation(DATA, split="test", size=SIZE)[0]
+    settings = IDRiDBagSettings(**FAST)
+    bag = photograph_bag(sample["image"], sample["fov"], settings)
+    assert torch.equal(bag["coords"][0], segmentation_bags[0]["coords"])
+    assert torch.allclose(bag["feats"][0], segmentation_bags[0]["feats"], rtol=2e-3, atol=2e-3)  # the cache is fp16
+    found = photograph_bag(sample["image"], None, settings)  # the field of view found on the photograph itself
+    assert abs(found["coords"].shape[1] - bag["coords"].shape[1]) <= 2
+    with pytest.raises(ValueError, match="long side 128"):
+        photograph_bag(sample["image"][:, :, :100], None, settings)
+
+
 def test_grading_bags_carry_the_grade_and_no_tile_truth(cache: Path) -> None:
     bags = IDRiDBags(DATA, dataset="grading", split="val", task="referable", max_images=4, **FAST)
     photos = IDRiDGrading(DATA, split="val", size=SIZE, task="referable", prepare=False)
@@ -161,11 +173,13 @@ def test_the_recipe_trains_and_is_scored_on_the_annotated_bags(recipe_name: str,
     exp = mlmi_zoo.load(f"local-dir:{final}").explain(bag["feats"][None], coords=bag["coords"][None])
     assert exp.logits.shape == (1, 2) and exp.attention.shape == (1, bag["feats"].shape[0])
     annotated = "idrid_bags:" + ",".join(f"{k}={v}" for k, v in {"root": DATA, "dataset": "segmentation", **FAST}.items())
-    doc = evaluate(f"local-dir:{final}", None, split="test", n_boot=20, localization_data=annotated + ",test_size=3")
+    doc = evaluate(f"local-dir:{final}", None, split="test", n_boot=20, localization_data=annotated + ",test_size=3",
+                   figures_dir=tmp_path / "figures")
     loc = doc["elements"]["localization"]
     assert loc["applicable"] and loc["details"]["annotated_data"]["cases"] == 3
     assert set(CONTROL_NAMES) <= set(loc["evidence"]["controls"])
     assert loc["metrics"]["bags_with_both_instance_classes"] == 3
+    assert {"figures/mil_heatmap.png", "figures/mil_heatmap_truth.png"} <= set(loc["figures"])  # one photograph's tiles
     # each lesion type against its own tiles, beside the same controls (its own lesion prior)
     assert {"evidence_microaneurysms", "evidence_hard_exudates"} <= set(loc)
     assert set(CONTROL_NAMES) <= set(loc["evidence_hard_exudates"]["controls"])

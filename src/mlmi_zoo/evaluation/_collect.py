@@ -94,6 +94,7 @@ class _Collected:
     curves: dict[str, list[torch.Tensor]] = dataclasses.field(default_factory=dict)
     curve_fractions: torch.Tensor | None = None
     heatmap: tuple[np.ndarray, str] | None = None
+    heatmap_truth: np.ndarray | None = None  # the same bag's instance labels on its grid
     n_cases: int = 0
 
     def case_groups(self) -> np.ndarray:
@@ -302,6 +303,16 @@ def _per_bag(col: _Collected, model: Any, x: torch.Tensor, mask: torch.Tensor, s
     col.per_bag_groups.extend(groups or [f"bag-{len(col.per_bag_groups) + i}" for i in range(x.shape[0])])
 
 
+def _truth_grid(coords: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """A bag's instance labels on the grid its heat map uses (cells without an instance are NaN)."""
+    from mlmi_zoo.architectures.mil.explanations import _grid_indices
+
+    idx = _grid_indices(coords.detach().cpu().numpy())
+    grid = np.full(tuple(int(v) + 1 for v in idx.max(0)), np.nan)
+    grid[tuple(idx.T)] = labels.detach().double().cpu().numpy()
+    return grid
+
+
 def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits, seed: int) -> _Collected:
     from mlmi_zoo.architectures.blocks.stages import training_for
 
@@ -378,8 +389,13 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
                 col.curve_fractions = curve.fractions
         if col.heatmap is None and coords is not None:
             for b in range(n):
-                if int(predicted[b]) == int(target[b]) == int(labels[b]):  # a correctly found positive slide
+                # a correctly found positive slide; where the bag label is unknown (-1), a bag that holds a finding
+                known = int(labels[b]) >= 0
+                if (int(predicted[b]) == int(target[b]) == int(labels[b])) if known else \
+                        (inst is not None and bool((inst[b][mask[b]] > 0).any())):
                     kind = "contributions" if additive else "attention"
                     col.heatmap = (exp.heatmap(b, kind, class_index=int(target[b])), kind)
+                    if inst is not None:
+                        col.heatmap_truth = _truth_grid(coords[b][mask[b]], inst[b][mask[b]])
                     break
     return col

@@ -181,6 +181,10 @@ def _instance_localization_block(col: _Collected, ctx: _Context, does_not_show: 
         grid, kind = col.heatmap
         figures = ctx.figures.draw("mil_heatmap", figs.plot_heatmap, grid, title=f"instance {kind} (one bag)",
                                    xlabel="tile column", ylabel="tile row", colorbar_label=f"normalised {kind}")
+        if col.heatmap_truth is not None:
+            figures += ctx.figures.draw("mil_heatmap_truth", figs.plot_heatmap, col.heatmap_truth,
+                                        title="instance truth (the same bag)", xlabel="tile column", ylabel="tile row",
+                                        colorbar_label="1: holds the finding")
     pooled_control = instance_auroc(_cat(col.inst_bag_scores)[None], _cat(col.inst_labels)[None])
     per_bag = {k: np.asarray(v, dtype=np.float64) for k, v in col.per_bag_auroc.items()}
     defined = np.isfinite(per_bag["model"])

@@ -39,15 +39,15 @@ from torch.utils.data import DataLoader
 
 from mlmi_zoo._version import __version__
 from mlmi_zoo.evaluation import figures as figs
+from mlmi_zoo.evaluation._annotated import annotated_bag_localization, annotated_localization
 from mlmi_zoo.evaluation._collect import _run_bags, _run_images
 from mlmi_zoo.evaluation._common import EvaluationLimits, _cat, _ci, _clean, _Context, _Figures, _subset
 from mlmi_zoo.evaluation._data import check_split_overlap, data_spec_to_text, load_data_spec
-from mlmi_zoo.evaluation._elements import _instance_localization_block, _localization_block, _not_applicable
+from mlmi_zoo.evaluation._elements import _not_applicable
 from mlmi_zoo.evaluation._evidence_blocks import add_evidence, task_evidence, verdicts
 from mlmi_zoo.evaluation._reference import _ImageControls, cascading_randomisation, training_reference
-from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.task import task_metrics
-from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, element, validate_results
+from mlmi_zoo.evaluation.results import ELEMENTS, SCHEMA_VERSION, validate_results
 from mlmi_zoo.families import family_of
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
 from mlmi_zoo.training.datasets.catalog import source_for
@@ -123,109 +123,6 @@ def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, An
                                      "by reflection, mask by zeros")
     block.pop("does_not_show", None)
     return block
-
-
-class _MaskOnly(torch.utils.data.Dataset):
-    """The fields a localization pass reads from an annotated set: image, mask, patient, index.
-
-    The annotated set need not carry the task's labels (a segmentation set has none), nor its
-    measurements or concepts; its label is set to -1 so that nothing reads it as a class.
-    """
-
-    KEEP = ("image", "mask", "patient_id", "index")
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.dataset[i]
-        out = {k: sample[k] for k in self.KEEP if k in sample}
-        out["label"] = torch.tensor(-1, dtype=torch.int64)
-        return out
-
-
-def _annotated_localization(model: Any, ctx: _Context, data: DataSpec | str | Path | Mapping[str, Any],
-                            what_map: str, does_not_show: str) -> tuple[dict[str, Any], Any]:
-    """Localization on another data set that has lesion masks where the evaluated split has none.
-
-    The maps are the ones the evaluation reads everywhere (the top contribution to the predicted
-    class), scored against the annotated set's test-split masks beside the same controls; the
-    centre prior is fitted on the annotated set's training split. Returns the localization block
-    and the collected pass (for the cascading randomisation on these images).
-    """
-    spec = load_data_spec(data)
-    annotated = _MaskOnly(build_dataset(spec, "test"))
-    train = build_dataset(spec, "train") if spec.size_of("train") != 0 else None
-    actx = dataclasses.replace(ctx, spec=spec, train_spec=None, split="test", dataset=annotated, limitations=[])
-    actx.train_dataset = (lambda: _MaskOnly(train) if train is not None else None)  # type: ignore[method-assign]
-    actx.reference = training_reference(model, actx, ctx.limits.control_train_cases)
-    loader = DataLoader(annotated, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate)
-    with torch.no_grad():
-        col = _run_images(model, loader, ctx.limits, _ImageControls(model, actx.reference, ctx.seed))
-    block = _localization_block(col, what_map, does_not_show, None, actx)
-    if block.get("applicable"):
-        desc = describe(spec)
-        block["details"]["annotated_data"] = {
-            "spec": data_spec_to_text(spec), "source": desc.get("source"), "split": "test", "cases": len(annotated),
-            "centre_prior_from": f"{len(train) if train is not None else 0} training cases of the same set",
-            "why": "the evaluated split has no lesion masks; the maps are scored on this annotated set instead"}
-    return block, col
-
-
-def _annotated_bag_localization(model: Any, ctx: _Context, data: DataSpec | str | Path | Mapping[str, Any],
-                                does_not_show: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Localization and recognizability of a bag model on another bag set whose instances carry truth.
-
-    The instance scores the family's section reads (attention scores, or each instance's contribution
-    to the positive class) are scored within each bag of the annotated set's test split beside the
-    same controls as in :func:`~mlmi_zoo.evaluation._elements._instance_localization_block`. The share
-    of finding tiles among each bag's top-k tiles is compared with the share among all its tiles (what
-    k tiles drawn at random hold on average), on the bags that hold a finding. Returns both blocks.
-    """
-    spec = load_data_spec(data)
-    annotated = build_dataset(spec, "test")
-    loader = DataLoader(annotated, batch_size=ctx.batch_size, shuffle=False, collate_fn=collate_for(spec))
-    actx = dataclasses.replace(ctx, spec=spec, train_spec=None, split="test", dataset=annotated, limitations=[])
-    with torch.no_grad():
-        col = _run_bags(model, loader, ctx.limits, ctx.seed)
-    if not col.inst_scores:
-        raise ValueError(f"localization_data {data_spec_to_text(spec)!r} carries no instance labels in its test split; "
-                         "a bag model's localization needs bags with instance truth")
-    block = _instance_localization_block(col, actx, does_not_show)
-    record = {"spec": data_spec_to_text(spec), "source": describe(spec).get("source"), "split": "test",
-              "cases": len(annotated),
-              "why": "the evaluated bags carry no instance labels; the instance scores are scored on this annotated set"}
-    block["details"] = {"annotated_data": record}
-    # per finding, when the annotated bags offer one set per finding: the same scores against that finding's tiles
-    for finding, data_f in (getattr(annotated, "finding_sets", lambda: {})() or {}).items():
-        loader_f = DataLoader(data_f, batch_size=ctx.batch_size, shuffle=False, collate_fn=collate_for(spec))
-        with torch.no_grad():
-            col_f = _run_bags(model, loader_f, ctx.limits, ctx.seed)
-        per_bag = {k: np.asarray(v, dtype=np.float64) for k, v in col_f.per_bag_auroc.items()}
-        if np.isfinite(per_bag["model"]).any():
-            block[f"evidence_{finding}"] = compare(
-                f"instance AUROC within each bag, {finding.replace('_', ' ')} tiles", per_bag["model"],
-                {k: v for k, v in per_bag.items() if k != "model"}, np.asarray(col_f.per_bag_groups),
-                n_boot=ctx.n_boot, seed=ctx.seed)
-    truths = [torch.as_tensor(annotated[i]["instance_labels"]).double() for i in range(len(annotated))]
-    holding = [i for i, t in enumerate(truths) if bool((t > 0).any())]  # the bags col.topk_share covers, in order
-    k = ctx.limits.top_instances
-    top, base = np.asarray(col.topk_share), np.asarray([float(truths[i].nanmean()) for i in holding])
-    recognizability = element(True, metrics={f"top{k}_finding_share": float(top.mean()) if top.size else float("nan"),
-                                             "all_tiles_finding_share": float(base.mean()) if base.size else float("nan"),
-                                             "bags_holding_a_finding": int(top.size)},
-                              does_not_show="A top list rich in annotated findings shows the evidence tiles hold "
-                                            "findings, not that a specialist would accept them as the reason.")
-    recognizability["details"] = {"annotated_data": record}
-    if top.size:
-        groups = [str(annotated[i]["patient_id"]) for i in holding]
-        recognizability["evidence"] = compare(f"share of finding tiles among the top-{k} tiles", top,
-                                              {"all tiles of the bag (k drawn at random, on average)": base}, groups,
-                                              n_boot=ctx.n_boot, seed=ctx.seed)
-    return block, recognizability
 
 
 def _git_commit() -> str | None:
@@ -382,13 +279,13 @@ def evaluate(
     if localization_data is not None and record.inputs == "images":
         family_block = blocks["localization"]
         own = family_block.get("details", {})
-        blocks["localization"], loc_col = _annotated_localization(
+        blocks["localization"], loc_col = annotated_localization(
             model, ctx, localization_data, own.get("map", "evidence map"), family_block.get("does_not_show", ""))
         if blocks["localization"].get("applicable"):  # what the family section measured on its own (a pixel AUPR)
             blocks["localization"]["details"].update({k: v for k, v in own.items() if k != "map"})
             blocks["localization"].update({k: v for k, v in family_block.items() if k.startswith("evidence_")})
     elif localization_data is not None:  # a bag model: instance truth from another bag set
-        blocks["localization"], blocks["visual_recognizability"] = _annotated_bag_localization(
+        blocks["localization"], blocks["visual_recognizability"] = annotated_bag_localization(
             model, ctx, localization_data,
             "A high instance AUROC shows that the instance scores rank the tiles that hold an annotated finding first "
             "within each bag of the annotated set, not that every finding is found, nor that the decision rests on them.")

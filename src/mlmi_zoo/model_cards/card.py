@@ -304,6 +304,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         bootstrap_text=results.get("bootstrap", {}).get("description", "percentile bootstrap over cases"),
         task_rows=task_rows, baseline=baseline, verdict_rows=_verdict_rows(results), task_controls=task_controls, task_figures=task_figures, elements=elements, faithfulness=faithfulness,
         limitations=limitations, load_uri=name, usage=usage, command=results["command"], bibtex="\n\n".join(bibtex),
+        bags=cfg["spatial_dims"] == 0,
     )
     return re.sub(r"\n{3,}", "\n\n", text)
 

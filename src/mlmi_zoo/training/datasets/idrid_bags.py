@@ -63,7 +63,8 @@ from mlmi_zoo.training.datasets.feature_cache import (CACHE_SUFFIX, TileEncoder,
 from mlmi_zoo.training.datasets.idrid import (LESION_NAMES, LESIONS, MAX_SIZE, IDRiDGrading, IDRiDSegmentation,
                                              check_size)
 
-__all__ = ["IDRiDBagSettings", "IDRiDBags", "FovTiles", "fov_tiles", "idrid_bag_splits", "CONTROL_NAMES"]
+__all__ = ["IDRiDBagSettings", "IDRiDBags", "FovTiles", "fov_tiles", "photograph_bag", "idrid_bag_splits",
+           "CONTROL_NAMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,41 @@ def fov_tiles(image: torch.Tensor, fov: torch.Tensor, tile_px: int, min_fov_frac
     tiles = tiles.permute(1, 2, 0, 3, 4)[keep]  # (N, C, t, t)
     return FovTiles(torch.stack([rows, cols], dim=1).long(), tiles.float().contiguous(), fraction[keep].float(), keep,
                     tile_px)
+
+
+def photograph_bag(image: torch.Tensor, fov: torch.Tensor | None = None,
+                   settings: IDRiDBagSettings | None = None, encoder: TileEncoder | None = None) -> dict[str, torch.Tensor]:
+    """One fundus photograph as the bag a model of this module's bags takes: what to explain a new photograph with.
+
+    Args:
+        image: (3, H, W) RGB in ``[0, 1]``, the full camera frame resized to long side ``settings.size``
+            (the bags' scale: a tile must cover the same field angle as in training).
+        fov: (H, W) bool field of view; ``None`` finds it with :func:`~.idrid.field_of_view`.
+        settings: the tiling and encoder (default :class:`IDRiDBagSettings`, the bundled models' settings).
+        encoder: a :class:`~.feature_cache.TileEncoder` built from ``settings`` (built when ``None``; pass one
+            to explain many photographs).
+
+    Returns:
+        ``{"feats": (1, N, D), "coords": (1, N, 2)}``: ``model.explain(**photograph_bag(image))``.
+
+    Raises:
+        ValueError: an image that is not RGB at the settings' size, or one without a field-of-view tile.
+    """
+    s = settings or IDRiDBagSettings()
+    if image.ndim != 3 or image.shape[0] != 3 or max(image.shape[-2:]) != s.size:
+        raise ValueError(f"image must be an RGB photograph (3, H, W) with long side {s.size} (the bags' scale; resize "
+                         f"the full camera frame first), got {tuple(image.shape)}")
+    if fov is None:
+        from mlmi_zoo.training.datasets.idrid import field_of_view
+
+        rgb = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        fov = torch.from_numpy(field_of_view(rgb))
+    tiles = fov_tiles(image, fov, s.tile_px, s.min_fov_fraction)
+    if tiles.coords.shape[0] == 0:
+        raise ValueError(f"no tile of {s.tile_px} px is at least {s.min_fov_fraction:.0%} field of view")
+    encoder = encoder or TileEncoder(s, in_chans=3)
+    feats = encode_tiles(encoder, tiles.images, transform=encoder.prepare)
+    return {"feats": feats[None], "coords": tiles.coords[None]}
 
 
 def _tile_max(values: torch.Tensor, fov: torch.Tensor, tile_px: int, keep: torch.Tensor) -> torch.Tensor:
