@@ -69,6 +69,12 @@ RELEASES = (
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     Release("additive_mil_features.idrid_rdr", "additive_mil_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
+    Release("baseline_tf_efficientnet_lite0.idrid_grade", "baseline_lite0_idrid_grade.yaml", samples=1),
+    Release("abmil_features.idrid_grade", "abmil_idrid_grade.yaml", "baseline_tf_efficientnet_lite0.idrid_grade",
+            localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
+    Release("additive_mil_features.idrid_grade", "additive_mil_idrid_grade.yaml",
+            "baseline_tf_efficientnet_lite0.idrid_grade",
+            localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     # mini-MIAS: research use only; a release carries no film beyond a few sample crops
     Release("baseline_tf_efficientnet_lite0.mias", "baseline_lite0_mias_release.yaml", sample_crop_mm=60.0),
     Release("cbm_tf_efficientnet_lite0.mias", "cbm_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
