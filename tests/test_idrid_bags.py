@@ -126,6 +126,17 @@ def test_a_new_photograph_becomes_the_same_bag(segmentation_bags: IDRiDBags) -> 
         photograph_bag(sample["image"][:, :, :100], None, settings)
 
 
+def test_a_bag_shows_its_photograph_with_its_tiles(segmentation_bags: IDRiDBags) -> None:
+    photo, tile_px = segmentation_bags.photograph(0, shrink=4)
+    full = IDRiDSegmentation(DATA, split="test", size=SIZE)[0]["image"]
+    assert tile_px == 4 and photo.shape == (3, full.shape[1] // 4, full.shape[2] // 4)
+    assert torch.equal((photo * 255).round() / 255, photo)  # 8-bit levels: a demo sample stores it as bytes
+    r, c = segmentation_bags[0]["coords"][0].tolist()
+    assert torch.allclose(photo[:, r * 4, c * 4], full[:, r * 16:r * 16 + 4, c * 16:c * 16 + 4].mean((1, 2)), atol=1 / 255)
+    with pytest.raises(ValueError, match="divide"):
+        segmentation_bags.photograph(0, shrink=3)
+
+
 def test_grading_bags_carry_the_grade_and_no_tile_truth(cache: Path) -> None:
     bags = IDRiDBags(DATA, dataset="grading", split="val", task="referable", max_images=4, **FAST)
     photos = IDRiDGrading(DATA, split="val", size=SIZE, task="referable", prepare=False)

@@ -78,6 +78,41 @@ def explain_sample(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return model.explain(x, **kwargs)
 
 
+def _tile_map_png(model: Any, exp: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes:
+    """A bag's instance scores painted over its photograph, one square per tile (PNG bytes)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from mlmi_zoo.architectures.mil.explanations import percentile_normalise
+    from mlmi_zoo.families import family_of
+
+    kind = "contributions" if family_of(model).instance_scores == "contributions" else "attention"
+    scores = exp.instance_scores(0, kind).detach().double().cpu().numpy()
+    image = tensors["image"].float().permute(1, 2, 0).numpy()
+    t = int(meta.get("tile_px_on_image", 1))
+    canvas = np.full(image.shape[:2], np.nan)
+    for (r, c), v in zip(tensors["coords"].tolist(), scores):
+        canvas[r * t:(r + 1) * t, c * t:(c + 1) * t] = v
+    # the normalisation of the card's heat maps; tiles near zero are left clear so the photograph shows
+    canvas = percentile_normalise(canvas, signed=kind == "contributions")
+    canvas[np.abs(canvas) < 0.2] = np.nan
+    fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
+    ax.imshow(image)
+    shown = ax.imshow(canvas, alpha=0.6, cmap="coolwarm" if kind == "contributions" else "magma",
+                      vmin=-1.0 if kind == "contributions" else 0.0, vmax=1.0)
+    fig.colorbar(shown, ax=ax, fraction=0.03, label=f"normalised {kind} (|value| < 0.2 not drawn)")
+    ax.set_axis_off()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.02)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def run_demo(out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
     """Explain the bundled samples of each bundled model and write ``out_dir/index.html``."""
     import mlmi_zoo
@@ -111,6 +146,9 @@ def run_demo(out_dir: str | Path, names: Sequence[str] | None = None) -> Path:
             parts.append(f"<h3>{html.escape(meta['name'])}</h3><p><small>{html.escape(truth)}</small></p>")
             for title, content in exp.html_sections(0):
                 parts.append(f"<h4>{html.escape(title)}</h4>\n{content}")
+            if "feats" in tensors and "image" in tensors and "coords" in tensors:  # the bag's tiles on its photograph
+                parts.append("<h4>Tile map on the photograph</h4>"
+                             f'<img src="{png_data_uri(_tile_map_png(model, exp, tensors, meta))}" style="max-width:100%">')
         log.info("explained %s (%d cases)", name, len(samples))
     elapsed = time.perf_counter() - start
     body = (f"<p>{len(names)} bundled model(s), explained offline in {elapsed:.1f} s.</p><ul>{''.join(toc)}</ul>"

@@ -141,6 +141,8 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2, crop_mm: float |
                 meta[f"true {key}"] = round(float(value), 3)
         if crop_mm is not None:
             meta["crop"] = f"only a {crop_mm:g} mm square around the finding is kept; the rest of the image is blanked"
+        if "feats" in tensors and callable(getattr(dataset, "photograph", None)):  # a bag of a shareable photograph
+            tensors["image"], meta["tile_px_on_image"] = dataset.photograph(i)  # type: ignore[attr-defined]
         save_samples(folder, f"test_case_{i}", tensors, meta)
 
 

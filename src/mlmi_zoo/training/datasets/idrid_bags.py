@@ -348,6 +348,19 @@ class IDRiDBags(SizedDataset[dict[str, Any]]):
             return {**bag, "instance_controls": dict(bag["instance_controls"])}
         return dict(bag)
 
+    def photograph(self, index: int, shrink: int = 4) -> tuple[torch.Tensor, int]:
+        """Bag ``index``'s photograph shrunk ``shrink`` times (area average), to show its tiles on (a demo sample).
+
+        Returns:
+            ``(image, tile_px)``: (3, H / shrink, W / shrink) RGB on 8-bit levels in ``[0, 1]``, and the side of
+            one tile on it in pixels (a tile at grid ``(row, col)`` covers rows ``row * tile_px`` onwards).
+        """
+        if shrink < 1 or self.settings.tile_px % shrink:
+            raise ValueError(f"shrink must divide tile_px={self.settings.tile_px}, got {shrink}")
+        image = self.images[index]["image"]
+        small = F.avg_pool2d(image[None], shrink)[0]
+        return (small * 255).round() / 255, self.settings.tile_px // shrink
+
     def finding_sets(self) -> dict[str, "IDRiDBags"]:
         """Per lesion type of ``lesions`` (when more than one), the same bags with that type's tile truth alone.
 
