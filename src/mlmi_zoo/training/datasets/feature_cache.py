@@ -7,9 +7,11 @@ HDF5, no pickle — and is written atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
@@ -18,8 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CACHE_SUFFIX", "CachedFeatures", "EncoderSettings", "TileEncoder", "cache_features", "encode_tiles",
-           "load_cached_features", "slide_id_of"]
+__all__ = ["CACHE_SUFFIX", "CachedFeatures", "EncoderSettings", "TileEncoder", "TileFeatureCache", "cache_features",
+           "encode_tiles", "load_cached_features", "slide_id_of"]
+
+logger = logging.getLogger(__name__)
 
 CACHE_SUFFIX = ".safetensors"
 _META_KEY = "mlmi_zoo"  # safetensors header metadata key holding our JSON
@@ -89,6 +93,73 @@ class TileEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Prepared tiles ``(B, C, s, s)`` -> features ``(B, D)``."""
         return self.backbone(x).mean(dim=(-2, -1))
+
+
+class TileFeatureCache:
+    """Tiles encoded once by a frozen :class:`TileEncoder` and cached per image: what bag data sets of real images share.
+
+    One safetensors file per image (:func:`cache_features`) under ``<cache_dir()>/<name>/<key>/``, where
+    ``key`` is a hash of the cache version, every feature setting and the encoder's weights (their sha256,
+    or the seed of a random encoder), so that other settings never read these features. An entry is read
+    back only when the stamp of its source image and its tile grid are those of the image now; otherwise
+    the tiles are encoded again.
+
+    Args:
+        settings: the feature settings (a frozen dataclass with the fields of :class:`EncoderSettings`).
+        name: the folder under the zoo's cache directory (``"mias_bags"``...).
+        in_chans: channels of a tile.
+        batch_size: tiles per encoder pass.
+        version: the cache version; raise it whenever what is cached changes.
+
+    Attributes:
+        folder: where the entries lie; encoded: images this instance encoded (0 when all were cached).
+    """
+
+    def __init__(self, settings: Any, name: str, in_chans: int = 1, batch_size: int = 64, version: int = 1) -> None:
+        from mlmi_zoo.architectures.blocks.pretrained import cache_dir
+
+        self.settings, self.in_chans, self.batch_size, self.version = settings, in_chans, batch_size, version
+        self._encoder: TileEncoder | None = None
+        self.encoded = 0
+        doc = {"version": version, "settings": asdict(settings), "weights": self.weights_record()}
+        self.folder = cache_dir() / name / hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def weights_record(self) -> dict[str, Any]:
+        """What identifies the encoder's weights, without building it when it is random."""
+        if self.settings.init == "random":
+            return {"encoder": self.settings.encoder, "init": "random", "seed": self.settings.encoder_seed}
+        return {"encoder": self.settings.encoder, **self.encoder.weights}
+
+    @property
+    def encoder(self) -> TileEncoder:
+        """The frozen tile encoder (built on first use)."""
+        if self._encoder is None:
+            self._encoder = TileEncoder(self.settings, in_chans=self.in_chans)
+        return self._encoder
+
+    def features(self, path: Path, stamp_key: str, stamp: Any, tiles: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """(N, D) features of one image's tiles: read from ``path``, else encoded and cached there.
+
+        Args:
+            path: the image's cache file.
+            stamp_key: the metadata key of the source stamp (``"film"``, ``"photograph"``).
+            stamp: what identifies the source image now (JSON-able, e.g. name, size, modification time).
+            tiles: (N, C, t, t) tiles in ``[0, 1]``.
+            coords: (N, 2) their grid positions.
+        """
+        if path.is_file():
+            try:
+                cached = load_cached_features(path)
+                if cached.meta.get(stamp_key) == stamp and torch.equal(cached.coords, coords):
+                    return cached.feats.float()
+            except (OSError, ValueError) as err:
+                logger.warning("re-encoding unreadable feature cache %s (%s)", path, err)
+        feats = encode_tiles(self.encoder, tiles, batch_size=self.batch_size, transform=self.encoder.prepare)
+        meta = {stamp_key: stamp, "settings": asdict(self.settings), "weights": self.encoder.weights,
+                "feature_dim": int(feats.shape[1]), "cache_version": self.version}
+        cache_features(feats, coords, path, meta)
+        self.encoded += 1
+        return feats.to(torch.float16).float()  # the values a later read gives
 
 
 def encode_tiles(

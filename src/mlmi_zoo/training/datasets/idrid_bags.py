@@ -45,9 +45,6 @@ instance localisation without any learning (see :mod:`mlmi_zoo.evaluation.contro
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,17 +53,14 @@ from typing import Any, Sequence
 import torch
 from torch.nn import functional as F
 
-from mlmi_zoo.architectures.blocks.pretrained import cache_dir
 from mlmi_zoo.training.data_spec import SizedDataset
-from mlmi_zoo.training.datasets.feature_cache import (CACHE_SUFFIX, TileEncoder, cache_features, encode_tiles,
-                                                      load_cached_features)
+from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, TileEncoder, TileFeatureCache, encode_tiles
 from mlmi_zoo.training.datasets.idrid import (LESION_NAMES, LESIONS, MAX_SIZE, IDRiDGrading, IDRiDSegmentation,
                                              check_size)
 
 __all__ = ["IDRiDBagSettings", "IDRiDBags", "FovTiles", "fov_tiles", "photograph_bag", "idrid_bag_splits",
            "CONTROL_NAMES"]
 
-logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
 CONTROL_NAMES = ("bright_pixels", "dark_pixels", "lesion_prior")
@@ -258,28 +252,23 @@ class IDRiDBags(SizedDataset[dict[str, Any]]):
         self.label_names = self.images.label_names if dataset == "grading" else ("unknown",)
         n = len(self.images) if max_images is None else min(max_images, len(self.images))
         self.image_ids = list(self.images.image_ids[:n])
-        self._encoder: TileEncoder | None = None
-        self.encoded = 0
-        self.cache_folder = (cache_dir() / "idrid_bags" / _cache_key(s, self._weights_record()) / dataset
-                             / self.images.official_part)
+        self._cache = TileFeatureCache(s, "idrid_bags", in_chans=3, batch_size=batch_size, version=_CACHE_VERSION)
+        self.cache_folder = self._cache.folder / dataset / self.images.official_part
         h, w = self.images.shape
         self.grid_shape = (h // s.tile_px, w // s.tile_px)
         self._prior = _lesion_prior(root, s, self.lesions) if dataset == "segmentation" else None
         self.bags = [self._bag(i) for i in self._progress(range(n))]
         self.feature_dim = int(self.bags[0]["feats"].shape[1]) if self.bags else 0
 
-    # -- the encoder, built only when a photograph is not cached -----------------------------------
-    def _weights_record(self) -> dict[str, Any]:
-        if self.settings.init == "random":
-            return {"encoder": self.settings.encoder, "init": "random", "seed": self.settings.encoder_seed}
-        return {"encoder": self.settings.encoder, **self.encoder.weights}
-
     @property
     def encoder(self) -> TileEncoder:
         """The frozen tile encoder (built on first use)."""
-        if self._encoder is None:
-            self._encoder = TileEncoder(self.settings, in_chans=3)
-        return self._encoder
+        return self._cache.encoder
+
+    @property
+    def encoded(self) -> int:
+        """How many photographs this instance encoded (0 when all were cached)."""
+        return self._cache.encoded
 
     def _progress(self, items: Sequence[int]) -> Any:
         from tqdm.auto import tqdm
@@ -293,21 +282,8 @@ class IDRiDBags(SizedDataset[dict[str, Any]]):
 
     def _features(self, index: int, tiles: FovTiles) -> torch.Tensor:
         """(N, D) features of the tiles of photograph ``index``: from the cache, else encoded and cached."""
-        path = self.cache_path(index)
         stamp = _photograph_stamp(self.images.files_read([self.image_ids[index]]))
-        if path.is_file():
-            try:
-                cached = load_cached_features(path)
-                if cached.meta.get("photograph") == stamp and torch.equal(cached.coords, tiles.coords):
-                    return cached.feats.float()
-            except (OSError, ValueError) as err:
-                logger.warning("re-encoding unreadable feature cache %s (%s)", path, err)
-        feats = encode_tiles(self.encoder, tiles.images, batch_size=self.batch_size, transform=self.encoder.prepare)
-        meta = {"photograph": stamp, "settings": asdict(self.settings), "weights": self.encoder.weights,
-                "feature_dim": int(feats.shape[1]), "cache_version": _CACHE_VERSION}
-        cache_features(feats, tiles.coords, path, meta)
-        self.encoded += 1
-        return feats.to(torch.float16).float()  # the values a later read gives
+        return self._cache.features(self.cache_path(index), "photograph", stamp, tiles.images, tiles.coords)
 
     def _bag(self, index: int) -> dict[str, Any]:
         s = self.settings
@@ -401,11 +377,6 @@ def _lesion_prior(root: str | os.PathLike[str] | None, settings: IDRiDBagSetting
     train = IDRiDSegmentation(root, split="train", size=settings.size)
     grids = [_lesion_grid(train[i], lesions, settings.tile_px).float() for i in range(len(train))]
     return torch.stack(grids).mean(0)
-
-
-def _cache_key(settings: IDRiDBagSettings, weights: dict[str, Any]) -> str:
-    doc = {"version": _CACHE_VERSION, "settings": asdict(settings), "weights": weights}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _photograph_stamp(paths: Sequence[Path]) -> list[Any]:

@@ -42,9 +42,6 @@ nearer the middle of the breast (see :mod:`mlmi_zoo.evaluation.controls`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -53,15 +50,12 @@ from typing import Any, Sequence
 
 import torch
 
-from mlmi_zoo.architectures.blocks.pretrained import cache_dir
 from mlmi_zoo.training.data_spec import SizedDataset
-from mlmi_zoo.training.datasets.feature_cache import (CACHE_SUFFIX, TileEncoder, cache_features, encode_tiles,
-                                                      load_cached_features)
+from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, TileEncoder, TileFeatureCache
 from mlmi_zoo.training.datasets.mias import MIAS, MiasRecord, breast_tiles
 
 __all__ = ["BagFeatureSettings", "TileEncoder", "MiasBags", "mias_bag_splits", "CONTROL_NAMES"]
 
-logger = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
 CONTROL_NAMES = ("brightness", "breast_centre")
@@ -102,11 +96,6 @@ class BagFeatureSettings:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive length in mm, got {value!r}")
-
-
-def _cache_key(settings: BagFeatureSettings, weights: dict[str, Any]) -> str:
-    doc = {"version": _CACHE_VERSION, "settings": asdict(settings), "weights": weights}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _film_stamp(path: Path) -> list[Any]:
@@ -166,25 +155,21 @@ class MiasBags(SizedDataset[dict[str, Any]]):
         self.split, self.task, self.batch_size = split, task, batch_size
         self.label_names = self.images.label_names
         self._position = {r.number: i for i, r in enumerate(self.images.records)}
-        self._encoder: TileEncoder | None = None
-        self.encoded = 0
-        self.cache_folder = cache_dir() / "mias_bags" / _cache_key(self.settings, self._weights_record())
+        self._cache = TileFeatureCache(self.settings, "mias_bags", in_chans=1, batch_size=batch_size,
+                                       version=_CACHE_VERSION)
+        self.cache_folder = self._cache.folder
         self.bags = [self._bag(r) for r in self._progress(self.records)]
         self.feature_dim = int(self.bags[0]["feats"].shape[1]) if self.bags else 0
-
-    # -- the encoder, built only when an image is not cached -------------------------------------
-    def _weights_record(self) -> dict[str, Any]:
-        """What identifies the encoder's weights, without building it when it is random."""
-        if self.settings.init == "random":
-            return {"encoder": self.settings.encoder, "init": "random", "seed": self.settings.encoder_seed}
-        return {"encoder": self.settings.encoder, **self.encoder.weights}
 
     @property
     def encoder(self) -> TileEncoder:
         """The frozen tile encoder (built on first use)."""
-        if self._encoder is None:
-            self._encoder = TileEncoder(self.settings)
-        return self._encoder
+        return self._cache.encoder
+
+    @property
+    def encoded(self) -> int:
+        """How many images this instance encoded (0 when all were cached)."""
+        return self._cache.encoded
 
     def _progress(self, records: Sequence[MiasRecord]) -> Any:
         from tqdm.auto import tqdm
@@ -198,21 +183,8 @@ class MiasBags(SizedDataset[dict[str, Any]]):
 
     def _features(self, record: MiasRecord, tiles: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """(N, D) features of the tiles of ``record``: from the cache, else encoded and cached."""
-        path = self.cache_path(record)
-        stamp = _film_stamp(self.images.image_path(record))
-        if path.is_file():
-            try:
-                cached = load_cached_features(path)
-                if cached.meta.get("film") == stamp and torch.equal(cached.coords, coords):
-                    return cached.feats.float()
-            except (OSError, ValueError) as err:
-                logger.warning("re-encoding unreadable feature cache %s (%s)", path, err)
-        feats = encode_tiles(self.encoder, tiles, batch_size=self.batch_size, transform=self.encoder.prepare)
-        meta = {"film": stamp, "settings": asdict(self.settings), "weights": self.encoder.weights,
-                "feature_dim": int(feats.shape[1]), "cache_version": _CACHE_VERSION}
-        cache_features(feats, coords, path, meta)
-        self.encoded += 1
-        return feats.to(torch.float16).float()  # the values a later read gives
+        return self._cache.features(self.cache_path(record), "film", _film_stamp(self.images.image_path(record)),
+                                    tiles, coords)
 
     def _bag(self, record: MiasRecord) -> dict[str, Any]:
         s = self.settings
