@@ -137,6 +137,20 @@ def test_a_bag_shows_its_photograph_with_its_tiles(segmentation_bags: IDRiDBags)
         segmentation_bags.photograph(0, shrink=3)
 
 
+def test_tile_aupr_and_pointing_game_follow_the_scores(segmentation_bags: IDRiDBags) -> None:
+    from mlmi_zoo.evaluation._annotated import _rank_metrics
+
+    bags = segmentation_bags.bags
+    truths = [b["instance_labels"].numpy() for b in bags]
+    ap, pointing, groups = _rank_metrics(truths, bags)  # the truth as the score ranks every positive tile first
+    assert list(groups) == [b["patient_id"] for b in bags]
+    assert np.allclose(ap["model"], 1.0) and np.allclose(pointing["model"], 1.0)
+    shares = [float(t.mean()) for t in truths]
+    assert np.allclose(ap["uniform"], shares) and np.allclose(pointing["uniform"], shares)
+    worst, _, _ = _rank_metrics([-t for t in truths], bags)  # and last when reversed
+    assert (worst["model"] < ap["model"]).all() and set(CONTROL_NAMES) <= set(ap)
+
+
 def test_grading_bags_carry_the_grade_and_no_tile_truth(cache: Path) -> None:
     bags = IDRiDBags(DATA, dataset="grading", split="val", task="referable", max_images=4, **FAST)
     photos = IDRiDGrading(DATA, split="val", size=SIZE, task="referable", prepare=False)
@@ -194,6 +208,9 @@ def test_the_recipe_trains_and_is_scored_on_the_annotated_bags(recipe_name: str,
     # each lesion type against its own tiles, beside the same controls (its own lesion prior)
     assert {"evidence_microaneurysms", "evidence_hard_exudates"} <= set(loc)
     assert set(CONTROL_NAMES) <= set(loc["evidence_hard_exudates"]["controls"])
+    aupr, pointing = loc["evidence_hard_exudates_aupr"], loc["evidence_hard_exudates_pointing"]
+    assert {*CONTROL_NAMES, "uniform"} <= set(aupr["controls"]) and {*CONTROL_NAMES, "uniform"} <= set(pointing["controls"])
+    assert 0.0 <= aupr["model"]["estimate"] <= 1.0 and 0.0 <= pointing["model"]["estimate"] <= 1.0
     seen = doc["elements"]["visual_recognizability"]
     assert seen["applicable"] and seen["metrics"]["bags_holding_a_finding"] == 3
     assert 0 < seen["metrics"]["all_tiles_finding_share"] < 1 and "evidence" in seen

@@ -109,10 +109,18 @@ def annotated_bag_localization(model: Any, ctx: _Context, data: DataSpec | str |
             col_f = _run_bags(model, loader_f, ctx.limits, ctx.seed)
         per_bag = {k: np.asarray(v, dtype=np.float64) for k, v in col_f.per_bag_auroc.items()}
         if np.isfinite(per_bag["model"]).any():
+            name = finding.replace("_", " ")
             block[f"evidence_{finding}"] = compare(
-                f"instance AUROC within each bag, {finding.replace('_', ' ')} tiles", per_bag["model"],
+                f"instance AUROC within each bag, {name} tiles", per_bag["model"],
                 {k: v for k, v in per_bag.items() if k != "model"}, np.asarray(col_f.per_bag_groups),
                 n_boot=ctx.n_boot, seed=ctx.seed)
+            ap, pointing, groups = _tile_ap_and_pointing(model, data_f)
+            block[f"evidence_{finding}_aupr"] = compare(f"tile AUPR within each bag, {name} tiles", ap["model"],
+                                                        {k: v for k, v in ap.items() if k != "model"}, groups,
+                                                        n_boot=ctx.n_boot, seed=ctx.seed)
+            block[f"evidence_{finding}_pointing"] = compare(
+                f"pointing game: the top tile holds {name}", pointing["model"],
+                {k: v for k, v in pointing.items() if k != "model"}, groups, n_boot=ctx.n_boot, seed=ctx.seed)
     truths = [torch.as_tensor(annotated[i]["instance_labels"]).double() for i in range(len(annotated))]
     holding = [i for i, t in enumerate(truths) if bool((t > 0).any())]  # the bags col.topk_share covers, in order
     k = ctx.limits.top_instances
@@ -129,3 +137,56 @@ def annotated_bag_localization(model: Any, ctx: _Context, data: DataSpec | str |
                                               {"all tiles of the bag (k drawn at random, on average)": base}, groups,
                                               n_boot=ctx.n_boot, seed=ctx.seed)
     return block, recognizability
+
+
+def _tile_ap_and_pointing(model: Any, bags: Any) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """Per bag, the tile AUPR and the pointing game of the model's instance scores and of the controls.
+
+    The scores are those the family's section ranks instances by (attention scores, or each instance's
+    contribution to the positive class, else to the predicted class); see :func:`_rank_metrics`.
+    """
+    from mlmi_zoo.evaluation._common import _positive_class
+    from mlmi_zoo.families import family_of
+
+    additive = family_of(model).instance_scores == "contributions"
+    scores = []
+    for i in range(len(bags)):
+        bag = bags[i]
+        with torch.no_grad():
+            exp = model.explain(torch.as_tensor(bag["feats"]).float()[None], coords=torch.as_tensor(bag["coords"])[None])
+        if additive:
+            pos = _positive_class(exp.logits.shape[1])
+            target = int(exp.logits.argmax(-1)) if pos is None else pos
+            scores.append(exp.contributions[0, :, target].double().numpy())
+        else:
+            scores.append(exp.attention_scores[0].double().numpy())
+    return _rank_metrics(scores, [bags[i] for i in range(len(bags))])
+
+
+def _rank_metrics(model_scores: list[np.ndarray], bags: list[Mapping[str, Any]]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """Per bag, the tile AUPR (average precision) and the pointing game (the top tile is positive) of each score.
+
+    The scores are the model's (one array per bag), the bag's per-instance data controls, and a uniform
+    score, whose expected AUPR and pointing game are both the bag's share of positive tiles. A bag
+    without a positive tile, or without a negative one for AUPR, is NaN. Returns ``(aupr, pointing,
+    patient ids)``, the first two keyed ``"model"``, ``"uniform"`` and by control.
+    """
+    from sklearn.metrics import average_precision_score
+
+    ap: dict[str, list[float]] = {}
+    pointing: dict[str, list[float]] = {}
+    for model_score, bag in zip(model_scores, bags):
+        truth = torch.as_tensor(bag["instance_labels"]).double().numpy() > 0
+        scores = {"model": np.asarray(model_score, dtype=np.float64),
+                  **{str(k): torch.as_tensor(v).double().numpy() for k, v in bag.get("instance_controls", {}).items()}}
+        both = bool(0 < truth.sum() < truth.size)
+        share = float(truth.mean())
+        for name, sc in scores.items():
+            ap.setdefault(name, []).append(float(average_precision_score(truth, sc)) if both else float("nan"))
+            pointing.setdefault(name, []).append(float(truth[int(np.argmax(sc))]) if truth.any() else float("nan"))
+        ap.setdefault("uniform", []).append(share if both else float("nan"))
+        pointing.setdefault("uniform", []).append(share if truth.any() else float("nan"))
+    groups = np.asarray([str(b["patient_id"]) for b in bags])
+    return ({k: np.asarray(v, dtype=np.float64) for k, v in ap.items()},
+            {k: np.asarray(v, dtype=np.float64) for k, v in pointing.items()}, groups)
