@@ -63,6 +63,8 @@ RELEASES = (
     Release("baseline_tf_efficientnet_lite0.idrid_dme", "baseline_lite0_idrid_dme.yaml", samples=1),
     Release("measurement_tf_efficientnet_lite0.idrid_dme", "measurement_lite0_idrid_dme.yaml",
             "baseline_tf_efficientnet_lite0.idrid_dme", localization_data="idrid:dataset=segmentation,size=640,union=EX"),
+    Release("abmil_features.idrid_dme", "abmil_idrid_dme.yaml", "baseline_tf_efficientnet_lite0.idrid_dme",
+            localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet,lesions=EX"),
     Release("cbm_tf_efficientnet_lite0.idrid_rdr", "cbm_lite0_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE", samples=1),
     Release("abmil_features.idrid_rdr", "abmil_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
