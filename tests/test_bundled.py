@@ -127,3 +127,15 @@ def test_a_cropped_demo_sample_keeps_only_the_square_around_its_finding() -> Non
     assert out["label"] is sample["label"]
     edge = _crop_sample({"image": image, "mask": torch.zeros_like(mask)}, 200.0)  # larger than the image: all kept
     assert torch.equal(edge["image"], image)
+
+
+def test_evaluating_a_folder_of_weights_placed_by_hand_ships_its_recipe(tmp_path, monkeypatch) -> None:
+    from mlmi_zoo.model_cards import release as rel
+
+    entry = rel.RELEASES[0]
+    (tmp_path / entry.name).mkdir()
+    monkeypatch.setattr("mlmi_zoo.evaluation.evaluate", lambda *a, **k: {"task": {"auroc": {"estimate": 0.5}}})
+    monkeypatch.setattr("mlmi_zoo.model_cards.card.write_card", lambda *a, **k: None)
+    monkeypatch.setattr(rel, "_store_samples", lambda *a, **k: None)
+    rel.evaluate_and_card(entry, tmp_path)
+    assert (tmp_path / entry.name / "recipe.yaml").read_bytes() == (rel.RECIPES / entry.recipe).read_bytes()

@@ -176,6 +176,8 @@ def evaluate_and_card(release: Release, cards: Path) -> dict:
 
     folder = cards / release.name
     recipe_path = RECIPES / release.recipe
+    if not (folder / "recipe.yaml").is_file():  # a folder of weights placed by hand ships its recipe too
+        shutil.copyfile(recipe_path, folder / "recipe.yaml")
     shutil.rmtree(folder / "figures", ignore_errors=True)
     baseline = release.baseline if release.baseline and (cards / release.baseline / "model.safetensors").is_file() else None
     command = (f"mlmi-zoo evaluate {release.name} --split test --out src/mlmi_zoo/model_cards/{release.name}/results.json "
