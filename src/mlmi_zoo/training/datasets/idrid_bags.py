@@ -27,7 +27,8 @@ fixed splits of :mod:`.idrid`):
    again. Nothing is written into the data folder or the repository.
 
 A grading bag: ``{"feats": float32 (N, D), "coords": int64 (N, 2) (row, col) in tile units, "label":
-int64 (the grading set's task: referable DR 0/1 or the ICDR grade 0-4), "index", "patient_id", "image_id"}``.
+int64 (the grading set's task: referable DR 0/1, the ICDR grade 0-4 or the macular-edema risk 0-2), "index",
+"patient_id", "image_id"}``.
 Grading photographs have no lesion masks, so their bags carry no instance truth.
 
 A segmentation bag (no grade is published for these photographs: ``"label"`` is -1) adds the instance
@@ -213,7 +214,7 @@ class IDRiDBags(SizedDataset[dict[str, Any]]):
         dataset: ``"grading"`` (bags with a grade, no instance truth) or ``"segmentation"`` (bags with
             instance truth and controls, no grade).
         split: ``"train"``, ``"val"`` or ``"test"`` (the splits of :mod:`.idrid`).
-        task: the grading set's label, ``"referable"`` or ``"grade"`` (ignored for segmentation bags).
+        task: the grading set's label, ``"referable"``, ``"grade"`` or ``"dme"`` (ignored for segmentation bags).
         lesions: the lesion types whose pixels make a tile positive (segmentation bags), e.g. ``"EX"``
             or ``"MA+HE+EX+SE"``.
         max_images: keep only the first ``max_images`` bags; ``None``: all. Photographs left out are
