@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CACHE_SUFFIX", "CachedFeatures", "EncoderSettings", "TileEncoder", "TileFeatureCache", "cache_features",
-           "encode_tiles", "load_cached_features", "slide_id_of"]
+from mlmi_zoo.training.data_spec import SizedDataset
+
+__all__ = ["CACHE_SUFFIX", "CachedFeatures", "CachedTileBags", "EncoderSettings", "TileEncoder", "TileFeatureCache",
+           "cache_features", "encode_tiles", "load_cached_features", "slide_id_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,41 @@ class TileFeatureCache:
         cache_features(feats, coords, path, meta)
         self.encoded += 1
         return feats.to(torch.float16).float()  # the values a later read gives
+
+
+class CachedTileBags(SizedDataset[dict[str, Any]]):
+    """What the bag sets of real images share: every bag held in memory, its features from a :class:`TileFeatureCache`.
+
+    A subclass sets ``self._cache`` and fills ``self.bags`` (dicts with ``"feats"`` (N, D) and, where
+    it has them, ``"instance_controls"``) in its constructor.
+    """
+
+    _cache: TileFeatureCache
+    bags: list[dict[str, Any]]
+
+    @property
+    def encoder(self) -> TileEncoder:
+        """The frozen tile encoder (built on first use)."""
+        return self._cache.encoder
+
+    @property
+    def encoded(self) -> int:
+        """How many images this instance encoded (0 when all were cached)."""
+        return self._cache.encoded
+
+    @property
+    def feature_dim(self) -> int:
+        """``D``, the width of a tile's features (0 for an empty set)."""
+        return int(self.bags[0]["feats"].shape[1]) if self.bags else 0
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        bag = self.bags[index]
+        if "instance_controls" in bag:  # a fresh dict: a caller may add to it without changing the stored bag
+            return {**bag, "instance_controls": dict(bag["instance_controls"])}
+        return dict(bag)
 
 
 def encode_tiles(

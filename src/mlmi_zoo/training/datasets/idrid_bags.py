@@ -54,8 +54,8 @@ from typing import Any, Sequence
 import torch
 from torch.nn import functional as F
 
-from mlmi_zoo.training.data_spec import SizedDataset
-from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, TileEncoder, TileFeatureCache, encode_tiles
+from mlmi_zoo.training.datasets.feature_cache import (CACHE_SUFFIX, CachedTileBags, TileEncoder, TileFeatureCache,
+                                                      encode_tiles)
 from mlmi_zoo.training.datasets.idrid import (LESION_NAMES, LESIONS, MAX_SIZE, IDRiDGrading, IDRiDSegmentation,
                                              check_size)
 
@@ -203,7 +203,7 @@ def _parse_lesions(lesions: str | Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-class IDRiDBags(SizedDataset[dict[str, Any]]):
+class IDRiDBags(CachedTileBags):
     """One split of an IDRiD set as bags of cached field-of-view tile features (see the module docstring).
 
     Encodes the tiles of every photograph whose features are not cached yet when it is built (with a
@@ -259,17 +259,6 @@ class IDRiDBags(SizedDataset[dict[str, Any]]):
         self.grid_shape = (h // s.tile_px, w // s.tile_px)
         self._prior = _lesion_prior(root, s, self.lesions) if dataset == "segmentation" else None
         self.bags = [self._bag(i) for i in self._progress(range(n))]
-        self.feature_dim = int(self.bags[0]["feats"].shape[1]) if self.bags else 0
-
-    @property
-    def encoder(self) -> TileEncoder:
-        """The frozen tile encoder (built on first use)."""
-        return self._cache.encoder
-
-    @property
-    def encoded(self) -> int:
-        """How many photographs this instance encoded (0 when all were cached)."""
-        return self._cache.encoded
 
     def _progress(self, items: Sequence[int]) -> Any:
         from tqdm.auto import tqdm
@@ -316,14 +305,6 @@ class IDRiDBags(SizedDataset[dict[str, Any]]):
         """(N,) 1 where a kept tile holds a pixel of an annotated lesion of ``self.lesions``."""
         return _lesion_grid(sample, self.lesions, self.settings.tile_px)[tiles.keep].float()
 
-    def __len__(self) -> int:
-        return len(self.bags)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        bag = self.bags[index]
-        if "instance_controls" in bag:
-            return {**bag, "instance_controls": dict(bag["instance_controls"])}
-        return dict(bag)
 
     def photograph(self, index: int, shrink: int = 4) -> tuple[torch.Tensor, int]:
         """Bag ``index``'s photograph shrunk ``shrink`` times (area average), to show its tiles on (a demo sample).

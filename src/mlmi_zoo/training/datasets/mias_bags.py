@@ -50,8 +50,7 @@ from typing import Any, Sequence
 
 import torch
 
-from mlmi_zoo.training.data_spec import SizedDataset
-from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, TileEncoder, TileFeatureCache
+from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, CachedTileBags, TileEncoder, TileFeatureCache
 from mlmi_zoo.training.datasets.mias import MIAS, MiasRecord, breast_tiles
 
 __all__ = ["BagFeatureSettings", "TileEncoder", "MiasBags", "mias_bag_splits", "CONTROL_NAMES"]
@@ -103,7 +102,7 @@ def _film_stamp(path: Path) -> list[Any]:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-class MiasBags(SizedDataset[dict[str, Any]]):
+class MiasBags(CachedTileBags):
     """One split of mini-MIAS as bags of cached breast-tile features (see the module docstring).
 
     Encodes the tiles of every image whose features are not cached yet when it is built (with a
@@ -159,17 +158,6 @@ class MiasBags(SizedDataset[dict[str, Any]]):
                                        version=_CACHE_VERSION)
         self.cache_folder = self._cache.folder
         self.bags = [self._bag(r) for r in self._progress(self.records)]
-        self.feature_dim = int(self.bags[0]["feats"].shape[1]) if self.bags else 0
-
-    @property
-    def encoder(self) -> TileEncoder:
-        """The frozen tile encoder (built on first use)."""
-        return self._cache.encoder
-
-    @property
-    def encoded(self) -> int:
-        """How many images this instance encoded (0 when all were cached)."""
-        return self._cache.encoded
 
     def _progress(self, records: Sequence[MiasRecord]) -> Any:
         from tqdm.auto import tqdm
@@ -214,12 +202,6 @@ class MiasBags(SizedDataset[dict[str, Any]]):
             "has_centre": record.has_centre,
         }
 
-    def __len__(self) -> int:
-        return len(self.bags)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        bag = self.bags[index]
-        return {**bag, "instance_controls": dict(bag["instance_controls"])}
 
     def __repr__(self) -> str:
         return (f"MiasBags(split={self.split!r}, task={self.task!r}, n={len(self)}, settings={self.settings}, "
