@@ -71,3 +71,51 @@ def test_cell_fraction_is_the_mask_share_of_the_window_centred_on_each_cell() ->
             window = mask[:, :, max(0, 8 * i - 4):8 * i + 4, max(0, 8 * j - 4):8 * j + 4]
             expect[:, :, i, j] = window.float().sum((2, 3)) / 64.0  # pixels outside the image count as off
     assert torch.allclose(got, expect)
+
+
+def test_tiled_backbone_encodes_each_tile_on_its_own() -> None:
+    """A tiled backbone's cell (i, j) is the network's mean feature of that tile alone; the rows and
+    columns past the last whole tile are never read; its geometry is the tile grid."""
+    torch.manual_seed(0)
+    plain = create_backbone("resnet8", 3, 2, 8).eval()
+    tiled = create_backbone("resnet8", 3, 2, 8, tile=16).eval()
+    tiled.load_state_dict(plain.state_dict())  # same parameter names: weights map one to one
+    tiled.chunk = 5  # chunking changes nothing
+    x = torch.rand(2, 3, 40, 70)
+    z = tiled(x)
+    assert tuple(z.shape) == (2, plain.out_channels, 2, 4)
+    assert (tiled.stride, tiled.offset, tiled.cut_stride, tiled.tile) == (16, 7.5, 8, 16)
+    alone = plain(x[1:, :, 16:32, 48:64]).mean(dim=(-2, -1))[0]
+    assert torch.allclose(z[1, :, 1, 3], alone, atol=1e-5)
+    y = x.clone()
+    y[:, :, 32:] = 0.0  # rows 32..39 and columns 64..69 lie in no tile
+    y[:, :, :, 64:] = 0.0
+    assert torch.equal(tiled(y), z)
+    share = tiled.cell_fraction((torch.arange(70) < 24).float().expand(1, 1, 40, 70), (2, 4))
+    assert share[0, 0, 0].tolist() == [1.0, 0.5, 0.0, 0.0]
+
+
+def test_tiled_receptive_field_stays_in_the_tile() -> None:
+    from mlmi_zoo.architectures.protopnet.evaluation import cell_fields
+    import mlmi_zoo
+
+    model = mlmi_zoo.create_model("protopnet_resnet8", label_names=("a", "b"), in_channels=3, img_size=(48, 80),
+                                  feature_stride=8, tile_px=16, prototypes_per_class=1).eval()
+    fields = cell_fields(model, torch.rand(3, 48, 80), (1, 2))
+    (r0, r1), (c0, c1) = fields["theoretical_px"]
+    assert 16 <= r0 < r1 <= 32 and 32 <= c0 < c1 <= 48  # never past its own tile
+    assert r1 - r0 >= 12 and c1 - c0 >= 12  # (a stride-2 convolution reads the tile's last pixel at no output)
+
+
+def test_tile_settings_are_checked() -> None:
+    import mlmi_zoo
+
+    with pytest.raises(ValueError, match="2D image"):
+        create_backbone("resnet8", 1, 3, 8, tile=16)
+    with pytest.raises(ValueError, match="at least the network's stride"):
+        create_backbone("resnet8", 1, 2, 16, tile=8)
+    with pytest.raises(ValueError, match="smaller than one"):
+        create_backbone("resnet8", 1, 2, 8, tile=32)(torch.rand(1, 1, 20, 64))
+    with pytest.raises(ValueError, match="tile_px"):
+        mlmi_zoo.create_model("protopnet_resnet8", label_names=("a", "b"), in_channels=1, img_size=(32, 32),
+                              feature_stride=8, tile_px=4)

@@ -365,6 +365,21 @@ def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_ha
     assert {"centre_prior", "uniform", "random", "brightness"} <= set(loc["evidence"]["controls"])
     assert doc["verdicts"]["localization"]["metric"] == "activation precision (top 5%)"
     assert doc["n_cases"] == 8 and doc["data"]["source"]["set"] == "grading"  # the task is still the graded split's
+    # prototype purity on the annotated photographs: nearest patches searched inside the field of view
+    # only, against the share of lesion cells among the same searched cells
+    from mlmi_zoo.architectures.protopnet.prototypes import foreground_cells
+
+    rec = doc["elements"]["visual_recognizability"]
+    assert rec["details"]["annotated_data"]["foreground"] == "fov" and rec["details"]["annotated_data"]["cases"] == 27
+    union = segmentation("test", union="MA+HE+EX+SE")
+    with torch.no_grad():
+        latent = tuple(model.latent(torch.zeros(1, 3, *shape)).shape[2:])
+    fov = torch.stack([s["fov"] for s in union])
+    searched = foreground_cells(model, fov, latent)  # (27, L)
+    on = torch.nn.functional.adaptive_max_pool2d(masks.float(), latent).flatten(1) > 0  # (27, L)
+    assert rec["metrics"]["lesion_cell_share_annotated"] == pytest.approx(float(on[searched].float().mean()), abs=1e-9)
+    assert rec["evidence"]["metric"].startswith("lesion purity of each prototype's nearest annotated patches")
+    assert len(rec["details"]["lesion_purity_per_prototype_annotated"]) == model.num_prototypes
     with pytest.raises(ValueError, match="has lesion masks of its own"):
         evaluate(f"local-dir:{tmp_path / 'model'}", annotated, max_cases=4, n_boot=5, batch_size=4, limits=limits,
                  localization_data=annotated)

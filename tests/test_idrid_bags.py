@@ -237,8 +237,14 @@ def test_an_image_baseline_is_matched_to_the_bags_by_photograph(tmp_path: Path) 
                   .softmax(-1)[0] for i in range(len(photos))}
     bag_data = build_dataset(bags.data, "test")
     order = [str(bag_data[i]["patient_id"]) for i in reversed(range(len(bag_data)))]  # another order than the photos'
-    matched = _baseline_probs(base_model, f"local-dir:{baseline}", "bags", bag_data, None, "test", 2, np.asarray(order))
+    bag_model = mlmi_zoo.load(f"local-dir:{model}")
+    matched = _baseline_probs(base_model, f"local-dir:{baseline}", bag_model, bag_data, None, "test", 2, np.asarray(order))
     assert torch.allclose(matched, torch.stack([direct[p] for p in order]), atol=1e-6)
+    # an image model at another size than the baseline's is matched the same way (its cases are not read)
+    other = mlmi_zoo.create_model("protopnet_resnet8", img_size=(64, 96), in_channels=3,
+                                  label_names=("non-referable", "referable"), prototypes_per_class=1)
+    again = _baseline_probs(base_model, f"local-dir:{baseline}", other, None, None, "test", 2, np.asarray(order))
+    assert torch.allclose(again, matched)
     with pytest.raises(ValueError, match="lack 1 evaluated case"):
-        _baseline_probs(base_model, f"local-dir:{baseline}", "bags", bag_data, None, "test", 2,
+        _baseline_probs(base_model, f"local-dir:{baseline}", bag_model, bag_data, None, "test", 2,
                         np.asarray([*order, "grading/test/IDRiD_999"]))

@@ -236,3 +236,36 @@ def test_the_normalisation_follows_the_window_and_moves_the_accepted_range() -> 
     assert InputSpec.from_dict(InputSpec(3, 2, intensity=rgb).to_dict()).intensity == rgb  # JSON lists back to tuples
     with pytest.raises(ValueError, match="both"):
         IntensityTransform(mean=(0.5,))
+
+
+@needs_lite_weights
+def test_a_frozen_pretrained_backbone_is_stored_by_reference(tmp_path) -> None:
+    """``save_pretrained(base_tensors_from="imagenet")`` leaves out the tensors equal to the ImageNet start,
+    records them with their sha256, and loading rebuilds them: the same tensors, a smaller file. A tensor
+    that moved is stored; a record that does not match the rebuilt tensors is refused."""
+    model = apply_init(mlmi_zoo.create_model("protopnet_tf_efficientnet_lite0", img_size=(64, 96), in_channels=3,
+                                             label_names=("a", "b"), feature_stride=32, tile_px=32,
+                                             prototypes_per_class=1), "imagenet")
+    with torch.no_grad():
+        model.backbone.body.bn1.bias.add_(0.5)  # moved by training: stored in the file
+    model.save_pretrained(tmp_path / "whole")
+    model.save_pretrained(tmp_path / "slim", base_tensors_from="imagenet")
+    record = json.loads((tmp_path / "slim" / "config.json").read_text())["weights_from_base"]
+    assert record["init"] == "imagenet" and all(k.startswith("backbone.") for k in record["tensors"])
+    assert "backbone.body.bn1.bias" not in record["tensors"] and "backbone.body.conv_stem.weight" in record["tensors"]
+    stored = load_weights(tmp_path / "slim" / "model.safetensors", None)
+    assert not set(stored) & set(record["tensors"]) and "backbone.body.bn1.bias" in stored
+    assert (tmp_path / "slim" / "model.safetensors").stat().st_size < 0.2 * (tmp_path / "whole" / "model.safetensors").stat().st_size
+    back = mlmi_zoo.load(f"local-dir:{tmp_path / 'slim'}")
+    original = model.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in back.state_dict().items())
+    x = torch.rand(1, 3, 64, 96)
+    assert torch.equal(back.eval()(x), model.eval()(x))
+    doc = json.loads((tmp_path / "slim" / "config.json").read_text())
+    doc["weights_from_base"]["sha256"] = "0" * 64
+    (tmp_path / "slim" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(mlmi_zoo.WeightsError, match="recorded sha256"):
+        mlmi_zoo.load(f"local-dir:{tmp_path / 'slim'}")
+    with pytest.raises(ValueError, match="has no pretrained weights"):
+        mlmi_zoo.create_model("protopnet_resnet8", img_size=(32, 32), in_channels=3, label_names=("a", "b"),
+                              prototypes_per_class=1).save_pretrained(tmp_path / "none", base_tensors_from="imagenet")

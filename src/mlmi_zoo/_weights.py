@@ -141,3 +141,17 @@ def load_weights(path: str | os.PathLike, expected_sha256: str | None) -> dict[s
     from safetensors.torch import load_file
 
     return load_file(str(check_weights_file(path, expected_sha256)), device="cpu")
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """The hex sha256 of named tensors: name, dtype, shape and bytes of each, in name order.
+
+    Identifies tensors that are not stored in a file of their own (a frozen pretrained backbone left
+    out of a model's weights file and rebuilt from its source on load).
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -17,7 +17,7 @@ from torch import nn
 
 from mlmi_zoo._config import ConfigError, from_jsonable, to_jsonable
 from mlmi_zoo._version import __version__
-from mlmi_zoo._weights import WeightsError, save_weights, write_json_atomic
+from mlmi_zoo._weights import WeightsError, save_weights, tensors_sha256, write_json_atomic
 from mlmi_zoo.explanations import Explanation
 from mlmi_zoo.specs import InputSpec, InputSpecError, IntensityTransform, QuantitySpec
 from mlmi_zoo.units import parse_unit
@@ -223,7 +223,8 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         """Restore what :meth:`export_metadata` wrote."""
 
     # -- persistence --------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None,
+                        base_tensors_from: str | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (a Hub repo layout).
 
         Args:
@@ -231,13 +232,35 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             extra: JSON-safe fields merged into config.json (e.g. ``base_model``, ``data``).
                 :attr:`base_weights` and :attr:`base_model`, when set, are written under their names
                 (``extra`` takes precedence).
+            base_tensors_from: an ``init`` (e.g. ``"imagenet"``): the backbone tensors bit-identical to
+                those of the backbone started from it (a frozen pretrained backbone) are left out of
+                the weights file; config.json's ``weights_from_base`` names them, with the init and
+                their sha256, and loading rebuilds and checks them (so it needs what that init needs:
+                for ``"imagenet"`` on EfficientNet-Lite, the ``pretrained`` extra). ``None``: every
+                tensor is stored.
 
         Returns:
             the directory.
+
+        Raises:
+            ValueError: ``base_tensors_from`` for a model without a backbone built by ``create_backbone``,
+                or when no tensor equals the base's.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        sha = save_weights(self.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "pt", "architecture": self.architecture})
+        state = self.state_dict()
+        from_base = None
+        if base_tensors_from is not None:
+            base = self.base_state(base_tensors_from)
+            same = sorted(k for k, v in base.items() if k in state and state[k].shape == v.shape
+                          and state[k].dtype == v.dtype and torch.equal(state[k].cpu(), v))
+            if not same:
+                raise ValueError(f"no tensor of this model equals its backbone started from {base_tensors_from!r}; "
+                                 "save it whole (base_tensors_from=None)")
+            from_base = {"init": base_tensors_from, "tensors": same,
+                         "sha256": tensors_sha256({k: state[k] for k in same})}
+            state = {k: v for k, v in state.items() if k not in set(same)}
+        sha = save_weights(state, directory / WEIGHTS_FILE, metadata={"format": "pt", "architecture": self.architecture})
         doc = {
             "architecture": self.architecture,
             "mlmi_zoo_version": __version__,
@@ -251,6 +274,8 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
             doc["base_weights"] = to_jsonable(self.base_weights)
         if self.base_model is not None:
             doc["base_model"] = self.base_model
+        if from_base is not None:
+            doc["weights_from_base"] = from_base
         if extra:
             doc.update(to_jsonable(extra))
         write_json_atomic(directory / CONFIG_FILE, doc)
@@ -326,6 +351,43 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         return push_to_hub(self, repo_id, commit_message=commit_message, private=private, token=token, branch=branch,
                            create_pr=create_pr, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
                            tag=tag, api=api)
+
+    def base_state(self, init: str) -> dict[str, torch.Tensor]:
+        """The tensors of every backbone of this model as started from ``init``, under the model's names.
+
+        Raises:
+            ValueError: for a model without a backbone built by ``create_backbone``, or an ``init``
+                the backbone cannot take (and see ``Backbone.pretrained_state``).
+        """
+        out: dict[str, torch.Tensor] = {}
+        for where, module in self.named_modules():
+            rebuild = getattr(module, "pretrained_state", None)  # a Backbone (architectures layer)
+            if callable(rebuild):
+                out.update({f"{where}.{k}": v for k, v in rebuild(init).items()})
+        if not out:
+            raise ValueError(f"{self.architecture} has no backbone built by create_backbone to start from {init!r}")
+        return out
+
+    def restore_base_tensors(self, record: Any, where: str = "config.json") -> dict[str, torch.Tensor]:
+        """The tensors a weights file left out (config.json's ``weights_from_base``), rebuilt from their
+        ``init`` and checked against the sha256 recorded when they were left out.
+
+        Raises:
+            WeightsError: a malformed record, a tensor the rebuilt backbone lacks, or another sha256.
+        """
+        if not (isinstance(record, dict) and isinstance(record.get("init"), str)
+                and isinstance(record.get("tensors"), list) and isinstance(record.get("sha256"), str)):
+            raise WeightsError(f"{where}: 'weights_from_base' must hold 'init', 'tensors' and 'sha256'; got {record!r}")
+        base = self.base_state(record["init"])
+        missing = [k for k in record["tensors"] if k not in base]
+        if missing:
+            raise WeightsError(f"{where}: the backbone started from {record['init']!r} lacks {missing[:3]}")
+        tensors = {k: base[k] for k in record["tensors"]}
+        if tensors_sha256(tensors) != record["sha256"]:
+            raise WeightsError(f"{where}: the tensors rebuilt from {record['init']!r} do not have the recorded sha256 "
+                               f"{record['sha256']}; the base weights on this machine differ from those the model "
+                               "was saved with")
+        return tensors
 
     def load_weights_from(self, state: dict[str, torch.Tensor], strict: bool = True, allow_resized: bool = False) -> LoadReport:
         """Copy ``state`` into this model and report what did not fit.

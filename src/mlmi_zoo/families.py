@@ -47,6 +47,10 @@ class Family(Generic[ExplanationT]):
         instance_scores: bags only; what ranks instances: ``"attention"`` (pre-softmax scores) or
             ``"contributions"`` (each instance's exact contribution to a class).
         concepts: the explanation carries named concept predictions to score against the data.
+        annotated_recognizability: images only; ``"module:function"`` of the family's visual
+            recognizability scored on an annotated set (``evaluate(localization_data=...)``), when the
+            evaluated split has no masks of its own: ``f(model, block, data, ctx) -> block`` extends
+            the family's block. ``None``: the block stays as the section computed it.
     """
 
     name: str
@@ -61,6 +65,7 @@ class Family(Generic[ExplanationT]):
     evidence_maps: Callable[[ExplanationT], torch.Tensor] | None = None
     instance_scores: Literal["attention", "contributions"] | None = None
     concepts: bool = False
+    annotated_recognizability: str | None = None
 
     @property
     def decomposes(self) -> bool:
@@ -70,6 +75,13 @@ class Family(Generic[ExplanationT]):
     def evaluation_section(self) -> Callable[..., dict[str, Any]]:
         """The family's evaluation section (imported on first use)."""
         module, _, function = self.evaluation.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+    def annotated_recognizability_section(self) -> Callable[..., dict[str, Any]] | None:
+        """The family's recognizability on an annotated set (imported on first use), or None."""
+        if self.annotated_recognizability is None:
+            return None
+        module, _, function = self.annotated_recognizability.partition(":")
         return getattr(importlib.import_module(module), function)
 
 

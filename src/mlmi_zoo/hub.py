@@ -222,6 +222,8 @@ def load(uri: str, model_class: type[M] | None = None, *, strict: bool = True,
     if base_model is not None and not isinstance(base_model, str):
         raise ConfigError(f"{where}: 'base_model' must name the parent model (a zoo name or URI); got {base_model!r}")
     model.base_model = base_model
+    if doc.get("weights_from_base") is not None:  # a frozen pretrained backbone left out of the file
+        state = {**model.restore_base_tensors(doc["weights_from_base"], str(where)), **state}
     model.load_weights_from(state, strict=strict, allow_resized=bool(overrides))
     model.eval()
     if model_class is not None and not isinstance(model, model_class):

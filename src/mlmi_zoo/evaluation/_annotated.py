@@ -25,7 +25,7 @@ from mlmi_zoo.evaluation.evidence import compare
 from mlmi_zoo.evaluation.results import element
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
 
-__all__ = ["annotated_localization", "annotated_bag_localization"]
+__all__ = ["annotated_localization", "annotated_bag_localization", "annotated_test_set"]
 
 
 class _MaskOnly(torch.utils.data.Dataset):
@@ -35,7 +35,7 @@ class _MaskOnly(torch.utils.data.Dataset):
     measurements or concepts; its label is set to -1 so that nothing reads it as a class.
     """
 
-    KEEP = ("image", "mask", "patient_id", "index")
+    KEEP = ("image", "mask", "patient_id", "index", "fov", "breast")  # fov / breast: foreground masks
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -50,6 +50,13 @@ class _MaskOnly(torch.utils.data.Dataset):
         return out
 
 
+def annotated_test_set(data: DataSpec | str | Path | Mapping[str, Any]) -> tuple[DataSpec, Any]:
+    """The spec of an annotated set and its test split, reduced to image, masks, patient and index
+    (label -1)."""
+    spec = load_data_spec(data)
+    return spec, _MaskOnly(build_dataset(spec, "test"))
+
+
 def annotated_localization(model: Any, ctx: _Context, data: DataSpec | str | Path | Mapping[str, Any],
                             what_map: str, does_not_show: str) -> tuple[dict[str, Any], Any]:
     """Localization on another data set that has lesion masks where the evaluated split has none.
@@ -59,8 +66,7 @@ def annotated_localization(model: Any, ctx: _Context, data: DataSpec | str | Pat
     centre prior is fitted on the annotated set's training split. Returns the localization block
     and the collected pass (for the cascading randomisation on these images).
     """
-    spec = load_data_spec(data)
-    annotated = _MaskOnly(build_dataset(spec, "test"))
+    spec, annotated = annotated_test_set(data)
     train = build_dataset(spec, "train") if spec.size_of("train") != 0 else None
     actx = dataclasses.replace(ctx, spec=spec, train_spec=None, split="test", dataset=annotated, limitations=[])
     actx.train_dataset = (lambda: _MaskOnly(train) if train is not None else None)  # type: ignore[method-assign]

@@ -77,24 +77,26 @@ def _predict(model: Any, loader: Iterable[Mapping[str, Any]], ids: list[str] | N
     return torch.cat(probs)
 
 
-def _baseline_probs(base_model: Any, baseline_uri: str, model_inputs: str, dataset: Any, collate: Any, split: str,
+def _baseline_probs(base_model: Any, baseline_uri: str, model: Any, dataset: Any, collate: Any, split: str,
                     batch_size: int, groups: np.ndarray | None) -> torch.Tensor:
     """(N, C) the black-box baseline's probabilities on the evaluated cases, in their order.
 
-    A baseline that takes the evaluated model's inputs reads the evaluated cases. A baseline of images
-    beside a model of bags cut from the same photographs reads the same split of its own training data
-    (its config.json's recipe) and is matched to the evaluated cases by patient id; every evaluated
-    case must be found.
+    A baseline that takes the evaluated model's inputs (images of the same size, or bags) reads the
+    evaluated cases. A baseline of images beside a model of bags cut from the same photographs, or of
+    images at another size, reads the same split of its own training data (its config.json's recipe)
+    and is matched to the evaluated cases by patient id; every evaluated case must be found.
     """
     from mlmi_zoo.hub import resolve
     from mlmi_zoo.registry import read_config
 
-    if family_of(base_model).inputs == model_inputs:
+    model_inputs = family_of(model).inputs
+    same_size = model_inputs == "bags" or tuple(base_model.input_spec.size) == tuple(model.input_spec.size)
+    if family_of(base_model).inputs == model_inputs and same_size:
         return _predict(base_model, DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate))
     base_spec = _train_spec_from_config(read_config(resolve(baseline_uri)))
     if base_spec is None or groups is None:
-        raise ValueError(f"the baseline {baseline_uri} takes {family_of(base_model).inputs}, the evaluated model "
-                         f"{model_inputs}; matching them needs the baseline's recorded training data and patient ids")
+        raise ValueError(f"the baseline {baseline_uri} takes other inputs than the evaluated model ({model_inputs}); "
+                         "matching them needs the baseline's recorded training data and patient ids")
     base_data = build_dataset(base_spec, split)
     loader = DataLoader(base_data, batch_size=batch_size, shuffle=False, collate_fn=collate_for(base_spec))
     ids: list[str] = []
@@ -284,6 +286,10 @@ def evaluate(
         if blocks["localization"].get("applicable"):  # what the family section measured on its own (a pixel AUPR)
             blocks["localization"]["details"].update({k: v for k, v in own.items() if k != "map"})
             blocks["localization"].update({k: v for k, v in family_block.items() if k.startswith("evidence_")})
+        recognizability = record.annotated_recognizability_section()
+        if recognizability is not None:  # e.g. prototype purity against the annotated set's masks
+            blocks["visual_recognizability"] = recognizability(model, blocks["visual_recognizability"],
+                                                               localization_data, ctx)
     elif localization_data is not None:  # a bag model: instance truth from another bag set
         blocks["localization"], blocks["visual_recognizability"] = annotated_bag_localization(
             model, ctx, localization_data,
@@ -308,7 +314,7 @@ def evaluate(
     if baseline_uri:
         base_model = mlmi_zoo.load(baseline_uri)
         base_model.eval()
-        base_probs = _baseline_probs(base_model, baseline_uri, record.inputs, dataset, collate, split, batch_size,
+        base_probs = _baseline_probs(base_model, baseline_uri, model, dataset, collate, split, batch_size,
                                      groups)
         base_task = task_metrics(base_probs, labels, float(base_model.config.operating_point), groups, n_boot, seed)
         base_sha = read_config(resolve(baseline_uri)).get("weights_sha256")

@@ -40,6 +40,9 @@ class Release:
     # release carry only a few sample crops (mini-MIAS)
     sample_crop_mm: float | None = None
     samples: int = 2  # demo cases stored under samples/ (one for a black box whose photographs are large)
+    # an init ("imagenet"): the frozen backbone tensors equal to that start are left out of the bundled weights
+    # file and rebuilt from it on load (base_tensors_from of save_pretrained), to keep the release within its budget
+    base_tensors_from: str | None = None
 
 
 RELEASES = (
@@ -67,6 +70,10 @@ RELEASES = (
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet,lesions=EX"),
     Release("cbm_tf_efficientnet_lite0.idrid_rdr", "cbm_lite0_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE", samples=1),
+    Release("protopnet_tf_efficientnet_lite0.idrid_rdr", "protopnet_lite0_idrid_rdr.yaml",
+            "baseline_tf_efficientnet_lite0.idrid_rdr",
+            localization_data="idrid:dataset=segmentation,size=1072,union=MA+HE+EX+SE", samples=1,
+            base_tensors_from="imagenet"),
     Release("abmil_features.idrid_rdr", "abmil_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     Release("additive_mil_features.idrid_rdr", "additive_mil_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
@@ -163,10 +170,32 @@ def build(release: Release, runs: Path, cards: Path) -> dict:
     folder = cards / release.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(final / name, folder / name)
+    place_weights(final, folder, release.base_tensors_from)
     shutil.copyfile(recipe_path, folder / "recipe.yaml")
     return evaluate_and_card(release, cards)
+
+
+SAVED_FIELDS = ("architecture", "mlmi_zoo_version", "weights_file", "weights_sha256", "config_version", "config",
+                "metadata", "base_weights", "base_model", "weights_from_base")  # written by save_pretrained itself
+
+
+def place_weights(final: Path, folder: Path, base_tensors_from: str | None = None) -> None:
+    """Put a run's final ``config.json`` and ``model.safetensors`` into a bundled folder: copied, or,
+    with ``base_tensors_from``, saved again without the tensors equal to that start (every other
+    field of config.json kept)."""
+    import json
+
+    import mlmi_zoo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if base_tensors_from is None:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(final / name, folder / name)
+        return
+    doc = json.loads((final / "config.json").read_text())
+    model = mlmi_zoo.load(f"local-dir:{final}")
+    model.save_pretrained(folder, extra={k: v for k, v in doc.items() if k not in SAVED_FIELDS},
+                          base_tensors_from=base_tensors_from)
 
 
 def evaluate_and_card(release: Release, cards: Path) -> dict:

@@ -61,7 +61,8 @@ def apply_init(model: M, init: str, load_weights: bool = True) -> M:
     with torch.random.fork_rng(devices=[]):  # timm initialises the copy randomly before loading into it
         for where, module in backbones:
             if load_weights:
-                pretrained = create_backbone(config.backbone, config.in_channels, spatial_dims, module.stride, init=init)
+                pretrained = create_backbone(config.backbone, config.in_channels, spatial_dims, module.cut_stride, init=init,
+                                             tile=module.tile)
                 _copy_backbone(pretrained, module, where, init)
                 provenance = pretrained.provenance
             else:

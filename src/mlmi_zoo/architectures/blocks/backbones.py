@@ -5,6 +5,15 @@
 ``feature_stride`` cuts the network after the deepest stage whose reduction does not exceed it,
 so small medical patches (28–64 px) keep a latent grid fine enough to localise evidence.
 
+``tile`` instead encodes the image as independent, non-overlapping square tiles
+(:class:`TiledBackbone`): each tile goes through the cut network on its own and is averaged to one
+latent cell, so the latent grid is the tile grid and a cell's true receptive field is exactly its
+tile, however deep the network. A deep ImageNet network then gives semantic features whose cells
+still see only a small part of a large photograph, which a convolutional cut cannot give: on
+EfficientNet-Lite0 the stride-8 cut sees 67 px but carries low-level features, and each deeper
+stage widens the field well beyond its stride. Cutting an image into tiles is a reshape; no library
+builds a backbone from it, hence the wrapper.
+
 ResNet names (``resnet8``, ``resnet10``, ``resnet18``, ``resnet34``) exist in 2D (timm's ResNet)
 and 3D (MONAI's ResNet) with the same stage layout. ``resnet8`` is a small variant for 28–64 px
 inputs and tests: one basic block per stage, widths 16-32-64-128. Any other timm model name works
@@ -30,7 +39,7 @@ from mlmi_zoo.architectures.blocks.pretrained import WeightsProvenance, resolve_
 if TYPE_CHECKING:  # timm is imported lazily, when a timm backbone is built
     from timm.models import FeatureInfo
 
-__all__ = ["create_backbone", "Backbone", "RESNET_LAYOUTS", "latent_to_input"]
+__all__ = ["create_backbone", "Backbone", "TiledBackbone", "RESNET_LAYOUTS", "latent_to_input"]
 
 # name -> (blocks per stage, stage widths)
 RESNET_LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -64,7 +73,12 @@ class Backbone(nn.Module):
             cell covered its share of the input (``F.interpolate`` with ``align_corners=False``).
         provenance: where the initial weights came from and the input normalisation they expect
             (feed ``(x - mean) / std`` per channel); ``None`` for random initialisation.
+        cut_stride: the ``feature_stride`` the network was cut at (``stride`` itself, except for a
+            :class:`TiledBackbone`).
+        tile: the tile side of a :class:`TiledBackbone`, else ``None``.
     """
+
+    tile: int | None = None
 
     def __init__(self, body: nn.Module, info: BackboneInfo, list_output: bool = False,
                  intermediate: int | None = None) -> None:
@@ -76,6 +90,21 @@ class Backbone(nn.Module):
         self.provenance = info.provenance
         self._list_output = list_output
         self._intermediate = intermediate  # a pruned timm model: read this feature index
+        self.cut_stride = info.stride
+        self.build_args: dict[str, Any] = {}  # create_backbone's arguments, set by it (pretrained_state)
+
+    def pretrained_state(self, init: str) -> dict[str, torch.Tensor]:
+        """The state dict of this backbone as ``create_backbone`` builds it started from ``init``
+        (e.g. ``"imagenet"``): what a frozen pretrained backbone holds, rebuilt from its source.
+
+        Raises:
+            ValueError: for a backbone not built by :func:`create_backbone`, or an ``init`` it cannot take.
+            MissingExtraError: ``init="imagenet"`` for an EfficientNet-Lite without the ``pretrained`` extra.
+        """
+        if not self.build_args:
+            raise ValueError("this backbone was not built by create_backbone; its pretrained state is unknown")
+        with torch.random.fork_rng(devices=[]):  # timm initialises the copy randomly before loading into it
+            return create_backbone(**self.build_args, init=init).state_dict()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._intermediate is not None:
@@ -116,6 +145,52 @@ class Backbone(nn.Module):
     def to_input(self, maps: torch.Tensor, size: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Resample latent maps ``(B, K, *latent)`` to input pixels ``(B, K, *size)``; see :func:`latent_to_input`."""
         return latent_to_input(maps, size, self.stride, self.offset)
+
+
+class TiledBackbone(Backbone):
+    """A backbone run on independent, non-overlapping ``tile`` x ``tile`` tiles of the image (2D).
+
+    ``forward`` cuts ``(B, C, H, W)`` into ``floor(H / tile) x floor(W / tile)`` tiles (the last
+    ``H mod tile`` rows and ``W mod tile`` columns belong to no tile and are never read), runs every
+    tile through the cut network in chunks of ``chunk`` tiles, and averages each tile's feature map
+    to one vector: ``(B, F, H // tile, W // tile)``. Cell ``(i, j)`` depends on the pixels of rows
+    ``[i * tile, (i + 1) * tile)`` and columns ``[j * tile, (j + 1) * tile)`` only, so
+    ``stride = tile`` and ``offset = (tile - 1) / 2``, the centre of the first tile.
+
+    Args:
+        body, info: as for :class:`Backbone`, with ``info.stride`` the cut network's own stride.
+        tile: tile side in pixels.
+        chunk: tiles per pass of the network (bounds activation memory; the result does not depend on it).
+    """
+
+    def __init__(self, body: nn.Module, info: BackboneInfo, tile: int, list_output: bool = False,
+                 intermediate: int | None = None, chunk: int = 512) -> None:
+        if tile < info.stride:
+            raise ValueError(f"tile ({tile} px) must be at least the network's stride ({info.stride})")
+        super().__init__(body, BackboneInfo(info.out_channels, tile, (tile - 1) / 2, info.provenance),
+                         list_output=list_output, intermediate=intermediate)
+        self.cut_stride = info.stride
+        self.tile = tile
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"a tiled backbone takes 2D images (B, C, H, W), got {tuple(x.shape)}")
+        t = self.tile
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2] // t, x.shape[3] // t
+        if h == 0 or w == 0:
+            raise ValueError(f"the image ({x.shape[2]} x {x.shape[3]} px) is smaller than one {t}-px tile")
+        tiles = (x[:, :, :h * t, :w * t].reshape(b, c, h, t, w, t)
+                 .permute(0, 2, 4, 1, 3, 5).reshape(b * h * w, c, t, t))  # (B*h*w, C, t, t), row-major tiles
+        feats = torch.cat([super(TiledBackbone, self).forward(tiles[i:i + self.chunk]).mean(dim=(-2, -1))
+                           for i in range(0, tiles.shape[0], self.chunk)])  # (B*h*w, F)
+        return feats.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # (B, F, h, w)
+
+    def cell_fraction(self, mask: torch.Tensor, latent_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Share of each tile that lies on a mask: ``(B, 1, H, W)`` -> ``(B, 1, *latent)``."""
+        t = self.tile
+        h, w = (int(n) for n in latent_shape)
+        return F.avg_pool2d(mask.float()[..., :h * t, :w * t], kernel_size=t, stride=t)
 
 
 def _interpolation_matrix(n_in: int, n_latent: int, stride: int, offset: float, like: torch.Tensor) -> torch.Tensor:
@@ -192,7 +267,7 @@ def _resnet_body(name: str, in_channels: int, spatial_dims: int, n_stages: int) 
 
 
 def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_stride: int = 32,
-                    init: str = "random") -> Backbone:
+                    init: str = "random", tile: int | None = None) -> Backbone:
     """Build a feature extractor, randomly initialised unless ``init`` names pretrained weights.
 
     Args:
@@ -204,6 +279,8 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
         init: ``"random"``; for timm names also ``"imagenet"``, ``"file:PATH"`` or ``"hf-hub:ORG/REPO"``
             (see :func:`~.pretrained.resolve_init`). With one input channel timm sums the first
             convolution's RGB kernels.
+        tile: encode the image as independent ``tile``-px tiles, one latent cell each
+            (:class:`TiledBackbone`; 2D only); ``None``: the whole image at once.
 
     Raises:
         ValueError: for an unknown name or ``init``, a 3D request for a 2D-only timm model, or
@@ -213,6 +290,9 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if tile is not None and (spatial_dims != 2 or tile < 1):
+        raise ValueError(f"tile must be a positive number of pixels of a 2D image, got tile={tile} with "
+                         f"spatial_dims={spatial_dims}")
     if name in RESNET_LAYOUTS:
         if init != "random":
             raise ValueError(f"backbone {name!r} has no pretrained weights: use init='random', "
@@ -221,7 +301,8 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
         body, channels = _resnet_body(name, in_channels, spatial_dims, n_stages)
         # Every strided layer (stem conv k7/p3, max-pool k3/p1, stage convs k3/p1 and 1x1/p0 shortcuts)
         # maps output index c to input index 2c, so cell i is centred on pixel stride * i.
-        return Backbone(body, BackboneInfo(channels, STAGE_REDUCTION[n_stages - 1], offset=0.0))
+        return _recorded(_built(body, BackboneInfo(channels, STAGE_REDUCTION[n_stages - 1], offset=0.0), tile),
+                         name, in_channels, spatial_dims, feature_stride, tile)
     if spatial_dims == 3:
         raise ValueError(f"backbone {name!r} has no 3D version; use one of {sorted(RESNET_LAYOUTS)} for spatial_dims=3")
     import timm
@@ -241,11 +322,26 @@ def create_backbone(name: str, in_channels: int, spatial_dims: int = 2, feature_
         # drop the stages after the cut (and the head): they would run and hold parameters for nothing
         cast(Any, model).prune_intermediate_layers(indices=[index], prune_norm=True, prune_head=True)
         info = BackboneInfo(channels, reductions[index], provenance=weights.loaded_provenance())
-        return Backbone(model, info, intermediate=index)
+        return _recorded(_built(model, info, tile, intermediate=index), name, in_channels, spatial_dims,
+                         feature_stride, tile)
     body = timm.create_model(name, pretrained=weights.pretrained, pretrained_cfg_overlay=weights.pretrained_cfg_overlay,
                              in_chans=in_channels, features_only=True, out_indices=(index,))
     info = BackboneInfo(_feature_info(body).channels()[-1], reductions[index], provenance=weights.loaded_provenance())
-    return Backbone(body, info, list_output=True)
+    return _recorded(_built(body, info, tile, list_output=True), name, in_channels, spatial_dims, feature_stride, tile)
+
+
+def _built(body: nn.Module, info: BackboneInfo, tile: int | None, list_output: bool = False,
+           intermediate: int | None = None) -> Backbone:
+    if tile is None:
+        return Backbone(body, info, list_output=list_output, intermediate=intermediate)
+    return TiledBackbone(body, info, tile, list_output=list_output, intermediate=intermediate)
+
+
+def _recorded(backbone: Backbone, name: str, in_channels: int, spatial_dims: int, feature_stride: int,
+              tile: int | None) -> Backbone:
+    backbone.build_args = {"name": name, "in_channels": in_channels, "spatial_dims": spatial_dims,
+                           "feature_stride": feature_stride, "tile": tile}
+    return backbone
 
 
 def _feature_info(model: nn.Module) -> FeatureInfo:

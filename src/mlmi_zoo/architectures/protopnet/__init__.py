@@ -31,6 +31,7 @@ def _prototype_maps(exp: PrototypeExplanation) -> torch.Tensor:
 FAMILY = register_family(Family(
     name="protopnet", model_class=ProtoPNet, training=training.ProtoPNetTraining(), inputs="images",
     evaluation="mlmi_zoo.architectures.protopnet.evaluation:_protopnet",
+    annotated_recognizability="mlmi_zoo.architectures.protopnet.evaluation:annotated_purity",
     title="prototype network",
     method="ProtoPNet (Chen et al., NeurIPS 2019) with the IAIA-BL fine-annotation loss (Barnett et al., 2021)",
     bibtex=("""@inproceedings{chen2019looks,

@@ -90,6 +90,13 @@ class ProtoPNetConfig(ModelConfig):
             features; a :class:`CountHeadConfig` measures sizes — lengths, areas in 2D, volumes in 3D —
             as the lesion pixel count of a predicted fraction map, as the ground truth of a mask is
             defined.
+        tile_px: ``None`` runs the backbone on the whole image. A number of pixels encodes the
+            image as independent, non-overlapping tiles of that side, each through the backbone cut
+            at ``feature_stride`` and averaged to one latent cell
+            (:class:`~mlmi_zoo.architectures.blocks.backbones.TiledBackbone`): a cell's true
+            receptive field is then exactly its tile, and a prototype is one tile of a training
+            photograph. For large photographs, where a convolutional cut either sees too much of
+            the image or carries only low-level features. 2D only, without a count head.
     """
 
     feature_stride: int = 8
@@ -101,6 +108,7 @@ class ProtoPNetConfig(ModelConfig):
     padding_mode: Literal["zeros", "reflect"] = "zeros"
     pool_top_k: int = 1
     count_head: CountHeadConfig | None = None
+    tile_px: int | None = None
 
     # config.json files before config_version 2 held the training settings in the model config.
     TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = (
@@ -148,6 +156,9 @@ class ProtoPNetConfig(ModelConfig):
                                                          or self.img_size[-1] % head.tile):
             raise ValueError("count_head.dihedral_views averages the tile map over quarter turns: it needs a square "
                              f"image plane whose side count_head.tile divides, got img_size={self.img_size}")
+        if self.tile_px is not None and (self.tile_px < self.feature_stride or self.spatial_dims != 2 or head is not None):
+            raise ValueError(f"tile_px={self.tile_px} needs a 2D model without a count head and tiles of at least "
+                             f"feature_stride ({self.feature_stride}) pixels")
         if head is not None and head.resample and self.spacing is None:
             raise ValueError("count_head.resample counts on the canonical grid: it needs the canonical `spacing`")
 

@@ -170,15 +170,19 @@ def _switch_off_check(model: Any, col: _Collected, ctx: _Context) -> float:
     return float((after - expected).abs().max())
 
 
-def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context
+def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context, foreground: str | None = None
                      ) -> tuple[Any, torch.Tensor | None, float]:
     """Each prototype's k nearest latent patches among ``ds``'s cases; whether each lies on the lesion
-    ((P, k) bool, None without masks); and the share of all latent cells of those cases on the lesion
-    (the purity a prototype would get by matching patches at random)."""
+    ((P, k) bool, None without masks); and the share of the searched latent cells of those cases on the
+    lesion (the purity a prototype would get by matching patches at random). With ``foreground`` (the
+    batch key of a foreground mask) only the cells push could take are searched and counted."""
+    from mlmi_zoo.architectures.protopnet.prototypes import foreground_cells
     from mlmi_zoo.architectures.protopnet.push import prototype_topk_patches
 
     latent_masks: dict[int, torch.Tensor] = {}
+    searched: list[torch.Tensor] = []  # per case, (L,) the cells searched
     latent_shape: list[tuple[int, ...]] = []
+    tiled = getattr(model.backbone, "tile", None) is not None
 
     def batches() -> Iterator[dict[str, Any]]:
         for batch in DataLoader(ds, batch_size=ctx.batch_size, shuffle=False, collate_fn=ctx.collate):
@@ -187,14 +191,23 @@ def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context
                     with torch.no_grad():
                         z = model.latent(model.input_spec.intensity(batch["image"][:1].float()))
                     latent_shape.append(tuple(z.shape[2:]))
-                pool = F.adaptive_max_pool2d if batch["mask"].ndim == 4 else F.adaptive_max_pool3d
-                # A latent cell lies on the lesion when any of its pixels does.
-                cells = pool(batch["mask"].float(), latent_shape[0]) > 0  # (B, 1, *latent)
+                mask = batch["mask"].float()
+                # A latent cell lies on the lesion when any of its pixels does: of its tile, for a tiled
+                # backbone (exact); else of its share of the image.
+                if tiled:
+                    cells = model.backbone.cell_fraction(mask.amax(1, keepdim=True), latent_shape[0]) > 0
+                else:
+                    pool = F.adaptive_max_pool2d if mask.ndim == 4 else F.adaptive_max_pool3d
+                    cells = pool(mask, latent_shape[0]) > 0  # (B, 1, *latent)
+                if foreground is not None:
+                    searched.extend(foreground_cells(model, torch.as_tensor(batch[foreground]), latent_shape[0]))
+                else:
+                    searched.extend(torch.ones(len(cells), int(np.prod(latent_shape[0])), dtype=torch.bool))
                 for idx, cell in zip(_to_tensor_list(batch["index"]), cells):
                     latent_masks[int(idx)] = cell[0]
             yield batch
 
-    topk = prototype_topk_patches(model, batches(), k=min(ctx.limits.purity_k, len(ds)))
+    topk = prototype_topk_patches(model, batches(), k=min(ctx.limits.purity_k, len(ds)), foreground=foreground)
     if not latent_masks:
         return topk, None, math.nan
     on_lesion = torch.zeros(topk.indices.shape, dtype=torch.bool)
@@ -203,7 +216,8 @@ def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context
             idx = int(topk.indices[p, j])
             if idx >= 0 and idx in latent_masks:
                 on_lesion[p, j] = bool(latent_masks[idx][tuple(int(v) for v in topk.locations[p, j])])
-    base_rate = float(torch.stack(list(latent_masks.values())).float().mean())
+    cells = torch.stack([m.flatten() for m in latent_masks.values()])  # (N, L)
+    base_rate = float(cells[torch.stack(searched)].float().mean())
     return topk, on_lesion, base_rate
 
 
@@ -256,18 +270,7 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
         per_prototype = test_on_lesion.double().mean(1).numpy()
         metrics["lesion_purity_mean_evaluated_split"] = float(per_prototype.mean())
         metrics["lesion_cell_share_evaluated_split"] = base_rate
-        evidence = compare("lesion purity of each prototype's nearest evaluated patches (intervals over prototypes)",
-                           per_prototype, {"random patches (lesion-cell share)": np.full_like(per_prototype, base_rate)},
-                           np.arange(len(per_prototype)).astype(str), n_boot=ctx.n_boot, seed=ctx.seed)
-        share = sanity["degenerate_share"]
-        if share > DEGENERATE_LIMIT:
-            evidence["verdict"]["status"] = "not demonstrated on this data"
-            evidence["verdict"]["sentence"] = (
-                f"not demonstrated on this data: {sanity['degenerate']} of {sanity['prototypes']} prototypes "
-                f"({share:.0%}) are degenerate (border {sanity['on_border']}, background {sanity['on_background']}, "
-                f"duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} limit; "
-                + evidence["verdict"]["sentence"])
-        block["evidence"] = evidence
+        block["evidence"] = _purity_evidence(per_prototype, base_rate, sanity, "evaluated", ctx)
     else:
         # Without lesion masks there is no purity to compare with a control, so nothing is demonstrated;
         # the sentence says whether the prototypes at least pass the sanity checks.
@@ -285,6 +288,58 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
             "status": "not demonstrated on this data", "control": "prototype sanity checks", "sentence": sentence,
             "difference": None}}
     return block
+
+
+def _purity_evidence(per_prototype: np.ndarray, base_rate: float, sanity: dict[str, Any], where: str,
+                     ctx: _Context) -> dict[str, Any]:
+    """Each prototype's lesion purity among its nearest ``where`` patches against the lesion-cell share
+    (what matching patches at random gives), resampling prototypes; no "demonstrated" while
+    degenerate prototypes exceed the limit."""
+    evidence = compare(f"lesion purity of each prototype's nearest {where} patches (intervals over prototypes)",
+                       per_prototype, {"random patches (lesion-cell share)": np.full_like(per_prototype, base_rate)},
+                       np.arange(len(per_prototype)).astype(str), n_boot=ctx.n_boot, seed=ctx.seed)
+    share = sanity["degenerate_share"]
+    if share > DEGENERATE_LIMIT:
+        evidence["verdict"]["status"] = "not demonstrated on this data"
+        evidence["verdict"]["sentence"] = (
+            f"not demonstrated on this data: {sanity['degenerate']} of {sanity['prototypes']} prototypes "
+            f"({share:.0%}) are degenerate (border {sanity['on_border']}, background {sanity['on_background']}, "
+            f"duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} limit; "
+            + evidence["verdict"]["sentence"])
+    return evidence
+
+
+FOREGROUND_KEYS = ("fov", "breast")  # the foreground masks real data sets carry (fundus field of view, breast)
+
+
+def annotated_purity(model: Any, block: dict[str, Any], data: Any, ctx: _Context) -> dict[str, Any]:
+    """Prototype lesion purity on an annotated set where the evaluated split has no masks (the family
+    record's ``annotated_recognizability``).
+
+    Each prototype's nearest patches among the annotated set's test cases (one per case; only cells
+    push could take, on the set's foreground mask when it carries one) are checked against the
+    lesion masks, and the share on a lesion is compared with the share of all searched cells on a
+    lesion, resampling prototypes, under the same degenerate-prototype rule as on the evaluated split.
+    """
+    from mlmi_zoo.evaluation._annotated import annotated_test_set
+    from mlmi_zoo.evaluation._data import data_spec_to_text
+
+    if not block.get("applicable") or "sanity" not in block.get("details", {}):
+        return block
+    spec, annotated = annotated_test_set(data)
+    foreground = next((key for key in FOREGROUND_KEYS if key in annotated[0]), None)
+    topk, on_lesion, base_rate = _nearest_patches(model, annotated, ctx, foreground)
+    if on_lesion is None:
+        return block
+    per_prototype = on_lesion.double().mean(1).numpy()
+    out = {**block, "metrics": {**block["metrics"], "lesion_purity_mean_annotated": float(per_prototype.mean()),
+                                "lesion_cell_share_annotated": base_rate}}
+    out["details"] = {**block["details"], "lesion_purity_per_prototype_annotated": per_prototype.tolist(),
+                      "annotated_data": {"spec": data_spec_to_text(spec), "split": "test", "cases": len(annotated),
+                                         "foreground": foreground, "k": int(on_lesion.shape[1]),
+                                         "nearest_cases": topk.indices.tolist()}}
+    out["evidence"] = _purity_evidence(per_prototype, base_rate, block["details"]["sanity"], "annotated", ctx)
+    return out
 
 
 def _find_sample(ds: SizedDataset[dict[str, Any]], index: int) -> Mapping[str, Any] | None:

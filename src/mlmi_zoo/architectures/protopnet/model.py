@@ -134,7 +134,7 @@ class ProtoPNet(InterpretableModel[ProtoPNetConfig]):
     def __init__(self, config: ProtoPNetConfig) -> None:
         super().__init__(config)
         dims, D, P = config.spatial_dims, config.prototype_dim, config.num_prototypes
-        self.backbone = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride)
+        self.backbone = create_backbone(config.backbone, config.in_channels, dims, config.feature_stride, tile=config.tile_px)
         _set_padding(self.backbone, config.padding_mode)
         self.add_on = AddOn(self.backbone.out_channels, D, dims)
         self.prototype_layer = PrototypeLayer(P, D, config.similarity, config.epsilon)

@@ -241,7 +241,7 @@ class TopkPatches(NamedTuple):
 
 @torch.no_grad()
 def prototype_topk_patches(model: "ProtoPNet", loader: Iterable[dict[str, Any]], k: int = 5,
-                           device: torch.device | str | None = None) -> TopkPatches:
+                           device: torch.device | str | None = None, foreground: str | None = None) -> TopkPatches:
     """The ``k`` nearest training patches of every prototype, streaming and vectorised.
 
     Each image contributes its nearest location only, so the ``k`` patches come from ``k``
@@ -253,6 +253,8 @@ def prototype_topk_patches(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
         loader: batches with ``"image"``, ``"label"`` and ideally ``"index"``.
         k: patches per prototype.
         device: where to compute (default: the model's device).
+        foreground: the batch key of a foreground mask: only cells that push could take (mostly on
+            it, off the grid's border; :func:`~.prototypes.foreground_cells`) are searched. ``None``: every cell.
 
     Returns:
         a :class:`TopkPatches` (a named tuple ``(indices, locations, distances, labels)``).
@@ -278,7 +280,11 @@ def prototype_topk_patches(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             seen += B
             z = model.latent(x)
             latent_shape = tuple(z.shape[2:])
-            d, loc = rearrange(layer.distances(z), "b p ... -> p b (...)").min(-1)  # (P, B) each
+            d = rearrange(layer.distances(z), "b p ... -> p b (...)")  # (P, B, L)
+            if foreground is not None:
+                fg = torch.as_tensor(batch[foreground]).to(device)
+                d = d.masked_fill(~foreground_cells(model, fg, latent_shape)[None], math.inf)
+            d, loc = d.min(-1)  # (P, B) each
             cand_d = torch.cat([best_d, d], 1)  # (P, k + B)
             cand_index = torch.cat([best_index, index.expand(P, B)], 1)
             cand_loc = torch.cat([best_loc, loc], 1)
