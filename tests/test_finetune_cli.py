@@ -338,3 +338,50 @@ def test_the_readme_finetune_example_runs_verbatim(tmp_path):
     results = json.loads((tmp_path / "my_model" / "results.json").read_text())
     assert results["n_cases"] == 6 and results["split"] == "test"
     assert (tmp_path / "my_xray_model" / "final" / "model.safetensors").is_file()
+
+
+# -- bags: a MIL model fine-tuned on a folder of the user's bags ---------------------------------------------
+def write_bags(folder: Path, n: int = 24, width: int = 320, seed: int = 0) -> Path:
+    """``n`` bags of ``width``-wide instance features; a "lesion" bag holds a few shifted instances."""
+    from mlmi_zoo.training.datasets.feature_cache import cache_features
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = ["slide_id,label"]
+    for i in range(n):
+        feats = torch.rand(int(torch.randint(12, 30, (1,), generator=g)), width, generator=g)
+        lesion = i % 2 == 1
+        if lesion:
+            feats[:3, :16] += 2.0
+        cache_features(feats, torch.zeros(len(feats), 2, dtype=torch.int64), folder / f"eye{i:02d}.safetensors")
+        rows.append(f"eye{i:02d},{'lesion' if lesion else 'none'}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_a_mil_model_fine_tunes_on_a_folder_of_bags(tmp_path):
+    import mlmi_zoo
+
+    bags = write_bags(tmp_path / "bags")
+    final = finetune("abmil_features.idrid_rdr", bags, out_dir=tmp_path / "run", steps=20, quiet=True)
+    config = json.loads((final / "config.json").read_text())
+    assert config["base_model"] == "abmil_features.idrid_rdr" and config["data"]["kind"] == "cached_bags"
+    assert config["recipe"]["model"]["config"]["label_names"] == ["lesion", "none"]  # the classes the data hold
+    model = mlmi_zoo.load(f"local-dir:{final}")
+    exp = model.explain(torch.rand(1, 20, 320))
+    assert exp.attention.shape == (1, 20) and torch.isfinite(exp.logits).all()
+    # the first check reads the instance width: features of another encoder are refused before training
+    with pytest.raises(FinetuneDataError, match="encode the tiles with the same encoder"):
+        plan_finetune("abmil_features.idrid_rdr", write_bags(tmp_path / "narrow", width=64), out_dir=tmp_path / "r2")
+    # a physical head needs its measurement per bag, and says how to go without it
+    wide = write_bags(tmp_path / "wide", width=512)
+    with pytest.raises(FinetuneDataError, match=r"model.config.quantities=\[\]"):
+        plan_finetune("abmil_features.tilebag", wide, out_dir=tmp_path / "r3")
+    # ... and the fix it names trains: the area head's tensors are dropped and reported
+    without = finetune("abmil_features.tilebag", wide, out_dir=tmp_path / "r3", steps=4, quiet=True,
+                       overrides=["model.config.quantities=[]"])
+    assert json.loads((without / "config.json").read_text())["config"]["quantities"] == []
+    (bags / "other.csv").write_text("slide_id,label\n")
+    with pytest.raises(FinetuneDataError, match="exactly one"):
+        plan_finetune("abmil_features.idrid_rdr", bags, out_dir=tmp_path / "r4")
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "r4").exists()  # nothing left behind

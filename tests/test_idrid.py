@@ -365,6 +365,10 @@ def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_ha
     assert {"centre_prior", "uniform", "random", "brightness"} <= set(loc["evidence"]["controls"])
     assert doc["verdicts"]["localization"]["metric"] == "activation precision (top 5%)"
     assert doc["n_cases"] == 8 and doc["data"]["source"]["set"] == "grading"  # the task is still the graded split's
+    # the same map against each lesion type's own masks, beside that type's image-processing map
+    for finding in ("microaneurysms", "haemorrhages", "hard_exudates"):
+        assert {"image processing", "centre prior", "uniform"} <= set(loc[f"evidence_pixel_aupr_{finding}"]["controls"])
+    assert loc["details"]["finding_maps"]["hard_exudates"]["images"] > 0
     # prototype purity on the annotated photographs: nearest patches searched inside the field of view
     # only, against the share of lesion cells among the same searched cells
     from mlmi_zoo.architectures.protopnet.prototypes import foreground_cells

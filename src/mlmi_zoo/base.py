@@ -395,11 +395,13 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         Args:
             state: name -> tensor, e.g. from a safetensors file.
             strict: raise when tensors are missing or unexpected.
-            allow_resized: skip (and report) tensors whose shape differs instead of raising.
+            allow_resized: the config was changed on purpose (fine-tuning overrides): skip (and report)
+                tensors whose shape differs, and tensors of parts the changed config no longer has,
+                instead of raising; parts it adds start from their initialisation (reported missing).
 
         Raises:
-            WeightsError: for a tensor of another shape (unless ``allow_resized``), or, when ``strict``,
-                missing or unexpected tensors.
+            WeightsError: for a tensor of another shape (unless ``allow_resized``), or, when ``strict``
+                (and not ``allow_resized``), missing or unexpected tensors.
         """
         own = self.state_dict()
         skipped = tuple(k for k in state if k in own and state[k].shape != own[k].shape)
@@ -408,14 +410,18 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         if skipped and not allow_resized:
             shapes = ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in skipped[:5])
             raise WeightsError(f"weights do not fit this configuration ({shapes}); pass config overrides to fine-tune")
-        if strict and (missing or unexpected):
+        if strict and not allow_resized and (missing or unexpected):
             raise WeightsError(f"weights do not match the architecture: missing {list(missing)[:8]}, "
                                f"unexpected {list(unexpected)[:8]}")
         usable = {k: v for k, v in state.items() if k in own and k not in skipped}
         self.load_state_dict(usable, strict=False)
         if skipped:
             log.warning("re-initialised %d tensor(s) whose shape changed: %s", len(skipped), ", ".join(skipped))
-        self.load_report = LoadReport(skipped, missing if not strict else (), unexpected if not strict else ())
+        reported = not strict or allow_resized
+        if allow_resized and (missing or unexpected):
+            log.warning("the changed config drops %d and adds %d tensor(s): dropped %s; initialised %s", len(unexpected),
+                        len(missing), ", ".join(unexpected[:8]), ", ".join(missing[:8]))
+        self.load_report = LoadReport(skipped, missing if reported else (), unexpected if reported else ())
         return self.load_report
 
     @classmethod

@@ -125,12 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune a zoo model on your data",
                        description="Fine-tune NAME_OR_URI on your images: a CSV, a folder with one CSV, or a "
-                       "folder with one sub-folder per class. Every check of the data runs before the first epoch.",
+                       "folder with one sub-folder per class (a MIL model: a folder of bags and one labels CSV). "
+                       "Every check of the data runs before the first epoch.",
                        epilog=_FINETUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("model", metavar="NAME_OR_URI", help="bundled name (mlmi-zoo list --pretrained), hf-hub:ORG/REPO, "
                    "local-dir:PATH or a model folder")
     f.add_argument("overrides", nargs="*", metavar="key=value", help="overrides (see below)")
-    f.add_argument("--data", required=True, type=Path, metavar="DATA", help="CSV, folder with one CSV, or class folders")
+    f.add_argument("--data", required=True, type=Path, metavar="DATA",
+                   help="CSV, folder with one CSV, or class folders; for a MIL model, a folder of bag files and one "
+                        "labels CSV")
     f.add_argument("--out", type=Path, help="run folder (default finetune-<architecture>); the model is OUT/final")
     f.add_argument("--labels", help=FINETUNE_KEYS["labels"].meaning)
     f.add_argument("--freeze", action="append", metavar="PREFIX",

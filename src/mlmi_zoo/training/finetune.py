@@ -266,6 +266,62 @@ def _columns_for(model: InterpretableModel, header: Sequence[str], image_column:
     return columns, problems
 
 
+def bag_spec_from_path(path: str | Path, label_names: Sequence[str] | None = None, val_fraction: float = 0.2,
+                       split_seed: int = 0) -> DataSpec:
+    """A ``cached_bags`` spec for a folder of bags, for a MIL model.
+
+    The folder holds one ``*.safetensors`` file per bag, written by
+    :func:`~mlmi_zoo.training.datasets.feature_cache.cache_features` (``feats`` (N, D) instance features and
+    ``coords`` (N, 2); the file name without the suffix is the bag's id), and one CSV with the columns
+    ``slide_id`` and ``label`` (:class:`~mlmi_zoo.training.datasets.slides.CachedBagDataset`). Training and
+    validation bags are split by a permutation seeded with ``split_seed`` (``val_fraction`` held out).
+
+    Raises:
+        FileNotFoundError: no such folder.
+        FinetuneDataError: no bag file, or not exactly one CSV of labels.
+    """
+    from mlmi_zoo.training.datasets.slides import CACHE_SUFFIX
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: a MIL model fine-tunes on a folder of bags (*{CACHE_SUFFIX} files and one "
+                                "CSV with the columns slide_id,label)")
+    problems = []
+    if not any(path.glob(f"*{CACHE_SUFFIX}")):
+        problems.append(f"{path} holds no *{CACHE_SUFFIX} bag file (one per bag, with its instance features 'feats')")
+    csvs = sorted(path.glob("*.csv"))
+    if len(csvs) != 1:
+        problems.append(f"{path} holds {len(csvs)} CSV files ({[c.name for c in csvs]}); put exactly one there, "
+                        "with the columns slide_id (a bag file's name without the suffix) and label")
+    if problems:
+        raise FinetuneDataError(_report(f"cannot read bags from {path}", problems))
+    params: dict[str, Any] = {"dir": str(path), "labels": str(csvs[0])}
+    if label_names is not None:
+        params["label_names"] = list(label_names)
+    return DataSpec("cached_bags", params, val_fraction=val_fraction, split_seed=split_seed)
+
+
+def _bag_problems(model: InterpretableModel, train_set: Any, samples: list[dict[str, Any]]) -> list[str]:
+    """What bags must give a MIL model: instances of its feature width, and no measurement it cannot learn."""
+    from mlmi_zoo.specs import InputSpecError
+
+    problems = []
+    for sample in samples:
+        feats = torch.as_tensor(sample["feats"]).float()
+        try:
+            model.validate_input(feats[None])
+        except InputSpecError as err:
+            problems.append(f"bag {sample.get('slide_id', sample.get('index'))!r}: {err}; the base model reads "
+                            f"instances encoded as it was trained ({model.input_spec.in_channels} features each): "
+                            "encode the tiles with the same encoder")
+            break
+    quantities = [q.name for q in model.config.quantities]
+    if quantities and not all(q in (samples[0].get("measurements") or {}) for q in quantities):
+        problems.append(f"the base model measures {quantities} per bag and these bags carry no such measurement; "
+                        "fine-tune without the physical head: model.config.quantities=[]")
+    return problems
+
+
 def _has_class_folders(path: Path) -> bool:
     return path.is_dir() and not any(path.glob("*.csv"))
 
@@ -647,8 +703,9 @@ def plan_finetune(
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1): a share of the data held out for validation, got {val_fraction}")
     parent = mlmi_zoo.load(name_or_uri)
-    if family_of(parent).inputs != "images":
-        raise ValueError(f"{name_or_uri} takes bags of instances; fine-tuning on a CSV or image folder needs an image model")
+    bags = family_of(parent).inputs == "bags"
+    if bags and intensity == "refit":
+        raise ValueError(f"{name_or_uri} takes bags of features; intensity='refit' applies to images only")
     run_dir = Path(out_dir) if out_dir is not None else Path(f"finetune-{parent.architecture}")
     if not resume and (find_checkpoint(run_dir / "checkpoints" / "last") is not None or (run_dir / "final").exists()):
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or another out_dir (--out)")
@@ -656,7 +713,7 @@ def plan_finetune(
     try:
         return _plan(parent, name_or_uri, data, run_dir, label_names=label_names, freeze=freeze, epochs=epochs,
                      lr=lr, batch_size=batch_size, seed=seed, overrides=overrides, resume=resume,
-                     val_fraction=val_fraction, intensity=intensity, patience=patience, steps=steps)
+                     val_fraction=val_fraction, intensity=intensity, patience=patience, steps=steps, bags=bags)
     except BaseException:
         if created and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {_LISTING}:
             shutil.rmtree(run_dir)  # only the listing of a class folder was written: leave no run folder behind
@@ -666,7 +723,7 @@ def plan_finetune(
 def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | Path, run_dir: Path, *,
           label_names: Sequence[str] | None, freeze: Sequence[str] | None, epochs: int | None, lr: float | None,
           batch_size: int, seed: int, overrides: Sequence[str], resume: bool, val_fraction: float,
-          intensity: IntensityMode, patience: int | None, steps: int | None) -> FinetunePlan:
+          intensity: IntensityMode, patience: int | None, steps: int | None, bags: bool = False) -> FinetunePlan:
     """The body of :func:`plan_finetune`, once the base model is loaded and the run folder chosen."""
     from mlmi_zoo.architectures.blocks.stages import training_for
     from mlmi_zoo.hub import resolve
@@ -674,6 +731,8 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
 
     if isinstance(data, DataSpec):
         spec = data
+    elif bags:
+        spec = bag_spec_from_path(data, label_names, val_fraction=val_fraction, split_seed=seed)
     else:
         path = Path(data)
         header = _header_of(path)
@@ -772,8 +831,11 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
     model = _model_for(recipe)  # as the trainer will build it: the recipe's classes, intensity and config keys
     training_for(model, recipe.training)  # refuses settings this model cannot train with
     samples = [train_set[i] for i in _sample_indices(len(train_set), 4)]
-    problems = _physical_problems(model, train_set, samples)
-    problems += check_images(model, train_set, "keep" if intensity == "keep" else "check")[0]
+    if bags:
+        problems = _bag_problems(model, train_set, samples)
+    else:
+        problems = _physical_problems(model, train_set, samples)
+        problems += check_images(model, train_set, "keep" if intensity == "keep" else "check")[0]
     if problems:
         raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri} on {data}", problems))
     return FinetunePlan(recipe, run_dir, record)

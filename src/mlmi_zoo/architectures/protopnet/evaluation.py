@@ -45,6 +45,7 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
         col, "similarity map of the prototype with the largest contribution to the predicted class",
         "A high overlap shows where the top prototype matched, not that the matched region is why the case "
         "belongs to its class.", _tp_mask(labels, predicted, model.num_classes), ctx)
+    _finding_maps(model, ctx, out)
     out["visual_recognizability"] = _prototype_purity(model, ctx)
     out["physical_attribution"], lim = _physical_block(
         col, model, ctx.dataset, ctx.limits, ctx.figures, _measure_fn(model),
@@ -89,6 +90,47 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
                                  "A faithful map shows what the model uses, not that it is what a radiologist would use.", ctx)
     _examples_into(out, col, model, labels, logits.softmax(-1), ctx, "top prototype")
     return out
+
+
+def _finding_maps(model: Any, ctx: _Context, out: dict[str, Any]) -> None:
+    """The top prototype's map against each finding's masks, where the evaluated data offer a set of annotated
+    images of the same kind (``concept_mask_set``, with ``control_appearance``: IDRiD's segmentation photographs
+    for a model graded on the grading photographs).
+
+    One map, the similarity map of the prototype with the largest contribution to the predicted class (the
+    localization map), is scored against every finding's masks beside the image-processing control of that
+    finding, the centre prior and a uniform map (:func:`~mlmi_zoo.evaluation.lesion_maps.lesion_localization`);
+    adds ``evidence_<metric>_<finding>`` comparisons and ``details["finding_maps"]`` to the localization block.
+    """
+    from mlmi_zoo.evaluation._common import _base_dataset
+    from mlmi_zoo.evaluation.lesion_maps import lesion_localization
+
+    base = _base_dataset(ctx.dataset)
+    mask_set = getattr(base, "concept_mask_set", None)
+    appearance = getattr(base, "control_appearance", None)
+    if mask_set is None or not appearance or not out["localization"].get("applicable", True):
+        return
+    data, train = mask_set("test"), mask_set("train")
+
+    def maps_of(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        exp = model.explain(model.input_spec.intensity(batch["image"].float()))
+        rows = torch.arange(exp.logits.shape[0])
+        top = exp.contributions[rows, exp.logits.argmax(-1)].argmax(-1)  # (B,) as in the localization map
+        m = exp.localization[rows, top]  # (B, H, W)
+        return {name: m for name in appearance}
+
+    found = lesion_localization(maps_of, data, train, appearance, q=ctx.limits.activation_q, n_boot=ctx.n_boot,
+                                seed=ctx.seed)
+    loc = out["localization"]
+    loc.setdefault("details", {})["finding_maps"] = {
+        "map": "similarity map of the prototype with the largest contribution to the predicted class, one map scored "
+               "against each finding",
+        "data": f"{type(base).__name__} concept_mask_set('test'): {len(data)} annotated photographs; centre prior "
+                f"from concept_mask_set('train') ({len(train)})",
+        **{n: {"images": r["images"], "pooled_aupr": r["pooled_aupr"]} for n, r in found.items()}}
+    for n, r in found.items():
+        for metric in ("pixel_aupr", "activation_precision", "pointing_game"):
+            loc[f"evidence_{metric}_{n}"] = r[metric]
 
 
 def _decision_margin(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:

@@ -467,6 +467,19 @@ class IDRiDGrading(SizedDataset[dict[str, Any]]):
         keep = set(self.image_ids if image_ids is None else image_ids)
         return csvs + [c.image for c in self.cases if c.image_id in keep]
 
+    # how each lesion type looks: the image-processing control of its map (bright exudates, dark red lesions)
+    control_appearance = {"microaneurysms": "dark", "haemorrhages": "dark", "hard_exudates": "bright",
+                          "soft_exudates": "bright"}
+
+    def concept_mask_set(self, split: str) -> SizedDataset[dict[str, Any]]:
+        """The segmentation photographs of ``split`` at this size, with every lesion type's mask
+        (``"concept_masks"``): the evaluation scores a graded model's maps on ``concept_mask_set("test")``,
+        the 27 official segmentation test photographs, as the grading photographs have no masks."""
+        from mlmi_zoo.training.datasets.idrid_joined import IDRiDLesions  # it builds on this module
+
+        task = self.task if self.task in ("referable", "grade") else "referable"  # the masks do not depend on it
+        return IDRiDLesions(self.folder.parent, split, self.size, True, self.transform, task, "segmentation")
+
     def __len__(self) -> int:
         return len(self.cases)
 

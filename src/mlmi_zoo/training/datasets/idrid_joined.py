@@ -181,8 +181,7 @@ class IDRiDLesions(_Joined):
     set_name = "lesions"
     # how each lesion type looks on the green channel of a fundus photograph, where lesions have the most
     # contrast: exudates are bright, microaneurysms and haemorrhages dark
-    control_appearance = {"microaneurysms": "dark", "haemorrhages": "dark", "hard_exudates": "bright",
-                          "soft_exudates": "bright"}
+    control_appearance = IDRiDGrading.control_appearance
 
     def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", size: int = DEFAULT_SIZE,
                  prepare: bool = True, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
