@@ -84,6 +84,13 @@ def test_eight_bit_sample_images_are_stored_as_bytes_and_restored_exactly(tmp_pa
     assert torch.equal(photo_back["image"], photo) and photo_back["image"].dtype == torch.float32
     assert torch.equal(ct_back["image"], ct) and ct_meta["label"] == "b"
     assert photo_meta == {"label": "a", "name": "photo"}
+    # stored as a lossless PNG: a smooth photograph takes less than its raw bytes
+    smooth = (torch.linspace(0, 1, 120)[None, None, :] * torch.linspace(0, 1, 100)[None, :, None]).expand(3, 100, 120)
+    smooth = (smooth * 255).round() / 255.0
+    save_samples(tmp_path / "smooth", "photo", {"image": smooth}, {})
+    assert (tmp_path / "smooth" / "samples" / "photo.safetensors").stat().st_size < smooth.numel() // 2
+    ((back, _),) = load_samples(tmp_path / "smooth")
+    assert torch.equal(back["image"], smooth)
 
 
 def _prototype_models() -> list[str]:
@@ -139,3 +146,14 @@ def test_evaluating_a_folder_of_weights_placed_by_hand_ships_its_recipe(tmp_path
     monkeypatch.setattr(rel, "_store_samples", lambda *a, **k: None)
     rel.evaluate_and_card(entry, tmp_path)
     assert (tmp_path / entry.name / "recipe.yaml").read_bytes() == (rel.RECIPES / entry.recipe).read_bytes()
+
+
+def test_the_demo_draws_the_annotated_finding_with_its_size() -> None:
+    from mlmi_zoo.model_cards.demo import _truth_png
+
+    image = torch.zeros(1, 32, 32)
+    mask = torch.zeros(1, 32, 32, dtype=torch.bool)
+    assert _truth_png({"image": image, "mask": mask}, {}) is None  # a normal case: nothing to outline
+    mask[0, 10:16, 12:18] = True
+    png = _truth_png({"image": image, "mask": mask}, {"true diameter_mm": 13.2, "true radius_mm": float("nan")})
+    assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
