@@ -236,9 +236,10 @@ def test_cli(tmp_path, capsys) -> None:
     uri = _save(model, tmp_path / "model", NODULES)
     out = tmp_path / "res" / "results.json"
     assert main(["evaluate", uri, "--data", data_spec_to_text(NODULES), "--out", str(out), "--n-boot", "10",
-                 "--max-cases", "12"]) == 0
+                 "--max-cases", "12", "--deletion-cases", "5"]) == 0
     doc = json.loads(out.read_text())
     assert validate_results(doc) == [] and doc["n_cases"] == 12
+    assert doc["evaluation_limits"]["deletion_cases"] == 5 and "--deletion-cases 5" in doc["command"]
     assert doc["command"].startswith("mlmi-zoo evaluate local-dir:")
     assert (out.parent / doc["figures"]["roc"]).is_file()
     with pytest.raises(SystemExit) as err:

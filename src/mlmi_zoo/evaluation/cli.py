@@ -49,6 +49,8 @@ def build_parser() -> _Parser:
     p.add_argument("--seed", type=int, default=0, help="seed of bootstrap and random orders (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, help="cases per forward pass (default: 32)")
     p.add_argument("--max-cases", type=int, help="evaluate only the first N cases of the split")
+    p.add_argument("--deletion-cases", type=int, help="cases of the deletion curves (default: 64; each costs "
+                   "2 x (steps + 1) forward passes per ordering, fewer for large images)")
     return p
 
 
@@ -59,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list = args_list[1:]
     parser = build_parser()
     args = parser.parse_args(args_list)
-    for name in ("n_boot", "batch_size", "max_cases"):
+    for name in ("n_boot", "batch_size", "max_cases", "deletion_cases"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -77,9 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         listing = args.out.with_name(f"{args.out.stem}_cases") / "image_folder.csv" if args.test_dir is not None else None
         data = evaluation_data_spec(args.model, own, listing=listing)
     command = " ".join(shlex.quote(a) for a in ["mlmi-zoo", "evaluate", *args_list])
+    from mlmi_zoo.evaluation._common import EvaluationLimits
+
+    limits = EvaluationLimits() if args.deletion_cases is None else EvaluationLimits(deletion_cases=args.deletion_cases)
     doc = evaluate(args.model, data, split=args.split, out=args.out, figures_dir=args.figures,
                    baseline_uri=args.baseline, n_boot=args.n_boot, seed=args.seed, batch_size=args.batch_size,
-                   max_cases=args.max_cases, command=command, localization_data=args.localization_data)
+                   max_cases=args.max_cases, command=command, localization_data=args.localization_data, limits=limits)
     auroc = doc["task"]["auroc"]
     log.info("AUROC %s on %d %s cases; results in %s", auroc.get("estimate"), doc["n_cases"], doc["split"], args.out)
     print(f"wrote {args.out} ({doc['n_cases']} cases, {doc['elapsed_s']} s)")

@@ -43,6 +43,7 @@ class Release:
     # an init ("imagenet"): the frozen backbone tensors equal to that start are left out of the bundled weights
     # file and rebuilt from it on load (base_tensors_from of save_pretrained), to keep the release within its budget
     base_tensors_from: str | None = None
+    deletion_cases: int | None = None  # fewer deletion-curve cases than the default 64 (large photographs)
 
 
 RELEASES = (
@@ -73,12 +74,16 @@ RELEASES = (
     Release("protopnet_tf_efficientnet_lite0.idrid_rdr", "protopnet_lite0_idrid_rdr.yaml",
             "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid:dataset=segmentation,size=1072,union=MA+HE+EX+SE", samples=1,
-            base_tensors_from="imagenet"),
+            base_tensors_from="imagenet", deletion_cases=16),
     Release("abmil_features.idrid_rdr", "abmil_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     Release("additive_mil_features.idrid_rdr", "additive_mil_idrid_rdr.yaml", "baseline_tf_efficientnet_lite0.idrid_rdr",
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     Release("baseline_tf_efficientnet_lite0.idrid_grade", "baseline_lite0_idrid_grade.yaml", samples=1),
+    Release("protopnet_tf_efficientnet_lite0.idrid_grade", "protopnet_lite0_idrid_grade.yaml",
+            "baseline_tf_efficientnet_lite0.idrid_grade",
+            localization_data="idrid:dataset=segmentation,size=1072,union=MA+HE+EX+SE", samples=1,
+            base_tensors_from="imagenet", deletion_cases=16),
     Release("abmil_features.idrid_grade", "abmil_idrid_grade.yaml", "baseline_tf_efficientnet_lite0.idrid_grade",
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     Release("additive_mil_features.idrid_grade", "additive_mil_idrid_grade.yaml",
@@ -201,6 +206,7 @@ def place_weights(final: Path, folder: Path, base_tensors_from: str | None = Non
 def evaluate_and_card(release: Release, cards: Path) -> dict:
     """Evaluate a bundled model folder on its test split, write its card and demo samples."""
     from mlmi_zoo.evaluation import evaluate
+    from mlmi_zoo.evaluation._common import EvaluationLimits
     from mlmi_zoo.model_cards.card import write_card
 
     folder = cards / release.name
@@ -211,9 +217,12 @@ def evaluate_and_card(release: Release, cards: Path) -> dict:
     baseline = release.baseline if release.baseline and (cards / release.baseline / "model.safetensors").is_file() else None
     command = (f"mlmi-zoo evaluate {release.name} --split test --out src/mlmi_zoo/model_cards/{release.name}/results.json "
                f"--figures src/mlmi_zoo/model_cards/{release.name}/figures" + (f" --baseline {baseline}" if baseline else "")
-               + (f" --localization-data {release.localization_data}" if release.localization_data else ""))
+               + (f" --localization-data {release.localization_data}" if release.localization_data else "")
+               + (f" --deletion-cases {release.deletion_cases}" if release.deletion_cases else ""))
+    limits = EvaluationLimits() if release.deletion_cases is None else EvaluationLimits(deletion_cases=release.deletion_cases)
     results = evaluate(release.name, None, split="test", out=folder / "results.json", figures_dir=folder / "figures",
-                       baseline_uri=baseline, command=command, localization_data=release.localization_data)
+                       baseline_uri=baseline, command=command, localization_data=release.localization_data,
+                       limits=limits)
     write_card(folder, folder / "results.json", folder / "figures")
     _store_samples(folder, recipe_path, n=release.samples, crop_mm=release.sample_crop_mm)
     log.info("%s: test AUROC %.4f", release.name, results["task"]["auroc"]["estimate"])

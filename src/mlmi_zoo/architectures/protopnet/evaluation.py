@@ -469,11 +469,15 @@ def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict
             z = (int(rec["box_px"][0][0]) + int(rec["box_px"][0][1]) - 1) // 2
             image, boxes = image[:, z], [b[1:] for b in boxes]
         flat = [[b[0] for b in box] + [b[1] for b in box] for box in boxes]  # (row0, col0, row1, col1)
-        patches.append((image, flat, f"#{rec['prototype']} {rec['class_name']} (case {rec['index']})"))
+        patches.append((image, flat, f"#{rec['prototype']} {rec['class_name']}\n(case {rec['index']})"))
     if not patches:
         return [], fields
+    crop = ctx.figures.image_crop
+    tile = getattr(model.backbone, "tile", None)
+    if crop is None and tile is not None:  # one tile of a large photograph: shown with about four tiles around it
+        crop = min(1.0, 4 * tile / max(patches[0][0].shape[-2:]))
     return ctx.figures.draw("prototype_gallery", figs.plot_prototype_gallery, patches, legend=GALLERY_LEGEND,
-                            crop=ctx.figures.image_crop), fields
+                            crop=crop), fields
 
 
 # ---------------------------------------------------------------------------------------------
