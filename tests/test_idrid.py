@@ -384,6 +384,9 @@ def test_localization_is_scored_on_the_segmentation_set_when_the_graded_split_ha
     assert rec["metrics"]["lesion_cell_share_annotated"] == pytest.approx(float(on[searched].float().mean()), abs=1e-9)
     assert rec["evidence"]["metric"].startswith("lesion purity of each prototype's nearest annotated patches")
     assert len(rec["details"]["lesion_purity_per_prototype_annotated"]) == model.num_prototypes
+    from mlmi_zoo.model_cards.card import render_card
+
+    assert "Lesion purity scored on the test split of another data set" in render_card(tmp_path / "model", doc)
     with pytest.raises(ValueError, match="has lesion masks of its own"):
         evaluate(f"local-dir:{tmp_path / 'model'}", annotated, max_cases=4, n_boot=5, batch_size=4, limits=limits,
                  localization_data=annotated)

@@ -313,6 +313,11 @@ def _scored_on(annotated: dict[str, Any] | None) -> str | None:
     """The sentence that says an element was scored on another, annotated data set."""
     if not annotated:
         return None
+    if "foreground" in annotated:  # prototype purity: each prototype's nearest patches on an annotated set
+        return (f"Lesion purity scored on the {annotated['split']} split of another data set with lesion masks, "
+                f"`{annotated['spec']}` ({annotated['cases']} cases; the {annotated['k']} nearest patches of each "
+                f"prototype, one per case, searched among the cells push could take"
+                + (f" on the `{annotated['foreground']}` mask" if annotated["foreground"] else "") + ").")
     if "centre_prior_from" not in annotated:  # bags whose instances carry truth
         return (f"Scored on the {annotated['split']} split of another data set with instance truth, "
                 f"`{annotated['spec']}` ({annotated['cases']} cases): {annotated['why']}.")

@@ -108,7 +108,7 @@ def _finding_maps(model: Any, ctx: _Context, out: dict[str, Any]) -> None:
     base = _base_dataset(ctx.dataset)
     mask_set = getattr(base, "concept_mask_set", None)
     appearance = getattr(base, "control_appearance", None)
-    if mask_set is None or not appearance or not out["localization"].get("applicable", True):
+    if mask_set is None or not appearance:
         return
     data, train = mask_set("test"), mask_set("train")
 
@@ -379,6 +379,8 @@ def annotated_purity(model: Any, block: dict[str, Any], data: Any, ctx: _Context
     out["details"] = {**block["details"], "lesion_purity_per_prototype_annotated": per_prototype.tolist(),
                       "annotated_data": {"spec": data_spec_to_text(spec), "split": "test", "cases": len(annotated),
                                          "foreground": foreground, "k": int(on_lesion.shape[1]),
+                                         "why": "the evaluated split has no lesion masks; each prototype's nearest "
+                                                "patches are searched on this annotated set",
                                          "nearest_cases": topk.indices.tolist()}}
     out["evidence"] = _purity_evidence(per_prototype, base_rate, block["details"]["sanity"], "annotated", ctx)
     return out
