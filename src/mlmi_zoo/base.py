@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import torch
 from torch import nn
@@ -363,7 +363,8 @@ class InterpretableModel(nn.Module, Generic[ConfigT]):
         for where, module in self.named_modules():
             rebuild = getattr(module, "pretrained_state", None)  # a Backbone (architectures layer)
             if callable(rebuild):
-                out.update({f"{where}.{k}": v for k, v in rebuild(init).items()})
+                state = cast("dict[str, torch.Tensor]", rebuild(init))
+                out.update({f"{where}.{k}": v for k, v in state.items()})
         if not out:
             raise ValueError(f"{self.architecture} has no backbone built by create_backbone to start from {init!r}")
         return out

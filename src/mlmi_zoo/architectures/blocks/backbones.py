@@ -171,12 +171,13 @@ class TiledBackbone(Backbone):
                          list_output=list_output, intermediate=intermediate)
         self.cut_stride = info.stride
         self.tile = tile
+        self._side = tile  # the same, typed int
         self.chunk = chunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"a tiled backbone takes 2D images (B, C, H, W), got {tuple(x.shape)}")
-        t = self.tile
+        t = self._side
         b, c, h, w = x.shape[0], x.shape[1], x.shape[2] // t, x.shape[3] // t
         if h == 0 or w == 0:
             raise ValueError(f"the image ({x.shape[2]} x {x.shape[3]} px) is smaller than one {t}-px tile")
@@ -188,7 +189,7 @@ class TiledBackbone(Backbone):
 
     def cell_fraction(self, mask: torch.Tensor, latent_shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Share of each tile that lies on a mask: ``(B, 1, H, W)`` -> ``(B, 1, *latent)``."""
-        t = self.tile
+        t = self._side
         h, w = (int(n) for n in latent_shape)
         return F.avg_pool2d(mask.float()[..., :h * t, :w * t], kernel_size=t, stride=t)
 
