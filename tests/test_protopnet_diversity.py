@@ -154,3 +154,37 @@ def test_cell_fields_are_the_cells_true_and_effective_receptive_field() -> None:
     x2[..., 0, 0] += 1.0 if r0 > 0 else 0.0
     assert torch.allclose(model.latent(x2)[0, :, 4, 4], z) or r0 == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_prune_duplicates_switches_off_each_later_copy_and_the_sanity_check_counts_it_apart() -> None:
+    """Collapsed prototypes pushed onto one patch per class: pruning keeps the first of each class, switches off
+    the others (they then contribute nothing), and the sanity check reads only the enabled ones."""
+    from mlmi_zoo.architectures.protopnet.evaluation import prototype_sanity
+    from mlmi_zoo.architectures.protopnet.prototypes import duplicate_prototypes
+    from mlmi_zoo.architectures.protopnet.training import ProtoPNetTraining
+
+    model = _model()
+    with torch.no_grad():
+        model.prototype_layer.prototypes.copy_(model.prototype_layer.prototypes[:1].expand_as(
+            model.prototype_layer.prototypes))
+    training = ProtoPNetTraining(ProtoPNetTrainingSettings(prune_duplicates=True))
+    before = prototype_sanity(model, None)
+    assert before["cosine_099"] == 5 and before["switched_off"] == 0  # every prototype after the first
+    out = training.run_special_stage(model, "push", _loader(), torch.device("cpu"))
+    # within a class all three land on one patch (same source); the Sigmoid add-on makes even the two classes'
+    # patches point the same way here, so only prototype 0 may stay
+    dup = duplicate_prototypes(model)
+    assert {1, 2, 4, 5} <= set(out["switched_off_duplicates"]) and 0 not in out["switched_off_duplicates"]
+    assert model.enabled.tolist() == [i not in out["switched_off_duplicates"] for i in range(6)]
+    assert dup == []  # no enabled prototype duplicates another now
+    sanity = prototype_sanity(model, None)
+    assert sanity["prototypes"] == 6 - len(out["switched_off_duplicates"])
+    assert sanity["switched_off"] == len(out["switched_off_duplicates"]) and sanity["duplicates"] == 0
+    x = torch.rand(3, 1, 32, 32)
+    exp = model.explain(x)
+    assert exp.contributions[:, :, ~model.enabled].abs().max() == 0
+    # without the setting, push leaves every prototype on
+    fresh = _model()
+    assert "switched_off_duplicates" not in ProtoPNetTraining(ProtoPNetTrainingSettings()).run_special_stage(
+        fresh, "push", _loader(), torch.device("cpu"))
+    assert bool(fresh.enabled.all())

@@ -205,6 +205,14 @@ class ProtoPNetTrainingSettings:
         push_distinct: push projects no two prototypes onto the same training image (each takes
             its nearest patch in an image no nearer prototype took), so no prototype shows what
             another already shows.
+        prune_duplicates: right after push, switch off every prototype that duplicates an earlier
+            one (vectors with cosine >= 0.99, or the same source patch;
+            :func:`~mlmi_zoo.architectures.protopnet.prototypes.duplicate_flags`), so the last layer is
+            fitted without them. Two prototypes that show the same patch add no evidence the first
+            does not; ProtoPNet (Chen et al. 2019) prunes prototypes whose nearest patches are
+            mostly of other classes, ProtoPShare (Rymarczyk et al., KDD 2021) merges prototypes
+            that match alike. The switched-off prototypes stay in the weights (``prototype_mask``),
+            contribute nothing, and the sanity checks count them apart.
         div_coef: weight of the diversity cost (:func:`~mlmi_zoo.architectures.protopnet.training.diversity_cost`):
             the mean over prototype pairs of how far their angle falls short of ``arccos(div_cosine)``. The add-on's
             Sigmoid output sits near 0.5 in every channel, so without it prototypes learnt a small
@@ -230,6 +238,7 @@ class ProtoPNetTrainingSettings:
     push_foreground_share: float = 0.5
     push_off_border: bool = False
     push_distinct: bool = False
+    prune_duplicates: bool = False
     div_coef: float = 0.0
     div_cosine: float = 0.9
     near_data_coef: float = 0.0

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from mlmi_zoo.architectures.protopnet.prototypes import DUPLICATE_COSINE, duplicate_flags
 from mlmi_zoo.architectures.protopnet.push import BACKGROUND_SPAN  # push's intensity foreground is its complement
 from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
@@ -84,7 +85,7 @@ def _protopnet(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]:
     block["details"] = {"per_prototype_mean_abs_logit_change": own.abs().mean(0).tolist(),
                         "per_prototype_accuracy_when_disabled": off_accuracy.tolist(),
                         "logit_change": "exactly minus the prototype's contribution (similarities are masked before the last layer)"}
-    block["evidence"] = _disable_top_vs_random(logits, contributions, top, col, ctx)
+    block["evidence"] = _disable_top_vs_random(logits, contributions, top, col, ctx, model.enabled.cpu())
     out["actionability"] = block
     ctx.faithfulness = _deletion(model, col, ctx.limits, ctx.seed, ctx.figures, "top-prototype map",
                                  "A faithful map shows what the model uses, not that it is what a radiologist would use.", ctx)
@@ -142,21 +143,22 @@ def _decision_margin(logits: torch.Tensor, predicted: torch.Tensor) -> torch.Ten
 
 
 def _disable_top_vs_random(logits: torch.Tensor, contributions: torch.Tensor, top: torch.Tensor, col: _Collected,
-                           ctx: _Context) -> dict[str, Any]:
+                           ctx: _Context, enabled: torch.Tensor) -> dict[str, Any]:
     """Does acting on the explanation matter more than acting at random?
 
     Per case: the drop of the decision margin (predicted logit minus the largest other, in logits)
     when the prototype the explanation ranks first for the predicted class is disabled, beside the
-    drop when a prototype drawn uniformly at random (seeded) is disabled instead. Disabling removes
+    drop when an enabled prototype drawn uniformly at random (seeded) is disabled instead. Disabling removes
     exactly a prototype's stated contributions from every logit (the transparency switch-off test
     checks this in the model), so both drops are read from the contributions.
     """
-    n, _, n_prototypes = contributions.shape
+    n = contributions.shape[0]
     rows = torch.arange(n)
     predicted = logits.argmax(-1)
     margin = _decision_margin(logits, predicted)
     generator = torch.Generator().manual_seed(ctx.seed)
-    drawn = torch.randint(n_prototypes, (n,), generator=generator)
+    ids = torch.nonzero(enabled).flatten()  # drawn among the enabled prototypes: a switched-off one has nothing to lose
+    drawn = ids[torch.randint(len(ids), (n,), generator=generator)]
 
     def drop(disabled: torch.Tensor) -> torch.Tensor:
         return margin - _decision_margin(logits - contributions[rows, :, disabled], predicted)
@@ -214,7 +216,7 @@ def _switch_off_check(model: Any, col: _Collected, ctx: _Context) -> float:
 
 def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context, foreground: str | None = None
                      ) -> tuple[Any, torch.Tensor | None, float]:
-    """Each prototype's k nearest latent patches among ``ds``'s cases; whether each lies on the lesion
+    """Each enabled prototype's k nearest latent patches among ``ds``'s cases; whether each lies on the lesion
     ((P, k) bool, None without masks); and the share of the searched latent cells of those cases on the
     lesion (the purity a prototype would get by matching patches at random). With ``foreground`` (the
     batch key of a foreground mask) only the cells push could take are searched and counted."""
@@ -250,6 +252,8 @@ def _nearest_patches(model: Any, ds: SizedDataset[dict[str, Any]], ctx: _Context
             yield batch
 
     topk = prototype_topk_patches(model, batches(), k=min(ctx.limits.purity_k, len(ds)), foreground=foreground)
+    # one row per enabled prototype: a switched-off one takes no part in any decision
+    topk = type(topk)(*(t[model.enabled.cpu()] for t in topk))
     if not latent_masks:
         return topk, None, math.nan
     on_lesion = torch.zeros(topk.indices.shape, dtype=torch.bool)
@@ -274,18 +278,21 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
                                does_not_show)
     subset = _subset(train, ctx.limits.purity_train_cases)
     topk, on_lesion, _ = _nearest_patches(model, subset, ctx)
-    classes = model.prototype_classes.cpu()
+    enabled = model.enabled.cpu()
+    classes = model.prototype_classes.cpu()[enabled]
     class_purity = prototype_purity(topk.labels, classes)
     metrics: dict[str, Any] = {"class_purity_mean": class_purity["purity_mean"], "num_prototypes": int(classes.numel()),
                                "k": int(topk.indices.shape[1]), "training_cases_searched": len(subset)}
-    details: dict[str, Any] = {"class_purity_per_prototype": class_purity["per_prototype"]}
+    # the per-prototype lists below follow these ids (switched-off prototypes are left out)
+    details: dict[str, Any] = {"prototype_ids": torch.nonzero(enabled).flatten().tolist(),
+                               "class_purity_per_prototype": class_purity["per_prototype"]}
     if on_lesion is not None:
         lesion = prototype_purity(on_lesion)
         metrics["lesion_purity_mean"] = lesion["purity_mean"]
         metrics["lesion_purity_median"] = lesion["purity_median"]
         details["lesion_purity_per_prototype"] = lesion["per_prototype"]
     sources: list[dict[str, Any] | None] = model.prototype_sources or []  # None before the push
-    records = [r for r in sources if r is not None]
+    records = [r for r in sources if r is not None and enabled[int(r["prototype"])]]
     pushed = bool(records)
     metrics["pushed"] = pushed
     figures: list[str] = []
@@ -487,7 +494,6 @@ def _gallery(model: Any, train: SizedDataset[dict[str, Any]], records: list[dict
 # prototype-based image classification", CVPR workshops 2023; Adebayo et al., NeurIPS 2018)
 # ---------------------------------------------------------------------------------------------
 DEGENERATE_LIMIT = 0.10  # a model with more degenerate prototypes than this is not shipped as recognizable
-DUPLICATE_COSINE = 0.99
 
 
 def receptive_field(model: Any) -> dict[str, Any]:
@@ -512,24 +518,18 @@ def receptive_field(model: Any) -> dict[str, Any]:
 
 
 def prototype_sanity(model: Any, train: SizedDataset[dict[str, Any]] | None) -> dict[str, Any]:
-    """Count prototypes whose source is degenerate: on the latent grid's border, on background (a
-    near-constant dark patch), or a duplicate (the same source as another, or cosine >= 0.99)."""
-    records = [r for r in (model.prototype_sources or []) if r is not None]
-    vectors = model.prototype_layer.prototypes.detach()
-    unit = F.normalize(vectors.flatten(1), dim=1)
-    cosine = unit @ unit.T
-    n = int(vectors.shape[0])
-    # a later prototype duplicates an earlier one (the first of a group is kept as the original)
-    near = (torch.tril(cosine, diagonal=-1) >= DUPLICATE_COSINE).any(1)  # (P,)
-    same_source = torch.zeros(n, dtype=torch.bool)
-    seen: set[tuple[Any, ...]] = set()
-    border = torch.zeros(n, dtype=torch.bool)
-    background = torch.zeros(n, dtype=torch.bool)
+    """Count the enabled prototypes whose source is degenerate: on the latent grid's border, on
+    background (a near-constant dark patch), or a duplicate (the same source as another, or cosine
+    >= 0.99; :func:`~mlmi_zoo.architectures.protopnet.prototypes.duplicate_flags`). Switched-off
+    prototypes take no part in any decision and are counted apart (``switched_off``)."""
+    enabled = model.enabled.cpu()
+    records = [r for r in (model.prototype_sources or []) if r is not None and enabled[int(r["prototype"])]]
+    n_all = int(enabled.numel())
+    near, same_source = duplicate_flags(model, DUPLICATE_COSINE)
+    border = torch.zeros(n_all, dtype=torch.bool)
+    background = torch.zeros(n_all, dtype=torch.bool)
     for rec in records:
         p = int(rec["prototype"])
-        key = (int(rec["index"]), *(int(v) for v in rec["location"]))
-        same_source[p] = key in seen
-        seen.add(key)
         border[p] = any(int(v) in (0, int(s) - 1) for v, s in zip(rec["location"], rec["latent_shape"]))
         sample = _find_sample(train, int(rec["index"])) if train is not None else None
         if sample is not None:
@@ -540,8 +540,9 @@ def prototype_sanity(model: Any, train: SizedDataset[dict[str, Any]] | None) -> 
                                  and float(patch.mean()) <= float(image.min()) + BACKGROUND_SPAN * span)
     duplicate = same_source | near
     degenerate = border | background | duplicate
-    return {"prototypes": n, "on_border": int(border.sum()), "on_background": int(background.sum()),
-            "same_source": int(same_source.sum()), "cosine_099": int(near.sum()),
-            "duplicates": int(duplicate.sum()), "degenerate": int(degenerate.sum()),
-            "degenerate_share": float(degenerate.double().mean()) if n else math.nan,
+    n = int(enabled.sum())
+    return {"prototypes": n, "switched_off": n_all - n, "on_border": int(border.sum()),
+            "on_background": int(background.sum()), "same_source": int(same_source.sum()),
+            "cosine_099": int(near.sum()), "duplicates": int(duplicate.sum()), "degenerate": int(degenerate.sum()),
+            "degenerate_share": float(degenerate.sum()) / n if n else math.nan,
             "degenerate_ids": torch.nonzero(degenerate).flatten().tolist(), "checked_sources": len(records)}

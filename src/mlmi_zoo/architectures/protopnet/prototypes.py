@@ -40,8 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 
 __all__ = [
+    "DUPLICATE_COSINE",
     "PrototypeLayer",
     "Similarity",
+    "duplicate_flags",
+    "duplicate_prototypes",
     "foreground_cells",
     "latent_box",
     "lesion_cells",
@@ -50,6 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Similarity = Literal["log_l2", "cosine"]
+DUPLICATE_COSINE = 0.99  # prototype vectors at least this aligned show the same thing twice
 
 
 class PrototypeLayer(nn.Module):
@@ -273,3 +277,33 @@ def _lesion_cells(model: "ProtoPNet", batch: dict[str, Any], latent_shape: tuple
     if batch.get("mask") is None:
         raise ValueError("push on_lesion=True needs lesion masks: batches without a 'mask' entry")
     return lesion_cells(model, torch.as_tensor(batch["mask"]).to(device), latent_shape)
+
+
+def duplicate_flags(model: "ProtoPNet", cosine: float = DUPLICATE_COSINE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which enabled prototypes duplicate an earlier enabled one (lower index; the first of a group
+    is the original): ``(aligned, same_source)``, each (P,) bool.
+
+    ``aligned``: its vector has a cosine of at least ``cosine`` with an earlier one's.
+    ``same_source``: push took it from the same latent cell of the same image as an earlier one.
+    Switched-off prototypes (:meth:`ProtoPNet.disable_prototypes`) are neither duplicates nor
+    originals: they take no part in any decision.
+    """
+    enabled = model.enabled.cpu()
+    unit = F.normalize(model.prototype_layer.prototypes.detach().flatten(1).cpu(), dim=1)
+    both = enabled[:, None] & enabled[None, :]
+    aligned = (torch.tril((unit @ unit.T) >= cosine, diagonal=-1) & both).any(1)  # (P,)
+    same_source = torch.zeros_like(aligned)
+    seen: set[tuple[int, ...]] = set()
+    for rec in model.prototype_sources or []:
+        if rec is None or not enabled[int(rec["prototype"])]:
+            continue
+        key = (int(rec["index"]), *(int(v) for v in rec["location"]))
+        same_source[int(rec["prototype"])] = key in seen
+        seen.add(key)
+    return aligned, same_source
+
+
+def duplicate_prototypes(model: "ProtoPNet", cosine: float = DUPLICATE_COSINE) -> list[int]:
+    """Ids of the enabled prototypes that duplicate an earlier enabled one (:func:`duplicate_flags`)."""
+    aligned, same_source = duplicate_flags(model, cosine)
+    return torch.nonzero(aligned | same_source).flatten().tolist()

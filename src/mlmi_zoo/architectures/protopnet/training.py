@@ -60,7 +60,7 @@ from mlmi_zoo.architectures.protopnet.config import ProtoPNetTrainingSettings
 from mlmi_zoo.architectures.protopnet.data_init import initialise_prototypes_from_data
 from mlmi_zoo.architectures.protopnet.last_layer import fit_last_layer, off_class_l1
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet
-from mlmi_zoo.architectures.protopnet.prototypes import lesion_cells
+from mlmi_zoo.architectures.protopnet.prototypes import duplicate_prototypes, lesion_cells
 from mlmi_zoo.architectures.protopnet.push import push_prototypes
 
 __all__ = [
@@ -314,8 +314,16 @@ class ProtoPNetTraining(FamilyTraining):
                                       off_border=self.settings.push_off_border,
                                       foreground_share=self.settings.push_foreground_share)
             pushed = [r for r in records if r is not None]
-            return {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
-                    "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}
+            out = {"pushed": len(pushed), "not_pushed": len(records) - len(pushed),
+                   "mean_distance": sum(r["distance"] for r in pushed) / max(len(pushed), 1)}
+            if self.settings.prune_duplicates:
+                duplicates = duplicate_prototypes(model)
+                model.disable_prototypes(duplicates)
+                out["switched_off_duplicates"] = duplicates
+                if duplicates:
+                    log.info("push: %d of %d prototypes duplicate an earlier one and are switched off: %s",
+                             len(duplicates), len(records), duplicates)
+            return out
         if stage == "last_layer":
             return fit_last_layer(model, loader, epochs=self.last_layer_epochs if epochs is None else epochs,
                                   lr=self.last_layer_lr if lr is None else lr, l1=self.settings.l1_coef, device=device)
