@@ -100,19 +100,22 @@ def _prototype_models() -> list[str]:
 
 @pytest.mark.parametrize("name", _prototype_models())
 def test_shipped_prototypes_pass_the_sanity_checks(name: str) -> None:
-    """No prototype network ships with more than 10% degenerate prototypes, and the card's duplicate and
-    border counts are what the weights and push records say (recomputed here without the data)."""
+    """No prototype network ships with more than 10% degenerate prototypes among those it uses, and the card's
+    duplicate, border and switched-off counts are what the weights and push records say (recomputed here without
+    the data)."""
     from mlmi_zoo.architectures.protopnet.evaluation import DEGENERATE_LIMIT, DUPLICATE_COSINE
 
     sanity = json.loads((bundled_dir() / name / "results.json").read_text())[
         "elements"]["visual_recognizability"]["details"]["sanity"]
     assert sanity["degenerate_share"] <= DEGENERATE_LIMIT, sanity
     model = mlmi_zoo.load(name)
+    on = model.prototype_mask > 0  # switched-off prototypes take no part in any decision and are counted apart
+    assert sanity.get("switched_off", 0) == int((~on).sum())
     unit = torch.nn.functional.normalize(model.prototype_layer.prototypes.detach().flatten(1), dim=1)
-    near = (torch.tril(unit @ unit.T, diagonal=-1) >= DUPLICATE_COSINE).any(1)
+    near = ((torch.tril(unit @ unit.T, diagonal=-1) >= DUPLICATE_COSINE) & on[:, None] & on[None, :]).any(1)
     assert int(near.sum()) == sanity["cosine_099"]
-    records = [r for r in model.prototype_sources or [] if r is not None]
-    assert len(records) == sanity["prototypes"], "every shipped prototype is a pushed training patch"
+    records = [r for r in model.prototype_sources or [] if r is not None and on[r["prototype"]]]
+    assert len(records) == sanity["prototypes"], "every enabled shipped prototype is a pushed training patch"
     border = sum(any(v in (0, s - 1) for v, s in zip(r["location"], r["latent_shape"])) for r in records)
     assert border == sanity["on_border"]
     sources = [(r["index"], *r["location"]) for r in records]

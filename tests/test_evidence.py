@@ -235,14 +235,20 @@ def test_protopnet_actionability_control_tells_a_ranked_explanation_from_a_flat_
     ranked[torch.arange(n), winner, torch.randint(p, (n,), generator=g)] += 3.0  # one prototype decides each case
     logits = ranked.sum(-1)
     top = ranked[torch.arange(n), logits.argmax(-1)].argmax(-1)
-    ranked_block = _disable_top_vs_random(logits, ranked, top, col, ctx)
+    every = torch.ones(p, dtype=torch.bool)
+    ranked_block = _disable_top_vs_random(logits, ranked, top, col, ctx, every)
     assert ranked_block["verdict"]["status"] == "demonstrated"
+    # the random prototype is drawn among the enabled ones only: with one enabled, it is the top one itself
+    only = torch.zeros(p, dtype=torch.bool)
+    only[3] = True
+    same = _disable_top_vs_random(logits, ranked, torch.full((n,), 3), col, ctx, only)
+    assert same["verdict"]["status"] != "demonstrated" and same["verdict"]["difference"]["estimate"] == 0
     assert set(ranked_block["controls"]) == {"random_prototype"}
     flat = torch.zeros(n, c, p)
     flat[torch.arange(n), winner] = 0.3  # every prototype of the winning class contributes the same
     flat_logits = flat.sum(-1)
     flat_top = flat[torch.arange(n), flat_logits.argmax(-1)].argmax(-1)
-    flat_block = _disable_top_vs_random(flat_logits, flat, flat_top, col, ctx)
+    flat_block = _disable_top_vs_random(flat_logits, flat, flat_top, col, ctx, every)
     assert flat_block["verdict"]["status"] != "demonstrated"
 
 

@@ -323,9 +323,7 @@ def _prototype_purity(model: Any, ctx: _Context) -> dict[str, Any]:
     else:
         # Without lesion masks there is no purity to compare with a control, so nothing is demonstrated;
         # the sentence says whether the prototypes at least pass the sanity checks.
-        counts = (f"{sanity['degenerate']} of {sanity['prototypes']} prototypes ({sanity['degenerate_share']:.0%}) "
-                  f"are degenerate (border {sanity['on_border']}, background {sanity['on_background']}, duplicate "
-                  f"{sanity['duplicates']})")
+        counts = _sanity_counts(sanity)
         if sanity["degenerate_share"] > DEGENERATE_LIMIT:
             sentence = (f"not demonstrated on this data: {counts}, above the {DEGENERATE_LIMIT:.0%} limit; the data "
                         "carry no lesion masks for a purity comparison")
@@ -347,15 +345,23 @@ def _purity_evidence(per_prototype: np.ndarray, base_rate: float, sanity: dict[s
     evidence = compare(f"lesion purity of each prototype's nearest {where} patches (intervals over prototypes)",
                        per_prototype, {"random patches (lesion-cell share)": np.full_like(per_prototype, base_rate)},
                        np.arange(len(per_prototype)).astype(str), n_boot=ctx.n_boot, seed=ctx.seed)
-    share = sanity["degenerate_share"]
-    if share > DEGENERATE_LIMIT:
+    if sanity["degenerate_share"] > DEGENERATE_LIMIT:
         evidence["verdict"]["status"] = "not demonstrated on this data"
-        evidence["verdict"]["sentence"] = (
-            f"not demonstrated on this data: {sanity['degenerate']} of {sanity['prototypes']} prototypes "
-            f"({share:.0%}) are degenerate (border {sanity['on_border']}, background {sanity['on_background']}, "
-            f"duplicate {sanity['duplicates']}), above the {DEGENERATE_LIMIT:.0%} limit; "
-            + evidence["verdict"]["sentence"])
+        evidence["verdict"]["sentence"] = (f"not demonstrated on this data: {_sanity_counts(sanity)}, above the "
+                                           f"{DEGENERATE_LIMIT:.0%} limit; " + evidence["verdict"]["sentence"])
+    elif sanity.get("switched_off"):
+        evidence["verdict"]["sentence"] += f" ({_sanity_counts(sanity)})"
     return evidence
+
+
+def _sanity_counts(sanity: Mapping[str, Any]) -> str:
+    """The sanity counts in words, with the prototypes switched off (not counted) when there are any."""
+    off = sanity.get("switched_off", 0)
+    return (f"{sanity['degenerate']} of {sanity['prototypes']} {'enabled ' if off else ''}prototypes "
+            f"({sanity['degenerate_share']:.0%}) are degenerate (border {sanity['on_border']}, background "
+            f"{sanity['on_background']}, duplicate {sanity['duplicates']})"
+            + (f"; {off} more were switched off after push as duplicates and take no part in any decision"
+               if off else ""))
 
 
 FOREGROUND_KEYS = ("fov", "breast")  # the foreground masks real data sets carry (fundus field of view, breast)
