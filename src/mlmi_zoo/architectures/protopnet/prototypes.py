@@ -24,6 +24,8 @@ What we changed:
 - The nearest training patches of each prototype (:func:`prototype_topk_patches`), for prototype
   purity, keep the nearest location of each image and the ``k`` nearest images, as ProtoPNet's
   nearest-patch analysis does.
+- :func:`duplicate_flags` names the prototypes that repeat an earlier one (aligned vectors or the
+  same source patch), for the sanity checks and for switching such copies off after push.
 """
 from __future__ import annotations
 
