@@ -207,14 +207,14 @@ def receptive_fields() -> list[dict[str, Any]]:
 
     Cut at stride 8 and 16, on a 3-channel 448 x 448 input (larger than either field, so that
     neither is clipped by the image border), with
-    :func:`mlmi_zoo.architectures.protopnet.evaluation.receptive_field` (theoretical: every pixel
+    :func:`mlmi_zoo.architectures.protopnet.fields.receptive_field` (theoretical: every pixel
     with a non-zero gradient; effective: the centred box holding half of the gradient magnitude).
 
     Returns:
         One dict per stride.
     """
     from mlmi_zoo.architectures.protopnet.config import ProtoPNetConfig
-    from mlmi_zoo.architectures.protopnet.evaluation import receptive_field
+    from mlmi_zoo.architectures.protopnet.fields import receptive_field
     from mlmi_zoo.architectures.protopnet.model import ProtoPNet
     from mlmi_zoo.training.init import apply_init
 

@@ -96,7 +96,7 @@ def test_tiled_backbone_encodes_each_tile_on_its_own() -> None:
 
 
 def test_tiled_receptive_field_stays_in_the_tile() -> None:
-    from mlmi_zoo.architectures.protopnet.evaluation import cell_fields
+    from mlmi_zoo.architectures.protopnet.fields import cell_fields
     import mlmi_zoo
 
     model = mlmi_zoo.create_model("protopnet_resnet8", label_names=("a", "b"), in_channels=3, img_size=(48, 80),

@@ -135,7 +135,7 @@ def test_a_thin_foreground_needs_a_lower_share() -> None:
 def test_cell_fields_are_the_cells_true_and_effective_receptive_field() -> None:
     """The true field of a cell covers its stride window and every pixel it depends on, shifts with the cell,
     is clipped at the image edge, and the weights' gradients are not touched."""
-    from mlmi_zoo.architectures.protopnet.evaluation import cell_fields
+    from mlmi_zoo.architectures.protopnet.fields import cell_fields
 
     model = _model()
     image = torch.rand(1, 32, 32, generator=torch.Generator().manual_seed(3))
