@@ -152,6 +152,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--readme", type=Path, default=BENCH_DIR / "README.md")
     args = parser.parse_args()
+    known = {name for script, _ in SCRIPTS for name in (script, Path(script).stem)}
+    unknown = [name for name in args.only or () if name not in known]
+    if unknown:  # before anything runs: an empty selection would overwrite results.json with no rows
+        parser.error(f"--only {' '.join(unknown)}: not a script run_all runs (it runs "
+                     f"{', '.join(Path(s).stem for s, _ in SCRIPTS)}); run other scripts directly")
     rows: list[dict[str, Any]] = []
     for script, own in SCRIPTS:
         if args.only and script not in args.only and Path(script).stem not in args.only:
