@@ -103,7 +103,8 @@ def test_shipped_prototypes_pass_the_sanity_checks(name: str) -> None:
     """No prototype network ships with more than 10% degenerate prototypes among those it uses, and the card's
     duplicate, border and switched-off counts are what the weights and push records say (recomputed here without
     the data)."""
-    from mlmi_zoo.architectures.protopnet.evaluation import DEGENERATE_LIMIT, DUPLICATE_COSINE
+    from mlmi_zoo.architectures.protopnet.evaluation import DEGENERATE_LIMIT
+    from mlmi_zoo.architectures.protopnet.prototypes import DUPLICATE_COSINE
 
     sanity = json.loads((bundled_dir() / name / "results.json").read_text())[
         "elements"]["visual_recognizability"]["details"]["sanity"]

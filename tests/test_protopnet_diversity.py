@@ -157,8 +157,8 @@ def test_cell_fields_are_the_cells_true_and_effective_receptive_field() -> None:
 
 
 def test_prune_duplicates_switches_off_each_later_copy_and_the_sanity_check_counts_it_apart() -> None:
-    """Collapsed prototypes pushed onto one patch per class: pruning keeps the first of each class, switches off
-    the others (they then contribute nothing), and the sanity check reads only the enabled ones."""
+    """Collapsed prototypes pushed onto one patch per class: pruning keeps prototype 0, switches off its copies
+    (they then contribute nothing), and the sanity check reads only the enabled ones."""
     from mlmi_zoo.architectures.protopnet.evaluation import prototype_sanity
     from mlmi_zoo.architectures.protopnet.prototypes import duplicate_prototypes
     from mlmi_zoo.architectures.protopnet.training import ProtoPNetTraining

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mlmi_zoo.architectures.protopnet.fields import cell_fields, receptive_field
-from mlmi_zoo.architectures.protopnet.prototypes import DUPLICATE_COSINE, duplicate_flags
+from mlmi_zoo.architectures.protopnet.prototypes import duplicate_flags
 from mlmi_zoo.architectures.protopnet.push import BACKGROUND_SPAN  # push's intensity foreground is its complement
 from mlmi_zoo.evaluation import figures as figs
 from mlmi_zoo.evaluation._collect import _Collected
@@ -462,7 +462,7 @@ def prototype_sanity(model: Any, train: SizedDataset[dict[str, Any]] | None) -> 
     enabled = model.enabled.cpu()
     records = [r for r in (model.prototype_sources or []) if r is not None and enabled[int(r["prototype"])]]
     n_all = int(enabled.numel())
-    near, same_source = duplicate_flags(model, DUPLICATE_COSINE)
+    near, same_source = duplicate_flags(model)
     border = torch.zeros(n_all, dtype=torch.bool)
     background = torch.zeros(n_all, dtype=torch.bool)
     for rec in records:
