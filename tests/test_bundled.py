@@ -161,3 +161,42 @@ def test_the_demo_draws_the_annotated_finding_with_its_size() -> None:
     mask[0, 10:16, 12:18] = True
     png = _truth_png({"image": image, "mask": mask}, {"true diameter_mm": 13.2, "true radius_mm": float("nan")})
     assert png is not None and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+CROPPED = [r for r in __import__("mlmi_zoo.model_cards.release", fromlist=["RELEASES"]).RELEASES
+           if r.sample_crop_mm is not None and r.name in BUNDLED]
+
+
+@pytest.mark.parametrize("release", CROPPED, ids=lambda r: r.name)
+def test_samples_of_licence_restricted_data_hold_only_their_crop(release) -> None:
+    """mini-MIAS may be shared only as a few sample crops: every stored image, a bag's film included, holds
+    original pixels only inside the release's square (the rest is 0)."""
+    for tensors, meta in load_samples(bundled_dir() / release.name):
+        image, spacing = tensors["image"], tensors["spacing"]
+        rows, cols = torch.nonzero(image.reshape(-1, *image.shape[-2:]).abs().sum(0) > 0, as_tuple=True)
+        assert len(rows), meta
+        for extent, s in ((rows.max() - rows.min() + 1, spacing[0]), (cols.max() - cols.min() + 1, spacing[1])):
+            assert int(extent) <= round(release.sample_crop_mm / float(s)), meta
+
+
+def test_the_demo_draws_the_predicted_radius_of_a_bag_model() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlmi_zoo.model_cards.demo import _draw_predicted_circle
+
+    name = "abmil_features.mias"
+    if name not in BUNDLED:
+        pytest.skip(f"{name} is not bundled")
+    model = mlmi_zoo.load(name)
+    (tensors, meta), *_ = [s for s in load_samples(bundled_dir() / name) if bool(s[0]["mask"].any())]
+    exp = explain_sample(model, tensors)
+    fig, ax = plt.subplots()
+    _draw_predicted_circle(ax, model, exp, tensors, int(meta["tile_px_on_image"]))
+    radius_mm = float(exp.measurements["radius_mm"].value[0])
+    (circle,) = ax.patches
+    assert circle.get_radius() == pytest.approx(radius_mm / float(tensors["spacing"][0]))
+    assert f"{radius_mm:.1f} mm" in ax.get_title() and ax.collections  # the annotation's outline drawn beside it
+    plt.close(fig)

@@ -12,6 +12,7 @@ from mlmi_zoo.evaluation.controls import (
     brightness_map,
     centre_prior,
     instance_auroc_per_bag,
+    top_instance_hit,
     random_maps,
     uniform_attention,
     uniform_map,
@@ -219,3 +220,18 @@ def test_verdict_from_data():
     v = verdict(diffs)
     assert v.control == "centre prior" and v.demonstrated and v.difference.low == pytest.approx(0.05)
     assert verdict({"centre prior": paired_difference_ci(centre, centre, groups, n_boot=200)}).status == NOT_DEMONSTRATED
+
+
+def test_top_instance_hit_breaks_ties_at_the_positive_share() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.0], [0.2, 0.2, 0.2, 0.2], [0.3, 0.8, 0.1, 0.0], [1.0, 0.0, 0.0, 0.0],
+                           [0.5, 0.4, 0.0, 0.0]])
+    labels = torch.tensor([[1.0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, float("nan"), 0, 0]])
+    mask = torch.tensor([[True] * 4, [True] * 4, [True] * 4, [True] * 4, [True, True, False, False]])
+    hit = top_instance_hit(scores, labels, mask)
+    # a hit; a tie over all four (one positive): 1/4; a miss; no positive: undefined; an unlabelled tile: undefined
+    assert hit[:3].tolist() == [1.0, 0.25, 0.0] and np.isnan(hit[3]) and np.isnan(hit[4])
+    # padding never wins: bag 2 with its top tile masked out hits nothing else
+    masked = top_instance_hit(scores[2:3], labels[2:3], torch.tensor([[True, False, True, True]]))
+    assert masked.tolist() == [1.0]
+    with pytest.raises(ValueError, match="share a shape"):
+        top_instance_hit(scores, labels[:, :2])

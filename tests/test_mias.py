@@ -328,6 +328,9 @@ def test_breast_tiles_boxes_images_and_instance_truth(samples: dict[str, dict]):
         assert torch.equal(tile, s["image"][:, r0:r1, c0:c1])
         assert float(frac) == pytest.approx(float(breast[r0:r1, c0:c1].float().mean())) and float(frac) >= 0.5
         assert float(truth) == float(lesion[r0:r1, c0:c1].any())
+    pixel_mm2 = float(s["spacing"][0]) ** 2
+    for (r0, c0, r1, c1), area in zip(tiles.boxes.tolist(), tiles.lesion_area_mm2):  # the disc pixels inside, in mm²
+        assert float(area) == pytest.approx(float(lesion[r0:r1, c0:c1].sum()) * pixel_mm2, rel=1e-5)
     assert 0 < int(tiles.instance_truth.sum()) < n
     # overlapping tiles, all kept: the whole grid, and the positive tiles cover every lesion pixel of its area
     overlap = breast_tiles(s, tile_mm=16.0, stride_mm=8.0, min_breast_fraction=0.0)
@@ -338,6 +341,8 @@ def test_breast_tiles_boxes_images_and_instance_truth(samples: dict[str, dict]):
     reach = int(overlap.boxes[:, 2].max())
     assert bool(lesion[:reach, :reach].any()) and bool(covered[:reach, :reach][lesion[:reach, :reach]].all())
     assert torch.isnan(breast_tiles(samples["mdb059"], 16.0).instance_truth).all()  # abnormal, no circle
+    assert torch.isnan(breast_tiles(samples["mdb059"], 16.0).lesion_area_mm2).all()
+    assert (breast_tiles(samples["mdb003"], 16.0).lesion_area_mm2 == 0).all()
     assert (breast_tiles(samples["mdb003"], 16.0).instance_truth == 0).all()  # normal
     with pytest.raises(ValueError, match="tile_mm"):
         breast_tiles(s, tile_mm=0.5)

@@ -11,10 +11,12 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import mlmi_zoo
+from mlmi_zoo.evaluation.evaluate import _baseline_probs
 from mlmi_zoo.model_cards.release import RECIPES
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset, collate_for, describe
 from mlmi_zoo.training.datasets._location import DATA_ENV_VAR
@@ -71,6 +73,30 @@ def test_instance_labels_match_the_radiologist_circles(bags: MiasBags) -> None:
             far &= torch.linalg.vector_norm(nearest - torch.tensor([row, col]), dim=-1) > radius + spacing * math.sqrt(2)
         assert far.any() and bool((labels[far] == 0).all()), record.name
         assert labels.sum() >= 1
+
+
+def test_lesion_areas_and_radius_of_each_bag(bags: MiasBags) -> None:
+    """Each tile's disc area is 0 exactly where its label is 0; the bag's area is their sum and at most the discs'
+    own area (plus the rasterisation of one pixel rim); the radius is the largest circle's."""
+    spacing = FAST["spacing_mm"]
+    seen_positive = False
+    for record, bag in zip(bags.records, bags.bags):
+        areas, labels, truth = bag["instance_area_mm2"], bag["instance_labels"], bag["measurements"]
+        assert areas.shape == labels.shape
+        if record.abnormal and not record.has_centre:
+            assert torch.isnan(areas).all() and math.isnan(float(truth["lesion_area_mm2"])), record.name
+            continue
+        assert bool(((areas > 0) == (labels == 1)).all()), record.name
+        assert float(truth["lesion_area_mm2"]) == pytest.approx(float(areas.sum()), rel=1e-5)
+        circles = record.circles_mm()
+        if not circles:
+            assert float(truth["lesion_area_mm2"]) == 0 and math.isnan(float(truth["radius_mm"]))
+            continue
+        seen_positive = True
+        assert float(truth["radius_mm"]) == pytest.approx(max(c[2] for c in circles), rel=1e-6)
+        discs = sum(math.pi * (r + spacing) ** 2 for _, _, r in circles)
+        assert 0 < float(truth["lesion_area_mm2"]) <= discs, record.name
+    assert seen_positive
 
 
 def test_bags_carry_the_image_label_and_the_woman(bags: MiasBags) -> None:
@@ -144,6 +170,8 @@ def test_the_recipe_builds_and_trains_one_tiny_epoch(recipe_name, cache: Path, t
     overrides = [f"data.params.root={DATA}", *(f"data.params.{k}={v}" for k, v in FAST.items()),
                  "model.config.in_features=128", "data.train_size=6", "data.val_size=6", "data.test_size=2",
                  "stages.0.epochs=1", "optim.batch_size=3"]
+    if recipe_name == "abmil_mias.yaml":  # its second stage trains the size head alone
+        overrides.append("stages.1.epochs=1")
     recipe = load_recipe(RECIPES / recipe_name, overrides)
     assert recipe.data.kind == "mias_bags"
     final = train(recipe, tmp_path / "run", quiet=True)
@@ -154,3 +182,28 @@ def test_the_recipe_builds_and_trains_one_tiny_epoch(recipe_name, cache: Path, t
     exp = model.explain(bag["feats"][None], coords=bag["coords"][None])
     assert exp.logits.shape == (1, 2) and exp.attention.shape == (1, bag["feats"].shape[0])
     assert "image" not in bag and all(k != "tiles" for k in bag)  # a bag holds features, never pixels
+
+
+def test_an_image_baseline_is_matched_to_each_film_of_a_woman(cache: Path, tmp_path: Path) -> None:
+    """A woman has two films: the baseline's probability of each bag is the one of that film, not her other."""
+    images = load_recipe(RECIPES / "baseline_lite0_mias_release.yaml", [
+        f"data.params.root={DATA}", "data.params.spacing_mm=1.6", "model.init=random", "model.config.img_size=[128,128]",
+        "model.config.spacing=[1.6,1.6]", "data.train_size=4", "data.val_size=2", "data.test_size=4",
+        "stages.0.epochs=1", "optim.batch_size=2"])
+    baseline = train(images, tmp_path / "images", quiet=True)
+    base_model = mlmi_zoo.load(f"local-dir:{baseline}").eval()
+    films = build_dataset(images.data, "test")
+    with torch.no_grad():
+        direct = {films[i]["name"]: base_model(base_model.input_spec.intensity(films[i]["image"][None])).softmax(-1)[0]
+                  for i in range(len(films))}
+    bag_data = MiasBags(DATA, split="test", max_images=4, **FAST)
+    order = list(reversed(range(len(bag_data))))  # another order than the films'
+    groups = np.asarray([bag_data[i]["patient_id"] for i in order])
+    names = [bag_data[i]["name"] for i in order]
+    assert len(set(groups.tolist())) == 2 and len(groups) == 4  # two women, two films each
+    bag_model = mlmi_zoo.create_model("abmil_features", in_features=bag_data.feature_dim, label_names=("normal", "abnormal"),
+                                      quantities=())
+    matched = _baseline_probs(base_model, f"local-dir:{baseline}", bag_model, bag_data, None, "test", 2, groups, names)
+    assert torch.allclose(matched, torch.stack([direct[n] for n in names]), atol=1e-6)
+    with pytest.raises(ValueError, match="several cases per patient"):
+        _baseline_probs(base_model, f"local-dir:{baseline}", bag_model, bag_data, None, "test", 2, groups)

@@ -26,6 +26,7 @@ from mlmi_zoo.architectures.mil.model import (
     masked_softmax,
     percentile_normalise,
 )
+from mlmi_zoo.architectures.mil.config import without_area_head
 
 
 # -- masking and invariances ------------------------------------------------------------------------
@@ -313,6 +314,32 @@ def test_instance_areas_are_non_negative_and_sum_to_the_bag_area(name: str) -> N
     # the same tiles imaged at twice the pixel size cover four times the area
     doubled = model.explain(x, mask, microns_per_pixel=torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(doubled.measurements["tumour_area_mm2"].value, 4 * bag.value)
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_equivalent_radius_is_the_disc_of_the_bag_area(name: str) -> None:
+    model = make(name, equivalent_radii=(("radius_mm", "tumour_area_mm2"),))
+    x, mask = padded([torch.randn(n, D) for n in (6, 2)])
+    exp = model.explain(x, mask)
+    area, radius = exp.measurements["tumour_area_mm2"], exp.measurements["radius_mm"]
+    assert radius.unit == "mm" and "radius_mm" not in exp.instance_measurements
+    torch.testing.assert_close(math.pi * radius.value ** 2, area.value)
+    # in mm whatever the area's unit, and twice the pixel size doubles it
+    in_um2 = make(name, quantities=(QuantitySpec("tumour_area_um2", "um^2"),),
+                  equivalent_radii=(("radius_mm", "tumour_area_um2"),))
+    in_um2.load_state_dict(model.state_dict())
+    torch.testing.assert_close(in_um2.explain(x, mask).measurements["radius_mm"].value, radius.value)
+    doubled = model.explain(x, mask, microns_per_pixel=torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(doubled.measurements["radius_mm"].value, 2 * radius.value)
+    with pytest.raises(ValueError, match="not one of the area quantities"):
+        MILConfig(equivalent_radii=(("radius_mm", "lesion_area_mm2"),))
+    with pytest.raises(ValueError, match="already an area quantity"):
+        MILConfig(equivalent_radii=(("tumour_area_mm2", "tumour_area_mm2"),))
+    # the overrides that drop the area head drop the radii read from it, and give a valid config
+    drop = without_area_head(model.config.equivalent_radii)
+    assert drop == "model.config.quantities=[] model.config.equivalent_radii=[]"
+    assert without_area_head(()) == "model.config.quantities=[]"
+    assert MILConfig(quantities=(), equivalent_radii=()).equivalent_radii == ()
 
 
 @pytest.mark.parametrize("name", FEATURE_MODELS)

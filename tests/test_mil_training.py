@@ -73,6 +73,24 @@ def test_training_subsamples_and_trains_every_part() -> None:
 
 
 @pytest.mark.parametrize("name", FEATURE_MODELS)
+def test_area_head_stage_is_the_physical_loss_on_the_area_head_alone(name: str) -> None:
+    model = make(name).train()
+    adapter = trainer_for(model)
+    x, mask = padded([torch.randn(n, D) for n in (7, 4)])
+    batch = {"feats": x, "mask": mask, "label": torch.tensor([1, 0]),
+             "instance_area_mm2": torch.rand(2, 7) * TILE_AREA_MM2}
+    joint, area = adapter.loss(model, batch, "joint"), adapter.loss(model, batch, "area_head")
+    torch.testing.assert_close(area.loss, torch.tensor(area.logs["instance_tumour_area_mm2"]))
+    torch.testing.assert_close(joint.loss, area.loss + torch.tensor(joint.logs["ce"]))  # physical_weight 1
+    head = {id(p) for p in model.area_head.parameters()}
+    assert {id(p) for p in adapter.trainable_parameters(model, "area_head")} == head
+    assert len(adapter.trainable_parameters(model, "joint")) == len(list(model.parameters()))
+    without = make(name, quantities=())
+    with pytest.raises(ValueError, match="has none"):
+        trainer_for(without).trainable_parameters(without, "area_head")
+
+
+@pytest.mark.parametrize("name", FEATURE_MODELS)
 def test_attention_instance_loss_is_bce_of_raw_scores_on_valid_instances(name: str) -> None:
     x, mask = padded([torch.randn(n, D) for n in (5, 3)])
     labels = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 0]])  # padding labels are ignored

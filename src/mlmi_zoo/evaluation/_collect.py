@@ -43,6 +43,7 @@ class _Collected:
     labels: list[torch.Tensor] = dataclasses.field(default_factory=list)
     groups: list[str] | None = None
     has_groups: bool = True
+    names: list[str] = dataclasses.field(default_factory=list)  # each case's name (an image), where the data give one
     # localization / faithfulness
     ap: list[torch.Tensor] = dataclasses.field(default_factory=list)
     pg: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -86,6 +87,7 @@ class _Collected:
     inst_labels: list[torch.Tensor] = dataclasses.field(default_factory=list)
     inst_bag_scores: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each instance's bag P(positive)
     per_bag_auroc: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # scorer -> per-bag AUROC
+    per_bag_top_hit: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # scorer -> top tile on the finding
     per_bag_groups: list[str] = dataclasses.field(default_factory=list)
     topk_share: list[float] = dataclasses.field(default_factory=list)
     exclusion_delta: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -103,7 +105,9 @@ class _Collected:
             return np.asarray(self.groups)
         return np.arange(self.n_cases).astype(str)
 
-    def add_groups(self, groups: list[str] | None) -> None:
+    def add_groups(self, groups: list[str] | None, names: Any = None) -> None:
+        if names is not None:
+            self.names += [str(n) for n in names]
         if groups is None:
             self.has_groups = False
             return
@@ -189,7 +193,7 @@ def _run_images(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluat
         predicted = exp.logits.argmax(-1)  # (B,)
         col.logits.append(exp.logits.cpu())
         col.labels.append(torch.as_tensor(batch["label"]).reshape(-1).cpu())
-        col.add_groups(_batch_groups(batch, n))
+        col.add_groups(_batch_groups(batch, n), batch.get("name"))
         _collect_measurements(col, exp.measurements, batch)
         if controls is not None:
             col.stats.append(image_statistics(x))
@@ -286,7 +290,7 @@ def _per_bag(col: _Collected, model: Any, x: torch.Tensor, mask: torch.Tensor, s
              batch_controls: Mapping[str, Any] | None = None) -> None:
     """Instance AUROC inside each bag, for the model and the MIL controls (bags with one instance
     class are undefined and recorded as NaN)."""
-    from mlmi_zoo.evaluation.controls import bag_constant_scores, instance_auroc_per_bag, uniform_attention
+    from mlmi_zoo.evaluation.controls import bag_constant_scores, instance_auroc_per_bag, top_instance_hit, uniform_attention
 
     labels = inst.to(mask.device).double()
     with torch.no_grad():
@@ -300,6 +304,8 @@ def _per_bag(col: _Collected, model: Any, x: torch.Tensor, mask: torch.Tensor, s
     for name, sc in scorers.items():
         res = instance_auroc_per_bag(sc.detach().double().cpu(), labels.cpu(), mask.cpu())
         col.per_bag_auroc.setdefault(name, []).extend(res.per_bag.tolist())
+        hit = top_instance_hit(sc.detach().double().cpu(), labels.cpu(), mask.cpu())
+        col.per_bag_top_hit.setdefault(name, []).extend(hit.tolist())
     col.per_bag_groups.extend(groups or [f"bag-{len(col.per_bag_groups) + i}" for i in range(x.shape[0])])
 
 
@@ -333,7 +339,7 @@ def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: Evaluatio
         labels = torch.as_tensor(batch["label"]).reshape(-1)
         col.logits.append(logits.cpu())
         col.labels.append(labels.cpu())
-        col.add_groups(_batch_groups(batch, n))
+        col.add_groups(_batch_groups(batch, n), batch.get("name"))
         _collect_measurements(col, exp.measurements, batch)
         pos = _positive_class(logits.shape[1])
         target = predicted if pos is None else torch.full_like(predicted, pos)  # (B,)

@@ -197,6 +197,15 @@ def _instance_localization_block(col: _Collected, ctx: _Context, does_not_show: 
         block["evidence"] = compare(
             "instance AUROC within each bag", per_bag["model"], {k: v for k, v in per_bag.items() if k != "model"},
             np.asarray(col.per_bag_groups), n_boot=ctx.n_boot, seed=ctx.seed)
+    hits = {k: np.asarray(v, dtype=np.float64) for k, v in col.per_bag_top_hit.items()}
+    hit_defined = np.isfinite(hits["model"]) if "model" in hits else np.zeros(0, dtype=bool)
+    if hit_defined.any():
+        metrics["top_instance_hit_rate"] = float(hits["model"][hit_defined].mean())
+        metrics["bags_with_a_positive_instance"] = int(hit_defined.sum())
+        # the lesion hit rate of the top tile, beside the same controls' top tiles (ties count at their share)
+        block["evidence_top_instance_hit"] = compare(
+            "top instance on the finding", hits["model"], {k: v for k, v in hits.items() if k != "model"},
+            np.asarray(col.per_bag_groups), n_boot=ctx.n_boot, seed=ctx.seed)
     return block
 
 

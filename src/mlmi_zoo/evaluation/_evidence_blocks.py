@@ -6,8 +6,9 @@ what is the same for every family runs here, after them, on the records of the s
 
 * task — the image-statistics baseline's AUROC on the same cases (is the task solved by intensity
   moments, foreground area and texture alone?), and the black-box baseline's, paired per patient;
-* physical attribution — each quantity's absolute error beside a control that predicts the training
-  mean and one that regresses the quantity on image statistics;
+* physical attribution — each quantity's absolute error beside controls that predict the training
+  mean and the training median (the constant with the least absolute error, which matters where
+  most cases measure 0) and one that regresses the quantity on image statistics;
 * visual recognizability of concepts — each concept beside the image-statistics classifier of it;
 * transparency — switching each contribution off *in the model* (a prototype disabled, a concept
   unit zeroed, an instance excluded) must change the logit by exactly the contribution the
@@ -93,6 +94,8 @@ def _physical(block: dict[str, Any], col: _Collected, ctx: _Context) -> None:
         controls: dict[str, np.ndarray] = {}
         if name in ref.measurement_means:
             controls["training mean"] = np.abs(ref.measurement_means[name] - true)
+        if name in ref.measurement_medians:  # the constant with the least absolute error (a zero-inflated quantity)
+            controls["training median"] = np.abs(ref.measurement_medians[name] - true)
         if name in ref.measurements and stats is not None and len(stats) == len(true):
             controls["image statistics"] = np.abs(ref.measurements[name].predict(stats) - true)
         if controls:

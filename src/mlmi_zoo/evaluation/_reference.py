@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class _Reference:
     task: StatisticsControl | None = None
     measurements: dict[str, StatisticsControl] = field(default_factory=dict)
     measurement_means: dict[str, float] = field(default_factory=dict)
+    measurement_medians: dict[str, float] = field(default_factory=dict)  # the best constant under absolute error
     concepts: dict[str, StatisticsControl] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -58,8 +60,9 @@ def training_reference(model: Any, ctx: _Context, max_cases: int) -> _Reference:
         A :class:`_Reference`; ``notes`` say what could not be fitted and why.
     """
     ref = _Reference()
-    if family_of(model).inputs != "images":
-        return ref
+    images = family_of(model).inputs == "images"
+    if not images and not getattr(model.config, "quantities", ()):
+        return ref  # a bag model without measurements: its controls are per bag (see controls.py)
     try:
         train = ctx.train_dataset()
     except (FileNotFoundError, ValueError) as err:
@@ -69,6 +72,14 @@ def training_reference(model: Any, ctx: _Context, max_cases: int) -> _Reference:
         ref.notes.append("no training split, so no data-driven control (centre prior, image statistics) was fitted")
         return ref
     subset = _subset(train, max_cases)
+    if not images:  # bags: the training mean of each measurement, what a head that learnt nothing would say
+        for name in {n for i in range(len(subset)) for n in (subset[i].get("measurements") or {})}:
+            values = np.array([float(subset[i].get("measurements", {}).get(name, math.nan)) for i in range(len(subset))])
+            if np.isfinite(values).sum() >= 2:
+                ref.measurement_means[name] = float(np.nanmean(values))
+                ref.measurement_medians[name] = float(np.nanmedian(values))
+        ref.n_cases = len(subset)
+        return ref
     feats, labels, masks = [], [], []
     measured: dict[str, list[np.ndarray]] = {}
     concepts: dict[str, list[np.ndarray]] = {}
@@ -95,6 +106,7 @@ def training_reference(model: Any, ctx: _Context, max_cases: int) -> _Reference:
         if np.isfinite(values).sum() >= 2:
             ref.measurements[name] = StatisticsControl("regression").fit(features, values)
             ref.measurement_means[name] = float(np.nanmean(values))
+            ref.measurement_medians[name] = float(np.nanmedian(values))
     for name, parts in concepts.items():
         values = np.concatenate(parts)
         try:

@@ -269,6 +269,35 @@ def instance_auroc_per_bag(scores: ArrayLike, labels: ArrayLike, mask: ArrayLike
     return PerBagAUROC(per_bag, float(defined.mean()) if defined.size else math.nan, int(defined.size))
 
 
+def top_instance_hit(scores: ArrayLike, labels: ArrayLike, mask: ArrayLike | None = None) -> np.ndarray:
+    """Per bag, whether its highest-scored instance holds the finding (the lesion hit rate of the top tile).
+
+    Ties at the top are broken at random in expectation: a bag's value is the share of positive
+    instances among those sharing the highest score, so a bag-constant or uniform score hits at the
+    bag's positive share, not at whichever instance happens to come first.
+
+    Args:
+        scores: (B, N) instance scores.
+        labels: (B, N) 0/1 instance labels; NaN marks an instance without a label.
+        mask: (B, N) bool, True at valid instances; None means all are valid.
+
+    Returns:
+        (B,) float in [0, 1]; NaN for a bag without a positive instance or with an unlabelled one.
+    """
+    s, y = _np(scores), _np(labels)
+    if s.ndim != 2 or s.shape != y.shape:
+        raise ValueError(f"scores and labels must share a shape (B, N); got {s.shape} and {y.shape}")
+    valid = np.ones(s.shape, dtype=bool) if mask is None else _np(mask, bool)
+    out = np.full(s.shape[0], math.nan)
+    for b in range(s.shape[0]):
+        sb, yb = s[b, valid[b]], y[b, valid[b]]
+        if yb.size == 0 or np.isnan(yb).any() or not (yb == 1).any():
+            continue
+        top = sb == sb.max()
+        out[b] = float(yb[top].mean())
+    return out
+
+
 # --------------------------------------------------------------------------- image-statistics control
 
 IMAGE_STATISTICS = ("mean", "std", "skewness", "kurtosis", "p10", "p50", "p90", "bright_share",

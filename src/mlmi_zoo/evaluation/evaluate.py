@@ -31,7 +31,7 @@ import logging
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -61,8 +61,10 @@ IMAGE_CROP = 0.25  # the side fraction figures show of images that may not be sh
 # the runner
 # ---------------------------------------------------------------------------------------------
 
-def _predict(model: Any, loader: Iterable[Mapping[str, Any]], ids: list[str] | None = None) -> torch.Tensor:
-    """(N, C) probabilities of any zoo model over a loader; each batch's patient ids appended to ``ids`` if given."""
+def _predict(model: Any, loader: Iterable[Mapping[str, Any]], ids: list[str] | None = None,
+             names: list[str] | None = None) -> torch.Tensor:
+    """(N, C) probabilities of any zoo model over a loader; each batch's patient ids appended to ``ids`` and its
+    case names (where the batch has them) to ``names``, if given."""
     from mlmi_zoo.architectures.blocks.stages import training_for
 
     adapter = training_for(model)
@@ -74,17 +76,21 @@ def _predict(model: Any, loader: Iterable[Mapping[str, Any]], ids: list[str] | N
             probs.append(logits.softmax(-1).cpu())
             if ids is not None:
                 ids += [str(p) for p in batch["patient_id"]]
+            if names is not None and batch.get("name") is not None:
+                names += [str(n) for n in batch["name"]]
     return torch.cat(probs)
 
 
 def _baseline_probs(base_model: Any, baseline_uri: str, model: Any, dataset: Any, collate: Any, split: str,
-                    batch_size: int, groups: np.ndarray | None) -> torch.Tensor:
+                    batch_size: int, groups: np.ndarray | None, names: Sequence[str] | None = None) -> torch.Tensor:
     """(N, C) the black-box baseline's probabilities on the evaluated cases, in their order.
 
     A baseline that takes the evaluated model's inputs (images of the same size, or bags) reads the
     evaluated cases. A baseline of images beside a model of bags cut from the same photographs, or of
     images at another size, reads the same split of its own training data (its config.json's recipe)
-    and is matched to the evaluated cases by patient id; every evaluated case must be found.
+    and is matched to the evaluated cases by patient id; every evaluated case must be found. Where a patient
+    has several cases (a woman's two mammograms), each case is matched by patient and case name (``names``,
+    the evaluated cases' ``"name"``).
     """
     from mlmi_zoo.hub import resolve
     from mlmi_zoo.registry import read_config
@@ -100,13 +106,21 @@ def _baseline_probs(base_model: Any, baseline_uri: str, model: Any, dataset: Any
     base_data = build_dataset(base_spec, split)
     loader = DataLoader(base_data, batch_size=batch_size, shuffle=False, collate_fn=collate_for(base_spec))
     ids: list[str] = []
-    probs = _predict(base_model, loader, ids)
+    base_names: list[str] = []
+    probs = _predict(base_model, loader, ids, base_names)
+    keys = [str(g) for g in groups]
+    if len(set(ids)) < len(ids):  # several cases per patient: the patient alone does not say which
+        if len(base_names) != len(ids) or names is None or len(names) != len(keys):
+            raise ValueError(f"the baseline's {split!r} data hold several cases per patient; matching them to the "
+                             "evaluated cases needs a 'name' per case in both data sets")
+        ids = [f"{p}/{n}" for p, n in zip(ids, base_names)]
+        keys = [f"{p}/{n}" for p, n in zip(keys, names)]
     where = {p: i for i, p in enumerate(ids)}
-    missing = [str(g) for g in groups if str(g) not in where]
+    missing = [k for k in keys if k not in where]
     if missing:
         raise ValueError(f"the baseline's {split!r} data ({base_spec.kind}) lack {len(missing)} evaluated case(s), "
                          f"e.g. {missing[:3]}; the two must hold the same patients")
-    return probs[[where[str(g)] for g in groups]]
+    return probs[[where[k] for k in keys]]
 
 
 def _off_centre_localization(model: Any, ctx: _Context, centred: Mapping[str, Any]) -> dict[str, Any]:
@@ -315,7 +329,7 @@ def evaluate(
         base_model = mlmi_zoo.load(baseline_uri)
         base_model.eval()
         base_probs = _baseline_probs(base_model, baseline_uri, model, dataset, collate, split, batch_size,
-                                     groups)
+                                     groups, col.names if len(col.names) == len(dataset) else None)
         base_task = task_metrics(base_probs, labels, float(base_model.config.operating_point), groups, n_boot, seed)
         base_sha = read_config(resolve(baseline_uri)).get("weights_sha256")
         baseline = {"uri": baseline_uri, "architecture": base_model.architecture, "weights_sha256": base_sha,

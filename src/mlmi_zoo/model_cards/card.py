@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mlmi_zoo._version import __version__
 from mlmi_zoo._weights import sha256_file, write_text_atomic
+from mlmi_zoo.architectures.mil.config import without_area_head
 from mlmi_zoo.base import CONFIG_FILE, WEIGHTS_FILE
 from mlmi_zoo.evaluation.results import ELEMENTS, TASK_METRICS, metric_value, read_results
 from mlmi_zoo.families import family_of
@@ -297,6 +298,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
         intensity_text=_intensity_text(cfg.get("intensity") or {}), label_names=cfg["label_names"],
         operating_point=cfg.get("operating_point", 0.5),
         quantities_text=", ".join(f"{q['name']} [{q['unit']}]" for q in quantities) or "none",
+        without_area_head=without_area_head(cfg.get("equivalent_radii")),
         weights_sha256=config_doc["weights_sha256"], version=config_doc.get("mlmi_zoo_version", __version__),
         base_model=config_doc.get("base_model"), backbone_text=_backbone_text(config_doc),
         base_weights=_base_weights_rows(config_doc.get("base_weights")), source=source, split=results["split"], n_cases=results["n_cases"],

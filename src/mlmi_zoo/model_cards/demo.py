@@ -131,6 +131,7 @@ def _tile_map_png(model: Any, exp: Any, tensors: dict[str, torch.Tensor], meta: 
     kind = "contributions" if family_of(model).instance_scores == "contributions" else "attention"
     scores = exp.instance_scores(0, kind).detach().double().cpu().numpy()
     image = tensors["image"].float().permute(1, 2, 0).numpy()
+    image = image[..., 0] if image.shape[-1] == 1 else image  # a grey film
     t = int(meta.get("tile_px_on_image", 1))
     canvas = np.full(image.shape[:2], np.nan)
     for (r, c), v in zip(tensors["coords"].tolist(), scores):
@@ -139,15 +140,44 @@ def _tile_map_png(model: Any, exp: Any, tensors: dict[str, torch.Tensor], meta: 
     canvas = percentile_normalise(canvas, signed=kind == "contributions")
     canvas[np.abs(canvas) < 0.2] = np.nan
     fig, ax = plt.subplots(figsize=(6, 6 * image.shape[0] / image.shape[1]))
-    ax.imshow(image)
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     shown = ax.imshow(canvas, alpha=0.6, cmap="coolwarm" if kind == "contributions" else "magma",
                       vmin=-1.0 if kind == "contributions" else 0.0, vmax=1.0)
     fig.colorbar(shown, ax=ax, fraction=0.03, label=f"normalised {kind} (|value| < 0.2 not drawn)")
+    _draw_predicted_circle(ax, model, exp, tensors, t)
     ax.set_axis_off()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.02)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _draw_predicted_circle(ax: Any, model: Any, exp: Any, tensors: dict[str, torch.Tensor], tile_px: int) -> None:
+    """For a bag model that states a lesion's radius (``config.equivalent_radii``) on a photograph whose pixel
+    size is known: the predicted circle (dashed cyan) at the area-weighted centre of the tiles its area came
+    from, beside the annotated finding's outline (green), with both sizes in the title."""
+    from matplotlib.patches import Circle
+
+    radii = getattr(model.config, "equivalent_radii", ())
+    spacing, mask = tensors.get("spacing"), tensors.get("mask")
+    if not radii or spacing is None:
+        return
+    radius_name, area_name = radii[0]
+    radius_mm = float(exp.measurements[radius_name].value[0])
+    valid = exp.mask[0]
+    weights = exp.instance_measurements[area_name][0][valid].double()
+    centres = (tensors["coords"].double()[valid[: len(tensors["coords"])]] + 0.5) * tile_px  # (n, 2) row, col
+    label = radius_name.removesuffix("_mm").replace("_", " ")
+    title = f"predicted {label}: {radius_mm:.1f} mm"
+    if float(weights.sum()) > 0:
+        row, col = (weights[:, None] * centres).sum(0) / weights.sum()
+        ax.add_patch(Circle((float(col), float(row)), radius_mm / float(spacing[0]), fill=False, color="cyan",
+                            linewidth=1.5, linestyle="--"))
+    if mask is not None and bool(mask.any()):
+        ax.contour(mask.reshape(-1, *mask.shape[-2:]).any(0).float().numpy(), levels=[0.5], colors="lime",
+                   linewidths=1.2)
+        title += " (dashed cyan); the annotation in green"
+    ax.set_title(title, fontsize=9)
 
 
 def _truth_png(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bytes | None:

@@ -93,6 +93,7 @@ RELEASES = (
     Release("baseline_tf_efficientnet_lite0.mias", "baseline_lite0_mias_release.yaml", sample_crop_mm=60.0),
     Release("cbm_tf_efficientnet_lite0.mias", "cbm_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
             sample_crop_mm=60.0),
+    Release("abmil_features.mias", "abmil_mias.yaml", "baseline_tf_efficientnet_lite0.mias", sample_crop_mm=60.0),
 )
 
 
@@ -125,6 +126,16 @@ def _crop_sample(sample: dict[str, Any], crop_mm: float) -> dict[str, Any]:
     return out
 
 
+def _bag_photograph(dataset: Any, i: int) -> dict[str, Any]:
+    """Bag ``i``'s photograph with the side of one tile on it and, where the data set has them, the annotations
+    drawn on it (a mammogram's circles, its breast, the spacing a licence crop needs)."""
+    out: dict[str, Any] = {}
+    out["image"], out["tile_px_on_image"] = dataset.photograph(i)
+    if callable(getattr(dataset, "photograph_annotations", None)):
+        out.update(dataset.photograph_annotations(i))
+    return out
+
+
 def _store_samples(folder: Path, recipe_path: Path, n: int = 2, crop_mm: float | None = None) -> None:
     """Save ``n`` test cases (raw tensors + ground truth) for the demo, cropped when ``crop_mm`` is given."""
     from mlmi_zoo.model_cards.demo import save_samples
@@ -144,7 +155,11 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2, crop_mm: float |
     source = source_for({"kind": spec.kind, "params": spec.params})
     shutil.rmtree(folder / "samples", ignore_errors=True)
     for i in range(min(n, len(dataset))):
-        sample = dataset[i] if crop_mm is None else _crop_sample(dataset[i], crop_mm)
+        sample = dataset[i]
+        if "feats" in sample and callable(getattr(dataset, "photograph", None)):  # a bag: its tiles on its photograph
+            sample = {**sample, **_bag_photograph(dataset, i)}
+        if crop_mm is not None:
+            sample = _crop_sample(sample, crop_mm)
         tensors = {k: v for k, v in sample.items() if isinstance(v, torch.Tensor) and k != "index"}
         names = getattr(dataset, "label_names", None)
         label = int(sample["label"])
@@ -155,8 +170,8 @@ def _store_samples(folder: Path, recipe_path: Path, n: int = 2, crop_mm: float |
                 meta[f"true {key}"] = round(float(value), 3)
         if crop_mm is not None:
             meta["crop"] = f"only a {crop_mm:g} mm square around the finding is kept; the rest of the image is blanked"
-        if "feats" in tensors and callable(getattr(dataset, "photograph", None)):  # a bag of a shareable photograph
-            tensors["image"], meta["tile_px_on_image"] = dataset.photograph(i)  # type: ignore[attr-defined]
+        if "tile_px_on_image" in sample:
+            meta["tile_px_on_image"] = sample["tile_px_on_image"]
         save_samples(folder, f"test_case_{i}", tensors, meta)
 
 

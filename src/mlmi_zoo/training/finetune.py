@@ -86,6 +86,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import torch
 
+from mlmi_zoo.architectures.mil.config import without_area_head
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.training.data_spec import DataSpec, IndexSubset, build_dataset
 from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSection, apply_recipe_overrides
@@ -318,7 +319,8 @@ def _bag_problems(model: InterpretableModel, train_set: Any, samples: list[dict[
     quantities = [q.name for q in model.config.quantities]
     if quantities and not all(q in (samples[0].get("measurements") or {}) for q in quantities):
         problems.append(f"the base model measures {quantities} per bag and these bags carry no such measurement; "
-                        "fine-tune without the physical head: model.config.quantities=[]")
+                        f"fine-tune without the physical head: "
+                        f"{without_area_head(getattr(model.config, 'equivalent_radii', ()))}")
     return problems
 
 

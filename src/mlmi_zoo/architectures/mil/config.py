@@ -15,10 +15,16 @@ from mlmi_zoo.architectures.blocks.heads import spacing_exponent
 from mlmi_zoo.base import ModelConfig
 from mlmi_zoo.specs import QuantitySpec
 
-__all__ = ["MILConfig", "MILTrainingSettings", "TUMOUR_AREA", "FEATURES"]
+__all__ = ["MILConfig", "MILTrainingSettings", "TUMOUR_AREA", "FEATURES", "without_area_head"]
 
 TUMOUR_AREA = QuantitySpec("tumour_area_mm2", "mm^2", 0.0, math.inf)
 FEATURES = "features"  # the backbone name of models that take cached feature bags
+
+
+def without_area_head(equivalent_radii: object = ()) -> str:
+    """The recipe overrides that drop a MIL model's area head (and the radii read from it), e.g. to
+    fine-tune on bags that carry no measured area."""
+    return "model.config.quantities=[]" + (" model.config.equivalent_radii=[]" if equivalent_radii else "")
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,10 @@ class MILConfig(ModelConfig):
             al.'s STKIM); at most ``n_valid - 1`` instances of a bag are candidates, so one always
             remains. 0 turns it off; evaluation never masks.
         top_instance_k: ``K``, the number of highest-scored instances of a bag that may be masked.
+        equivalent_radii: pairs ``(radius name, area quantity)``: besides each area, the explanation
+            reports the radius in mm of the disc with that area, ``sqrt(A / pi)`` (a lesion's size as
+            radiologists state it, e.g. the radius of a mammogram's truth circle). It is read from the
+            area, so it adds no parameter and inherits the area's per-tile attribution.
     """
 
     backbone: str = FEATURES
@@ -84,6 +94,7 @@ class MILConfig(ModelConfig):
     area_head_gain: float = 20.0
     top_instance_masking: float = 0.0
     top_instance_k: int = 10
+    equivalent_radii: tuple[tuple[str, str], ...] = ()
 
     # config.json files before config_version 2 held the training settings in the model config.
     TRAINING_FIELDS_V1: ClassVar[tuple[str, ...]] = (
@@ -121,6 +132,16 @@ class MILConfig(ModelConfig):
             if spacing_exponent(q.unit) != 2:
                 raise ValueError(f"quantity {q.name!r} has unit {q.unit!r}; the MIL head sums per-tile areas, "
                                  f"so every quantity must be an area (e.g. 'mm^2')")
+        areas = {q.name for q in self.quantities}
+        for pair in self.equivalent_radii:
+            if len(pair) != 2:
+                raise ValueError(f"equivalent_radii: each entry is (radius name, area quantity), got {pair!r}")
+            radius, area = pair
+            if area not in areas:
+                raise ValueError(f"equivalent_radii: {radius!r} is read from {area!r}, which is not one of the area "
+                                 f"quantities {sorted(areas)}")
+            if radius in areas:
+                raise ValueError(f"equivalent_radii: the radius name {radius!r} is already an area quantity")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ What we changed:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,6 +94,7 @@ from mlmi_zoo.architectures.mil.config import TUMOUR_AREA, MILConfig
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.architectures.mil.explanations import AdditiveMILExplanation, MILExplanation, percentile_normalise
 from mlmi_zoo.specs import InputSpec, InputSpecError, Measurement
+from mlmi_zoo.units import convert
 
 __all__ = [
     "TUMOUR_AREA",
@@ -404,6 +406,9 @@ class _MILModel(InterpretableModel[MILConfig]):
         per_instance = self.instance_measurements(out, microns_per_pixel)
         units = {q.name: q.unit for q in self.config.quantities}
         measurements = {name: Measurement(name, v.sum(1), units[name]) for name, v in per_instance.items()}
+        for radius, area in self.config.equivalent_radii:  # the disc of the same area: r = sqrt(A / pi), in mm
+            mm2 = per_instance[area].sum(1) * float(convert(1.0, units[area], "mm^2"))
+            measurements[radius] = Measurement(radius, torch.sqrt(mm2.clamp_min(0.0) / math.pi), "mm")
         return self.explanation_class(
             logits=out.logits, label_names=self.label_names, measurements=measurements,
             attention=out.attention, attention_scores=out.attention_scores, mask=out.mask,

@@ -7,8 +7,12 @@ per-instance areas ``batch["instance_measurements"][name]`` (B, N) (or ``batch["
 (B, N) in mm² for the first quantity). An optional ``batch["microns_per_pixel"]`` (B,) overrides
 the configured pixel size per slide.
 
-Loss = cross-entropy + ``physical_weight`` x physical loss + ``attention_instance_weight`` x
-instance-label loss + ``attention_bag_weight`` x bag-label instance loss.
+Stages. ``"joint"``: loss = cross-entropy + ``physical_weight`` x physical loss +
+``attention_instance_weight`` x instance-label loss + ``attention_bag_weight`` x bag-label instance
+loss. ``"area_head"``: the physical loss alone, only the area head trains (the attention and the
+classifier stay as they are). A bag classifier on a few hundred bags can overfit within a few epochs
+while the per-tile area head still learns; with this second stage each part is kept at its own best
+validation epoch (``select_metric: val_stage_loss``: in this stage the stage loss is the physical one).
 
 Physical loss. Per-instance areas, when present, give a binary cross-entropy on each tile's covered
 fraction: a proper scoring rule, so each predicted fraction estimates the tile's expected fraction
@@ -122,7 +126,7 @@ class MILTraining(FamilyTraining):
     """Attention MIL: cross-entropy plus the physical-head loss, on randomly subsampled bags."""
 
     family = "abmil"
-    stage_names = ("joint",)
+    stage_names = ("joint", "area_head")
     settings_class = MILTrainingSettings
     settings: MILTrainingSettings
 
@@ -153,6 +157,15 @@ class MILTraining(FamilyTraining):
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return MILInputs(x, mask.bool())
 
+    def trainable_parameters(self, model: _MILModel, stage: str) -> list[nn.Parameter]:
+        """Every parameter in ``"joint"``; the area head's alone in ``"area_head"``."""
+        if stage == "area_head":
+            if model.area_head is None:
+                raise ValueError("stage 'area_head' trains the area head, and this model has none "
+                                 "(model.config.quantities is empty)")
+            return list(model.area_head.parameters())
+        return super().trainable_parameters(model, stage)
+
     def loss(self, model: _MILModel, batch: dict[str, Any], stage: str) -> LossOutput:
         x, mask = self.inputs(model, batch)
         instance_targets = self._instance_targets(model, batch)
@@ -172,6 +185,11 @@ class MILTraining(FamilyTraining):
         out = model.forward_bag(x, mask)
         ce = nn.functional.cross_entropy(out.logits, batch["label"].to(out.logits.device).long())
         logs = {"ce": float(ce.detach())}
+        if stage == "area_head":
+            if model.area_head is None:
+                raise ValueError("stage 'area_head' trains the area head, and this model has none")
+            return LossOutput(self._physical_loss(model.area_head, out, batch, scale, instance_targets, logs),
+                              out.logits.detach(), logs)
         loss = ce
         if model.area_head is not None and self.settings.physical_weight > 0:
             phys = self._physical_loss(model.area_head, out, batch, scale, instance_targets, logs)

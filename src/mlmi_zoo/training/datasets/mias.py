@@ -794,6 +794,8 @@ class BreastTiles:
         images: ``(N, C, t, t)`` the tiles.
         instance_truth: ``(N,)`` float32: 1 where the tile holds a pixel of ``"mask"``, 0 elsewhere,
             NaN on every tile of an abnormal image without a circle.
+        lesion_area_mm2: ``(N,)`` float32 area of ``"mask"`` (the radiologists' discs) inside the tile in
+            mm², NaN where ``instance_truth`` is.
         breast_fraction: ``(N,)`` float32 share of the tile's pixels in ``"breast"``.
         tile_px / stride_px: tile side and step in pixels; tile_mm: the tile side in mm.
     """
@@ -801,6 +803,7 @@ class BreastTiles:
     boxes: torch.Tensor  # (N, 4)
     images: torch.Tensor  # (N, C, t, t)
     instance_truth: torch.Tensor  # (N,)
+    lesion_area_mm2: torch.Tensor  # (N,)
     breast_fraction: torch.Tensor  # (N,)
     tile_px: int
     stride_px: int
@@ -823,7 +826,8 @@ def breast_tiles(sample: dict[str, Any], tile_mm: float, stride_mm: float | None
     tiled); a tile is kept when at least ``min_breast_fraction`` of its pixels are breast. A tile's
     instance truth is 1 when it overlaps a radiologist's circle (holds at least one pixel of the
     rasterised ``"mask"``), 0 when it does not, and NaN for every tile of an abnormal image whose
-    abnormalities have no circle (its truth per tile is unknown). Normal images have truth 0.
+    abnormalities have no circle (its truth per tile is unknown). Normal images have truth 0. A tile's
+    lesion area is the number of its ``"mask"`` pixels times the pixel area (NaN where the truth is).
 
     Args:
         sample: a sample with ``"image"`` (C, H, W), ``"mask"`` (1, H, W), ``"breast"`` (H, W),
@@ -858,14 +862,16 @@ def breast_tiles(sample: dict[str, Any], tile_mm: float, stride_mm: float | None
         raise ValueError(f"tile_mm={tile_mm} is {tile_px} pixels at {s} mm, larger than the {h} x {w} image")
     fraction = F.avg_pool2d(breast[None], tile_px, stride_px)[0, 0]  # (nr, nc)
     touched = F.max_pool2d(lesion[None], tile_px, stride_px)[0, 0] > 0  # (nr, nc)
+    covered = F.avg_pool2d(lesion[None], tile_px, stride_px)[0, 0] * (tile_px * s) ** 2  # (nr, nc) mm² of disc
     keep = fraction >= min_breast_fraction
     nr, nc = fraction.shape
     grid_r, grid_c = torch.meshgrid(torch.arange(nr) * stride_px, torch.arange(nc) * stride_px, indexing="ij")
     boxes = torch.stack([grid_r, grid_c, grid_r + tile_px, grid_c + tile_px], dim=-1)[keep]  # (N, 4)
     tiles = image.unfold(-2, tile_px, stride_px).unfold(-2, tile_px, stride_px)  # (C, nr, nc, t, t)
     tiles = einops.rearrange(tiles, "c nr nc th tw -> nr nc c th tw")[keep]  # (N, C, t, t)
-    truth = touched[keep].float()
+    truth, area = touched[keep].float(), covered[keep].float()
     if bool(sample["abnormal"]) and not bool(sample["has_centre"]):
         truth = torch.full_like(truth, math.nan)  # a lesion somewhere, no circle: unknown per tile
-    return BreastTiles(boxes.long(), tiles.contiguous(), truth, fraction[keep], tile_px, stride_px, tile_px * s)
+        area = torch.full_like(area, math.nan)
+    return BreastTiles(boxes.long(), tiles.contiguous(), truth, area, fraction[keep], tile_px, stride_px, tile_px * s)
 

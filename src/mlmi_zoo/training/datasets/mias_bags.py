@@ -34,7 +34,10 @@ A bag: ``{"feats": float32 (N, D), "coords": int64 (N, 2) (row, col) in tile-gri
 top-left pixel / the stride), "instance_labels": float32 (N,) 1 where the tile overlaps a radiologist
 circle, 0 elsewhere, NaN on every tile of an abnormal image without a centre, "instance_controls":
 {"brightness": (N,) the tile's mean intensity, "breast_centre": (N,) minus the distance in mm of the
-tile's centre to the centroid of the breast mask}, "label": int64 (normal 0 / abnormal 1, or benign /
+tile's centre to the centroid of the breast mask}, "instance_area_mm2": float32 (N,) the area of the
+radiologists' discs inside each tile (NaN where the instance label is), "measurements":
+{"lesion_area_mm2": their sum (0 on a normal film, NaN without a circle), "radius_mm": the largest
+circle's radius (NaN on a normal film or without a circle)}, "label": int64 (normal 0 / abnormal 1, or benign /
 malignant), "index": image number - 1, "patient_id": "mias-wNNN" (the woman), "name": "mdbNNN",
 "has_centre": bool}``. The two controls are the image-processing scores that could fake instance
 localisation without any learning: lesions may simply be brighter than their surroundings, or lie
@@ -49,6 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mlmi_zoo.training.datasets.feature_cache import CACHE_SUFFIX, CachedTileBags, TileEncoder, TileFeatureCache
 from mlmi_zoo.training.datasets.mias import MIAS, MiasRecord, breast_tiles
@@ -193,6 +197,10 @@ class MiasBags(CachedTileBags):
             "feats": feats,  # (N, D)
             "coords": coords,  # (N, 2)
             "instance_labels": tiles.instance_truth.float(),  # (N,)
+            "instance_area_mm2": tiles.lesion_area_mm2,  # (N,) disc area inside each tile
+            # the discs' area inside the bag's tiles (what an area head can see), and the radiologist's radius
+            "measurements": {"lesion_area_mm2": tiles.lesion_area_mm2.sum(),
+                             "radius_mm": sample["measurements"]["radius_mm"]},
             "instance_controls": {"brightness": tiles.images.mean(dim=(1, 2, 3)).float(),
                                   "breast_centre": (-distance_mm).float()},
             "label": sample["label"],
@@ -202,6 +210,37 @@ class MiasBags(CachedTileBags):
             "has_centre": record.has_centre,
         }
 
+    def photograph(self, index: int, shrink: int = 2) -> tuple[torch.Tensor, int]:
+        """Bag ``index``'s film shrunk ``shrink`` times (area average), to show its tiles on (a demo sample).
+
+        Returns:
+            ``(image, tile_px)``: (1, H / shrink, W / shrink) grey film in ``[0, 1]`` on 8-bit levels, and the
+            side of one tile on it in pixels (a tile at grid ``(row, col)`` covers rows ``row * tile_px`` onwards).
+        """
+        image = self._film(index)["image"]
+        small = F.avg_pool2d(image[None], self._shrink(shrink))[0]
+        return (small * 255).round() / 255, self._stride_px() // shrink
+
+    def photograph_annotations(self, index: int, shrink: int = 2) -> dict[str, torch.Tensor]:
+        """What lies on :meth:`photograph`: ``"mask"`` (1, h, w) bool, the radiologists' discs, ``"breast"``
+        (h, w) bool and ``"spacing"`` (2,) mm of one of its pixels."""
+        sample = self._film(index)
+        k = self._shrink(shrink)
+        mask = F.max_pool2d(sample["mask"].float()[None], k)[0] > 0
+        breast = F.avg_pool2d(sample["breast"].float()[None, None], k)[0, 0] >= 0.5
+        return {"mask": mask, "breast": breast, "spacing": sample["spacing"] * k}
+
+    def _film(self, index: int) -> dict[str, Any]:
+        return self.images[self._position[self.records[index].number]]
+
+    def _stride_px(self) -> int:
+        s = self.settings
+        return int(round((s.tile_mm if s.stride_mm is None else s.stride_mm) / s.spacing_mm))
+
+    def _shrink(self, shrink: int) -> int:
+        if shrink < 1 or self._stride_px() % shrink:
+            raise ValueError(f"shrink must divide the tile grid's step of {self._stride_px()} pixels, got {shrink}")
+        return shrink
 
     def __repr__(self) -> str:
         return (f"MiasBags(split={self.split!r}, task={self.task!r}, n={len(self)}, settings={self.settings}, "
