@@ -1,6 +1,6 @@
 """Wall times of the mini-MIAS MIL case study: tile-feature extraction, then each training; JSON lines.
 
-    python bench/bench_mias.py [--images 322] [--train] [--threads 0]
+    python bench/bench_mias.py [--images 322] [--train] [--explain 10] [--threads 0]
 
 Data: mini-MIAS (Suckling et al., "The Mammographic Image Analysis Society Digital Mammogram
 Database", Excerpta Medica ICS 1069, 1994), read from ``$MLMI_ZOO_DATA/mias``; MIL as in Ilse et al.
@@ -15,6 +15,10 @@ Rows (no baseline: these are absolute wall times, not ratios):
 - ``mias_train_<recipe>`` (``--train``): the zoo's trainer on ``abmil_mias.yaml`` and
   ``additive_mil_mias.yaml`` with the features already cached (the data set is built, then every
   epoch runs): seconds.
+- ``mias_explain_film`` (``--explain N``): the bundled ``abmil_features.mias`` explaining ``N`` test films
+  one at a time from the raw film file with a cold cache: reading and resampling the film, finding the
+  breast, cutting and encoding its tiles, the MIL forward with attention and the size head. Seconds for
+  the first film (which also builds the encoder) and the median and maximum of the others.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ def main() -> None:
     add_common_args(p)
     p.add_argument("--images", type=int, default=322, help="images to encode (default: all 322)")
     p.add_argument("--train", action="store_true", help="also time both trainings (features cached first)")
+    p.add_argument("--explain", type=int, default=10, help="test films explained one by one, cold (0: none)")
     args = p.parse_args()
     device = setup(args)
     from mlmi_zoo.training.datasets.mias import MIAS
@@ -64,6 +69,32 @@ def main() -> None:
                     train(load_recipe(RECIPES / name, []), Path(run) / "run", quiet=True)
                     emit({"name": f"mias_train_{name.removesuffix('.yaml')}", "seconds": round(time.perf_counter() - start, 2),
                           "machine": machine(device)})
+    if args.explain:
+        explain_films(root, params, args.explain, device)
+
+
+def explain_films(root: object, params: dict, n: int, device: object) -> None:
+    """Time the bundled MIL model on ``n`` test films, each from its raw file with a cold cache."""
+    import statistics
+
+    import mlmi_zoo
+    from mlmi_zoo.training.datasets.mias import MIAS
+    from mlmi_zoo.training.datasets.mias_bags import MiasBags
+
+    model = mlmi_zoo.load("abmil_features.mias")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["MLMI_ZOO_CACHE"] = cache
+        names = [r.name for r in MIAS(root, split="test", spacing_mm=params["spacing_mm"]).records[:n]]
+        seconds = []
+        for name in names:
+            start = time.perf_counter()
+            bag = MiasBags(root, split="test", images=[name], **params).bags[0]  # read, resample, breast, tiles, encode
+            exp = model.explain(bag["feats"][None], coords=bag["coords"][None])
+            float(exp.measurements["radius_mm"].value[0])
+            seconds.append(time.perf_counter() - start)
+    rest = seconds[1:] or seconds
+    emit({"name": "mias_explain_film", "films": len(seconds), "first_s": round(seconds[0], 3),
+          "median_s": round(statistics.median(rest), 3), "max_s": round(max(rest), 3), "machine": machine(device)})
 
 
 if __name__ == "__main__":

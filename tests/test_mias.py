@@ -372,3 +372,23 @@ def test_data_spec_builds_and_describes_the_split(every: MIAS):
     source = source_for({"kind": "mias", "params": {}})
     assert source.license == "research-use-only" and source.has_spacing
     assert "Suckling" in source.bibtex[0] and "1994" in source.bibtex[0]
+
+
+def test_render_gives_the_same_film_at_another_spacing(every: MIAS, samples: dict[str, dict]) -> None:
+    i = 183  # the case's "index": mdb184
+    coarse = every.render(i, [FAST, FAST])
+    assert torch.equal(coarse["image"], samples["mdb184"]["image"])
+    fine = every.render(i, [0.8, 0.8])
+    assert fine["name"] == "mdb184" and fine["image"].shape == (1, 256, 256)
+    assert torch.allclose(fine["spacing"], torch.tensor([0.8, 0.8]))
+    assert float(fine["measurements"]["radius_mm"]) == float(samples["mdb184"]["measurements"]["radius_mm"])
+    # the same film: 2 x 2 averaged, the fine one is the coarse one (up to 8-bit rounding of each level)
+    pooled = torch.nn.functional.avg_pool2d(fine["image"][None], 2)[0]
+    assert (pooled - coarse["image"]).abs().mean() < 0.01
+    assert MIAS.spacing_range[0] < MIAS.spacing_range[1]
+    with pytest.raises(ValueError):
+        every.render(i, [0.8, 0.4])
+    with pytest.raises(ValueError):
+        every.render(i, [0.3, 0.3])
+    with pytest.raises(ValueError, match="mdb010"):  # a test film is not in the training split
+        MIAS(DATA, split="train", spacing_mm=FAST).render(9, [FAST, FAST])

@@ -207,3 +207,21 @@ def test_an_image_baseline_is_matched_to_each_film_of_a_woman(cache: Path, tmp_p
     assert torch.allclose(matched, torch.stack([direct[n] for n in names]), atol=1e-6)
     with pytest.raises(ValueError, match="several cases per patient"):
         _baseline_probs(base_model, f"local-dir:{baseline}", bag_model, bag_data, None, "test", 2, groups)
+
+
+def test_the_photograph_of_a_bag_and_its_annotations_line_up_with_its_tiles(bags: MiasBags) -> None:
+    index = bags.records.index(next(r for r in bags.records if r.has_centre))
+    image, tile_px = bags.photograph(index)  # shrunk twice
+    marks = bags.photograph_annotations(index)
+    film = bags.images[bags.images.records.index(bags.records[index])]
+    assert image.shape == (1, film["image"].shape[-2] // 2, film["image"].shape[-1] // 2)
+    assert tile_px == round(FAST["tile_mm"] / FAST["spacing_mm"]) // 2
+    assert marks["mask"].shape == image.shape and marks["breast"].shape == image.shape[-2:]
+    assert torch.allclose(marks["spacing"], film["spacing"] * 2)
+    # every tile that holds a disc pixel shows a disc pixel in the shrunk mask, and the others none
+    bag = bags.bags[index]
+    for (r, c), label in zip(bag["coords"].tolist(), bag["instance_labels"].tolist()):
+        assert bool(marks["mask"][0, r * tile_px:(r + 1) * tile_px, c * tile_px:(c + 1) * tile_px].any()) == (label == 1)
+    assert torch.equal(image * 255, (image * 255).round())  # 8-bit levels
+    with pytest.raises(ValueError, match="shrink"):
+        bags.photograph(index, shrink=3)

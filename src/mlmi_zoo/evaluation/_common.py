@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from mlmi_zoo.training.data_spec import DataSpec, IndexSubset, SizedDataset, build_dataset
+from mlmi_zoo.training.data_spec import DataSpec, IndexSubset, MaterializedDataset, SizedDataset, build_dataset
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ def _subset(ds: SizedDataset[dict[str, Any]], n: int | None) -> SizedDataset[dic
 
 
 def _base_dataset(ds: Any) -> Any:
-    while isinstance(ds, IndexSubset):
+    """The data set under the zoo's wrappers (a subset of cases, cases kept in memory)."""
+    while isinstance(ds, (IndexSubset, MaterializedDataset)):
         ds = ds.dataset
     return ds
 

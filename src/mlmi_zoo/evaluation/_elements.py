@@ -99,7 +99,8 @@ def _spacing_invariance(col: _Collected, model: Any, ds: Dataset, limits: Evalua
     base = _base_dataset(ds)
     if not callable(getattr(base, "render", None)) or not col.keep_spacing:
         return None
-    lo, hi = (float(v) for v in getattr(base.config, "spacing_range", (0.5, 1.0)))
+    rendered = getattr(base, "spacing_range", None) or getattr(getattr(base, "config", None), "spacing_range", (0.5, 1.0))
+    lo, hi = (float(v) for v in rendered)
     if lo == hi:
         lo, hi = lo, 2 * lo
     native = _cat(col.keep_spacing)
@@ -126,7 +127,8 @@ def _spacing_invariance(col: _Collected, model: Any, ds: Dataset, limits: Evalua
         a, b = pred[name]
         ta, tb = truth[name]
         out["quantities"][name] = {"model_mean_abs_diff": float((a - b).abs().mean()),
-                                   "truth_mean_abs_diff": float((ta - tb).abs().mean())}
+                                   # a case without a finding (a normal film) has no true size
+                                   "truth_mean_abs_diff": _nanmean((ta - tb).abs())}
     return out
 
 

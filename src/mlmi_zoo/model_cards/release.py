@@ -84,6 +84,9 @@ RELEASES = (
             "baseline_tf_efficientnet_lite0.idrid_grade",
             localization_data="idrid:dataset=segmentation,size=1072,union=MA+HE+EX+SE", samples=1,
             base_tensors_from="imagenet", deletion_cases=16),
+    Release("cbm_tf_efficientnet_lite0.idrid_grade", "cbm_lite0_idrid_grade.yaml", "baseline_tf_efficientnet_lite0.idrid_grade",
+            localization_data="idrid:dataset=segmentation,size=640,union=MA+HE+EX+SE", samples=1,
+            base_tensors_from="imagenet"),
     Release("abmil_features.idrid_grade", "abmil_idrid_grade.yaml", "baseline_tf_efficientnet_lite0.idrid_grade",
             localization_data="idrid_bags:dataset=segmentation,size=1072,tile_px=64,init=imagenet"),
     Release("additive_mil_features.idrid_grade", "additive_mil_idrid_grade.yaml",
@@ -94,6 +97,8 @@ RELEASES = (
     Release("cbm_tf_efficientnet_lite0.mias", "cbm_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
             sample_crop_mm=60.0),
     Release("abmil_features.mias", "abmil_mias.yaml", "baseline_tf_efficientnet_lite0.mias", sample_crop_mm=60.0),
+    Release("protopnet_tf_efficientnet_lite0.mias", "protopnet_lite0_mias.yaml", "baseline_tf_efficientnet_lite0.mias",
+            sample_crop_mm=60.0),
 )
 
 

@@ -601,6 +601,7 @@ class MIAS(SizedDataset[dict[str, Any]]):
         ConceptSpec("tissue", "ordinal", levels=TISSUES),
     )
     quantities = (QuantitySpec("radius_mm", "mm"), QuantitySpec("diameter_mm", "mm"))
+    spacing_range = (0.4, 0.8)  # the pixel edges (mm) a spacing check renders the same film at (see render)
 
     def __init__(self, root: str | os.PathLike[str] | None = None, split: str = "train", spacing_mm: float = 0.8,
                  task: str = "abnormal",
@@ -620,6 +621,33 @@ class MIAS(SizedDataset[dict[str, Any]]):
                         if (split == "all" or splits[r.woman] == split) and (task == "abnormal" or _has_severity(r))]
         self.size = int(round(FIELD_MM / self.spacing_mm))  # returned images are size x size
         self._cache_folder = cache_dir() / "mias" / f"{self.spacing_mm:g}mm"
+        self._siblings: dict[float, MIAS] = {}  # the same split at other spacings (render)
+
+    def render(self, index: int, spacing: Sequence[float]) -> dict[str, Any]:
+        """The case whose ``"index"`` is ``index`` (image number - 1: the same film, breast and circles) at
+        another pixel edge, for a check that a model states the same millimetres whatever the pixel size
+        (the evaluation's spacing invariance, which records each case's ``"index"``).
+
+        Args:
+            index: the case's ``"index"`` field; the case must be in this split.
+            spacing: ``(dy, dx)`` mm, two equal values from :data:`SPACINGS_MM`.
+
+        Raises:
+            ValueError: an anisotropic spacing or one not in :data:`SPACINGS_MM`, an index not in this split.
+        """
+        values = {float(v) for v in spacing}
+        if len(values) != 1:
+            raise ValueError(f"mini-MIAS films are rendered with square pixels; got spacing {list(spacing)}")
+        value = check_spacing(values.pop())
+        position = next((i for i, r in enumerate(self.records) if r.number - 1 == index), None)
+        if position is None:
+            raise ValueError(f"no image with index {index} (mdb{index + 1:03d}) in the {self.split!r} split")
+        if math.isclose(value, self.spacing_mm):
+            return self[position]
+        if value not in self._siblings:
+            self._siblings[value] = MIAS(self.folder, split=self.split, spacing_mm=value, task=self.task,
+                                         transform=self.transform)
+        return self._siblings[value][position]
 
     # -- files -------------------------------------------------------------------------------------
     def image_path(self, record: MiasRecord) -> Path:
