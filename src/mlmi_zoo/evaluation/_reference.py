@@ -72,7 +72,7 @@ def training_reference(model: Any, ctx: _Context, max_cases: int) -> _Reference:
         ref.notes.append("no training split, so no data-driven control (centre prior, image statistics) was fitted")
         return ref
     subset = _subset(train, max_cases)
-    if not images:  # bags: the training mean of each measurement, what a head that learnt nothing would say
+    if not images:  # bags: each measurement's training mean and median, what a head that learnt nothing would say
         for name in {n for i in range(len(subset)) for n in (subset[i].get("measurements") or {})}:
             values = np.array([float(subset[i].get("measurements", {}).get(name, math.nan)) for i in range(len(subset))])
             if np.isfinite(values).sum() >= 2:

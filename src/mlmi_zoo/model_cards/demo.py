@@ -166,7 +166,7 @@ def _draw_predicted_circle(ax: Any, model: Any, exp: Any, tensors: dict[str, tor
     radius_mm = float(exp.measurements[radius_name].value[0])
     valid = exp.mask[0]
     weights = exp.instance_measurements[area_name][0][valid].double()
-    centres = (tensors["coords"].double()[valid[: len(tensors["coords"])]] + 0.5) * tile_px  # (n, 2) row, col
+    centres = (tensors["coords"].double()[valid] + 0.5) * tile_px  # (n, 2) row, col of each tile centre
     label = radius_name.removesuffix("_mm").replace("_", " ")
     title = f"predicted {label}: {radius_mm:.1f} mm"
     if float(weights.sum()) > 0:
