@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 LIDC = "protopnet_resnet8.lidc_nodule"  # HU window, diameter_mm count head, push_on_lesion in its training
 XRAY = "protopnet_resnet8.pneumoniamnist"  # [0, 1] images, 28x28, 1 channel
 BASELINE_XRAY = "baseline_resnet8.pneumoniamnist"
+BASELINE_LIDC = "baseline_resnet8.lidc_nodule"  # HU window, diameter_mm physical head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +108,18 @@ def test_a_physical_head_needs_its_measurement_column(tmp_path):
     with pytest.raises(FinetuneDataError) as err:
         plan_finetune(LIDC, csv, out_dir=tmp_path / "run", intensity="refit")
     assert "'diameter_mm'" in str(err.value) and "diameter_cm" in str(err.value)  # names the column and the near miss
+    assert "model.config.quantities=[]" in str(err.value)  # and the way out for data without the measurement
+
+
+def test_data_without_measurements_drop_the_physical_head_when_asked(tmp_path):
+    csv = write_nodules(tmp_path / "data", spacing=False)
+    csv.write_text("\n".join(",".join(row.split(",")[:2]) for row in csv.read_text().splitlines()) + "\n")
+    plan = plan_finetune(BASELINE_LIDC, csv, out_dir=tmp_path / "run", intensity="refit",
+                         overrides=["model.config.quantities=[]"])
+    assert plan.recipe.model.config["quantities"] == []
+    assert "measurement_columns" not in plan.recipe.data.params and "spacing_columns" not in plan.recipe.data.params
+    change = next(c for c in plan.record["changes"] if c["key"] == "model.config.quantities")
+    assert change["from"] == ["diameter_mm"] and change["to"] == []
 
 
 def test_without_masks_the_mask_guided_stage_switches_and_is_recorded(tmp_path):

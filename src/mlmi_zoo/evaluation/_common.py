@@ -148,6 +148,13 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # the context the runner hands to the family sections
 # ---------------------------------------------------------------------------------------------
+def _has_split(spec: DataSpec, split: str) -> bool:
+    """False for a user's CSV spec that names no file for ``split`` (an evaluation spec holds ``test_csv`` only)."""
+    if spec.kind != "folder_csv" or "csv" in spec.params:
+        return True
+    return f"{split}_csv" in spec.params
+
+
 @dataclass
 class _Context:
     spec: DataSpec
@@ -165,9 +172,18 @@ class _Context:
     reference: Any = None  # the controls fitted on the training split (evaluation._reference._Reference)
 
     def split_dataset(self, split: str) -> SizedDataset[dict[str, Any]] | None:
-        if self.spec.size_of(split) == 0:
+        if self.spec.size_of(split) == 0 or not _has_split(self.spec, split):
             return None
         return build_dataset(self.spec, split)
+
+    def validation_dataset(self) -> SizedDataset[dict[str, Any]] | None:
+        """The evaluated data's validation split, else the model's own (a fine-tuned model evaluated on a
+        user's test CSV: the validation cases carved from its training data), else None."""
+        own = self.split_dataset("val")
+        if own is not None or self.train_spec is None or self.train_spec.size_of("val") == 0 \
+                or not _has_split(self.train_spec, "val"):
+            return own
+        return build_dataset(self.train_spec, "val")
 
     def train_dataset(self) -> SizedDataset[dict[str, Any]] | None:
         spec = self.train_spec or self.spec

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["to_device"]
+__all__ = ["channels_last", "to_device"]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -20,3 +20,24 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)) and batch and torch.is_tensor(batch[0]):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def channels_last(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep ``model``'s 4-D and 5-D parameters and buffers channels-last, in place; return ``model``.
+
+    A convolution whose weight is channels-last runs in that layout (oneDNN on CPU, cuDNN on GPU)
+    and hands it on to the next layer: one training step of the zoo's convolutional models is
+    1.2-1.5x faster on CPU (``bench/bench_memory_format.py``), with the same arithmetic in another
+    order. Written by hand because ``nn.Module.to(memory_format=...)`` takes one format for every
+    tensor and refuses a model that holds both 4-D tensors (2-D convolutions, ProtoPNet's
+    prototypes) and 5-D ones (3-D convolutions). The ``Parameter`` objects stay the same, so an
+    optimiser built before or after sees them; ``state_dict`` and saved weights are made
+    contiguous when written (:func:`mlmi_zoo._weights.save_weights`).
+    """
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            fmt = formats.get(tensor.dim())
+            if fmt is not None and not tensor.is_contiguous(memory_format=fmt):
+                tensor.data = tensor.data.contiguous(memory_format=fmt)
+    return model

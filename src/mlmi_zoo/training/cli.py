@@ -85,13 +85,17 @@ FINETUNE_KEYS: dict[str, _Key] = {
     "val_fraction": _Key("val_fraction", float, "share of the data held out for validation (early stopping and "
                          "the choice of the final epoch), split by seed (default 0.2)"),
     "seed": _Key("seed", int, "seed of the split, the data order and the new heads (default 0)"),
+    "concepts": _Key("concepts", _names, "a concept bottleneck on your own concepts: CSV columns, comma separated, "
+                     "each NAME or NAME:KIND (binary, ordinal, categorical, continuous; 0/1 columns are binary, "
+                     "NAME_mm continuous; level codes 0..K-1); they replace the base model's concepts"),
     "intensity": _Key("intensity", _intensity, "check: refuse images the base model's intensity transform "
                       "cannot read (default); refit: re-fit its window to your training images (recorded); "
                       "keep: no check"),
 }
 # None: the value is derived by plan_finetune (finetune.default_stages, DEFAULT_FREEZE, the base model's rates).
 _DEFAULTS: dict[str, Any] = {"epochs": None, "steps": None, "patience": None, "lr": None, "batch_size": 16,
-                             "freeze": None, "labels": None, "val_fraction": 0.2, "seed": 0, "intensity": "check"}
+                             "freeze": None, "labels": None, "val_fraction": 0.2, "seed": 0, "intensity": "check",
+                             "concepts": None}
 
 _FINETUNE_EPILOG = "key=value overrides (anywhere on the line, like the options):\n" + "\n".join(
     textwrap.fill(k.meaning, width=100, initial_indent=f"  {key + '=...':<18}", subsequent_indent=" " * 20)
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=int, help=FINETUNE_KEYS["batch_size"].meaning)
     f.add_argument("--val-fraction", type=float, help=FINETUNE_KEYS["val_fraction"].meaning)
     f.add_argument("--seed", type=int, help=FINETUNE_KEYS["seed"].meaning)
+    f.add_argument("--concepts", help=FINETUNE_KEYS["concepts"].meaning)
     f.add_argument("--intensity", choices=("check", "refit", "keep"), help=FINETUNE_KEYS["intensity"].meaning)
     f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tuning in --out")
     f.add_argument("--quiet", action="store_true", help="no progress bars; one log line per epoch")
@@ -182,6 +187,7 @@ def _finetune_keys(args: argparse.Namespace) -> None:
         "batch_size": args.batch_size, "val_fraction": args.val_fraction,
         "seed": args.seed, "intensity": args.intensity,
         "labels": _names(args.labels) if args.labels else None,
+        "concepts": _names(args.concepts) if args.concepts else None,
         "freeze": None if args.freeze is None else tuple(p for p in args.freeze if p.lower() != "none"),
     }
     recipe_keys = {f.name for f in fields(Recipe)}
@@ -271,6 +277,6 @@ def _finetune(args: argparse.Namespace) -> int:
     final = finetune(args.model, args.data, label_names=args.labels, freeze=args.freeze, epochs=args.epochs,
                      out_dir=args.out, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                      overrides=args.overrides, resume=args.resume, quiet=args.quiet, val_fraction=args.val_fraction,
-                     intensity=args.intensity, patience=args.patience, steps=args.steps)
+                     intensity=args.intensity, patience=args.patience, steps=args.steps, concepts=args.concepts)
     logging.getLogger("mlmi_zoo.training").info("fine-tuned model written to %s", final)
     return 0

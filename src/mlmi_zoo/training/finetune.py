@@ -215,12 +215,15 @@ def data_spec_from_path(path: str | Path, label_names: Sequence[str] | None = No
 
 
 def _columns_for(model: InterpretableModel, header: Sequence[str], image_column: str, label_column: str,
-                 require: bool) -> tuple[dict[str, Any], list[str]]:
+                 require: bool, concepts: Sequence[str] | None = None,
+                 quantities: Sequence[str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Loader arguments for the columns ``model`` reads, and the problems (with fixes) when ``require``.
 
     Spacing, a ``mask`` column and the columns the model predicts (physical-head quantities,
-    bottleneck concepts) are passed when present; with ``require``, a physical head without its
-    measurement columns or without spacing, and a bottleneck without its concept columns, are problems.
+    bottleneck concepts; ``concepts``: the user's own concept columns instead of the model's;
+    ``quantities``: the physical head's quantities as overridden, ``[]`` without a head) are passed
+    when present; with ``require``, a physical head without its measurement columns or
+    without spacing, and a bottleneck without its concept columns, are problems.
     """
     from mlmi_zoo.training.datasets.folder_csv import has_unit_suffix, spacing_columns_in
 
@@ -229,9 +232,10 @@ def _columns_for(model: InterpretableModel, header: Sequence[str], image_column:
         spacing = spacing_columns_in(header)
     except ValueError as err:
         spacing, problems = (), [str(err)]
-    quantities = [q.name for q in model.config.quantities]
-    concepts = [c.name for c in getattr(model.config, "concepts", ())]
-    wanted = list(dict.fromkeys(quantities + concepts))
+    quantities = [q.name for q in model.config.quantities] if quantities is None else list(quantities)
+    if concepts is None:
+        concepts = [c.name for c in getattr(model.config, "concepts", ())]
+    wanted = list(dict.fromkeys(quantities + list(concepts)))
     found = [n for n in wanted if n in header]
     columns: dict[str, Any] = {
         "spacing_columns": list(spacing),
@@ -258,13 +262,31 @@ def _columns_for(model: InterpretableModel, header: Sequence[str], image_column:
         near = [h for h in header if h != name and h.rsplit("_", 1)[0] == stem and has_unit_suffix(h)]
         hint = f" (found {near}: give the values in the unit of the name, e.g. convert to {name!r})" if near else ""
         role = "its physical head predicts" if name in quantities else "its concept bottleneck predicts"
-        problems.append(f"the base model needs a column {name!r} ({role} it; blank cells = unknown){hint}; "
+        own = (" or drop the physical head: model.config.quantities=[]" if name in quantities else
+               " or name your own concept columns with --concepts COL[:KIND],... (concepts=), which replaces "
+               "the bottleneck")
+        problems.append(f"the base model needs a column {name!r} ({role} it; blank cells = unknown){hint}{own}; "
                         f"the CSV has {list(header)}")
     if quantities and not spacing:
         problems.append(f"the base model measures {quantities} in physical units and needs each image's pixel "
                         "spacing: add a column 'spacing_mm' holding e.g. '0.7x0.7' (mm per axis; or one column per "
-                        "axis, 'spacing_y_mm' and 'spacing_x_mm'); DICOM/NIfTI images carry it in their header")
+                        "axis, 'spacing_y_mm' and 'spacing_x_mm'); DICOM/NIfTI images carry it in their header; or "
+                        "drop the physical head: model.config.quantities=[]")
     return columns, problems
+
+
+def _overridden_quantities(overrides: Sequence[str]) -> list[str] | None:
+    """The quantity names that a ``model.config.quantities=...`` override leaves (None: no such override)."""
+    import yaml
+
+    for word in reversed(list(overrides)):
+        key, _, text = word.partition("=")
+        if key.strip() == "model.config.quantities":
+            value = yaml.safe_load(text) or []
+            if not isinstance(value, list):
+                raise ValueError(f"{word!r}: model.config.quantities takes a list (e.g. [] to drop the physical head)")
+            return [str(q["name"]) if isinstance(q, dict) else str(q) for q in value]
+    return None
 
 
 def bag_spec_from_path(path: str | Path, label_names: Sequence[str] | None = None, val_fraction: float = 0.2,
@@ -643,6 +665,25 @@ def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str]
     return tuple(stages), record
 
 
+def _own_concepts(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | Path,
+                  words: Sequence[str]) -> tuple[Any, ...]:
+    """The user's concepts (``concepts=``) read off their CSV, or refuse: not a bottleneck, no CSV."""
+    from mlmi_zoo.training.user_concepts import concepts_from_csv
+
+    if not getattr(parent.config, "concepts", None):
+        raise ValueError(f"concepts= replaces a concept bottleneck; {name_or_uri} ({parent.architecture}) has none")
+    if isinstance(data, DataSpec):
+        csv = data.params.get("csv") if data.kind == "folder_csv" else None
+        if csv is None:
+            raise ValueError(f"concepts= reads the concept columns of a CSV; the data spec {data.kind!r} has none")
+        return concepts_from_csv(csv, words)
+    path = Path(data)
+    if _has_class_folders(path):
+        raise ValueError(f"concepts= reads concept columns of a CSV; {path} is a folder of class sub-folders, which "
+                         "carries labels only: list the images in a CSV (image,label,<concept>...) instead")
+    return concepts_from_csv(_csv_of(path, None)[0], words)
+
+
 def _has_masks(dataset: Any) -> bool:
     flag = getattr(dataset, "has_masks", None)
     if isinstance(flag, bool):
@@ -677,6 +718,7 @@ def plan_finetune(
     intensity: IntensityMode = "check",
     patience: int | None = None,
     steps: int | None = None,
+    concepts: Sequence[str] | None = None,
 ) -> FinetunePlan:
     """Check the data against the base model and write the recipe of a fine-tuning run (nothing is trained).
 
@@ -715,7 +757,8 @@ def plan_finetune(
     try:
         return _plan(parent, name_or_uri, data, run_dir, label_names=label_names, freeze=freeze, epochs=epochs,
                      lr=lr, batch_size=batch_size, seed=seed, overrides=overrides, resume=resume,
-                     val_fraction=val_fraction, intensity=intensity, patience=patience, steps=steps, bags=bags)
+                     val_fraction=val_fraction, intensity=intensity, patience=patience, steps=steps, bags=bags,
+                     concepts=concepts)
     except BaseException:
         if created and run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {_LISTING}:
             shutil.rmtree(run_dir)  # only the listing of a class folder was written: leave no run folder behind
@@ -725,12 +768,14 @@ def plan_finetune(
 def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | Path, run_dir: Path, *,
           label_names: Sequence[str] | None, freeze: Sequence[str] | None, epochs: int | None, lr: float | None,
           batch_size: int, seed: int, overrides: Sequence[str], resume: bool, val_fraction: float,
-          intensity: IntensityMode, patience: int | None, steps: int | None, bags: bool = False) -> FinetunePlan:
+          intensity: IntensityMode, patience: int | None, steps: int | None, bags: bool = False,
+          concepts: Sequence[str] | None = None) -> FinetunePlan:
     """The body of :func:`plan_finetune`, once the base model is loaded and the run folder chosen."""
     from mlmi_zoo.architectures.blocks.stages import training_for
     from mlmi_zoo.hub import resolve
     from mlmi_zoo.registry import read_config
 
+    own_concepts = None if concepts is None else _own_concepts(parent, name_or_uri, data, concepts)
     if isinstance(data, DataSpec):
         spec = data
     elif bags:
@@ -738,7 +783,9 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
     else:
         path = Path(data)
         header = _header_of(path)
-        columns, problems = _columns_for(parent, header, "image", "label", require=True)
+        columns, problems = _columns_for(parent, header, "image", "label", require=True,
+                                         concepts=None if own_concepts is None else [c.name for c in own_concepts],
+                                         quantities=_overridden_quantities(overrides))
         if problems:
             raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri} on {path}", problems))
         listing = run_dir / _LISTING if _has_class_folders(path) else None
@@ -761,9 +808,11 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
 
     def resolved(stages: tuple[StageSection, ...]) -> Recipe:
         """The recipe with ``stages``, the user's overrides applied (type-checked, defaults filled)."""
+        config: dict[str, Any] = {"label_names": list(names)}
+        if own_concepts is not None:  # the user's bottleneck; area maps name the base model's concepts
+            config.update(concepts=[c.to_dict() for c in own_concepts], area_maps=[])
         recipe = Recipe(
-            model=ModelSection(parent.architecture, {"label_names": list(names)}, init_from=str(name_or_uri),
-                               freeze=frozen),
+            model=ModelSection(parent.architecture, config, init_from=str(name_or_uri), freeze=frozen),
             data=spec,
             optim=OptimSection(name="adamw", lr=lr or parent_lr or OptimSection.lr, batch_size=batch_size,
                                schedule="cosine"),
@@ -810,7 +859,24 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
                 log.warning("fine-tuning without lesion masks: %s %r -> %r (%s)", change["key"], change["from"],
                             change["to"], change["reason"])
 
+    kept = _overridden_quantities(overrides)
+    if kept is not None and kept != [q.name for q in parent.config.quantities]:
+        record["changes"].append({"key": "model.config.quantities", "from": [q.name for q in parent.config.quantities],
+                                  "to": kept, "reason": "override: the physical head measures these only"})
+    if own_concepts is not None:
+        record["changes"].append({"key": "model.config.concepts",
+                                  "from": [c.name for c in parent.config.concepts],
+                                  "to": [f"{c.name} ({c.kind})" for c in own_concepts],
+                                  "reason": "the user's own concept columns (concepts=): the concept and label heads "
+                                            "start afresh"})
     problems = _label_problems(train_set, recipe.model.config.get("label_names", names), recipe.data.val_fraction)
+    if own_concepts is not None and "spacing_columns" not in recipe.data.params:
+        from mlmi_zoo.architectures.blocks.heads import spacing_exponent
+
+        sized = [c.name for c in own_concepts if c.kind == "continuous" and spacing_exponent(c.unit or "")]
+        if sized:
+            problems.append(f"the concept(s) {sized} are sizes in physical units and need each image's pixel spacing: "
+                            "add a column 'spacing_mm' holding e.g. '0.7x0.7' (mm per axis)")
     if intensity == "refit":
         if any(k.startswith("model.config.intensity") for k in asked):
             raise ValueError("intensity='refit' and a model.config.intensity override both set the intensity "
@@ -860,6 +926,7 @@ def finetune(
     intensity: IntensityMode = "check",
     patience: int | None = None,
     steps: int | None = None,
+    concepts: Sequence[str] | None = None,
 ) -> Path:
     """Fine-tune ``name_or_uri`` on ``data`` and return the new model folder.
 
@@ -892,6 +959,10 @@ def finetune(
             ``0``, every epoch runs).
         steps: optimiser steps shared by the gradient stages when ``epochs`` is not given (default
             :data:`DEFAULT_STEPS`).
+        concepts: a concept bottleneck on the user's own concepts: CSV columns, each ``NAME`` or
+            ``NAME:KIND`` (:mod:`mlmi_zoo.training.user_concepts`); they replace the base model's
+            concepts, whose concept and label heads then start afresh (default: the base model's
+            concepts, read from columns of the same names).
 
     Returns:
         ``out_dir/final``, loadable with ``mlmi_zoo.load("local-dir:...")``; its config.json has
@@ -906,7 +977,8 @@ def finetune(
 
     plan = plan_finetune(name_or_uri, data, label_names=label_names, freeze=freeze, epochs=epochs, out_dir=out_dir,
                          lr=lr, batch_size=batch_size, seed=seed, overrides=overrides, resume=resume,
-                         val_fraction=val_fraction, intensity=intensity, patience=patience, steps=steps)
+                         val_fraction=val_fraction, intensity=intensity, patience=patience, steps=steps,
+                         concepts=concepts)
     if any(s.name == "push" for s in plan.recipe.stages):
         log.info("fine-tuning a prototype model: prototypes will be pushed onto the new training data")
     return train(plan.recipe, plan.run_dir, resume=resume, quiet=quiet, final_extra={"finetune": plan.record})

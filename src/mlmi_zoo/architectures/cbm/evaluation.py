@@ -357,7 +357,7 @@ def _interventions(model: Any, col: _Collected, ctx: _Context) -> dict[str, Any]
     cache = CachedConcepts(*(_cat(col.cache_parts[k]) for k in ("predicted", "true", "labelled", "labels")))
     cache = dataclasses.replace(cache, labelled=cache.labelled.bool(), labels=cache.labels.long())
     policies: list[Any] = [RandomPolicy(ctx.seed), UncertaintyPolicy()]
-    val = ctx.split_dataset("val")
+    val = ctx.validation_dataset()
     if val is not None and len(val):
         policies.append(FixedOrderPolicy.fit(model, _subset(val, ctx.limits.val_cases), batch_size=ctx.batch_size))
     else:
