@@ -398,3 +398,22 @@ def test_a_mil_model_fine_tunes_on_a_folder_of_bags(tmp_path):
     with pytest.raises(FinetuneDataError, match="exactly one"):
         plan_finetune("abmil_features.idrid_rdr", bags, out_dir=tmp_path / "r4")
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r4").exists()  # nothing left behind
+
+
+def test_small_data_are_decoded_once_unless_the_user_says_otherwise(tmp_path):
+    import mlmi_zoo.training.finetune as ft
+
+    csv = write_nodules(tmp_path / "data")
+    plan = plan_finetune(LIDC, csv, out_dir=tmp_path / "run", intensity="refit")
+    assert plan.recipe.data.cache is True
+    # 12 cases of one 32x32 float32 image (plus scalars): about 12 x 4 KiB
+    assert 0 < plan.record["schedule"]["in_memory_mib"] < 1
+    kept = plan_finetune(LIDC, csv, out_dir=tmp_path / "run", intensity="refit", overrides=["data.cache=false"])
+    assert kept.recipe.data.cache is False and "in_memory_mib" not in kept.record["schedule"]
+    ft_limit = ft.IN_MEMORY_BYTES
+    try:
+        ft.IN_MEMORY_BYTES = 1024  # smaller than the data: read from disk every epoch
+        big = plan_finetune(LIDC, csv, out_dir=tmp_path / "run", intensity="refit")
+    finally:
+        ft.IN_MEMORY_BYTES = ft_limit
+    assert big.recipe.data.cache is False

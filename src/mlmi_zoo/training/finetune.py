@@ -18,7 +18,10 @@ training and no run folder is left that looks like a finished model:
   measurements a physical head predicts (``diameter_mm``, any ``<quantity>_<unit>`` it names),
   the concepts a bottleneck predicts and a ``mask`` column are found in the header and passed to
   the loader (:mod:`mlmi_zoo.training.datasets.folder_csv`); a physical head without spacing or
-  measurements is refused;
+  measurements is refused, unless ``model.config.quantities=[]`` drops it (recorded); a bottleneck
+  whose concepts the data do not carry is refused, unless ``concepts=`` replaces them with the
+  user's own concept columns (:mod:`mlmi_zoo.training.user_concepts`; recorded; the concept and
+  label heads start afresh);
 * lesion masks: settings that need them (push onto lesion patches, the fine-annotation cost, the
   count map's fit: :data:`MASK_GUIDED_SETTINGS`) are inherited when the data have masks; without
   masks they are switched to their mask-free form and the switch is recorded; a user's explicit
@@ -46,6 +49,8 @@ Defaults, for what the caller does not say (:func:`default_stages`; ``finetune.s
   so a stage runs ``max(1, round(share * 1000 / ceil(train_cases / batch_size)))`` epochs with a
   cosine decay of its rate: 600 images (480 after the validation split), batch 16, give 33 epochs
   of one baseline stage; 6000 images give 3;
+* **decoded once**: a CSV's images whose decoded tensors fit in :data:`IN_MEMORY_BYTES` (2 GiB) are
+  held in memory (``data.cache``; ``finetune.schedule.in_memory_mib`` records it);
 * **no early stopping** (:data:`DEFAULT_PATIENCE` = 0); ``patience=N`` stops a gradient stage after
   N epochs without a better validation AUROC and continues from its best epoch. The delivered
   weights are those the trainer selects: the epoch of the last stage with the best validation
@@ -93,7 +98,7 @@ from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSe
 
 __all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path", "evaluation_data_spec",
            "check_images", "default_stages", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE",
-           "DEFAULT_STEPS", "DEFAULT_PATIENCE"]
+           "DEFAULT_STEPS", "DEFAULT_PATIENCE", "IN_MEMORY_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,7 @@ _LISTING = "image_folder.csv"
 DEFAULT_FREEZE: tuple[str, ...] = ()  # parameter prefixes kept frozen: none, every layer trains
 DEFAULT_STEPS = 1000  # optimiser steps shared by the gradient stages
 DEFAULT_PATIENCE = 0  # epochs without a better val AUROC before a gradient stage stops; 0: no early stopping
+IN_MEMORY_BYTES = 2 << 30  # a user's decoded images up to this size are held in memory during fine-tuning
 
 
 class FinetuneDataError(ValueError):
@@ -684,6 +690,22 @@ def _own_concepts(parent: InterpretableModel, name_or_uri: str, data: DataSpec |
     return concepts_from_csv(_csv_of(path, None)[0], words)
 
 
+def _fits_in_memory(spec: DataSpec, train_set: Any, asked: set[str]) -> int | None:
+    """The bytes of every decoded case of a user's CSV when they fit in :data:`IN_MEMORY_BYTES` (else None).
+
+    Cases of a CSV depend only on their index, so holding them decoded
+    (:class:`~mlmi_zoo.training.data_spec.MaterializedDataset`) changes nothing but speed: a NIfTI
+    volume is otherwise decompressed again every epoch. Augmentation acts after the cache. Not when
+    the user set ``data.cache`` themselves, nor for bags or other sources.
+    """
+    if spec.kind != "folder_csv" or spec.cache or "data.cache" in asked or not len(train_set):
+        return None
+    sample = train_set[0]
+    per_case = sum(v.nbytes for v in sample.values() if torch.is_tensor(v))
+    total = int(per_case * len(train_set) / max(1.0 - spec.val_fraction, 1e-6))  # the validation cases too
+    return total if total <= IN_MEMORY_BYTES else None
+
+
 def _has_masks(dataset: Any) -> bool:
     flag = getattr(dataset, "has_masks", None)
     if isinstance(flag, bool):
@@ -828,6 +850,10 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
     train_set = build_dataset(recipe.data, "train")
     stages, schedule = default_stages(parent_stages, adapter.special_stages, len(train_set), recipe.optim.batch_size,
                                       epochs=epochs, lr=lr, patience=patience, steps=steps)
+    in_memory = _fits_in_memory(recipe.data, train_set, asked={o.partition("=")[0].strip() for o in overrides})
+    if in_memory is not None:  # decode each file once, not once per epoch
+        spec = dataclasses.replace(spec, cache=True)
+        schedule["in_memory_mib"] = round(in_memory / 2**20, 3)
     recipe = resolved(stages)  # the user's stages.N.* overrides win over the derived stages
     schedule.update(freeze=list(recipe.model.freeze), stages=[dataclasses.asdict(s) for s in recipe.stages],
                     defaults=[name for name, given in (("freeze", freeze), ("epochs", epochs), ("lr", lr),
