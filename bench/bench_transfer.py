@@ -634,8 +634,13 @@ def sanity_counts(doc: dict[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("prototypes_"): v for k, v in metrics.items() if k.startswith("prototypes_") or k in kept}
 
 
-def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra: Sequence[str] = ()) -> dict[str, Any]:
+def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra: Sequence[str] = (),
+            seed: int = 0) -> dict[str, Any]:
     """Fine-tune ``family`` on data set ``name`` by the default command and evaluate it on the test cases.
+
+    ``seed`` other than 0 adds ``--seed SEED`` to the command (another validation split carved from
+    the training folder, data order and initialisation of the new heads); the row's ``seed`` is
+    then SEED (None for the default command).
 
     Returns:
         the run row (JSON-safe).
@@ -645,7 +650,9 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
 
     spec = DATASETS[name]
     model = f"{family}_resnet8.{spec.parent}"
-    run = finetune_cli(model, folder / spec.train, work / "runs" / name / family, [*spec.options.get(family, ()), *extra])
+    options = [*spec.options.get(family, ()), *extra, *(["--seed", str(seed)] if seed else [])]
+    run = finetune_cli(model, folder / spec.train, work / "runs" / name / (f"{family}_seed{seed}" if seed else family),
+                       options)
     final = Path(run["final"])
     scores, labels, patients = predictions(final, folder / "test.csv")
     # The controls and the other elements are not what is compared here: small case counts keep it fast
@@ -658,7 +665,8 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     if abs(doc["task"]["auroc"]["estimate"] - _auroc(scores, labels)) > 1e-6:
         raise RuntimeError(f"{final}: evaluate's test AUROC {doc['task']['auroc']['estimate']} is not the "
                            f"predictions' {_auroc(scores, labels)}")
-    return {"kind": "run", "dataset": name, "family": family, "model": model, "parent_sha256": _parent_sha256(model),
+    return {"kind": "run", "dataset": name, "family": family, "seed": seed or None, "model": model,
+            "parent_sha256": _parent_sha256(model),
             "defaults": defaults_signature(), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
             "test_patients": len(set(patients.tolist())), "patients": DATASETS[name].patients,
             "sanity": sanity_counts(doc), "results": str(final.parent / "results.json"),
@@ -666,8 +674,9 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
             "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
-def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int) -> dict[str, Any]:
-    """The interpretable model's minus the baseline's test AUROC on the same cases, resampling patients together.
+def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """The interpretable model's minus the baseline's test AUROC on the same cases, resampling patients together
+    (the runs of fine-tuning seed ``seed``).
 
     Raises:
         ValueError: a family without a run row, or a model folder whose test AUROC is not its row's.
@@ -675,7 +684,7 @@ def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int) -> 
     from mlmi_zoo.evaluation.bootstrap import bootstrap_ci
 
     latest = {r["family"]: r for r in rows if r["kind"] == "run" and r["dataset"] == name
-              and r["defaults"] == defaults_signature()}
+              and r["defaults"] == defaults_signature() and r.get("seed") == (seed or None)}
     interpretable = DATASETS[name].interpretable
     missing = [f for f in DATASETS[name].families if f not in latest]
     if missing:
@@ -688,7 +697,7 @@ def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int) -> 
         preds[family] = scores
     ci = bootstrap_ci(lambda a, b, y: _auroc(a, y) - _auroc(b, y), preds[interpretable], preds["baseline"], labels,
                       n=n_boot, seed=SEED, groups=patients)
-    return {"kind": "paired", "dataset": name, "defaults": defaults_signature(),
+    return {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature(),
             "statistic": f"test AUROC {interpretable} - baseline", "estimate": ci.estimate, "ci": [ci.low, ci.high],
             "n_boot_used": ci.n, "test_cases": len(labels), "test_patients": len(set(patients.tolist())),
             "target_met": bool(ci.estimate >= -TARGET),
@@ -785,19 +794,25 @@ def choose_table(rows: list[dict[str, Any]]) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per transfer data set, both families' test AUROC, the paired difference, wall time, sanity counts."""
     signature = defaults_signature()
-    runs = {(r["dataset"], r["family"]): r for r in rows if r["kind"] == "run" and r["defaults"] == signature}
-    pairs = {r["dataset"]: r for r in rows if r["kind"] == "paired" and r["defaults"] == signature}
+    runs = {(r["dataset"], r["family"]): r for r in rows
+            if r["kind"] == "run" and r["defaults"] == signature and r.get("seed") is None}
+    pairs = {r["dataset"]: r for r in rows if r["kind"] == "paired" and r["defaults"] == signature and r.get("seed") is None}
+    by_seed: dict[str, dict[int, float]] = {}  # the newest paired difference of each data set and seed
+    for r in rows:
+        if r["kind"] == "paired" and r["defaults"] == signature:
+            by_seed.setdefault(r["dataset"], {})[r.get("seed") or 0] = r["estimate"]
     lines = [("| data set | family | train / test images (patients) | interpretable test AUROC [95% CI] "
               "| baseline test AUROC [95% CI] | difference [95% CI, paired] | within 0.02 "
+              "| difference over seeds: mean (seed 0, 1, ...) "
               "| wall s interpretable / baseline | epochs run (early stop) "
               "| sanity: degenerate prototypes (border / background / duplicates), or concepts | load avg (1 min) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, spec in DATASETS.items():
         if spec.choosing:
             continue
         p, b, d = runs.get((name, spec.interpretable)), runs.get((name, "baseline")), pairs.get(name)
         if p is None or b is None:
-            lines.append(f"| {spec.label} | {spec.interpretable} | not run | | | | | | | | |")
+            lines.append(f"| {spec.label} | {spec.interpretable} | not run | | | | | | | | | |")
             continue
 
         def ci(r: dict[str, Any]) -> str:
@@ -821,6 +836,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                       f"pushed {p['push']['pushed'] if p.get('push') else '—'}")
         diff = f"{_f(d['estimate'], True)} [{_f(d['ci'][0], True)}, {_f(d['ci'][1], True)}]" if d else "—"
         met = ("yes" if d["target_met"] else "no") if d else "—"
+        seeds = by_seed.get(name, {})
+        over = (f"{_f(float(np.mean(list(seeds.values()))), True)} "
+                f"({', '.join(_f(seeds[k], True) for k in sorted(seeds))})" if len(seeds) > 1 else "one seed")
         meta = json.loads((Path(p["final"]).parents[3] / "data" / name / "meta.json").read_text(encoding="utf-8")) \
             if (Path(p["final"]).parents[3] / "data" / name / "meta.json").is_file() else {}
         n_train = sum(meta.get("counts", {}).get("train", {}).values()) if meta else "—"
@@ -829,7 +847,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         # a row fine-tuned from an earlier release of the parent is marked (the parent was retrained since)
         stale = p.get("parent_sha256") != _parent_sha256(p["model"])
         lines.append(f"| {spec.label}{' †' if stale else ''} | {spec.interpretable} | {n_train} / {p['test_cases']} ({p['test_patients']} {PLURAL[spec.patients]}) "
-                     f"| {ci(p)} | {ci(b)} | {diff} | {met} | {p['wall_s']:.0f}{'²' if p['threads'] == 2 else ''} / {b['wall_s']:.0f}{'²' if b['threads'] == 2 else ''} "
+                     f"| {ci(p)} | {ci(b)} | {diff} | {met} | {over} | {p['wall_s']:.0f}{'²' if p['threads'] == 2 else ''} / {b['wall_s']:.0f}{'²' if b['threads'] == 2 else ''} "
                      f"| {epochs(p)}; {epochs(b)} | {sanity} | {load} |")
     any_run = next(iter(runs.values()), None)
     if any_run is None:
@@ -894,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="exported data and run folders (default: <mlmi_zoo cache>/bench_transfer)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="fine-tuning seeds of the transfer runs (default 0: the command as a user types it; "
+                             "N adds --seed N)")
     parser.add_argument("--again", action="store_true",
                         help="run even where --out has the row (after a change of the code, not of the defaults); "
                              "the newest row of a data set and family is the one the table shows")
@@ -925,7 +946,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in (args.only or list(DATASETS)) if DATASETS[n].choosing == args.choose]
     for name in names:
         folder = prepare(name, root, work, n_train, n_test)
-        jobs = [(c, s) for s in CHOOSE_SEEDS for c in (args.configs or list(GRID))] if args.choose else [(None, None)]
+        jobs = [(c, s) for s in CHOOSE_SEEDS for c in (args.configs or list(GRID))] if args.choose else \
+            [(None, s or None) for s in args.seeds]
         for config, seed in jobs:
             for family in [f for f in DATASETS[name].families if f in args.families]:
                 probe = {"kind": "choose" if args.choose else "run", "dataset": name, "family": family,
@@ -938,18 +960,19 @@ def main(argv: list[str] | None = None) -> int:
                 if config is not None and seed is not None:
                     row = choose_one(name, family, config, seed, folder, work)
                 else:
-                    row = run_one(name, family, folder, work, args.n_boot, extra)
+                    row = run_one(name, family, folder, work, args.n_boot, extra, seed=seed or 0)
                 _append(out, row)
                 log.info("%s / %s / %s: %s, %.0f s", name, family, config,
                          f"val AUROC {row['val_auroc']:.3f}" if config else
                          f"test AUROC {row['test_auroc']['estimate']:.3f}", row["wall_s"])
-        probe = {"kind": "paired", "dataset": name, "defaults": defaults_signature()}
-        if not args.choose and set(DATASETS[name].families) <= set(args.families) and \
-                (args.again or _key(probe) not in {_key(r) for r in read_rows(out)}):
-            row = paired(name, read_rows(out), folder, args.n_boot)
-            _append(out, row)
-            log.info("%s: %s - baseline test AUROC %+.3f [%+.3f, %+.3f]", name, DATASETS[name].interpretable,
-                     row["estimate"], *row["ci"])
+        for seed in [] if args.choose else args.seeds:
+            probe = {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature()}
+            if set(DATASETS[name].families) <= set(args.families) and \
+                    (args.again or _key(probe) not in {_key(r) for r in read_rows(out)}):
+                row = paired(name, read_rows(out), folder, args.n_boot, seed=seed)
+                _append(out, row)
+                log.info("%s (seed %d): %s - baseline test AUROC %+.3f [%+.3f, %+.3f]", name, seed,
+                         DATASETS[name].interpretable, row["estimate"], *row["ci"])
     return 0
 
 
