@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 import mlmi_zoo
-from mlmi_zoo.training._device import channels_last
+from mlmi_zoo.training._device import channels_last, prefers_channels_last
 from mlmi_zoo.training.data_spec import DataSpec
 from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSection
 from mlmi_zoo.training.trainer import Trainer
@@ -50,8 +50,9 @@ def bare_loop(images: torch.Tensor, labels: torch.Tensor, config: dict, batch: i
               device: str) -> float:
     """Images/s of the plainest loop: fixed permutation per epoch, forward, CE, backward, AdamW."""
     torch.manual_seed(seed)
-    # channels-last, as the trainer keeps its models: the two loops do the same arithmetic
-    model = channels_last(mlmi_zoo.create_model("baseline_resnet8", **config).train().to(device))
+    model = mlmi_zoo.create_model("baseline_resnet8", **config).train().to(device)
+    if prefers_channels_last(model):  # the layout the trainer would choose: the two loops do the same arithmetic
+        channels_last(model)
     images, labels = images.to(device), labels.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     n = len(labels)

@@ -69,7 +69,7 @@ from torch.utils.data import Dataset
 
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, training_for
 from mlmi_zoo.base import InterpretableModel
-from mlmi_zoo.training._device import channels_last, to_device
+from mlmi_zoo.training._device import channels_last, prefers_channels_last, to_device
 from mlmi_zoo.training.checkpoint import (
     Checkpoint,
     Position,
@@ -345,7 +345,8 @@ class Trainer:
             model.import_metadata(resumed.state.get("model_metadata") or {})
         if self.dist.enabled and r.sync_batchnorm:
             convert_batchnorm(model, cuda=self.device.type == "cuda")
-        channels_last(model)  # faster convolutions, same weights (see its docstring)
+        if prefers_channels_last(model):  # depthwise convolutions run faster channels-last
+            channels_last(model)
         return model, adapter
 
     def _create_model(self, resumed: Checkpoint | None = None) -> InterpretableModel:
