@@ -417,3 +417,36 @@ def test_small_data_are_decoded_once_unless_the_user_says_otherwise(tmp_path):
     finally:
         ft.IN_MEMORY_BYTES = ft_limit
     assert big.recipe.data.cache is False
+
+
+def test_a_patient_column_keeps_a_patients_images_together_and_groups_the_intervals(tmp_path):
+    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
+
+    csv = write_nodules(tmp_path / "data", n=24)
+    rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([rows[0] + ",patient"] + [f"{r},p{i // 3}" for i, r in enumerate(rows[1:])]) + "\n")
+    plan = plan_finetune(LIDC, csv, out_dir=tmp_path / "run", intensity="refit", val_fraction=0.25)
+    assert plan.recipe.data.params["patient_column"] == "patient"
+    train, val = (build_dataset(plan.recipe.data, s) for s in ("train", "val"))
+    train_patients = {train[i]["patient_id"] for i in range(len(train))}
+    val_patients = {val[i]["patient_id"] for i in range(len(val))}
+    assert train_patients and val_patients and not train_patients & val_patients  # no patient on both sides
+    assert len(train) + len(val) == 24 and len(val) >= 6
+    # the evaluation of a user's test CSV resamples patients
+    test = write_nodules(tmp_path / "test", n=12, name="test.csv", seed=1)
+    rows = test.read_text().splitlines()
+    test.write_text("\n".join([rows[0] + ",patient"] + [f"{r},q{i // 2}" for i, r in enumerate(rows[1:])]) + "\n")
+    doc = evaluate(LIDC, evaluation_data_spec(LIDC, test, check=False), split="test", n_boot=20,
+                   out=tmp_path / "results.json",
+                   limits=EvaluationLimits(deletion_cases=2, spacing_cases=2, control_train_cases=8, examples=1,
+                                           purity_train_cases=8, val_cases=4))
+    assert "resamples of patients" in doc["bootstrap"]["description"]
+
+
+def test_a_blank_patient_is_named_by_row(tmp_path):
+    csv = write_nodules(tmp_path / "data", n=6)
+    rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([rows[0] + ",patient"] + [f"{r},{'' if i == 2 else 'p'}" for i, r in enumerate(rows[1:])])
+                   + "\n")
+    with pytest.raises(ValueError, match=r"row 4: column 'patient': empty patient"):
+        FolderCSVDataset(csv, patient_column="patient")

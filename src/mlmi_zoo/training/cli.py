@@ -103,7 +103,7 @@ _FINETUNE_EPILOG = "key=value overrides (anywhere on the line, like the options)
   dotted recipe keys, e.g. optim.weight_decay=0.01  stages.1.epochs=10  training.fa_coef=0
                     data.params.channels=1 (read PNG/JPEG as greyscale)  model.config.intensity.kind=identity
 
-DATA is a CSV (image,label[,mask][,spacing_mm][,<quantity>_<unit>...]; image paths relative to the CSV),
+DATA is a CSV (image,label[,mask][,spacing_mm][,<quantity>_<unit>...][,patient]; image paths relative to the CSV),
 a folder holding one CSV, or a folder with one sub-folder per class (DIR/<class>/<image>.png).
 The model is OUT/final; evaluate it on your test data with
   mlmi-zoo evaluate OUT/final --test-csv test.csv   (or --test-dir DIR)"""

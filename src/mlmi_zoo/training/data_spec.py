@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar
@@ -170,15 +171,34 @@ def _phantom_ranges(spec: DataSpec) -> dict[str, range]:
     }
 
 
-def _fraction_split(n: int, spec: DataSpec) -> dict[str, list[int]]:
-    """Partition ``range(n)`` by a permutation seeded with ``split_seed``; each part sorted."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(spec.split_seed)).tolist()
+def _fraction_split(n: int, spec: DataSpec, groups: Sequence[str] | None = None) -> dict[str, list[int]]:
+    """Partition ``range(n)`` by a permutation seeded with ``split_seed``; each part sorted.
+
+    With ``groups`` (each case's patient) the permutation is of the patients, and a patient's cases
+    go together: validation takes whole patients until it holds at least its share of the cases,
+    then test, and training the rest.
+    """
     n_val = int(round(n * spec.val_fraction))
     n_test = int(round(n * spec.test_fraction))
     if n - n_val - n_test < 1:
         raise ValueError(f"{n} cases leave none for training with val_fraction={spec.val_fraction}, "
                          f"test_fraction={spec.test_fraction}")
-    parts = {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
+    generator = torch.Generator().manual_seed(spec.split_seed)
+    if groups is None:
+        perm = torch.randperm(n, generator=generator).tolist()
+        parts = {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
+        return {k: sorted(v) for k, v in parts.items()}
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = [sorted(members)[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+    parts = {"val": [], "test": [], "train": []}
+    for g in order:
+        part = ("val" if len(parts["val"]) < n_val else "test" if len(parts["test"]) < n_test else "train")
+        parts[part].extend(members[g])
+    if not parts["train"]:
+        raise ValueError(f"{len(members)} patients leave none for training with val_fraction={spec.val_fraction}, "
+                         f"test_fraction={spec.test_fraction}")
     return {k: sorted(v) for k, v in parts.items()}
 
 
@@ -301,7 +321,7 @@ def _build(spec: DataSpec, split: str) -> SizedDataset[dict[str, Any]]:
         if "csv" not in p:
             raise ValueError("a folder_csv spec needs data.params.csv (one CSV) or train_csv/val_csv/test_csv")
         ds = FolderCSVDataset(p["csv"], **kwargs)
-        return IndexSubset(ds, _first(_fraction_split(len(ds), spec)[split], spec.size_of(split)))
+        return IndexSubset(ds, _first(_fraction_split(len(ds), spec, ds.patients)[split], spec.size_of(split)))
     if spec.kind == "cached_bags":
         from mlmi_zoo.training.datasets.slides import CachedBagDataset
 

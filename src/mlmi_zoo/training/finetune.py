@@ -251,11 +251,13 @@ def _columns_for(model: InterpretableModel, header: Sequence[str], image_column:
     columns = {k: v for k, v in columns.items() if v}
     if "mask" in header:
         columns["mask_column"] = "mask"
+    if "patient" in header:  # a patient's images stay together in the split; intervals resample patients
+        columns["patient_column"] = "patient"
     if image_column != "image":
         columns["image_column"] = image_column
     if label_column != "label":
         columns["label_column"] = label_column
-    used = {image_column, label_column, "mask", *spacing, *found}
+    used = {image_column, label_column, "mask", "patient", *spacing, *found}
     unused = [h for h in header if h not in used]
     if unused:
         log.info("columns not used by %s: %s", model.architecture, unused)

@@ -18,6 +18,9 @@ CSV columns:
       with its row.
     * ``mask`` (``mask_column``, optional): path of a lesion mask of the image's size (any non-zero
       pixel is lesion); blank = no lesion drawn (an empty mask).
+    * ``patient`` (``patient_column``, optional): who the image belongs to. Images of one patient
+      stay on one side of a validation split carved from the CSV, and the evaluation's intervals
+      resample patients (``"patient_id"`` of each sample); without it every image is its own patient.
     * concept columns: numbers; blank = missing (NaN, masked in concept losses).
     * measurement columns: numbers whose unit is the suffix of the column name, parsed by pint:
       ``diameter_mm`` (mm), ``area_mm2`` (mm²), ``volume_ml`` (mL), ``mean_hu`` (HU), ``length_cm``;
@@ -223,6 +226,7 @@ class _Row:
     concepts: dict[str, float]
     measurements: dict[str, float]
     spacing: tuple[float, ...] | None
+    patient: str | None = None
 
 
 class FolderCSVDataset(SizedDataset[dict[str, Any]]):
@@ -248,6 +252,8 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         mask_column: column with the path of each image's lesion mask (blank = empty mask).
         channels: 1 or 3 to convert every PNG/JPEG/TIFF to greyscale or RGB on reading (``None``:
             as stored); a DICOM/NIfTI image with another channel count is refused.
+        patient_column: column naming each image's patient (a blank cell is an error): samples carry
+            it as ``"patient_id"``; ``None``: every image is its own patient.
 
     Attributes:
         label_names, measurement_units ({column: pint unit}), quantities (``QuantitySpec`` per
@@ -271,6 +277,7 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         mask_column: str | None = None,
         channels: int | None = None,
+        patient_column: str | None = None,
     ) -> None:
         self.csv_path = Path(csv_path)
         if not self.csv_path.is_file():
@@ -283,6 +290,7 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         self.label_column = label_column
         self.image_column = image_column
         self.mask_column = mask_column
+        self.patient_column = patient_column
         self.channels = channels
         self.concept_columns = tuple(concept_columns or ())
         self.measurement_columns = tuple(measurement_columns or ())
@@ -319,7 +327,10 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
                 "concepts": {c: self._number(cell[c], c, row_errors, allow_blank=True) for c in self.concept_columns},
                 "measurements": {m: self._number(cell[m], m, row_errors, allow_blank=True) for m in self.measurement_columns},
                 "spacing": self._spacing(cell, spacing_unit, row_errors),
+                "patient": cell[patient_column] if patient_column is not None else None,
             }
+            if patient_column is not None and not cell[patient_column]:
+                row_errors.append(f"column {patient_column!r}: empty patient")
             if not cell[label_column]:
                 row_errors.append(f"column {label_column!r}: empty label")
             errors.extend(f"row {row_number}: {e}" for e in row_errors)
@@ -335,7 +346,8 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
         if errors:
             raise ValueError(self._report(errors))
         self._rows = [
-            _Row(rn, item["image"], labels[rn], item["mask"], item["concepts"], item["measurements"], item["spacing"])
+            _Row(rn, item["image"], labels[rn], item["mask"], item["concepts"], item["measurements"], item["spacing"],
+                 item["patient"])
             for rn, item in parsed
         ]
         self.has_masks = any(r.mask is not None for r in self._rows)
@@ -344,7 +356,8 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
     def _check_header(self, header: list[str], errors: list[str]) -> str | None:
         """Check the header (row 1); return the unit of the spacing columns (None if absent or bad)."""
         wanted = [self.image_column, self.label_column, *self.concept_columns, *self.measurement_columns,
-                  *self.spacing_columns, *([self.mask_column] if self.mask_column is not None else [])]
+                  *self.spacing_columns, *([self.mask_column] if self.mask_column is not None else []),
+                  *([self.patient_column] if self.patient_column is not None else [])]
         missing = [c for c in wanted if c not in header]
         if missing:
             errors.append(f"row 1: missing column(s) {missing}; the header has {header}")
@@ -533,7 +546,14 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
             sample["mask"] = self._mask(row, tuple(image.shape[1:]))
         if spacing is not None:
             sample["spacing"] = torch.tensor(spacing, dtype=torch.float32)
+        if row.patient is not None:
+            sample["patient_id"] = row.patient
         return self.transform(sample) if self.transform is not None else sample
+
+    @property
+    def patients(self) -> list[str] | None:
+        """Each row's patient (the ``patient_column``), or None without one."""
+        return None if self.patient_column is None else [str(r.patient) for r in self._rows]
 
     def _mask(self, row: _Row, spatial: tuple[int, ...]) -> torch.Tensor:
         """(1, *spatial) bool lesion mask of ``row``: any non-zero pixel of the mask file; blank = empty."""
@@ -563,7 +583,9 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
                 "concepts": list(self.concept_columns),
                 "measurements": dict(self.measurement_units),
                 "spacing": list(self.spacing_columns),
+                "patient": self.patient_column,
             },
+            **({"num_patients": len(set(self.patients or []))} if self.patient_column is not None else {}),
         }
 
 
