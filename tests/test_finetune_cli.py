@@ -348,6 +348,9 @@ def test_the_readme_finetune_example_runs_verbatim(tmp_path):
         result = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{shlex.join(command)}\n{result.stderr[-3000:]}"
     assert (tmp_path / "my_model" / "final" / "config.json").is_file()
+    # a fine-tuned prototype model records how much its push cost (finetune.push_check)
+    check = json.loads((tmp_path / "my_model" / "final" / "config.json").read_text())["finetune"]["push_check"]
+    assert set(check) == {"val_auroc_before_push", "val_auroc_after_push", "drop", "dropped"}
     results = json.loads((tmp_path / "my_model" / "results.json").read_text())
     assert results["n_cases"] == 6 and results["split"] == "test"
     assert (tmp_path / "my_xray_model" / "final" / "model.safetensors").is_file()
@@ -450,3 +453,21 @@ def test_a_blank_patient_is_named_by_row(tmp_path):
                    + "\n")
     with pytest.raises(ValueError, match=r"row 4: column 'patient': empty patient"):
         FolderCSVDataset(csv, patient_column="patient")
+
+
+def test_a_push_that_costs_accuracy_is_flagged(tmp_path):
+    from mlmi_zoo.training.finetune import PUSH_DROP_WARNING, push_check
+
+    def metrics(*units: tuple[str, str, float]) -> Path:
+        path = tmp_path / "metrics.jsonl"
+        path.write_text("\n".join(json.dumps({"type": t, "stage": s, "val_auroc": v}) for t, s, v in units) + "\n")
+        return path
+
+    bad = push_check(metrics(("epoch", "joint", 0.70), ("epoch", "joint", 0.81), ("special_stage", "push", 0.51),
+                             ("special_stage", "last_layer", 0.49)))
+    assert bad == {"val_auroc_before_push": 0.81, "val_auroc_after_push": 0.51, "drop": pytest.approx(0.30),
+                   "dropped": True}
+    fine = push_check(metrics(("epoch", "joint", 0.90), ("special_stage", "push", 0.86),
+                              ("special_stage", "last_layer", 0.90 - PUSH_DROP_WARNING + 0.01)))
+    assert fine is not None and not fine["dropped"]
+    assert push_check(metrics(("epoch", "joint", 0.9))) is None  # no push: nothing to check

@@ -101,7 +101,7 @@ from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSe
 
 __all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path", "evaluation_data_spec",
            "check_images", "default_stages", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE",
-           "DEFAULT_STEPS", "DEFAULT_PATIENCE", "IN_MEMORY_BYTES"]
+           "DEFAULT_STEPS", "DEFAULT_PATIENCE", "IN_MEMORY_BYTES", "push_check", "PUSH_DROP_WARNING"]
 
 log = logging.getLogger(__name__)
 
@@ -562,4 +562,58 @@ def finetune(
                          concepts=concepts)
     if any(s.name == "push" for s in plan.recipe.stages):
         log.info("fine-tuning a prototype model: prototypes will be pushed onto the new training data")
-    return train(plan.recipe, plan.run_dir, resume=resume, quiet=quiet, final_extra={"finetune": plan.record})
+    final = train(plan.recipe, plan.run_dir, resume=resume, quiet=quiet, final_extra={"finetune": plan.record})
+    _record_push_check(final, push_check(plan.run_dir / "metrics.jsonl"))
+    return final
+
+
+PUSH_DROP_WARNING = 0.1  # validation AUROC lost between the best epoch before push and the delivered weights
+
+
+def push_check(metrics: str | Path) -> dict[str, Any] | None:
+    """How much validation AUROC a prototype model lost in its push, from a run's ``metrics.jsonl``.
+
+    ``before``: the best validation AUROC of the epochs before the push; ``after``: the best of
+    the push and the stages after it (the weights the trainer delivers come from there: an unpushed
+    prototype model is not interpretable, so selection cannot go back before the push). ``dropped``
+    when ``before - after`` exceeds :data:`PUSH_DROP_WARNING`.
+
+    Returns:
+        the check (values None where the validation split gave no AUROC, e.g. one class only), or None
+        for a run without a push.
+    """
+    import json
+
+    lines = [json.loads(x) for x in Path(metrics).read_text(encoding="utf-8").splitlines() if x.strip()]
+    units = [x for x in lines if x.get("type") in ("epoch", "special_stage")]
+    at = next((i for i, x in enumerate(units) if x.get("stage") == "push"), None)
+    if at is None:
+        return None
+    def best(part: list[dict[str, Any]]) -> float | None:
+        values = [x["val_auroc"] for x in part if isinstance(x.get("val_auroc"), (int, float))
+                  and math.isfinite(x["val_auroc"])]
+        return max(values) if values else None
+
+    before, after = best(units[:at]), best(units[at:])
+    drop = None if before is None or after is None else before - after
+    return {"val_auroc_before_push": before, "val_auroc_after_push": after, "drop": drop,
+            "dropped": bool(drop is not None and drop > PUSH_DROP_WARNING)}
+
+
+def _record_push_check(final: Path, check: dict[str, Any] | None) -> None:
+    """Add the push check to ``final/config.json`` (``finetune.push_check``) and warn when the push cost accuracy."""
+    import json
+
+    from mlmi_zoo._weights import write_json_atomic
+
+    if check is None:
+        return
+    path = final / "config.json"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    doc.setdefault("finetune", {})["push_check"] = check
+    write_json_atomic(path, doc)
+    if check["dropped"]:
+        log.warning("the push onto your training images lowered the validation AUROC from %.3f to %.3f and the "
+                    "last-layer fit did not recover it; the delivered model is the pushed one. Try another --seed, "
+                    "more --steps, or compare with the baseline before using it", check["val_auroc_before_push"],
+                    check["val_auroc_after_push"])
