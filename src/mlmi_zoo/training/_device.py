@@ -22,7 +22,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-
 def prefers_channels_last(model: torch.nn.Module) -> bool:
     """Whether ``model`` trains faster channels-last: it holds a depthwise convolution.
 
@@ -40,8 +39,8 @@ def channels_last(model: torch.nn.Module) -> torch.nn.Module:
 
     A convolution whose weight is channels-last runs in that layout (oneDNN on CPU, cuDNN on GPU)
     and hands it on to the next layer: the same arithmetic in another order, faster for depthwise
-    convolutions (:func:`prefers_channels_last`). Written by hand because ``nn.Module.to(memory_format=...)`` takes one format for every
-    tensor and refuses a model that holds both 4-D tensors (2-D convolutions, ProtoPNet's
+    convolutions (:func:`prefers_channels_last`). Written by hand because
+    ``nn.Module.to(memory_format=...)`` takes one format for every tensor and refuses a model that holds both 4-D tensors (2-D convolutions, ProtoPNet's
     prototypes) and 5-D ones (3-D convolutions). The ``Parameter`` objects stay the same, so an
     optimiser built before or after sees them; ``state_dict`` and saved weights are made
     contiguous when written (:func:`mlmi_zoo._weights.save_weights`).

@@ -191,7 +191,8 @@ def _fraction_split(n: int, spec: DataSpec, groups: Sequence[str] | None = None)
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    order = [sorted(members)[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+    names = sorted(members)
+    order = [names[j] for j in torch.randperm(len(names), generator=generator).tolist()]
     parts = {"val": [], "test": [], "train": []}
     for g in order:
         part = ("val" if len(parts["val"]) < n_val else "test" if len(parts["test"]) < n_test else "train")

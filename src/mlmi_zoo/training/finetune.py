@@ -80,6 +80,7 @@ spec that ``mlmi-zoo evaluate MODEL --test-csv`` / ``--test-dir`` evaluates.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import shutil
@@ -582,8 +583,6 @@ def push_check(metrics: str | Path) -> dict[str, Any] | None:
         the check (values None where the validation split gave no AUROC, e.g. one class only), or None
         for a run without a push.
     """
-    import json
-
     lines = [json.loads(x) for x in Path(metrics).read_text(encoding="utf-8").splitlines() if x.strip()]
     units = [x for x in lines if x.get("type") in ("epoch", "special_stage")]
     at = next((i for i, x in enumerate(units) if x.get("stage") == "push"), None)
@@ -602,8 +601,6 @@ def push_check(metrics: str | Path) -> dict[str, Any] | None:
 
 def _record_push_check(final: Path, check: dict[str, Any] | None) -> None:
     """Add the push check to ``final/config.json`` (``finetune.push_check``) and warn when the push cost accuracy."""
-    import json
-
     from mlmi_zoo._weights import write_json_atomic
 
     if check is None:

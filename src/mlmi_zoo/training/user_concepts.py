@@ -4,7 +4,7 @@ A concept-bottleneck model (Koh, Nguyen, Tang, Mussmann, Pierson, Kim and Liang,
 Bottleneck Models", ICML 2020) predicts the label from concepts a clinician names. A user
 fine-tuning a zoo bottleneck on their data rarely annotates the base model's concepts (LIDC's
 spiculation ratings, IDRiD's lesion areas); they annotate their own. ``mlmi-zoo finetune
-cbm_... --concepts calcification mass tissue:ordinal`` replaces the bottleneck with the columns it
+cbm_... --concepts calcification,mass,tissue:ordinal`` replaces the bottleneck with the columns it
 names (the concept and label heads start afresh; the backbone keeps the base model's weights).
 
 Each word is ``NAME`` or ``NAME:KIND``, ``NAME`` a column of the CSV, ``KIND`` one of ``binary``,
