@@ -513,12 +513,25 @@ def prepare(name: str, root: Path, work: Path, n_train: int, n_test: int | None)
 # ------------------------------------------------------------------------------------------------
 # running the default command
 # ------------------------------------------------------------------------------------------------
-def defaults_signature() -> dict[str, Any]:
-    """The fine-tuning defaults a run used (a change makes the runs due again)."""
+def defaults_signature(family: str) -> dict[str, Any]:
+    """The fine-tuning defaults a run of ``family`` used (a change makes its runs due again); the
+    training settings of :data:`~mlmi_zoo.training.finetune.DEFAULT_TRAINING` only where the family has them."""
+    import dataclasses
+
+    from mlmi_zoo.families import families
     from mlmi_zoo.training import finetune
 
-    return {"freeze": list(finetune.DEFAULT_FREEZE), "steps": finetune.DEFAULT_STEPS,
-            "patience": finetune.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
+    signature: dict[str, Any] = {"freeze": list(finetune.DEFAULT_FREEZE), "steps": finetune.DEFAULT_STEPS,
+                                 "patience": finetune.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
+    known = {f.name for f in dataclasses.fields(families()[family].training.settings_class)}
+    training = {k: v for k, v in finetune.DEFAULT_TRAINING.items() if k in known}
+    return {**signature, "training": training} if training else signature
+
+
+def _current(row: dict[str, Any]) -> bool:
+    """Whether a run or paired row was made with today's defaults (a paired row: its interpretable family's)."""
+    family = row.get("family") or DATASETS[row["dataset"]].interpretable
+    return row["defaults"] == defaults_signature(family)
 
 
 def _key(row: dict[str, Any]) -> str:
@@ -667,7 +680,7 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
                            f"predictions' {_auroc(scores, labels)}")
     return {"kind": "run", "dataset": name, "family": family, "seed": seed or None, "model": model,
             "parent_sha256": _parent_sha256(model),
-            "defaults": defaults_signature(), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
+            "defaults": defaults_signature(family), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
             "test_patients": len(set(patients.tolist())), "patients": DATASETS[name].patients,
             "sanity": sanity_counts(doc), "results": str(final.parent / "results.json"),
             "threads": torch.get_num_threads(), "machine": machine(),
@@ -684,7 +697,7 @@ def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int, see
     from mlmi_zoo.evaluation.bootstrap import bootstrap_ci
 
     latest = {r["family"]: r for r in rows if r["kind"] == "run" and r["dataset"] == name
-              and r["defaults"] == defaults_signature() and r.get("seed") == (seed or None)}
+              and _current(r) and r.get("seed") == (seed or None)}
     interpretable = DATASETS[name].interpretable
     missing = [f for f in DATASETS[name].families if f not in latest]
     if missing:
@@ -697,7 +710,7 @@ def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int, see
         preds[family] = scores
     ci = bootstrap_ci(lambda a, b, y: _auroc(a, y) - _auroc(b, y), preds[interpretable], preds["baseline"], labels,
                       n=n_boot, seed=SEED, groups=patients)
-    return {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature(),
+    return {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature(interpretable),
             "statistic": f"test AUROC {interpretable} - baseline", "estimate": ci.estimate, "ci": [ci.low, ci.high],
             "n_boot_used": ci.n, "test_cases": len(labels), "test_patients": len(set(patients.tolist())),
             "target_met": bool(ci.estimate >= -TARGET),
@@ -737,6 +750,9 @@ GRID: dict[str, Callable[[str], list[str]]] = {
     # third round: one factor at a time around the best so far, no_early_stop
     "steps3000_no_early_stop": lambda family: ["--freeze", "none", "--steps", "3000", "--patience", "0"],
     "freeze_stem_no_early_stop": lambda family: [*_STEM, "--steps", "1000", "--patience", "0"],
+    # fourth round: ProtoPNet's prototypes learnt on the cells push may use (rows above ran without it)
+    "push_cells": lambda family: ["--freeze", "none", "--steps", "1000", "--patience", "0"]
+    + (["training.cluster_on_push_cells=true"] if family == "protopnet" else []),
 }
 CHOOSE_SEEDS = (0, 1, 2)  # seeds of the validation split carved from the training folder, data order and new heads
 
@@ -793,13 +809,11 @@ def choose_table(rows: list[dict[str, Any]]) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per transfer data set, both families' test AUROC, the paired difference, wall time, sanity counts."""
-    signature = defaults_signature()
-    runs = {(r["dataset"], r["family"]): r for r in rows
-            if r["kind"] == "run" and r["defaults"] == signature and r.get("seed") is None}
-    pairs = {r["dataset"]: r for r in rows if r["kind"] == "paired" and r["defaults"] == signature and r.get("seed") is None}
+    runs = {(r["dataset"], r["family"]): r for r in rows if r["kind"] == "run" and _current(r) and r.get("seed") is None}
+    pairs = {r["dataset"]: r for r in rows if r["kind"] == "paired" and _current(r) and r.get("seed") is None}
     by_seed: dict[str, dict[int, float]] = {}  # the newest paired difference of each data set and seed
     for r in rows:
-        if r["kind"] == "paired" and r["defaults"] == signature:
+        if r["kind"] == "paired" and _current(r):
             by_seed.setdefault(r["dataset"], {})[r.get("seed") or 0] = r["estimate"]
     lines = [("| data set | family | train / test images (patients) | interpretable test AUROC [95% CI] "
               "| baseline test AUROC [95% CI] | difference [95% CI, paired] | within 0.02 "
@@ -854,7 +868,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "\n".join(lines)
     m = any_run["machine"]
     threads = sorted({r["threads"] for r in runs.values()})
-    head = (f"Defaults {json.dumps({k: v for k, v in signature.items() if k != 'export_version'})}; measured on "
+    signature = defaults_signature("protopnet")
+    head = (f"Defaults {json.dumps({k: v for k, v in signature.items() if k != 'export_version'})} (`training`: "
+            "ProtoPNet's only); measured on "
             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU, "
             f"{' or '.join(map(str, threads))} torch thread(s) per run (`wall s` marks a run on 2 threads ²); the "
             "load average shows what else ran. `*`: the stage stopped early. †: the interpretable model was "
@@ -952,7 +968,7 @@ def main(argv: list[str] | None = None) -> int:
             for family in [f for f in DATASETS[name].families if f in args.families]:
                 probe = {"kind": "choose" if args.choose else "run", "dataset": name, "family": family,
                          "config": config, "seed": seed,
-                         "defaults": {"export_version": EXPORT_VERSION} if args.choose else defaults_signature()}
+                         "defaults": {"export_version": EXPORT_VERSION} if args.choose else defaults_signature(family)}
                 if not args.again and _key(probe) in {_key(r) for r in read_rows(out)}:  # another process may have run it
                     log.info("%s / %s / %s: already in %s, skipped", name, family, config, out)
                     continue
@@ -966,7 +982,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"val AUROC {row['val_auroc']:.3f}" if config else
                          f"test AUROC {row['test_auroc']['estimate']:.3f}", row["wall_s"])
         for seed in [] if args.choose else args.seeds:
-            probe = {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature()}
+            probe = {"kind": "paired", "dataset": name, "seed": seed or None,
+                     "defaults": defaults_signature(DATASETS[name].interpretable)}
             if set(DATASETS[name].families) <= set(args.families) and \
                     (args.again or _key(probe) not in {_key(r) for r in read_rows(out)}):
                 row = paired(name, read_rows(out), folder, args.n_boot, seed=seed)

@@ -106,6 +106,20 @@ def test_the_default_plan_is_the_documented_rule(tmp_path):
                                   for s in recipe.stages]
 
 
+def test_prototypes_are_learnt_where_push_projects_unless_overridden(tmp_path):
+    data = write_xrays(tmp_path / "xrays")
+    plan = plan_finetune(XRAY, data, out_dir=tmp_path / "a")
+    assert ft.DEFAULT_TRAINING == {"cluster_on_push_cells": True}
+    assert plan.recipe.training["cluster_on_push_cells"] is True
+    assert plan.record["schedule"]["training"] == {"cluster_on_push_cells": True}
+    off = plan_finetune(XRAY, data, out_dir=tmp_path / "b", overrides=["training.cluster_on_push_cells=false"])
+    assert off.recipe.training["cluster_on_push_cells"] is False
+    assert off.record["schedule"]["training"] == {"cluster_on_push_cells": False}
+    black_box = plan_finetune(BASELINE_XRAY, data, out_dir=tmp_path / "c")  # a family without the setting
+    assert "cluster_on_push_cells" not in black_box.recipe.training
+    assert black_box.record["schedule"]["training"] == {}
+
+
 def test_explicit_options_and_overrides_override_the_defaults(tmp_path):
     data = write_xrays(tmp_path / "xrays")
     plan = plan_finetune(XRAY, data, out_dir=tmp_path / "a", freeze=("backbone",), epochs=2, lr=3e-4, patience=0)

@@ -188,3 +188,63 @@ def test_prune_duplicates_switches_off_each_later_copy_and_the_sanity_check_coun
     assert "switched_off_duplicates" not in ProtoPNetTraining(ProtoPNetTrainingSettings()).run_special_stage(
         fresh, "push", _loader(), torch.device("cpu"))
     assert bool(fresh.enabled.all())
+
+
+def test_push_cells_combine_the_push_rules() -> None:
+    from mlmi_zoo.architectures.protopnet.prototypes import foreground_cells, inner_cells
+    from mlmi_zoo.architectures.protopnet.push import push_cells
+
+    model = _model()
+    x = torch.zeros(2, 1, 32, 32)
+    x[:, :, 4:20, 4:20] = 1.0  # bright square reaching the latent grid's border cells
+    latent = tuple(model.latent(x).shape[2:])
+    batch = {"image": x, "label": torch.tensor([0, 1])}
+    assert push_cells(model, batch, x, latent) is None  # no rule: every cell
+    fg = foreground_cells(model, intensity_foreground(x), latent)
+    assert torch.equal(push_cells(model, batch, x, latent, foreground="intensity"), fg)
+    inner = inner_cells(latent).flatten()
+    assert torch.equal(push_cells(model, batch, x, latent, off_border=True), inner[None].expand(2, -1))
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:16, 8:16] = 1.0
+    both = push_cells(model, {**batch, "mask": mask}, x, latent, on_lesion=True, foreground="intensity")
+    assert bool(both.any()) and not bool((both & ~fg).any())
+    with pytest.raises(ValueError, match="needs lesion masks"):
+        push_cells(model, batch, x, latent, on_lesion=True)
+
+
+def test_min_distances_over_allowed_cells_and_every_cell_without_any() -> None:
+    from mlmi_zoo.architectures.protopnet.training import min_distances_over
+
+    d = torch.tensor([[[[1.0, 4.0], [3.0, 2.0]]], [[[5.0, 6.0], [7.0, 0.5]]]])  # (B=2, P=1, 2, 2)
+    cells = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    assert min_distances_over(d, cells).tolist() == [[3.0], [0.5]]  # the second image has no allowed cell
+
+
+def test_cluster_on_push_cells_measures_the_cluster_cost_where_push_projects() -> None:
+    from mlmi_zoo.architectures.blocks.stages import training_for
+    from mlmi_zoo.architectures.protopnet.training import cluster_separation_costs, min_distances_over
+
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 32, 32, generator=g) * 0.05
+    x[:, :, 10:22, 10:22] = 0.6 + 0.4 * torch.rand(4, 1, 12, 12, generator=g)
+    batch = {"image": x, "label": torch.tensor([0, 1, 0, 1])}
+    settings = {"push_foreground": "intensity", "push_foreground_share": 0.5}
+    with torch.no_grad():
+        parts = model.forward_parts(model.input_spec.intensity(x))
+    cells = push_cells_of(model, x, parts.distance_maps.shape[2:])
+    assert bool(cells.any()) and not bool(cells.all())
+    want_on = cluster_separation_costs(min_distances_over(parts.distance_maps, cells), batch["label"],
+                                       model.prototype_classes)[0]
+    want_off = cluster_separation_costs(parts.min_distances, batch["label"], model.prototype_classes)[0]
+    assert float(want_on) > float(want_off)  # the nearest cells are not all on the foreground
+    on = training_for(model, {**settings, "cluster_on_push_cells": True}).loss(model, batch, "joint")
+    off = training_for(model, settings).loss(model, batch, "joint")
+    assert on.logs["cluster"] == pytest.approx(float(want_on), rel=1e-5)
+    assert off.logs["cluster"] == pytest.approx(float(want_off), rel=1e-5)
+
+
+def push_cells_of(model, x, latent):
+    from mlmi_zoo.architectures.protopnet.push import push_cells
+
+    return push_cells(model, {"image": x}, model.input_spec.intensity(x), tuple(latent), foreground="intensity")

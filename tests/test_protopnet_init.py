@@ -103,6 +103,28 @@ def test_data_init_picks_own_class_latent_cells(similarity) -> None:
     assert all(not torch.equal(protos[2 * c], protos[2 * c + 1]) for c in range(3))
 
 
+def test_data_init_picks_only_the_cells_the_rule_allows() -> None:
+    ds = ClassImages()
+    model = tiny()
+    seen = []
+
+    def first_cell(batch, x, latent_shape):  # the cells push may use: here only the first
+        seen.append(sorted(batch))
+        allowed = torch.zeros(x.shape[0], int(torch.Size(latent_shape).numel()), dtype=torch.bool)
+        allowed[:, 0] = True
+        return allowed
+
+    summary = initialise_prototypes_from_data(model, ds, seed=3, cells=first_cell, keys=("index",))
+    assert seen and all(keys == ["image", "index"] for keys in seen)
+    assert summary["cells_per_class"] == [10, 10, 10]  # one cell per image
+    cells, cell_class = latent_cells(model, ds)
+    first = torch.arange(len(cells)) % (len(cells) // len(ds)) == 0
+    protos = model.prototype_layer.prototypes.detach()
+    for j, c in enumerate(model.prototype_classes.tolist()):
+        gap = (protos[j] - cells[first & (cell_class == c)]).abs().amax(-1)
+        assert float(gap.min()) < 1e-5, f"prototype {j} is not the first cell of a class-{c} image"
+
+
 def test_data_init_is_deterministic_and_seed_dependent() -> None:
     ds = ClassImages()
     a, b, c = (tiny() for _ in range(3))

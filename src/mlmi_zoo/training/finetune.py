@@ -102,7 +102,7 @@ from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSe
 
 __all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path", "evaluation_data_spec",
            "check_images", "default_stages", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE",
-           "DEFAULT_STEPS", "DEFAULT_PATIENCE", "IN_MEMORY_BYTES", "push_check", "PUSH_DROP_WARNING"]
+           "DEFAULT_STEPS", "DEFAULT_PATIENCE", "DEFAULT_TRAINING", "IN_MEMORY_BYTES", "push_check", "PUSH_DROP_WARNING"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ MASK_GUIDED_SETTINGS: dict[str, MaskGuided] = {
 DEFAULT_FREEZE: tuple[str, ...] = ()  # parameter prefixes kept frozen: none, every layer trains
 DEFAULT_STEPS = 1000  # optimiser steps shared by the gradient stages
 DEFAULT_PATIENCE = 0  # epochs without a better val AUROC before a gradient stage stops; 0: no early stopping
+# Training settings fine-tuning sets over the base model's (where its family has them); overrides win.
+# cluster_on_push_cells: prototypes learnt on the cells push may use (chosen like the rest, bench/README.md).
+DEFAULT_TRAINING: dict[str, Any] = {"cluster_on_push_cells": True}
 IN_MEMORY_BYTES = 2 << 30  # a user's decoded images up to this size are held in memory during fine-tuning
 
 
@@ -383,6 +386,7 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
         parent_stages = [StageSection(name) for name in adapter.stage_names]  # equal shares of the budget
     known = {f.name for f in dataclasses.fields(adapter.settings_class)}
     frozen = DEFAULT_FREEZE if freeze is None else tuple(freeze)
+    training_defaults = {k: v for k, v in DEFAULT_TRAINING.items() if k in known and inherited.get(k) != v}
 
     def resolved(stages: tuple[StageSection, ...]) -> Recipe:
         """The recipe with ``stages``, the user's overrides applied (type-checked, defaults filled)."""
@@ -395,7 +399,7 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
             optim=OptimSection(name="adamw", lr=lr or parent_lr or OptimSection.lr, batch_size=batch_size,
                                schedule="cosine"),
             stages=stages,
-            training={k: v for k, v in inherited.items() if k in known},
+            training={**{k: v for k, v in inherited.items() if k in known}, **training_defaults},
             seed=seed,
             select_metric="val_auroc",
         )
@@ -412,6 +416,7 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
         schedule["in_memory_mib"] = round(in_memory / 2**20, 3)
     recipe = resolved(stages)  # the user's stages.N.* overrides win over the derived stages
     schedule.update(freeze=list(recipe.model.freeze), stages=[dataclasses.asdict(s) for s in recipe.stages],
+                    training={k: recipe.training[k] for k in training_defaults},
                     defaults=[name for name, given in (("freeze", freeze), ("epochs", epochs), ("lr", lr),
                                                        ("patience", patience), ("steps", steps)) if given is None])
     record: dict[str, Any] = {"base_model": str(name_or_uri), "intensity": intensity, "schedule": schedule,

@@ -219,6 +219,14 @@ class ProtoPNetTrainingSettings:
             distance apart point the same way (cosine >= 0.99) and push makes them duplicates.
             0 turns it off.
         div_cosine: the cosine above which a pair of prototypes is penalised.
+        cluster_on_push_cells: the cluster and prototype-to-data costs measure each image's
+            distance to a prototype over the cells push may project onto (``push_foreground``,
+            ``push_off_border``, ``push_on_lesion``;
+            :func:`~mlmi_zoo.architectures.protopnet.push.push_cells`), and ``prototype_init="data"``
+            picks among those cells, so prototypes are learnt where push will put them. Without it a
+            prototype may settle on a background cell that push may not use, and push then moves it
+            to a foreground patch that means something else (``push_on_lesion`` always pulls towards
+            lesion cells). Images with no such cell use every cell.
         near_data_coef: weight of the prototype-to-data cost
             (:func:`~mlmi_zoo.architectures.protopnet.training.near_data_cost`): each prototype's
             distance to its nearest cell of an own-class image in the batch. The cluster cost pulls
@@ -242,6 +250,7 @@ class ProtoPNetTrainingSettings:
     div_coef: float = 0.0
     div_cosine: float = 0.9
     near_data_coef: float = 0.0
+    cluster_on_push_cells: bool = False
 
     def __post_init__(self) -> None:
         if self.prototype_init not in ("uniform", "data"):

@@ -8,7 +8,7 @@ the end, done once at the start on the untrained add-on output (``prototype_init
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,9 @@ from mlmi_zoo.architectures.protopnet.prototypes import _device_of, _EvalMode
 __all__ = ["initialise_prototypes_from_data", "kmeans_pp_pick"]
 
 log = logging.getLogger(__name__)
+
+# cells(batch, x, latent_shape) -> (B, L) bool candidate cells of each image, or None for every cell
+CellRule = Callable[[dict[str, Any], torch.Tensor, tuple[int, ...]], "torch.Tensor | None"]
 
 
 def _cell_distances(cells: torch.Tensor, centre: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -69,7 +72,8 @@ def kmeans_pp_pick(cells: torch.Tensor, k: int, generator: torch.Generator,
 
 @torch.no_grad()
 def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, images_per_class: int = 256,
-                                    batch_size: int = 64, device: torch.device | str | None = None) -> dict[str, Any]:
+                                    batch_size: int = 64, device: torch.device | str | None = None,
+                                    cells: CellRule | None = None, keys: Sequence[str] = ()) -> dict[str, Any]:
     """Set each class's prototypes to latent cells of its own training images (k-means++ seeding).
 
     ProtoPNet (Chen et al., NeurIPS 2019) starts prototypes uniformly in ``[0, 1]^D`` and, at push,
@@ -78,8 +82,8 @@ def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, i
     at random under ``seed``) go through the backbone and add-on in eval mode (batch-norm
     statistics untouched), and the class's ``prototypes_per_class`` prototypes are picked among
     all their latent cells by :func:`kmeans_pp_pick` with the model's distance. Every cell of an
-    image is a candidate (``push_on_lesion`` is not consulted). A class without training images
-    keeps its prototypes.
+    image is a candidate unless ``cells`` narrows them (the cells push may use; an image with no
+    such cell offers every cell). A class without training images keeps its prototypes.
 
     Only a generator seeded with ``seed`` is used: the global RNG state is left as it was, so the
     rest of a run draws the same numbers with either initialisation.
@@ -92,6 +96,10 @@ def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, i
         images_per_class: most images read per class.
         batch_size: images per forward pass.
         device: where to compute (default: the model's device).
+        cells: ``cells(batch, x, latent_shape)`` -> ``(B, L)`` bool, the candidate cells of each image
+            (``batch`` holds ``"image"`` and ``keys``; ``x`` the images after the intensity
+            transform), or None for every cell.
+        keys: the sample entries ``cells`` reads besides the image, stacked into its batch.
 
     Returns:
         JSON-safe summary: ``{"seed", "images_per_class" (list, per class), "cells_per_class",
@@ -104,17 +112,23 @@ def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, i
     C, K = cfg.num_classes, cfg.prototypes_per_class
     g = torch.Generator().manual_seed(int(seed))
     counts = [0] * C
-    cells: list[list[torch.Tensor]] = [[] for _ in range(C)]
-    pending: list[tuple[torch.Tensor, int]] = []
+    pool: list[list[torch.Tensor]] = [[] for _ in range(C)]  # each image's candidate cells, per class
+    pending: list[tuple[dict[str, Any], int]] = []
 
     def flush() -> None:
         if not pending:
             return
-        x = model.input_spec.intensity(torch.stack([img for img, _ in pending]).to(device))
+        batch = {key: torch.stack([torch.as_tensor(sample[key]) for sample, _ in pending]).to(device)
+                 for key in ("image", *keys)}
+        x = model.input_spec.intensity(batch["image"])
         model.validate_input(x)
-        z = rearrange(model.latent(x), "b d ... -> b (...) d").float().cpu()  # (B, L, D)
-        for row, (_, label) in zip(z, pending):
-            cells[label].append(row)
+        latent = model.latent(x)
+        z = rearrange(latent, "b d ... -> b (...) d").float().cpu()  # (B, L, D)
+        allowed = None if cells is None else cells(batch, x, tuple(latent.shape[2:]))
+        for k, (row, (_, label)) in enumerate(zip(z, pending)):
+            if allowed is not None and bool(allowed[k].any()):
+                row = row[allowed[k].cpu()]
+            pool[label].append(row)
         pending.clear()
 
     with _EvalMode(model):
@@ -128,9 +142,9 @@ def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, i
             if counts[label] >= images_per_class:
                 continue
             image = torch.as_tensor(sample["image"])
-            if pending and pending[0][0].shape != image.shape:
+            if pending and pending[0][0]["image"].shape != image.shape:
                 flush()  # one forward pass per input size
-            pending.append((image, label))
+            pending.append(({"image": image, **{key: sample[key] for key in keys}}, label))
             counts[label] += 1
             if len(pending) >= batch_size:
                 flush()
@@ -140,17 +154,17 @@ def initialise_prototypes_from_data(model: ProtoPNet, dataset: Any, seed: int, i
     classes = model.prototype_classes.cpu()
     done = []
     for c in range(C):
-        if not cells[c]:
+        if not pool[c]:
             log.warning("prototype_init='data': no training image of class %d; its prototypes stay uniform", c)
             continue
-        pool = torch.cat(cells[c])  # (N_c, D)
-        picked = pool[kmeans_pp_pick(pool, K, g, cfg.similarity)]  # (K, D)
+        candidates = torch.cat(pool[c])  # (N_c, D)
+        picked = candidates[kmeans_pp_pick(candidates, K, g, cfg.similarity)]  # (K, D)
         rows = (classes == c).nonzero().reshape(-1)
         prototypes[rows.to(prototypes.device)] = picked.to(prototypes.device, prototypes.dtype)
         done.append(c)
     model.set_prototype_sources(None)  # not push records: training moves these prototypes
     summary = {"seed": int(seed), "images_per_class": counts,
-               "cells_per_class": [int(sum(t.shape[0] for t in cs)) for cs in cells], "initialised_classes": done}
+               "cells_per_class": [int(sum(t.shape[0] for t in cs)) for cs in pool], "initialised_classes": done}
     log.info("prototype_init='data': %s", summary)
     return summary
 

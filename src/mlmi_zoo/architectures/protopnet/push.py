@@ -28,7 +28,7 @@ from mlmi_zoo.architectures.protopnet.prototypes import (
     latent_box,
 )
 
-__all__ = ["push_prototypes", "intensity_foreground", "TopkPatches", "prototype_topk_patches", "render_prototypes"]
+__all__ = ["push_prototypes", "push_cells", "intensity_foreground", "TopkPatches", "prototype_topk_patches", "render_prototypes"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,48 @@ def intensity_foreground(x: torch.Tensor) -> torch.Tensor:
     low, high = flat.amin(1), flat.amax(1)  # (B,)
     threshold = low + BACKGROUND_SPAN * (high - low)
     return grey > threshold.reshape(-1, *([1] * (grey.ndim - 1)))
+
+
+def push_cells(model: "ProtoPNet", batch: dict[str, Any], x: torch.Tensor, latent_shape: tuple[int, ...],
+               on_lesion: bool = False, foreground: str | None = None, off_border: bool = False,
+               foreground_share: float = 0.5) -> torch.Tensor | None:
+    """(B, L) bool: the latent cells of each image that push may project a prototype onto.
+
+    The rules of :func:`push_prototypes` (its arguments of the same names), combined: lesion cells,
+    foreground cells off the border, cells off the border. Training uses the same cells for the
+    cluster cost (``ProtoPNetTrainingSettings.cluster_on_push_cells``), so that prototypes are
+    learnt where push will put them.
+
+    Args:
+        batch: the collated batch (``"mask"`` for ``on_lesion``, the ``foreground`` key unless it is
+            ``"intensity"``).
+        x: (B, C, *spatial) the batch's images after the model's intensity transform.
+        latent_shape: the latent grid.
+
+    Returns:
+        the cells, or None when every cell may be used.
+
+    Raises:
+        ValueError: ``on_lesion`` without masks, or a ``foreground`` key the batch lacks.
+    """
+    device = x.device
+    allowed: torch.Tensor | None = None
+    if on_lesion:
+        allowed = _lesion_cells(model, batch, latent_shape, device)
+    if foreground is not None:
+        if foreground == INTENSITY_FOREGROUND:
+            fg = intensity_foreground(x)
+        elif batch.get(foreground) is None:
+            raise ValueError(f"push foreground={foreground!r}: the batches have no {foreground!r} entry "
+                             f"(they have {sorted(batch)}); 'intensity' reads a foreground from the images")
+        else:
+            fg = torch.as_tensor(batch[foreground]).to(device)
+        cells = foreground_cells(model, fg, latent_shape, foreground_share)
+        allowed = cells if allowed is None else allowed & cells
+    if off_border:
+        inner = inner_cells(latent_shape, device).flatten()[None].expand(x.shape[0], -1)
+        allowed = inner if allowed is None else allowed & inner
+    return allowed
 
 
 @torch.no_grad()
@@ -127,19 +169,10 @@ def push_prototypes(model: "ProtoPNet", loader: Iterable[dict[str, Any]],
             d = rearrange(layer.distances(z), "b p ... -> p b (...)")  # (P, B, L)
             own = proto_class[:, None] == labels[None, :]  # (P, B)
             d = d.masked_fill(~own[..., None], math.inf)
-            if on_lesion:
-                d = d.masked_fill(~_lesion_cells(model, batch, latent_shape, device)[None], math.inf)
-            if foreground is not None:
-                if foreground == INTENSITY_FOREGROUND:
-                    fg = intensity_foreground(x)
-                elif batch.get(foreground) is None:
-                    raise ValueError(f"push foreground={foreground!r}: the batches have no {foreground!r} entry "
-                                     f"(they have {sorted(batch)}); 'intensity' reads a foreground from the images")
-                else:
-                    fg = torch.as_tensor(batch[foreground]).to(device)
-                d = d.masked_fill(~foreground_cells(model, fg, latent_shape, foreground_share)[None], math.inf)
-            if off_border:
-                d = d.masked_fill(~inner_cells(latent_shape, device).flatten()[None, None], math.inf)
+            allowed = push_cells(model, batch, x, latent_shape, on_lesion=on_lesion, foreground=foreground,
+                                 off_border=off_border, foreground_share=foreground_share)
+            if allowed is not None:
+                d = d.masked_fill(~allowed[None], math.inf)
             image_d, image_loc = d.min(-1)  # (P, B): each image's nearest cell (the first on ties)
             vectors = rearrange(z, "b d ... -> b (...) d")[torch.arange(B, device=device)[None], image_loc]  # (P, B, D)
             if batch.get("spacing") is not None:

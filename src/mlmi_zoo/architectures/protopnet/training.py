@@ -61,7 +61,7 @@ from mlmi_zoo.architectures.protopnet.data_init import initialise_prototypes_fro
 from mlmi_zoo.architectures.protopnet.last_layer import fit_last_layer, off_class_l1
 from mlmi_zoo.architectures.protopnet.model import ProtoPNet
 from mlmi_zoo.architectures.protopnet.prototypes import duplicate_prototypes, lesion_cells
-from mlmi_zoo.architectures.protopnet.push import push_prototypes
+from mlmi_zoo.architectures.protopnet.push import INTENSITY_FOREGROUND, push_cells, push_prototypes
 
 __all__ = [
     "ProtoPNetTraining",
@@ -70,6 +70,7 @@ __all__ = [
     "near_data_cost",
     "fine_annotation_cost",
     "lesion_min_distances",
+    "min_distances_over",
 ]
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,16 @@ def lesion_min_distances(model: ProtoPNet, distance_maps: torch.Tensor, mask: to
         distance_maps: (B, P, *latent).
         mask: (B, 1, *spatial) lesion masks.
     """
-    cells = lesion_cells(model, mask, distance_maps.shape[2:])  # (B, L)
+    return min_distances_over(distance_maps, lesion_cells(model, mask, distance_maps.shape[2:]))
+
+
+def min_distances_over(distance_maps: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """(B, P) distance of each prototype to its nearest allowed cell of each image.
+
+    Args:
+        distance_maps: (B, P, *latent).
+        cells: (B, L) bool, the allowed cells; an image with none uses every cell.
+    """
     cells = torch.where(cells.any(1, keepdim=True), cells, torch.ones_like(cells))
     flat = rearrange(distance_maps, "b p ... -> b p (...)")  # (B, P, L)
     return flat.masked_fill(~cells[:, None, :], math.inf).amin(-1)
@@ -216,14 +226,29 @@ class ProtoPNetTraining(FamilyTraining):
             fit_physical_head(model.physical, train_set)
 
     def initialise(self, model: ProtoPNet, train_set: Any, seed: int, device: torch.device) -> dict[str, Any] | None:
-        """With ``prototype_init="data"``: :func:`initialise_prototypes_from_data`; else nothing.
+        """With ``prototype_init="data"``: :func:`initialise_prototypes_from_data` (with ``cluster_on_push_cells``,
+        among the cells push may use); else nothing.
 
         Returns:
             the initialisation summary, or None when the prototypes keep their uniform start.
         """
         if self.settings.prototype_init != "data":
             return None
-        return initialise_prototypes_from_data(model, train_set, seed, self.init_images_per_class, device=device)
+
+        def cells(batch: dict[str, Any], x: torch.Tensor, latent_shape: tuple[int, ...]) -> torch.Tensor | None:
+            return self.push_cells(model, batch, x, latent_shape, batch.get("mask") is not None)
+
+        return initialise_prototypes_from_data(model, train_set, seed, self.init_images_per_class, device=device,
+                                               cells=cells if self.settings.cluster_on_push_cells else None,
+                                               keys=self._cell_keys() if self.settings.cluster_on_push_cells else ())
+
+    def _cell_keys(self) -> tuple[str, ...]:
+        """The sample entries :meth:`push_cells` reads besides the image."""
+        cfg = self.settings
+        keys = ("mask",) if cfg.push_on_lesion else ()
+        if cfg.push_foreground is not None and cfg.push_foreground != INTENSITY_FOREGROUND:
+            keys += (cfg.push_foreground,)
+        return keys
 
     def loss(self, model: ProtoPNet, batch: dict[str, Any], stage: str) -> LossOutput:
         """Cross-entropy + cluster + separation + L1 (+ fine-annotation, + physical head).
@@ -249,7 +274,13 @@ class ProtoPNetTraining(FamilyTraining):
         if stage == "last_layer":
             return LossOutput(ce + cfg.l1_coef * l1, parts.logits.detach(), logs)
         cluster_distances = parts.min_distances
-        if cfg.push_on_lesion and batch.get("mask") is not None and batch["mask"].ndim == x.ndim:
+        has_mask = batch.get("mask") is not None and batch["mask"].ndim == x.ndim
+        if cfg.cluster_on_push_cells:
+            # Where push will project (foreground, off the border, lesions): prototypes are learnt there.
+            cells = self.push_cells(model, batch, x, tuple(parts.distance_maps.shape[2:]), has_mask)
+            if cells is not None:
+                cluster_distances = min_distances_over(parts.distance_maps, cells)
+        elif cfg.push_on_lesion and has_mask:
             # Prototypes will be projected onto lesion cells: pull them towards lesion cells while
             # training, or push would move them far from where they were learnt.
             cluster_distances = lesion_min_distances(model, parts.distance_maps, batch["mask"].to(x.device))
@@ -283,6 +314,18 @@ class ProtoPNetTraining(FamilyTraining):
             loss = loss + cfg.measure_map_coef * fit
             logs["measure_map"] = float(fit.detach())
         return LossOutput(loss, parts.logits.detach(), logs)
+
+    def push_cells(self, model: ProtoPNet, batch: dict[str, Any], x: torch.Tensor, latent_shape: tuple[int, ...],
+                   has_mask: bool = True) -> torch.Tensor | None:
+        """(B, L) bool: the cells push may project onto under these settings (:func:`push_cells`); None: any.
+
+        Args:
+            has_mask: whether the batch carries lesion masks (``push_on_lesion`` reads them only then).
+        """
+        cfg = self.settings
+        return push_cells(model, batch, x, latent_shape, on_lesion=cfg.push_on_lesion and has_mask,
+                          foreground=cfg.push_foreground, off_border=cfg.push_off_border,
+                          foreground_share=cfg.push_foreground_share)
 
     def trainable_parameters(self, model: ProtoPNet, stage: str) -> list[nn.Parameter]:
         """warmup: add-on, prototypes (+ physical head); joint: all; last_layer: last layer; push: none."""
