@@ -403,6 +403,23 @@ def test_a_mil_model_fine_tunes_on_a_folder_of_bags(tmp_path):
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r4").exists()  # nothing left behind
 
 
+def test_a_fine_tuned_mil_model_is_evaluated_on_the_users_own_test_bags(tmp_path):
+    from mlmi_zoo.evaluation.cli import main as evaluate_main
+
+    final = finetune("abmil_features.idrid_rdr", write_bags(tmp_path / "bags"), out_dir=tmp_path / "run", steps=4,
+                     quiet=True)
+    test_bags = write_bags(tmp_path / "test_bags", n=10, seed=1)
+    spec = evaluation_data_spec(f"local-dir:{final}", test_bags)
+    assert spec.kind == "cached_bags" and len(build_dataset(spec, "test")) == 10
+    out = tmp_path / "results.json"
+    assert evaluate_main(["evaluate", f"local-dir:{final}", "--test-dir", str(test_bags), "--out", str(out),
+                          "--n-boot", "20"]) == 0
+    results = json.loads(out.read_text())
+    assert results["n_cases"] == 10 and results["split"] == "test" and results["task"]["auroc"]["estimate"] is not None
+    with pytest.raises(FinetuneDataError, match="encode the tiles with the same encoder"):
+        evaluation_data_spec(f"local-dir:{final}", write_bags(tmp_path / "narrow", width=64))
+
+
 def test_small_data_are_decoded_once_unless_the_user_says_otherwise(tmp_path):
     import mlmi_zoo.training.finetune as ft
 

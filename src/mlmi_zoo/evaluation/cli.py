@@ -5,7 +5,8 @@
 ``--data`` the data section of the recipe stored in the model's config.json is used. Users' own test
 data: ``--test-csv test.csv`` (columns as for fine-tuning: ``image,label``, optional ``mask``,
 spacing, measurement and concept columns) or ``--test-dir DIR`` (``DIR/<class>/<image>``, listed into
-``<OUT stem>_cases/image_folder.csv`` beside ``OUT``) builds the spec with
+``<OUT stem>_cases/image_folder.csv`` beside ``OUT``; for a MIL model, a folder of bags and one
+``slide_id,label`` CSV) builds the spec with
 :func:`~mlmi_zoo.training.finetune.evaluation_data_spec` and evaluates its test split. Bad arguments
 end with exit status 2 and one line on stderr; user errors (overlapping splits, missing files) are
 reported the same way by the top-level ``mlmi-zoo`` command.
@@ -37,7 +38,9 @@ def build_parser() -> _Parser:
                       "default: the data of the model's training recipe")
     data.add_argument("--test-csv", type=Path, metavar="CSV", help="your own test cases: a CSV with the columns "
                       "used for fine-tuning (image,label[,mask][,spacing_mm][,<quantity>_<unit>...])")
-    data.add_argument("--test-dir", type=Path, metavar="DIR", help="your own test cases as DIR/<class>/<image>")
+    data.add_argument("--test-dir", type=Path, metavar="DIR",
+                      help="your own test cases as DIR/<class>/<image> (a MIL model: a folder of bags and one "
+                           "labels CSV, as for fine-tuning)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: test)")
     p.add_argument("--out", type=Path, default=Path("results.json"), help="results JSON to write (default: results.json)")
     p.add_argument("--figures", type=Path, help="folder for the PNG figures (default: OUT's folder/figures)")

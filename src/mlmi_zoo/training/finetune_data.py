@@ -210,8 +210,24 @@ def bag_spec_from_path(path: str | Path, label_names: Sequence[str] | None = Non
     return DataSpec("cached_bags", params, val_fraction=val_fraction, split_seed=split_seed)
 
 
-def _bag_problems(model: InterpretableModel, train_set: Any, samples: list[dict[str, Any]]) -> list[str]:
-    """What bags must give a MIL model: instances of its feature width, and no measurement it cannot learn."""
+def _bag_evaluation_spec(model: InterpretableModel, model_uri: str, path: Path) -> DataSpec:
+    """A ``cached_bags`` spec whose ``test`` split is the folder of bags ``path`` (labels read against the
+    model's classes); bags of another feature width are refused."""
+    spec = bag_spec_from_path(path, model.label_names)
+    params = {"test_dir": spec.params["dir"], "labels": spec.params["labels"], "label_names": list(model.label_names)}
+    spec = DataSpec("cached_bags", params, val_fraction=0.0)
+    test_set = build_dataset(spec, "test")
+    problems = _bag_problems(model, test_set, [test_set[i] for i in _sample_indices(len(test_set), 4)],
+                             measurements=False)
+    if problems:
+        raise FinetuneDataError(_report(f"cannot evaluate {model_uri} on {path}", problems))
+    return spec
+
+
+def _bag_problems(model: InterpretableModel, train_set: Any, samples: list[dict[str, Any]],
+                  measurements: bool = True) -> list[str]:
+    """What bags must give a MIL model: instances of its feature width, and (to train, ``measurements``) no
+    measurement it cannot learn."""
     from mlmi_zoo.specs import InputSpecError
 
     problems = []
@@ -225,7 +241,7 @@ def _bag_problems(model: InterpretableModel, train_set: Any, samples: list[dict[
                             "encode the tiles with the same encoder")
             break
     quantities = [q.name for q in model.config.quantities]
-    if quantities and not all(q in (samples[0].get("measurements") or {}) for q in quantities):
+    if measurements and quantities and not all(q in (samples[0].get("measurements") or {}) for q in quantities):
         problems.append(f"the base model measures {quantities} per bag and these bags carry no such measurement; "
                         f"fine-tune without the physical head: "
                         f"{without_area_head(getattr(model.config, 'equivalent_radii', ()))}")
@@ -255,7 +271,8 @@ def _header_of(path: Path) -> tuple[str, ...]:
 
 def evaluation_data_spec(model_uri: str, path: str | Path, listing: str | Path | None = None,
                          check: bool = True) -> DataSpec:
-    """The data spec whose ``test`` split is a user's own test CSV or class-folder layout.
+    """The data spec whose ``test`` split is a user's own test CSV or class-folder layout (for a MIL
+    model: a folder of bags and one labels CSV, as for fine-tuning, :func:`bag_spec_from_path`).
 
     The columns are read as for fine-tuning (spacing, measurements and concepts the model predicts,
     a ``mask`` column) but all are optional: what the data lack is reported by the evaluation as
@@ -280,7 +297,11 @@ def evaluation_data_spec(model_uri: str, path: str | Path, listing: str | Path |
     from mlmi_zoo.hub import resolve
     from mlmi_zoo.registry import read_config
 
+    from mlmi_zoo.families import family_of
+
     model = mlmi_zoo.load(model_uri)
+    if family_of(model).inputs == "bags":
+        return _bag_evaluation_spec(model, model_uri, Path(path))
     trained = ((read_config(resolve(model_uri)).get("data") or {}).get("params") or {})
     image_column = str(trained.get("image_column", "image"))
     label_column = str(trained.get("label_column", "label"))
