@@ -399,6 +399,7 @@ class DataSet:
         model: the interpretable family's base model, when it is not ``<family>_resnet8.<parent>``.
         baseline_from: the data set whose baseline runs this one is compared with (the same test
             cases as images, paired by case id); its own baseline is then not run.
+        no_baseline: a choosing set where only the interpretable family's settings are chosen.
     """
 
     label: str
@@ -413,11 +414,12 @@ class DataSet:
     bags: bool = False
     model: str | None = None
     baseline_from: str | None = None
+    no_baseline: bool = False
 
     @property
     def families(self) -> tuple[str, ...]:
-        """The families fine-tuned on this data set (the baseline only when it is not borrowed)."""
-        return (self.interpretable,) if self.baseline_from else (self.interpretable, "baseline")
+        """The families fine-tuned on this data set (the baseline only when it is neither borrowed nor absent)."""
+        return (self.interpretable,) if self.baseline_from or self.no_baseline else (self.interpretable, "baseline")
 
     def base_model(self, family: str) -> str:
         """The zoo model ``family`` is fine-tuned from."""
@@ -465,6 +467,41 @@ def export_idrid_photographs(root: Path, n_train: int, n_test: int | None, size:
     return cases(("train", "val"), n_train), cases(("test",), n_test)
 
 
+LIDC_WINDOW_HU = (-1000.0, 400.0)  # the LIDC nodules' HU into [0, 1] (8-bit PNGs; the fine-tune re-fits it)
+LIDC_CONCEPTS = ("spiculated", "lobulated", "round")  # binary; the three ratings go as ordinal codes 0..4
+
+
+def export_lidc(n_train: int) -> tuple[list[Case], list[Case], list[Case]]:
+    """LIDC-IDRI nodules (the zoo's ``lidc_nodules`` rendering at 64 px) with the readers' shape ratings as
+    concept columns: a concept-annotated choosing set (:func:`choose_one` scores its validation split).
+
+    Training cases are ``n_train`` nodules drawn (seeded) from the patient-split ``train`` nodules, the
+    validation cases all ``val`` nodules; the ``test`` nodules are not exported. Concepts:
+    :data:`LIDC_CONCEPTS` (binary) and ``sphericity``, ``lobulation``, ``spiculation`` (the readers'
+    median rating - 1). The patient is the LIDC patient.
+
+    Returns:
+        ``(train, [], val)``.
+    """
+    from mlmi_zoo.training.data_spec import DataSpec, build_dataset
+
+    rng = np.random.default_rng(SEED)
+    low, high = LIDC_WINDOW_HU
+
+    def cases(split: str, n: int | None) -> list[Case]:
+        ds = build_dataset(DataSpec("lidc_nodules", {"size": 64}), split)
+        chosen = range(len(ds)) if n is None else _subsample(len(ds), n, rng)
+        out = []
+        for i in chosen:
+            sample = ds[int(i)]
+            image = ((sample["image"][0].numpy() - low) / (high - low)).clip(0, 1)
+            concepts = {k: float(v) for k, v in sample["concepts"].items()}
+            out.append(Case(image, ds.label_names[int(sample["label"])], str(sample["patient_id"]), concepts))
+        return out
+
+    return cases("train", n_train), [], cases("val", None)
+
+
 PLURAL = {"case": "cases", "woman": "women", "photograph": "photographs"}
 
 
@@ -501,6 +538,12 @@ DATASETS: dict[str, DataSet] = {
         "black box on the volumes)", "adrenalmnist3d",
         lambda root, n, t: export_medmnist(root, "adrenalmnist3d_64.npz", {0: "normal", 1: "hyperplasia"}, n, t),
         interpretable="abmil", bags=True, model="abmil_features.idrid_rdr", baseline_from="adrenal64"),
+    "lidc_concepts": DataSet(
+        "LIDC-IDRI nodules with the readers' shape ratings as concepts (choosing the bottleneck's mode)",
+        "nodule_phantom", lambda root, n, t: export_lidc(n), patients="case", choosing=True, interpretable="cbm",
+        train="train.csv", no_baseline=True,
+        options={"cbm": ("--intensity", "refit", "--concepts",
+                         ",".join([*LIDC_CONCEPTS, "sphericity:ordinal", "lobulation:ordinal", "spiculation:ordinal"]))}),
     "pneumonia_rgb": DataSet(
         "PneumoniaMNIST as RGB (choosing)", "retinamnist",
         lambda root, n, t: export_medmnist(root, "pneumoniamnist.npz", {0: "normal", 1: "pneumonia"}, n, t,
@@ -545,7 +588,7 @@ def prepare(name: str, root: Path, work: Path, n_train: int, n_test: int | None)
 # ------------------------------------------------------------------------------------------------
 def defaults_signature(family: str) -> dict[str, Any]:
     """The fine-tuning defaults a run of ``family`` used (a change makes its runs due again); the
-    training settings of :data:`~mlmi_zoo.training.finetune.DEFAULT_TRAINING` only where the family has them."""
+    family's training settings of :data:`~mlmi_zoo.training.finetune.DEFAULT_TRAINING`, where it has any."""
     import dataclasses
 
     from mlmi_zoo.families import families
@@ -554,7 +597,7 @@ def defaults_signature(family: str) -> dict[str, Any]:
     signature: dict[str, Any] = {"freeze": list(finetune.DEFAULT_FREEZE), "steps": finetune.DEFAULT_STEPS,
                                  "patience": finetune.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
     known = {f.name for f in dataclasses.fields(families()[family].training.settings_class)}
-    training = {k: v for k, v in finetune.DEFAULT_TRAINING.items() if k in known}
+    training = {k: v for k, v in finetune.DEFAULT_TRAINING.get(family, {}).items() if k in known}
     return {**signature, "training": training} if training else signature
 
 
@@ -814,6 +857,10 @@ GRID: dict[str, Callable[[str], list[str]]] = {
     # fourth round: ProtoPNet's prototypes learnt on the cells push may use (rows above ran without it)
     "push_cells": lambda family: ["--freeze", "none", "--steps", "1000", "--patience", "0"]
     + (["training.cluster_on_push_cells=true"] if family == "protopnet" else []),
+    # a concept bottleneck on the user's concepts: Koh et al.'s three training modes, under the defaults above
+    "cbm_independent": lambda family: ["training.mode=independent"],
+    "cbm_sequential": lambda family: ["training.mode=sequential"],
+    "cbm_joint": lambda family: ["training.mode=joint"],
 }
 CHOOSE_SEEDS = (0, 1, 2)  # seeds of the validation split carved from the training folder, data order and new heads
 
@@ -825,8 +872,9 @@ def choose_one(name: str, family: str, config: str, seed: int, folder: Path, wor
         the choose row (JSON-safe); no test case is read.
     """
     model = f"{family}_resnet8.{DATASETS[name].parent}"
-    options = [*GRID[config](family), "--seed", str(seed)]
-    run = finetune_cli(model, folder / "train", work / "choose" / name / config / f"seed{seed}" / family, options)
+    options = [*DATASETS[name].options.get(family, ()), *GRID[config](family), "--seed", str(seed)]
+    run = finetune_cli(model, folder / DATASETS[name].train, work / "choose" / name / config / f"seed{seed}" / family,
+                       options)
     scores, labels, _ = predictions(Path(run["final"]), folder / "val.csv")
     return {"kind": "choose", "dataset": name, "family": family, "config": config, "seed": seed, "options": options,
             "defaults": {"export_version": EXPORT_VERSION}, "model": model, **run,
@@ -843,16 +891,18 @@ def _f(x: float | None, sign: bool = False) -> str:
     return f"{x:+.3f}" if sign else f"{x:.3f}"
 
 
-def choose_table(rows: list[dict[str, Any]]) -> str:
+def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet") -> str:
     """Markdown: per grid configuration and (choosing data set, family), the validation AUROC averaged over
-    :data:`CHOOSE_SEEDS` (with its range), the mean over the four cells (the criterion) and the
-    mean ProtoPNet-minus-baseline gap."""
+    :data:`CHOOSE_SEEDS` (with its range), the mean over the cells (the criterion) and the mean
+    interpretable-minus-baseline gap; for the choosing sets of one ``interpretable`` family, and the
+    configurations run on them."""
     latest = {(r["dataset"], r["family"], r["config"], r["seed"]): r for r in rows if r["kind"] == "choose"}
-    cells = [(d, f) for d in DATASETS if DATASETS[d].choosing for f in DATASETS[d].families]
+    cells = [(d, f) for d in DATASETS if DATASETS[d].choosing and DATASETS[d].interpretable == interpretable
+             for f in DATASETS[d].families]
     head = ("| configuration | " + " | ".join(f"{d} {f}" for d, f in cells)
-            + " | mean (criterion) | ProtoPNet − baseline | wall s (max) |")
+            + f" | mean (criterion) | {interpretable} − baseline | wall s (max) |")
     lines = [head, "|---" * (len(cells) + 4) + "|"]
-    for config in GRID:
+    for config in [c for c in GRID if any(k[:2] in cells and k[2] == c for k in latest)]:
         got = {cell: [latest[(*cell, config, s)] for s in CHOOSE_SEEDS if (*cell, config, s) in latest]
                for cell in cells}
         complete = all(len(v) == len(CHOOSE_SEEDS) for v in got.values())
@@ -860,8 +910,9 @@ def choose_table(rows: list[dict[str, Any]]) -> str:
         shown = [f"{_f(means[c])} ({_f(min(r['val_auroc'] for r in got[c]))}–{_f(max(r['val_auroc'] for r in got[c]))})"
                  if got[c] else "not run" for c in cells]
         mean = float(np.mean([m for m in means.values() if m is not None])) if complete else None
-        gap = float(np.mean([means[(d, "protopnet")] - means[(d, "baseline")]  # type: ignore[operator]
-                             for d in {c[0] for c in cells}])) if complete else None
+        paired_sets = {d for d, f in cells if (d, "baseline") in cells}
+        gap = float(np.mean([means[(d, interpretable)] - means[(d, "baseline")]  # type: ignore[operator]
+                             for d in paired_sets])) if complete and paired_sets else None
         walls = [r["wall_s"] for v in got.values() for r in v]
         lines.append(f"| {config} | " + " | ".join(shown) + f" | {_f(mean)} | {_f(gap, True)} "
                      f"| {max(walls) if walls else '—'} |")
@@ -1009,7 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.table or args.readme:
         rows = read_rows(args.out)
         text = table(rows) + "\n\nThe grid the defaults were chosen with (validation AUROC on the official " \
-                             "validation split of the choosing data):\n\n" + choose_table(rows)
+                             "validation split of the choosing data):\n\n" + choose_table(rows) \
+            + "\n\nThe concept bottleneck's training mode, chosen on the LIDC nodules' validation split:\n\n" \
+            + choose_table(rows, "cbm")
         if args.readme:
             write_readme(text)
         else:

@@ -109,7 +109,7 @@ def test_the_default_plan_is_the_documented_rule(tmp_path):
 def test_prototypes_are_learnt_where_push_projects_unless_overridden(tmp_path):
     data = write_xrays(tmp_path / "xrays")
     plan = plan_finetune(XRAY, data, out_dir=tmp_path / "a")
-    assert ft.DEFAULT_TRAINING == {"cluster_on_push_cells": True}
+    assert ft.DEFAULT_TRAINING["protopnet"] == {"cluster_on_push_cells": True}
     assert plan.recipe.training["cluster_on_push_cells"] is True
     assert plan.record["schedule"]["training"] == {"cluster_on_push_cells": True}
     off = plan_finetune(XRAY, data, out_dir=tmp_path / "b", overrides=["training.cluster_on_push_cells=false"])

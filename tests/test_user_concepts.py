@@ -107,6 +107,30 @@ def test_the_plan_replaces_the_bottleneck_and_records_it(tmp_path):
     assert spec["measurement_columns"] == ["thickness_mm"]
 
 
+def test_the_training_mode_is_sequential_unless_overridden_and_brings_its_stages(tmp_path):
+    data = write_cases(tmp_path)
+    default = plan_finetune(CBM, data, out_dir=tmp_path / "a", intensity="refit", concepts=WORDS)
+    # the fine-tuning default: the label head on the predicted concepts (the base model: independent)
+    assert default.recipe.training["mode"] == "sequential"
+    assert default.record["schedule"]["training"] == {"mode": "sequential"}
+    assert [s.name for s in default.recipe.stages] == ["concepts", "label_head"]
+    assert not any(c["key"] == "stages" for c in default.record["changes"])
+    independent = plan_finetune(CBM, data, out_dir=tmp_path / "d", intensity="refit", concepts=WORDS,
+                                overrides=["training.mode=independent"])
+    assert independent.recipe.training["mode"] == "independent"
+    joint = plan_finetune(CBM, data, out_dir=tmp_path / "b", intensity="refit", concepts=WORDS,
+                          overrides=["training.mode=joint"])
+    # the whole step budget goes to the one joint stage, at the base model's peak rate
+    assert [s.name for s in joint.recipe.stages] == ["joint"] and joint.recipe.stages[0].lr == joint.recipe.optim.lr
+    steps = joint.record["schedule"]["steps_per_epoch"]
+    assert joint.recipe.stages[0].epochs == max(1, round(1000 / steps))
+    change = next(c for c in joint.record["changes"] if c["key"] == "stages")
+    assert change["from"] == ["concepts", "label_head"] and change["to"] == ["joint"]
+    sequential = plan_finetune(CBM, data, out_dir=tmp_path / "c", intensity="refit", concepts=WORDS,
+                               overrides=["training.mode=sequential"])
+    assert [s.name for s in sequential.recipe.stages] == ["concepts", "label_head"]
+
+
 def test_a_size_concept_needs_the_spacing(tmp_path):
     with pytest.raises(FinetuneDataError, match=r"\['thickness_mm'\] are sizes in physical units .* 'spacing_mm'"):
         plan_finetune(CBM, write_cases(tmp_path, spacing=False), out_dir=tmp_path / "run", intensity="refit",

@@ -73,6 +73,11 @@ class FamilyTraining:
     def check(self, model: InterpretableModel) -> None:
         """Refuse settings that this model cannot train with (default: any model is fine)."""
 
+    def stages_for_settings(self) -> tuple[str, ...] | None:
+        """The gradient and special stages these settings train with, in order, when the settings decide
+        them (a concept bottleneck's ``mode``); None when any of :attr:`stage_names` may be listed."""
+        return None
+
     def prepare(self, model: InterpretableModel, train_set: Dataset) -> None:
         """Fit training-split statistics the model stores (e.g. physical-head normalisation)."""
 

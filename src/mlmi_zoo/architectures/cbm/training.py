@@ -179,6 +179,10 @@ class CBMTraining(FamilyTraining):
             raise ValueError("training.map_coef > 0 teaches the maps of max-pooled binary concepts cell by cell and "
                              f"needs model.config.pooling='max'; this model pools with {model.config.pooling!r}")
 
+    def stages_for_settings(self) -> tuple[str, ...]:
+        """The stages of this ``mode`` (:data:`STAGES_BY_MODE`)."""
+        return STAGES_BY_MODE[self.settings.mode]
+
     def prepare(self, model: CBM, train_set: Dataset) -> None:
         """Fit concept normalisation and imbalance weights on the training split; start each ``area_maps`` share
         at the training split's mean area (spread evenly over the cells)."""
