@@ -878,8 +878,27 @@ def choose_one(name: str, family: str, config: str, seed: int, folder: Path, wor
     scores, labels, _ = predictions(Path(run["final"]), folder / "val.csv")
     return {"kind": "choose", "dataset": name, "family": family, "config": config, "seed": seed, "options": options,
             "defaults": {"export_version": EXPORT_VERSION}, "model": model, **run,
-            "val_auroc": _auroc(scores, labels), "val_cases": len(labels), "threads": torch.get_num_threads(),
-            "machine": machine(), "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+            "val_auroc": _auroc(scores, labels), "val_cases": len(labels), **_val_interventions(family, run, folder),
+            "threads": torch.get_num_threads(), "machine": machine(),
+            "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def _val_interventions(family: str, run: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A bottleneck's validation accuracy with no concept and with every concept corrected to the annotation
+    (``evaluate``'s actionability block on ``val.csv``): whether a mode keeps interventions useful."""
+    if family != "cbm":
+        return {}
+    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
+    from mlmi_zoo.training.finetune import evaluation_data_spec
+
+    uri = f"local-dir:{run['final']}"
+    limits = EvaluationLimits(deletion_cases=8, spacing_cases=8, control_train_cases=64, examples=1,
+                              purity_train_cases=64, val_cases=64, oracle_train_cases=64)
+    doc = evaluate(uri, evaluation_data_spec(uri, folder / "val.csv"), split="test", n_boot=50, seed=SEED,
+                   out=Path(run["final"]).parent / "val_results.json", limits=limits)
+    action = doc["elements"]["actionability"].get("metrics") or {}
+    return {"val_accuracy_no_intervention": action.get("accuracy_no_intervention"),
+            "val_accuracy_all_concepts_corrected": action.get("accuracy_all_concepts_corrected")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -899,9 +918,10 @@ def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet") -
     latest = {(r["dataset"], r["family"], r["config"], r["seed"]): r for r in rows if r["kind"] == "choose"}
     cells = [(d, f) for d in DATASETS if DATASETS[d].choosing and DATASETS[d].interpretable == interpretable
              for f in DATASETS[d].families]
+    extra = " validation accuracy: no concept → every concept corrected (mean) |" if interpretable == "cbm" else ""
     head = ("| configuration | " + " | ".join(f"{d} {f}" for d, f in cells)
-            + f" | mean (criterion) | {interpretable} − baseline | wall s (max) |")
-    lines = [head, "|---" * (len(cells) + 4) + "|"]
+            + f" | mean (criterion) | {interpretable} − baseline | wall s (max) |" + extra)
+    lines = [head, "|---" * (len(cells) + 4 + bool(extra)) + "|"]
     for config in [c for c in GRID if any(k[:2] in cells and k[2] == c for k in latest)]:
         got = {cell: [latest[(*cell, config, s)] for s in CHOOSE_SEEDS if (*cell, config, s) in latest]
                for cell in cells}
@@ -914,8 +934,12 @@ def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet") -
         gap = float(np.mean([means[(d, interpretable)] - means[(d, "baseline")]  # type: ignore[operator]
                              for d in paired_sets])) if complete and paired_sets else None
         walls = [r["wall_s"] for v in got.values() for r in v]
+        corrected = [(r["val_accuracy_no_intervention"], r["val_accuracy_all_concepts_corrected"])
+                     for v in got.values() for r in v if r.get("val_accuracy_all_concepts_corrected") is not None]
+        action = (f" | {_f(float(np.mean([a for a, _ in corrected])))} → {_f(float(np.mean([b for _, b in corrected])))}"
+                  if interpretable == "cbm" else "")
         lines.append(f"| {config} | " + " | ".join(shown) + f" | {_f(mean)} | {_f(gap, True)} "
-                     f"| {max(walls) if walls else '—'} |")
+                     f"| {max(walls) if walls else '—'}{action} |")
     return "\n".join(lines)
 
 

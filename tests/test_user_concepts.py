@@ -107,17 +107,13 @@ def test_the_plan_replaces_the_bottleneck_and_records_it(tmp_path):
     assert spec["measurement_columns"] == ["thickness_mm"]
 
 
-def test_the_training_mode_is_sequential_unless_overridden_and_brings_its_stages(tmp_path):
+def test_another_training_mode_brings_its_own_stages(tmp_path):
     data = write_cases(tmp_path)
     default = plan_finetune(CBM, data, out_dir=tmp_path / "a", intensity="refit", concepts=WORDS)
-    # the fine-tuning default: the label head on the predicted concepts (the base model: independent)
-    assert default.recipe.training["mode"] == "sequential"
-    assert default.record["schedule"]["training"] == {"mode": "sequential"}
+    # the fine-tuning default: the base model's mode (independent: the label head on the true concepts)
+    assert default.recipe.training["mode"] == "independent" and default.record["schedule"]["training"] == {}
     assert [s.name for s in default.recipe.stages] == ["concepts", "label_head"]
     assert not any(c["key"] == "stages" for c in default.record["changes"])
-    independent = plan_finetune(CBM, data, out_dir=tmp_path / "d", intensity="refit", concepts=WORDS,
-                                overrides=["training.mode=independent"])
-    assert independent.recipe.training["mode"] == "independent"
     joint = plan_finetune(CBM, data, out_dir=tmp_path / "b", intensity="refit", concepts=WORDS,
                           overrides=["training.mode=joint"])
     # the whole step budget goes to the one joint stage, at the base model's peak rate
