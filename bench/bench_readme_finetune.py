@@ -35,7 +35,7 @@ import numpy as np
 
 from _common import BENCH_DIR, machine
 
-from bench_transfer import SEED, _crop, _save_png, export_mias
+from _transfer_data import SEED, _crop, _save_png, export_mias
 
 REPO = BENCH_DIR.parent
 
