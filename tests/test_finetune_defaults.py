@@ -244,3 +244,24 @@ def test_a_run_resumed_after_the_best_epoch_restores_it_from_disk(tmp_path, monk
 def test_stage_patience_must_be_positive():
     with pytest.raises(ValueError, match="patience must be >= 1"):
         StageSection("joint", 3, None, 0)
+
+
+def test_validate_where_used_scores_only_the_epochs_a_number_is_read_from(tmp_path, monkeypatch):
+    stages = [{"name": "joint", "epochs": 3}, {"name": "joint", "epochs": 2, "patience": 5}, {"name": "joint", "epochs": 2}]
+    recipe = apply_recipe_overrides(_phantom_recipe(stages), ["validate=where_used"])
+    scripted = Scripted({0: [0.6, 0.7, 0.8], 1: [0.5, 0.6], 2: [0.7, 0.9]})
+    _run(tmp_path, monkeypatch, recipe, scripted)
+    # stage 0: its last epoch only; stage 1 (patience): every epoch; stage 2 (the last: selection): every epoch
+    assert sorted(scripted.seen) == [(0, 2), (1, 0), (1, 1), (2, 0), (2, 1)]
+    lines = [x for x in _lines(tmp_path / "run") if x.get("type") == "epoch"]
+    assert [("val_auroc" in x) for x in lines] == [False, False, True, True, True, True, True]
+    assert [x for x in lines if x.get("best")][-1]["val_auroc"] == 0.9  # selection still sees every last-stage epoch
+    with pytest.raises(ValueError, match=r"recipe.validate: expected one of \['every_epoch', 'where_used'\]"):
+        apply_recipe_overrides(_phantom_recipe(stages), ["validate=sometimes"])
+
+
+def test_fine_tuning_validates_where_used_unless_told(tmp_path):
+    data = write_xrays(tmp_path / "xrays")
+    assert plan_finetune(XRAY, data, out_dir=tmp_path / "a").recipe.validate == "where_used"
+    told = plan_finetune(XRAY, data, out_dir=tmp_path / "b", overrides=["validate=every_epoch"])
+    assert told.recipe.validate == "every_epoch"

@@ -59,6 +59,10 @@ Defaults, for what the caller does not say (:func:`default_stages`; ``finetune.s
 * **a bottleneck's training mode is its base model's** (the bundled ones: ``independent``, the label
   head fitted on the true concepts); ``training.mode=sequential`` (on the predicted concepts) or
   ``joint`` (its stages follow the mode) override it;
+* **validation where it is used** (``validate="where_used"``): every epoch of the last stage (the
+  selection) and of a stage with a patience, the last epoch of the other stages, every special stage
+  (ProtoPNet's warm-up and joint epochs are not scored one by one: nothing reads those numbers);
+  ``validate=every_epoch`` logs them all;
 * **no early stopping** (:data:`DEFAULT_PATIENCE` = 0); ``patience=N`` stops a gradient stage after
   N epochs without a better validation AUROC and continues from its best epoch. The delivered
   weights are those the trainer selects: the epoch of the last stage with the best validation
@@ -444,6 +448,7 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
             training={**{k: v for k, v in inherited.items() if k in known}, **training_defaults},
             seed=seed,
             select_metric="val_auroc",
+            validate="where_used",
         )
         return apply_recipe_overrides(recipe, list(overrides))
 
@@ -624,7 +629,8 @@ PUSH_DROP_WARNING = 0.1  # validation AUROC lost between the best epoch before p
 def push_check(metrics: str | Path) -> dict[str, Any] | None:
     """How much validation AUROC a prototype model lost in its push, from a run's ``metrics.jsonl``.
 
-    ``before``: the best validation AUROC of the epochs before the push; ``after``: the best of
+    ``before``: the best validation AUROC of the scored epochs before the push (with
+    ``validate="where_used"``, the last epoch of each earlier stage); ``after``: the best of
     the push and the stages after it (the weights the trainer delivers come from there: an unpushed
     prototype model is not interpretable, so selection cannot go back before the push). ``dropped``
     when ``before - after`` exceeds :data:`PUSH_DROP_WARNING`.

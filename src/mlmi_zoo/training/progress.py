@@ -95,9 +95,12 @@ class MetricsLog:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(to_jsonable(line)) + "\n")
-        if line["type"] == "epoch":
+        if line["type"] == "epoch" and "val_loss" in line:
             log.info("%s epoch %d: train_loss %.4f  val_loss %.4f  val_auroc %.4f  val_acc %.3f  %.0f img/s%s",
                      line["stage"], line["epoch"] + 1, line["train_loss"], line["val_loss"], line["val_auroc"],
                      line["val_accuracy"], line["train_images_per_s"], "  (best)" if line.get("best") else "")
+        elif line["type"] == "epoch":  # not validated (recipe.validate="where_used")
+            log.info("%s epoch %d: train_loss %.4f  train_acc %.3f  %.0f img/s", line["stage"], line["epoch"] + 1,
+                     line["train_loss"], line["train_accuracy"], line["train_images_per_s"])
         elif line["type"] == "special_stage":
             log.info("%s: val_loss %.4f  val_auroc %.4f", line["stage"], line["val_loss"], line["val_auroc"])

@@ -158,6 +158,11 @@ class Recipe:
             or ``val_loss`` (cross-entropy) and ``val_stage_loss`` (the stage's whole training loss,
             e.g. with a physical head's term; both minimised). Always computed on the validation
             split, never on test.
+        validate: ``"every_epoch"`` scores the validation split after every epoch; ``"where_used"``
+            only where a number is used: every epoch of the last stage (selection) and of a stage
+            with ``patience``, the last epoch of the other stages, and every special stage. It
+            changes no weight, only the log and the time (a validation pass of 64^3 volumes is a
+            third of a training step).
         amp: mixed precision (bfloat16 autocast) on CUDA; a logged no-op on CPU.
         compile: ``torch.compile`` the model on CUDA; a logged no-op on CPU.
         num_workers: DataLoader worker processes.
@@ -176,6 +181,7 @@ class Recipe:
     seed: int = 0
     select_metric: Literal["val_auroc", "val_accuracy", "val_balanced_accuracy", "val_loss",
                            "val_stage_loss"] = "val_auroc"
+    validate: Literal["every_epoch", "where_used"] = "every_epoch"
     amp: bool = False
     compile: bool = False
     num_workers: int = 0

@@ -171,7 +171,8 @@ class Trainer:
             resumed = None
             for _ in range(pos.epoch, stage.epochs):
                 line = self._train_epoch(model, run, pos)
-                line.update(self._validate(model, adapter, stage.name))
+                if self._validates(stage, pos):
+                    line.update(self._validate(model, adapter, stage.name))
                 pos.epoch, pos.batch, pos.global_epoch = pos.epoch + 1, 0, pos.global_epoch + 1
                 stage_done = self._early_stopping(model, stage, pos, line) or pos.epoch >= stage.epochs
                 self._end_of_unit(model, run, pos, line, stage_done=stage_done)
@@ -232,6 +233,12 @@ class Trainer:
         records = adapter.run_special_stage(model, stage.name, self.data.ordered_train_loader(), self.device,
                                             **_stage_options(adapter, stage))
         return {"type": "special_stage", "stage": stage.name, "stage_index": pos.stage, "records": records}
+
+    def _validates(self, stage: StageSection, pos: Position) -> bool:
+        """Whether the epoch ending now is scored on the validation split (``recipe.validate``): always, or
+        where the number is used (selection in the last stage, early stopping, a stage's last epoch)."""
+        return (self.recipe.validate == "every_epoch" or pos.stage == len(self.recipe.stages) - 1
+                or stage.patience is not None or pos.epoch + 1 >= stage.epochs)
 
     def _validate(self, model: InterpretableModel, adapter: FamilyTraining, stage: str) -> dict[str, float]:
         return validate(model, adapter, self.data.val_loader, stage, device=self.device, amp=self._amp, group=self.dist)
