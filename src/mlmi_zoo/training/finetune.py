@@ -89,8 +89,9 @@ every concept corrected to the readers' ratings 0.811 -> 0.780, 0.821 -> 0.780 a
 (malignancy is not a function of shape ratings). No mode is better beyond the seeds' spread, so the
 base model's independent mode is kept: its label head is fitted on true concepts, which is what an
 intervention gives it (on the MIAS crops of the transfer benchmark, correcting every concept makes
-every decision right with it and lowers the accuracy with sequential). Explicit arguments (``epochs``, ``steps``,
-``patience``, ``lr``, ``freeze``) and dotted overrides (``stages.1.epochs=10``) win over these.
+every decision right with it and lowers the accuracy with sequential). Explicit arguments
+(``epochs``, ``steps``, ``patience``, ``lr``, ``freeze``) and dotted overrides
+(``stages.1.epochs=10``) win over these.
 How the defaults transfer to data they were not chosen on is measured by
 ``bench/bench_transfer.py`` (3D vessels and adrenal glands, mammogram and fundus patches).
 
@@ -289,7 +290,7 @@ def _stages_for_settings(parent_stages: Sequence[StageSection], adapter: Any, pa
         return list(parent_stages), None
     kept = {s.name: s for s in parent_stages}
     total = sum(s.epochs for s in parent_stages if s.name not in adapter.special_stages) or 1
-    stages = [kept.get(name) or StageSection(name, total, None if parent_lr is None else parent_lr) for name in wanted]
+    stages = [kept.get(name) or StageSection(name, total, parent_lr) for name in wanted]
     return stages, {"key": "stages", "from": names, "to": list(wanted),
                     "reason": "the training settings train these stages (e.g. a concept bottleneck's training.mode)"}
 
