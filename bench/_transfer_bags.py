@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,8 +38,6 @@ def write_slice_bags(folder: Path, train: Sequence[Any], test: Sequence[Any], me
     Returns:
         ``folder``.
     """
-    import shutil
-
     from mlmi_zoo.training.datasets.feature_cache import TileEncoder, cache_features
     from mlmi_zoo.training.datasets.idrid_bags import IDRiDBagSettings
 
@@ -71,7 +70,7 @@ def write_slice_bags(folder: Path, train: Sequence[Any], test: Sequence[Any], me
         (out / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     doc = {**meta, "encoder": {"name": settings.encoder, "init": settings.init, "features": encoder.out_features,
                                "weights": encoder.weights},
-           "instances": "axial slices with a voxel above %g" % SLICE_THRESHOLD,
+           "instances": f"axial slices with a voxel above {SLICE_THRESHOLD:g}",
            "bags": {split: {"n": len(v), "instances_min": min(v), "instances_median": float(np.median(v)),
                             "instances_max": max(v)} for split, v in sizes.items() if v}}
     (partial / "meta.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

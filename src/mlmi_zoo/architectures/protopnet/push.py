@@ -28,7 +28,8 @@ from mlmi_zoo.architectures.protopnet.prototypes import (
     latent_box,
 )
 
-__all__ = ["push_prototypes", "push_cells", "intensity_foreground", "TopkPatches", "prototype_topk_patches", "render_prototypes"]
+__all__ = ["push_prototypes", "push_cells", "intensity_foreground", "TopkPatches", "prototype_topk_patches",
+           "render_prototypes"]
 
 log = logging.getLogger(__name__)
 
