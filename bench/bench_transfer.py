@@ -57,9 +57,10 @@ PneumoniaMNIST (Kermany et al. 2018) as RGB PNGs fine-tuning the ``*.retinamnist
 RetinaMNIST (DeepDRiD) binarised as grade 0 vs grade >= 1, as greyscale PNGs fine-tuning the
 ``*.pneumoniamnist`` parents (so neither parent saw the images it is tuned on); each configuration
 is scored by AUROC on the data set's official validation split, never on test. A concept
-bottleneck's mode was chosen on ``lidc_concepts``: LIDC-IDRI nodules with the readers' shape ratings
-as the user's concepts, ``cbm_resnet8.nodule_phantom`` fine-tuned with ``--concepts``, scored on the
-validation nodules of the patient split (with the accuracy when every concept is corrected).
+bottleneck's training (mode, random interventions, a calibrated bottleneck) was chosen on
+``lidc_concepts``: LIDC-IDRI nodules with the readers' shape ratings as the user's concepts,
+``cbm_resnet8.nodule_phantom`` fine-tuned with ``--concepts``, scored on the validation nodules of the
+patient split (with the accuracy when every concept is corrected).
 
 One JSON line per finished run goes to ``--out`` (default ``bench/transfer.jsonl``); a run whose key
 (kind, data set, family, configuration, the defaults it ran with) is already there is skipped, so
@@ -249,13 +250,15 @@ def prepare(name: str, root: Path, work: Path, n_train: int, n_test: int | None)
 # ------------------------------------------------------------------------------------------------
 def defaults_signature(family: str) -> dict[str, Any]:
     """The fine-tuning defaults a run of ``family`` used (a change makes its runs due again); the
-    family's training settings of :data:`~mlmi_zoo.training.finetune.DEFAULT_TRAINING`, where it has any."""
+    family's training settings of :data:`~mlmi_zoo.training.finetune.DEFAULT_TRAINING` and model
+    configuration of :data:`~mlmi_zoo.training.finetune.DEFAULT_CONFIG`, where it has any."""
     from mlmi_zoo.training import finetune
 
     signature: dict[str, Any] = {"freeze": list(finetune.DEFAULT_FREEZE), "steps": finetune.DEFAULT_STEPS,
                                  "patience": finetune.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
     training = {k: v for k, v in finetune.DEFAULT_TRAINING.get(family, {}).items() if _has_setting(family, k)}
-    return {**signature, "training": training} if training else signature
+    config = finetune.DEFAULT_CONFIG.get(family, {})
+    return {**signature, **({"training": training} if training else {}), **({"config": config} if config else {})}
 
 
 def _current(row: dict[str, Any]) -> bool:
@@ -501,6 +504,8 @@ def _has_setting(family: str, key: str) -> bool:
     return key in {f.name for f in dataclasses.fields(families()[family].training.settings_class)}
 
 
+_UNCALIBRATED = ("model.config.calibrated_concepts=false",)
+_CALIBRATED = ("model.config.calibrated_concepts=true",)
 # name -> extra CLI options; one factor at a time around "centre". "previous" is the old default command.
 GRID: dict[str, Callable[[str], list[str]]] = {
     "previous": lambda family: ["--freeze", "backbone", "--epochs", "3", "--lr", "0.001", "--patience", "0"]
@@ -523,10 +528,22 @@ GRID: dict[str, Callable[[str], list[str]]] = {
     # fourth round: ProtoPNet's prototypes learnt on the cells push may use (rows above ran without it)
     "push_cells": lambda family: ["--freeze", "none", "--steps", "1000", "--patience", "0"]
     + (["training.cluster_on_push_cells=true"] if _has_setting(family, "cluster_on_push_cells") else []),
-    # a concept bottleneck on the user's concepts: Koh et al.'s three training modes, under the defaults above
-    "cbm_independent": lambda family: ["training.mode=independent"],
-    "cbm_sequential": lambda family: ["training.mode=sequential"],
-    "cbm_joint": lambda family: ["training.mode=joint"],
+    # a concept bottleneck on the user's concepts: Koh et al.'s three training modes, under the defaults above,
+    # with the bottleneck's class-balanced scores and no random interventions (as these rows ran before either
+    # setting existed)
+    "cbm_independent": lambda family: ["training.mode=independent", *_UNCALIBRATED],
+    "cbm_sequential": lambda family: ["training.mode=sequential", "training.intervention_rate=0", *_UNCALIBRATED],
+    "cbm_joint": lambda family: ["training.mode=joint", "training.intervention_rate=0", *_UNCALIBRATED],
+    # random interventions while the label head trains, at Espinosa Zarlenga et al.'s rate (not tuned here)
+    "cbm_sequential_randint": lambda family: ["training.mode=sequential", "training.intervention_rate=0.25",
+                                              *_UNCALIBRATED],
+    "cbm_joint_randint": lambda family: ["training.mode=joint", "training.intervention_rate=0.25", *_UNCALIBRATED],
+    # the bottleneck holding calibrated probabilities (model.config.calibrated_concepts)
+    "cbm_calibrated_independent": lambda family: ["training.mode=independent", *_CALIBRATED],
+    "cbm_calibrated_sequential": lambda family: ["training.mode=sequential", "training.intervention_rate=0",
+                                                 *_CALIBRATED],
+    "cbm_calibrated_sequential_randint": lambda family: ["training.mode=sequential", "training.intervention_rate=0.25",
+                                                         *_CALIBRATED],
 }
 CHOOSE_SEEDS = (0, 1, 2)  # seeds of the validation split carved from the training folder, data order and new heads
 
@@ -679,9 +696,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "\n".join(lines)
     m = any_run["machine"]
     threads = sorted({r["threads"] for r in runs.values()})
-    signature = defaults_signature("protopnet")
-    head = (f"Defaults {json.dumps({k: v for k, v in signature.items() if k != 'export_version'})} (`training`: "
-            "ProtoPNet's only); measured on "
+    shared = {k: v for k, v in defaults_signature("baseline").items() if k != "export_version"}
+    own = {family: {k: v for k, v in defaults_signature(family).items() if k not in shared and k != "export_version"}
+           for family in FAMILIES}
+    own_text = "; ".join(f"{family}: {json.dumps(extra)}" for family, extra in own.items() if extra)
+    head = (f"Defaults {json.dumps(shared)}, and per family {own_text}; measured on "
             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU, "
             f"{' or '.join(map(str, threads))} torch thread(s) per run (`wall s` marks a run on 2 threads ²); the "
             "load average shows what else ran. `*`: the stage stopped early. †: the interpretable model was "

@@ -13,7 +13,7 @@ from mlmi_zoo.architectures.blocks.stages import training_for
 from mlmi_zoo.architectures.cbm.config import CBMTrainingSettings
 from mlmi_zoo.architectures.cbm.explanations import ConceptExplanation, MLPConceptExplanation
 from mlmi_zoo.architectures.cbm.model import CBM, CBMConfig
-from mlmi_zoo.architectures.cbm.training import CBMTraining, fit_concept_statistics
+from mlmi_zoo.architectures.cbm.training import CBMTraining, fit_concept_statistics, randomly_intervene
 from mlmi_zoo.architectures.cbm.concepts import ConceptCodec
 from mlmi_zoo.architectures.cbm.interventions import (
     FixedOrderPolicy,
@@ -301,6 +301,76 @@ def test_training_stages_train_the_right_parameters():
     joint0 = make_model().train()
     CBMTraining(CBMTrainingSettings(mode="joint", joint_lambda=0.0)).loss(joint0, batch, "joint").loss.backward()
     assert any(_grads(joint0.backbone.parameters())) and all(_grads(joint0.label_head.parameters()))
+
+
+def test_a_calibrated_bottleneck_reads_the_balanced_losses_optimum_as_the_training_rate():
+    # The class-balanced loss of a binary concept with training rate p is minimised by the constant logit
+    # logit(p) + log(pos_weight), and the level-weighted cross-entropy by equal level logits: the calibrated
+    # bottleneck turns both back into the training split's rates; the uncalibrated one reads 0.5 and 1/3.
+    calibrated, plain = make_model(calibrated_concepts=True), make_model()
+    for model in (calibrated, plain):
+        set_stats(model)  # spiculation rate 0.25 (pos_weight 3); texture levels 0.5 / 0.3 / 0.2
+    raw = torch.zeros(1, calibrated.codec.width)
+    raw[0, 0] = math.log(0.25 / 0.75) + math.log(3.0)
+    texture = calibrated.codec.slices[calibrated.codec.index("texture")]
+    torch.testing.assert_close(calibrated.codec.bottleneck(raw)[0, 0], torch.tensor(0.25))
+    torch.testing.assert_close(calibrated.codec.bottleneck(raw)[0, texture], torch.tensor([0.5, 0.3, 0.2]))
+    torch.testing.assert_close(plain.codec.bottleneck(raw)[0, 0], torch.tensor(0.5))
+    torch.testing.assert_close(plain.codec.bottleneck(raw)[0, texture], torch.full((3,), 1 / 3))
+    # continuous concepts are untouched, and the order of cases (so every concept AUROC) is kept
+    many = torch.randn(50, calibrated.codec.width)
+    diameter = calibrated.codec.slices[calibrated.codec.index("diameter_mm")].start
+    torch.testing.assert_close(calibrated.codec.bottleneck(many)[:, diameter], many[:, diameter])
+    assert torch.equal(calibrated.codec.bottleneck(many)[:, 0].argsort(), many[:, 0].argsort())
+    # without class balance there is no shift to remove
+    unbalanced, unbalanced_plain = make_model(calibrated_concepts=True, balance_concepts=False), make_model(balance_concepts=False)
+    for model in (unbalanced, unbalanced_plain):
+        set_stats(model)
+    torch.testing.assert_close(unbalanced.codec.bottleneck(many), unbalanced_plain.codec.bottleneck(many))
+
+
+def test_random_interventions_replace_annotated_concepts_at_the_rate_and_only_while_training():
+    ds = ToyNodules(n=12)
+    batch = batch_of(ds)
+    model = make_model().train()
+    set_stats(model)
+    adapter = training_for(model, {"mode": "sequential", "intervention_rate": 0.5})
+    internal = adapter.concept_targets(model, batch, torch.device("cpu"))  # (B, Kc); spiculation of case 3 missing
+    predicted = torch.full((12, model.codec.width), 0.123)
+    truth = model.codec.target_bottleneck(internal)
+    torch.manual_seed(0)
+    mixed = randomly_intervene(model, predicted, internal, 1.0)
+    known_units = model.codec.unit_mask(torch.isfinite(internal))
+    torch.testing.assert_close(mixed[known_units], truth[known_units])  # rate 1: every annotated concept is true
+    assert bool((mixed[~known_units] == 0.123).all())  # a concept with no annotation is never imputed
+    torch.testing.assert_close(randomly_intervene(model, predicted, internal, 0.0), predicted)
+    # at rate 0.5, about half of the annotated concepts, and each concept's units together (a level concept's one-hot)
+    many = torch.cat([internal] * 200)
+    torch.manual_seed(1)
+    replaced = randomly_intervene(model, torch.full((2400, model.codec.width), 0.123), many, 0.5) != 0.123
+    known = torch.isfinite(many)
+    share = replaced[:, [sl.start for sl in model.codec.slices]][known].float().mean()
+    assert 0.45 < float(share) < 0.55
+    texture = model.codec.slices[model.codec.index("texture")]
+    assert bool((replaced[:, texture].all(1) | ~replaced[:, texture].any(1)).all())
+
+    # the sequential label head trains on the mixture; validation (eval mode) reads predictions only
+    torch.manual_seed(2)
+    with_rate = adapter.loss(model, batch, "label_head").loss
+    torch.manual_seed(2)
+    without = training_for(model, {"mode": "sequential"}).loss(model, batch, "label_head").loss
+    assert float(with_rate.detach()) != float(without.detach())
+    model.eval()
+    torch.testing.assert_close(adapter.loss(model, batch, "label_head").logits, model(batch["image"]))
+    # joint: gradients still reach the image network through the concepts that were not replaced
+    joint = make_model().train()
+    set_stats(joint)
+    training_for(joint, {"mode": "joint", "intervention_rate": 0.25}).loss(joint, batch, "joint").loss.backward()
+    assert any(_grads(joint.backbone.parameters()))
+    with pytest.raises(ValueError, match="independent"):
+        CBMTrainingSettings(mode="independent", intervention_rate=0.25)
+    with pytest.raises(ValueError, match="probability"):
+        CBMTrainingSettings(mode="sequential", intervention_rate=1.5)
 
 
 # -- intervention curve ----------------------------------------------------------------------------

@@ -110,10 +110,27 @@ def test_the_plan_replaces_the_bottleneck_and_records_it(tmp_path):
 def test_another_training_mode_brings_its_own_stages(tmp_path):
     data = write_cases(tmp_path)
     default = plan_finetune(CBM, data, out_dir=tmp_path / "a", intensity="refit", concepts=WORDS)
-    # the fine-tuning default: the base model's mode (independent: the label head on the true concepts)
-    assert default.recipe.training["mode"] == "independent" and default.record["schedule"]["training"] == {}
+    # the fine-tuning default: the label head on the predicted concepts with random corrections (the base
+    # model trained it on true concepts, independent), recorded as a default of fine-tuning
+    assert default.recipe.training["mode"] == "sequential" and default.recipe.training["intervention_rate"] == 0.25
+    assert default.record["schedule"]["training"] == {"mode": "sequential", "intervention_rate": 0.25}
+    # and its bottleneck holds calibrated probabilities (a model.config default of fine-tuning, recorded)
+    assert default.recipe.model.config["calibrated_concepts"] is True
+    assert default.record["schedule"]["config"] == {"calibrated_concepts": True}
+    scores = plan_finetune(CBM, data, out_dir=tmp_path / "f", intensity="refit", concepts=WORDS,
+                           overrides=["model.config.calibrated_concepts=false"])
+    assert scores.recipe.model.config["calibrated_concepts"] is False
+    assert scores.record["schedule"]["config"] == {"calibrated_concepts": False}
     assert [s.name for s in default.recipe.stages] == ["concepts", "label_head"]
     assert not any(c["key"] == "stages" for c in default.record["changes"])
+    # the base model's own mode, asked for by name: the default rate gives way (independent takes none)
+    independent = plan_finetune(CBM, data, out_dir=tmp_path / "d", intensity="refit", concepts=WORDS,
+                                overrides=["training.mode=independent"])
+    assert independent.recipe.training["mode"] == "independent"
+    assert independent.recipe.training["intervention_rate"] == 0.0
+    with pytest.raises(ValueError, match="already trains it on true concepts"):
+        plan_finetune(CBM, data, out_dir=tmp_path / "e", intensity="refit", concepts=WORDS,
+                      overrides=["training.mode=independent", "training.intervention_rate=0.5"])
     joint = plan_finetune(CBM, data, out_dir=tmp_path / "b", intensity="refit", concepts=WORDS,
                           overrides=["training.mode=joint"])
     # the whole step budget goes to the one joint stage, at the base model's peak rate
@@ -122,9 +139,11 @@ def test_another_training_mode_brings_its_own_stages(tmp_path):
     assert joint.recipe.stages[0].epochs == max(1, round(1000 / steps))
     change = next(c for c in joint.record["changes"] if c["key"] == "stages")
     assert change["from"] == ["concepts", "label_head"] and change["to"] == ["joint"]
-    sequential = plan_finetune(CBM, data, out_dir=tmp_path / "c", intensity="refit", concepts=WORDS,
-                               overrides=["training.mode=sequential"])
-    assert [s.name for s in sequential.recipe.stages] == ["concepts", "label_head"]
+    assert joint.recipe.training["intervention_rate"] == 0.25  # random corrections in the joint stage too
+    plain = plan_finetune(CBM, data, out_dir=tmp_path / "c", intensity="refit", concepts=WORDS,
+                          overrides=["training.intervention_rate=0"])
+    assert [s.name for s in plain.recipe.stages] == ["concepts", "label_head"]
+    assert plain.recipe.training == {**default.recipe.training, "intervention_rate": 0.0}  # Koh et al.'s sequential
 
 
 def test_a_size_concept_needs_the_spacing(tmp_path):

@@ -77,6 +77,8 @@ class ConceptCodec(nn.Module):
         balance: weight the losses by inverse class frequency (``pos_weight`` for binary concepts,
             level weights for ordinal/categorical ones).
         max_weight: cap on a class weight, so a concept with a handful of positives cannot dominate.
+        calibrated: :meth:`bottleneck` removes those weights' shift from the logits, so the bottleneck
+            holds probabilities at the training split's rates (:attr:`~mlmi_zoo.architectures.cbm.config.CBMConfig.calibrated_concepts`).
     """
 
     unit_owner: torch.Tensor  # (K,) buffer
@@ -85,7 +87,8 @@ class ConceptCodec(nn.Module):
     loc: torch.Tensor  # (n_continuous,) buffer
     scale: torch.Tensor  # (n_continuous,) buffer
 
-    def __init__(self, specs: Sequence[ConceptSpec], balance: bool = True, max_weight: float = 10.0) -> None:
+    def __init__(self, specs: Sequence[ConceptSpec], balance: bool = True, max_weight: float = 10.0,
+                 calibrated: bool = False) -> None:
         super().__init__()
         self.specs = tuple(specs)
         if not self.specs:
@@ -95,6 +98,7 @@ class ConceptCodec(nn.Module):
             raise ValueError(f"concept names must be unique, got {names}")
         self.balance = balance
         self.max_weight = max_weight
+        self.calibrated = calibrated
         self.unit_names = unit_names(self.specs)
         self.slices: tuple[slice, ...] = ()
         start = 0
@@ -261,13 +265,17 @@ class ConceptCodec(nn.Module):
     def bottleneck(self, raw: torch.Tensor) -> torch.Tensor:
         """(B, K) raw head outputs -> (B, K) bottleneck: probabilities, level probabilities, values."""
         parts = []
-        for s, sl in zip(self.specs, self.slices):
+        for j, (s, sl) in enumerate(zip(self.specs, self.slices)):
             r = raw[:, sl]
             if s.kind == "binary":
+                if self.calibrated:  # the balanced loss's optimum is logit(p) + log(pos_weight)
+                    r = r - self.pos_weight()[self.binary.index(j)].log().to(r.dtype)
                 parts.append(torch.sigmoid(r))
             elif s.kind == "continuous":
                 parts.append(r)
             else:
+                if self.calibrated:  # the weighted cross-entropy's optimum is log p_l + log w_l + const
+                    r = r - self.level_weight(j).log().to(r.dtype)
                 parts.append(r.softmax(-1))
         return torch.cat(parts, -1)
 

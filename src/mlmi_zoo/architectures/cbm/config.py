@@ -42,6 +42,13 @@ class CBMConfig(ModelConfig):
             localise evidence on small patches.
         head_hidden: hidden width of the ``mlp`` head.
         balance_concepts: weight concept losses by inverse class frequency (training split).
+        calibrated_concepts: with ``balance_concepts``, the bottleneck subtracts each binary concept's
+            ``log(pos_weight)`` and each level's ``log(level weight)`` from the logits before the
+            sigmoid or softmax (post-hoc logit adjustment, Menon et al., "Long-tail learning via
+            logit adjustment", ICLR 2021), so the bottleneck holds probabilities at the training
+            split's rates rather than class-balanced scores: a rare concept absent from an image
+            reads near 0, as its correction does, instead of near 0.5. Concept rankings, and so
+            concept AUROCs, do not change. False keeps the balanced scores (the released models).
         pooling: ``"mean"`` (global average of each concept map, the original model) or
             ``"attention"`` (one learnt spatial attention shared by the binary, ordinal and
             categorical concepts; continuous ones stay mean-pooled; level logits centred over
@@ -75,6 +82,7 @@ class CBMConfig(ModelConfig):
     feature_stride: int = 8
     head_hidden: int = 32
     balance_concepts: bool = True
+    calibrated_concepts: bool = False
     pooling: Literal["mean", "attention", "max"] = "mean"
     concept_hidden: int = 0
     area_maps: tuple[tuple[str, str], ...] = ()
@@ -162,6 +170,14 @@ class CBMTrainingSettings:
             ``batch["concept_masks_known"]``), in the concept and joint stages; 0 turns it off.
             Needs ``pooling="max"``. Where it is on, the maps are taught where each finding lies.
         map_pos_weight: weight of the cells that hold the finding in that loss (they are few).
+        intervention_rate: in the ``label_head`` stage of ``sequential`` mode and in the ``joint``
+            stage, the probability that each annotated concept of a training case is replaced by its
+            true value before the label head reads it (random interventions during training, the
+            "RandInt" of Espinosa Zarlenga et al., "Concept Embedding Models", NeurIPS 2022, who use
+            0.25). The head then learns from both what the concept model predicts and what a
+            correction gives it, so it stays accurate on predictions and corrections keep helping.
+            0 turns it off (Koh et al.'s modes as published); ``independent`` mode already trains
+            the head on true concepts only and refuses a rate.
     """
 
     mode: Literal["independent", "sequential", "joint"] = "sequential"
@@ -169,6 +185,7 @@ class CBMTrainingSettings:
     fa_coef: float = 0.0
     map_coef: float = 0.0
     map_pos_weight: float = 1.0
+    intervention_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("independent", "sequential", "joint"):
@@ -181,3 +198,9 @@ class CBMTrainingSettings:
             raise ValueError(f"map_coef must be >= 0, got {self.map_coef}")
         if self.map_pos_weight <= 0:
             raise ValueError(f"map_pos_weight must be > 0, got {self.map_pos_weight}")
+        if not 0.0 <= self.intervention_rate <= 1.0:
+            raise ValueError(f"intervention_rate is a probability in [0, 1], got {self.intervention_rate}")
+        if self.intervention_rate > 0 and self.mode == "independent":
+            raise ValueError("intervention_rate replaces predicted concepts by true ones while the label head trains; "
+                             "mode='independent' already trains it on true concepts only. Use mode='sequential' "
+                             "or 'joint' with a rate, or a rate of 0")

@@ -108,7 +108,7 @@ class CBM(InterpretableModel[CBMConfig]):
     def __init__(self, config: CBMConfig) -> None:
         super().__init__(config)
         self.backbone = create_backbone(config.backbone, config.in_channels, config.spatial_dims, config.feature_stride)
-        self.codec = ConceptCodec(config.concepts, balance=config.balance_concepts)
+        self.codec = ConceptCodec(config.concepts, balance=config.balance_concepts, calibrated=config.calibrated_concepts)
         conv = nn.Conv3d if config.spatial_dims == 3 else nn.Conv2d
         f = self.backbone.out_channels
         if config.concept_hidden:

@@ -14,6 +14,14 @@ Stages:
 - ``"joint"``: everything, on ``L_y + joint_lambda * L_c`` — Koh et al.'s weighting (lambda scales
   the concept loss, the label loss keeps weight 1).
 
+With ``intervention_rate > 0`` the label head of the sequential ``label_head`` stage and of the
+``joint`` stage reads, for each training case, a random share of the annotated concepts at their true
+values and the rest as predicted (:func:`randomly_intervene`; random interventions during training
+after Espinosa Zarlenga et al., "Concept Embedding Models: Beyond the Accuracy-Explainability
+Trade-Off", NeurIPS 2022). A head fitted on predictions alone can misread corrected concepts, whose
+values are sharper than any prediction; one fitted on true concepts alone (independent) misreads the
+soft predictions it sees when nobody corrects them. Validation reads predictions only.
+
 ``L_c`` is the sum over concepts of each concept's masked, class-balanced loss
 (:meth:`~mlmi_zoo.architectures.cbm.concepts.ConceptCodec.loss`).
 
@@ -54,7 +62,7 @@ from mlmi_zoo.architectures.cbm.concept_values import concept_values_from_batch
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 
 __all__ = ["CBMTraining", "STAGES_BY_MODE", "attention_off_lesion", "cell_map_loss", "fit_concept_statistics",
-           "start_area_shares"]
+           "randomly_intervene", "start_area_shares"]
 
 # The recipe stages each training mode runs, in order.
 STAGES_BY_MODE: dict[str, tuple[str, ...]] = {
@@ -154,6 +162,25 @@ def start_area_shares(model: CBM) -> None:
             bias[unit] = math.log(share / (1.0 - share))
 
 
+def randomly_intervene(model: CBM, predicted: torch.Tensor, internal: torch.Tensor, rate: float) -> torch.Tensor:
+    """Replace each annotated concept of each case by its true value with probability ``rate``.
+
+    Args:
+        model: the CBM whose codec maps concepts to bottleneck units.
+        predicted: (B, K) predicted bottleneck vectors.
+        internal: (B, Kc) internal concept targets (NaN = not annotated; never replaced).
+        rate: probability of replacing each annotated concept, in [0, 1].
+
+    Returns:
+        (B, K) bottleneck vectors: true values where a draw replaced the concept, predictions elsewhere
+        (gradients flow through the predicted units that were kept).
+    """
+    known = torch.isfinite(internal)  # (B, Kc)
+    drawn = torch.rand(known.shape, device=internal.device) < rate
+    replace = model.codec.unit_mask(known & drawn)  # (B, K)
+    return torch.where(replace, model.codec.target_bottleneck(internal).to(predicted.dtype), predicted)
+
+
 def _label_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the labelled cases (label >= 0); 0 (with a gradient graph) when none is."""
     labels = labels.to(logits.device)
@@ -220,15 +247,19 @@ class CBMTraining(FamilyTraining):
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
         x = self.inputs(model, batch)
         spacing = _spacing(batch, x.device)  # the model resamples onto its canonical grid with it (config.resample)
+        rate = self.settings.intervention_rate if model.training else 0.0
         if stage == "label_head":  # sequential (and joint fine-tuning): predicted concepts, frozen
             with torch.no_grad():
                 vector = model.codec.bottleneck(model.concept_logits(x, spacing))
+            if rate > 0:
+                vector = randomly_intervene(model, vector, self.concept_targets(model, batch, x.device), rate)
             logits = model.predict_label(vector)
             ce = _label_ce(logits, labels)
             return LossOutput(ce, logits.detach(), {"ce": float(ce.detach())})
         maps, attention = model.concept_maps_and_attention(x, spacing)  # (B, K, *latent), (B, 1, *latent)
         raw = model.pool(maps)  # (B, K), as model.concept_logits
-        concept_loss, parts = model.codec.loss(raw, self.concept_targets(model, batch, x.device))
+        targets = self.concept_targets(model, batch, x.device)  # (B, Kc)
+        concept_loss, parts = model.codec.loss(raw, targets)
         logs = {f"concept/{k}": float(v.detach()) for k, v in parts.items()}
         logs["concepts"] = float(concept_loss.detach())
         mask = batch.get("mask")
@@ -248,7 +279,10 @@ class CBMTraining(FamilyTraining):
             with torch.no_grad():
                 logits = model.predict_label(model.codec.bottleneck(raw))
             return LossOutput(concept_loss, logits, logs)
-        logits = model.predict_label(model.codec.bottleneck(raw))  # joint: gradients flow through the bottleneck
+        vector = model.codec.bottleneck(raw)  # joint: gradients flow through the bottleneck
+        if rate > 0:
+            vector = randomly_intervene(model, vector, targets, rate)
+        logits = model.predict_label(vector)
         ce = _label_ce(logits, labels)
         logs["ce"] = float(ce.detach())
         return LossOutput(ce + self.settings.joint_lambda * concept_loss, logits.detach(), logs)
