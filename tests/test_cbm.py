@@ -329,6 +329,19 @@ def test_a_calibrated_bottleneck_reads_the_balanced_losses_optimum_as_the_traini
     torch.testing.assert_close(unbalanced.codec.bottleneck(many), unbalanced_plain.codec.bottleneck(many))
 
 
+def test_a_calibrated_bottleneck_is_saved_as_one_and_its_decision_reads_the_calibrated_vector(tmp_path: Path):
+    model = make_model(calibrated_concepts=True)
+    set_stats(model)
+    x = torch.rand(2, 1, 32, 32)
+    model.save_pretrained(tmp_path / "cbm")
+    loaded = CBM.from_pretrained(str(tmp_path / "cbm")).eval()
+    assert loaded.config.calibrated_concepts is True
+    assert torch.equal(loaded(x), model(x))
+    vector = model.codec.bottleneck(model.concept_logits(model.input_spec.intensity(x)))
+    torch.testing.assert_close(model(x), model.predict_label(vector))
+    assert not torch.allclose(vector, make_model().codec.bottleneck(model.concept_logits(model.input_spec.intensity(x))))
+
+
 def test_random_interventions_replace_annotated_concepts_at_the_rate_and_only_while_training():
     ds = ToyNodules(n=12)
     batch = batch_of(ds)
