@@ -38,6 +38,7 @@ CASES: dict[str, Case] = {
     "cbm": Case({"img_size": (32, 32), "spacing": (0.7, 0.7)}, _image(1, 32, 32), {"spacing": (0.7, 0.7)}),
     "measurement": Case({"img_size": (64, 64), "spacing": (0.05, 0.05), "hidden": 4}, _image(3, 64, 64),
                         {"spacing": (0.05, 0.05)}),
+    "bag_baseline": Case({"in_features": 16, "hidden": 8, "classifier_hidden": 4}, _bag(5, 16)),
     "abmil_features": Case({"in_features": 16, "in_channels": 16, **_MIL_SMALL}, _bag(5, 16)),
     "additive_mil_features": Case({"in_features": 16, "in_channels": 16, **_MIL_SMALL}, _bag(5, 16)),
     "abmil_resnet8": Case({"tile_size": 16, **_MIL_SMALL}, lambda b: (torch.rand(b, 3, 3, 16, 16),)),

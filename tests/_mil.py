@@ -1,5 +1,7 @@
-"""Shared pieces of the MIL tests: tiny configs, a model builder, the training adapter, padding."""
+"""Shared pieces of the MIL tests: tiny configs, a model builder, the training adapter, padding, a folder of bags."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -43,3 +45,21 @@ def padded(bags: list[torch.Tensor], fill: float = 37.0) -> tuple[torch.Tensor, 
         x[i, : len(b)] = b
         mask[i, : len(b)] = True
     return x, mask
+
+
+def write_bags(folder: Path, n: int = 24, width: int = 320, seed: int = 0) -> Path:
+    """``n`` bags of ``width``-wide instance features; a "lesion" bag holds a few shifted instances."""
+    from mlmi_zoo.training.datasets.feature_cache import cache_features
+
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    rows = ["slide_id,label"]
+    for i in range(n):
+        feats = torch.rand(int(torch.randint(12, 30, (1,), generator=g)), width, generator=g)
+        lesion = i % 2 == 1
+        if lesion:
+            feats[:3, :16] += 2.0
+        cache_features(feats, torch.zeros(len(feats), 2, dtype=torch.int64), folder / f"eye{i:02d}.safetensors")
+        rows.append(f"eye{i:02d},{'lesion' if lesion else 'none'}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder

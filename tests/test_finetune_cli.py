@@ -27,6 +27,8 @@ from mlmi_zoo.training.data_spec import build_dataset, describe
 from mlmi_zoo.training.datasets.folder_csv import FolderCSVDataset
 from mlmi_zoo.training.finetune import FinetuneDataError, evaluation_data_spec, finetune, plan_finetune
 
+from _mil import write_bags
+
 REPO = Path(__file__).resolve().parents[1]
 LIDC = "protopnet_resnet8.lidc_nodule"  # HU window, diameter_mm count head, push_on_lesion in its training
 XRAY = "protopnet_resnet8.pneumoniamnist"  # [0, 1] images, 28x28, 1 channel
@@ -357,24 +359,6 @@ def test_the_readme_finetune_example_runs_verbatim(tmp_path):
 
 
 # -- bags: a MIL model fine-tuned on a folder of the user's bags ---------------------------------------------
-def write_bags(folder: Path, n: int = 24, width: int = 320, seed: int = 0) -> Path:
-    """``n`` bags of ``width``-wide instance features; a "lesion" bag holds a few shifted instances."""
-    from mlmi_zoo.training.datasets.feature_cache import cache_features
-
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(seed)
-    rows = ["slide_id,label"]
-    for i in range(n):
-        feats = torch.rand(int(torch.randint(12, 30, (1,), generator=g)), width, generator=g)
-        lesion = i % 2 == 1
-        if lesion:
-            feats[:3, :16] += 2.0
-        cache_features(feats, torch.zeros(len(feats), 2, dtype=torch.int64), folder / f"eye{i:02d}.safetensors")
-        rows.append(f"eye{i:02d},{'lesion' if lesion else 'none'}")
-    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_a_mil_model_fine_tunes_on_a_folder_of_bags(tmp_path):
     import mlmi_zoo
 

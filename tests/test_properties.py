@@ -245,8 +245,11 @@ BAG_ARCHITECTURES = [name for family in families_where(lambda f: f.inputs == "ba
        area_head=st.booleans(), bag_normalise=st.booleans(), data=st.data())
 def test_padded_bags_equal_unpadded_bags(name: str, seed: int, sizes: list[int], extra: int, area_head: bool,
                                          bag_normalise: bool, data) -> None:
-    # the case turns the area head off; half the examples turn it back on (its bag prior reads quantiles)
-    model, case = build(name, seed, bag_normalise=bag_normalise, **({"quantities": (TUMOUR_AREA,)} if area_head else {}))
+    # the case turns the area head off; half the examples turn it back on (its bag prior reads quantiles); the
+    # black-box bag baseline has neither option, and no attention: its logits alone must ignore padding
+    explains = FAMILIES[mlmi_zoo.registry.get_entry(name).model_class.family].interpretable
+    options = {"bag_normalise": bag_normalise, **({"quantities": (TUMOUR_AREA,)} if area_head else {})} if explains else {}
+    model, case = build(name, seed, **options)
     n = max(sizes) + extra
     instance_shape = case.make_input(1)[0].shape[2:]  # (D,) features or (C, t, t) tiles
     tiles = len(instance_shape) > 1
@@ -264,6 +267,10 @@ def test_padded_bags_equal_unpadded_bags(name: str, seed: int, sizes: list[int],
         mask[b, where] = True
         real_bags.append((where, bag[None]))
     out = model.explain(padded, mask=mask)
+    if not explains:
+        for b, (where, bag) in enumerate(real_bags):
+            assert max_abs(out.logits[b], model.explain(bag).logits[0]) <= TOL, f"bag {b}: logits change with padding"
+        return
     assert torch.equal(out.attention[~mask], torch.zeros(int((~mask).sum()))), "padding gets attention"
     if out.contributions is not None:
         assert torch.equal(out.contributions[~mask], torch.zeros_like(out.contributions[~mask])), "padding contributes"
@@ -344,6 +351,7 @@ MEASURING = {
     "additive_mil": ({"quantities": (QuantitySpec("tumour_area_mm2", "mm^2"),)}, "microns_per_pixel"),
     # every cell lesion (threshold near 0), so the distance to the nearest lesion cell is defined
     "measurement": ({"threshold": 1e-6, "spacing": (0.5, 0.5)}, "spacing"),
+    "bag_baseline": None,  # no physical head: its config refuses quantities
 }
 
 
@@ -363,6 +371,10 @@ def test_measurements_of_one_input_scale_with_the_given_spacing(family: str, see
     """The same pixels explained at spacing s and at zoom * s: every measurement in mm^k is
     multiplied by zoom**k (intensities, k = 0, do not move)."""
     assert family in MEASURING, f"family {family!r} has no row in MEASURING (how it is given physical quantities)"
+    if MEASURING[family] is None:
+        with pytest.raises(ValueError, match="quantities"):
+            build(architecture_of(family), seed, quantities=(QuantitySpec("area_mm2", "mm^2"),))
+        return
     overrides, keyword = MEASURING[family]
     model, case = build(architecture_of(family), seed, **overrides)
     g = torch.Generator().manual_seed(seed)

@@ -320,10 +320,21 @@ def _truth_grid(coords: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 
 
 def _run_bags(model: Any, loader: Iterable[Mapping[str, Any]], limits: EvaluationLimits, seed: int) -> _Collected:
+    """Run a bag model over ``loader``: logits and labels, and for a MIL model its instance scores, the
+    exclusion of its top instances against random ones, deletion curves and a heat map."""
     from mlmi_zoo.architectures.blocks.stages import training_for
 
     adapter = training_for(model)
     col = _Collected()
+    if not family_of(model).interpretable:  # a black box on bags: its decisions only, no instance to rank
+        for batch in loader:
+            x, mask = adapter.inputs(model, batch)
+            logits = model(x, mask)
+            col.n_cases += x.shape[0]
+            col.logits.append(logits.cpu())
+            col.labels.append(torch.as_tensor(batch["label"]).reshape(-1).cpu())
+            col.add_groups(_batch_groups(batch, x.shape[0]), batch.get("name"))
+        return col
     additive = family_of(model).instance_scores == "contributions"
     untrained = _untrained_copy(model, seed)
     draws = torch.Generator().manual_seed(seed)  # the random tiles excluded beside the top ones
