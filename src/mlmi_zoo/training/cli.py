@@ -87,7 +87,10 @@ FINETUNE_KEYS: dict[str, _Key] = {
     "seed": _Key("seed", int, "seed of the split, the data order and the new heads (default 0)"),
     "concepts": _Key("concepts", _names, "a concept bottleneck on your own concepts: CSV columns, comma separated, "
                      "each NAME or NAME:KIND (binary, ordinal, categorical, continuous; 0/1 columns are binary, "
-                     "NAME_mm continuous; level codes 0..K-1); they replace the base model's concepts"),
+                     "NAME_mm continuous; level codes 0..K-1); they replace the base model's concepts. The head "
+                     "learns from the predicted concepts with random corrections (training.mode=sequential, "
+                     "training.intervention_rate=0.25, model.config.calibrated_concepts=true; "
+                     "training.mode=independent: on true concepts only)"),
     "intensity": _Key("intensity", _intensity, "check: refuse images the base model's intensity transform "
                       "cannot read (default); refit: re-fit its window to your training images (recorded); "
                       "keep: no check"),
