@@ -25,14 +25,15 @@ SLICE_THRESHOLD = 0.1  # a slice is an instance when some voxel exceeds this sha
 BATCH = 256  # slices per encoder pass
 
 
-def write_slice_bags(folder: Path, train: Sequence[Any], test: Sequence[Any], meta: dict[str, Any]) -> Path:
-    """Write ``folder/train/`` and ``folder/test/`` (one bag file per volume and a ``labels.csv`` each) and
-    ``folder/meta.json``.
+def write_slice_bags(folder: Path, train: Sequence[Any], test: Sequence[Any], meta: dict[str, Any],
+                     val: Sequence[Any] = ()) -> Path:
+    """Write ``folder/train/``, ``folder/test/`` and ``folder/val/`` (one bag file per volume and a
+    ``labels.csv`` each; a split without cases is not written) and ``folder/meta.json``.
 
     Args:
         folder: the data set's folder (replaced when complete: written under a temporary name first).
-        train, test: cases whose ``image`` is a ``(D, H, W)`` volume in ``[0, 1]``, with ``label`` and
-            ``patient`` (the bag's id).
+        train, test, val: cases whose ``image`` is a ``(D, H, W)`` volume in ``[0, 1]``, with ``label`` and
+            ``patient`` (the bag's id, unique).
         meta: a JSON-safe description (counts and the encoder are added).
 
     Returns:
@@ -47,7 +48,9 @@ def write_slice_bags(folder: Path, train: Sequence[Any], test: Sequence[Any], me
     if partial.exists():
         shutil.rmtree(partial)
     sizes: dict[str, list[int]] = {}
-    for split, cases in (("train", train), ("test", test)):
+    for split, cases in (("train", train), ("test", test), ("val", val)):
+        if not cases:
+            continue
         out = partial / split
         out.mkdir(parents=True)
         rows = ["slide_id,label"]

@@ -370,3 +370,33 @@ def export_lidc(n_train: int) -> tuple[list[Case], list[Case], list[Case]]:
         return out
 
     return cases("train", n_train), [], cases("val", None)
+
+
+def export_lidc_volumes(n_train: int, size: int = 64) -> tuple[list[Case], list[Case], list[Case]]:
+    """LIDC-IDRI nodules as volumes (the zoo's ``lidc_nodules`` rendering, ``size``³ at its spacing, HU into
+    [0, 1] by :data:`LIDC_WINDOW_HU`), benign vs malignant: the choosing set of a MIL model's fine-tuning
+    defaults, as bags of axial slices (:mod:`_transfer_bags`).
+
+    Training cases are ``n_train`` nodules drawn (seeded) from the patient-split ``train`` nodules, the
+    validation cases all ``val`` nodules; the ``test`` nodules are not exported. A case's id (its bag's
+    file name) is ``<patient>-<index>``: a patient may have several nodules.
+
+    Returns:
+        ``(train, [], val)``.
+    """
+    from mlmi_zoo.training.data_spec import DataSpec, build_dataset
+
+    rng = np.random.default_rng(SEED)
+    low, high = LIDC_WINDOW_HU
+
+    def cases(split: str, n: int | None) -> list[Case]:
+        ds = build_dataset(DataSpec("lidc_nodules", {"size": size, "spatial_dims": 3}), split)
+        chosen = range(len(ds)) if n is None else _subsample(len(ds), n, rng)
+        out = []
+        for i in chosen:
+            sample = ds[int(i)]
+            volume = ((sample["image"][0].numpy() - low) / (high - low)).clip(0, 1)  # (D, H, W)
+            out.append(Case(volume, ds.label_names[int(sample["label"])], f"{sample['patient_id']}-{int(i)}"))
+        return out
+
+    return cases("train", n_train), [], cases("val", None)

@@ -98,7 +98,7 @@ import torch
 
 from _common import BENCH_DIR, machine, read_rows
 from _transfer_data import (EXPORT_VERSION, LIDC_CONCEPTS, MIAS_CONCEPTS, SEED, Case, check_adrenal_splits,
-                            export_idrid, export_idrid_photographs, export_lidc, export_medmnist, export_mias,
+                            export_idrid, export_idrid_photographs, export_lidc, export_lidc_volumes, export_medmnist, export_mias,
                             write_user_data)
 
 from mlmi_zoo.architectures.blocks.pretrained import cache_dir
@@ -228,6 +228,10 @@ DATASETS: dict[str, DataSet] = {
         train="train.csv", no_baseline=True,
         options={"cbm": ("--intensity", "refit", "--concepts",
                          ",".join([*LIDC_CONCEPTS, "sphericity:ordinal", "lobulation:ordinal", "spiculation:ordinal"]))}),
+    "lidc_bags": DataSet(
+        "LIDC-IDRI nodules at 64³ as bags of axial slices, benign vs malignant (choosing MIL's defaults)",
+        "nodule_phantom", lambda root, n, t: export_lidc_volumes(n), choosing=True, interpretable="abmil", bags=True,
+        model="abmil_features.idrid_rdr", baseline="bag_baseline", baseline_recipe="bag_baseline_idrid_rdr.yaml"),
     "pneumonia_rgb": DataSet(
         "PneumoniaMNIST as RGB (choosing)", "retinamnist",
         lambda root, n, t: export_medmnist(root, "pneumoniamnist.npz", {0: "normal", 1: "pneumonia"}, n, t,
@@ -282,8 +286,8 @@ def prepare(name: str, root: Path, work: Path, n_train: int, n_test: int | None)
         from _transfer_bags import write_slice_bags
 
         counts = {split: {label: sum(c.label == label for c in cases) for label in sorted({c.label for c in cases})}
-                  for split, cases in (("train", train), ("test", test))}
-        return write_slice_bags(folder, train, test, meta={**extra, "counts": counts})
+                  for split, cases in (("train", train), ("test", test), ("val", val)) if cases}
+        return write_slice_bags(folder, train, test, meta={**extra, "counts": counts}, val=val)
     return write_user_data(folder, train, test, val, volumes=spec.volumes, meta=extra)
 
 
@@ -548,6 +552,15 @@ def _has_setting(family: str, key: str) -> bool:
 
 _UNCALIBRATED = ("model.config.calibrated_concepts=false",)
 _CALIBRATED = ("model.config.calibrated_concepts=true",)
+def _has_config(family: str, key: str) -> bool:
+    """Whether the family's model configuration has ``key``."""
+    import dataclasses
+
+    from mlmi_zoo.families import families
+
+    return key in {f.name for f in dataclasses.fields(families()[family].model_class.config_class)}
+
+
 # name -> extra CLI options; one factor at a time around "centre". "previous" is the old default command.
 GRID: dict[str, Callable[[str], list[str]]] = {
     "previous": lambda family: ["--freeze", "backbone", "--epochs", "3", "--lr", "0.001", "--patience", "0"]
@@ -586,6 +599,14 @@ GRID: dict[str, Callable[[str], list[str]]] = {
                                                  *_CALIBRATED],
     "cbm_calibrated_sequential_randint": lambda family: ["training.mode=sequential", "training.intervention_rate=0.25",
                                                          *_CALIBRATED],
+    # attention MIL on bags (lidc_bags): the defaults above, and one factor at a time (the black box on bags has
+    # neither MIL setting, so its cells of those two repeat the defaults)
+    "mil_defaults": lambda family: [],
+    "mil_top_instance_masking": lambda family: (["model.config.top_instance_masking=0.5"]
+                                                if _has_config(family, "top_instance_masking") else []),
+    "mil_bag_normalise": lambda family: ["model.config.bag_normalise=true"] if _has_config(family, "bag_normalise") else [],
+    "mil_steps300": lambda family: ["--steps", "300"],
+    "mil_lr1e-4": lambda family: ["--lr", "0.0001"],
 }
 CHOOSE_SEEDS = (0, 1, 2)  # seeds of the validation split carved from the training folder, data order and new heads
 
@@ -596,11 +617,16 @@ def choose_one(name: str, family: str, config: str, seed: int, folder: Path, wor
     Returns:
         the choose row (JSON-safe); no test case is read.
     """
-    model = f"{family}_resnet8.{DATASETS[name].parent}"
-    options = [*DATASETS[name].options.get(family, ()), *GRID[config](family), "--seed", str(seed)]
-    run = finetune_cli(model, folder / DATASETS[name].train, work / "choose" / name / config / f"seed{seed}" / family,
-                       options)
-    scores, labels, _ = predictions(Path(run["final"]), folder / "val.csv")
+    spec = DATASETS[name]
+    model = spec.base_model(family, work)
+    options = [*spec.options.get(family, ()), *GRID[config](family), "--seed", str(seed)]
+    run = finetune_cli(model, folder / spec.train, work / "choose" / name / config / f"seed{seed}" / family, options)
+    if spec.bags:
+        from _transfer_bags import bag_predictions
+
+        scores, labels, _ = bag_predictions(Path(run["final"]), folder / "val")
+    else:
+        scores, labels, _ = predictions(Path(run["final"]), folder / "val.csv")
     return {"kind": "choose", "dataset": name, "family": family, "config": config, "seed": seed, "options": options,
             "defaults": {"export_version": EXPORT_VERSION}, "model": model, **run,
             "val_auroc": _auroc(scores, labels), "val_cases": len(labels), **_val_interventions(family, run, folder),
@@ -660,8 +686,8 @@ def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet") -
         shown = [f"{_f(means[c])} ({_f(min(r['val_auroc'] for r in got[c]))}–{_f(max(r['val_auroc'] for r in got[c]))})"
                  if got[c] else "not run" for c in cells]
         mean = float(np.mean([m for m in means.values() if m is not None])) if complete else None
-        paired_sets = {d for d, f in cells if (d, "baseline") in cells}
-        gap = float(np.mean([means[(d, interpretable)] - means[(d, "baseline")]  # type: ignore[operator]
+        paired_sets = {d for d, f in cells if (d, DATASETS[d].baseline) in cells}
+        gap = float(np.mean([means[(d, interpretable)] - means[(d, DATASETS[d].baseline)]  # type: ignore[operator]
                              for d in paired_sets])) if complete and paired_sets else None
         walls = [r["wall_s"] for v in got.values() for r in v]
         corrected = [(r["val_accuracy_no_intervention"], r["val_accuracy_all_concepts_corrected"])
@@ -819,7 +845,9 @@ def main(argv: list[str] | None = None) -> int:
         text = table(rows) + "\n\nThe grid the defaults were chosen with (validation AUROC on the official " \
                              "validation split of the choosing data):\n\n" + choose_table(rows) \
             + "\n\nThe concept bottleneck's training mode, chosen on the LIDC nodules' validation split:\n\n" \
-            + choose_table(rows, "cbm")
+            + choose_table(rows, "cbm") \
+            + "\n\nAttention MIL's settings, on the LIDC nodules as bags of slices (validation split):\n\n" \
+            + choose_table(rows, "abmil")
         if args.readme:
             write_readme(text)
         else:

@@ -101,6 +101,12 @@ The rate is Espinosa Zarlenga et al.'s (NeurIPS 2022), not tuned. This choice is
 transfer benchmark: its MIAS rows showed first that the independent head is far from the black box
 and that a sequential head breaks interventions, and calibration was tried after the MIAS rows with
 random interventions alone still broke them; the rule above was written after those rows were seen.
+Attention MIL's settings were checked on LIDC-IDRI nodules at 64³ as bags of axial slices
+(``abmil_features.idrid_rdr`` fine-tuned on 600 training nodules, scored on the 261 validation nodules
+of the patient split): mean validation AUROC over three seeds 0.868 with these defaults (range
+0.860-0.875), 0.868 with top-instance masking at 0.5, 0.854 with bag normalisation, 0.872 with 300
+steps (0.869-0.878) and 0.866 with ``lr=1e-4``; none is better beyond the seeds' spread, so a MIL
+model fine-tunes with the shared defaults (the black box on the same bags: 0.878).
 Explicit arguments
 (``epochs``, ``steps``, ``patience``, ``lr``, ``freeze``) and dotted overrides
 (``stages.1.epochs=10``) win over these.
