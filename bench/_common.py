@@ -342,3 +342,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number} is not a JSON line ({err})") from err
     return rows
+
+
+def write_between(readme: Path, start_marker: str, end_marker: str, text: str) -> None:
+    """Replace the text between ``start_marker`` and ``end_marker`` in ``readme`` with ``text`` (a table a
+    benchmark generates into its section of a README).
+
+    Raises:
+        ValueError: ``readme`` lacks the markers.
+    """
+    doc = readme.read_text(encoding="utf-8")
+    start, end = doc.find(start_marker), doc.find(end_marker)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {start_marker!r} ... {end_marker!r} block to write the table into")
+    readme.write_text(doc[: start + len(start_marker)] + "\n" + text + "\n" + doc[end:], encoding="utf-8")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import BENCH_DIR
+from _common import BENCH_DIR, write_between
 from _transfer_sets import (CHOOSE_SEEDS, DATASETS, FAMILIES, GRID, PLURAL, _current, _parent_sha256,
                             defaults_signature)
 
@@ -139,13 +139,5 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_readme(text: str, readme: Path = README) -> None:
-    """Replace the text between the transfer-table markers of ``readme`` with ``text``.
-
-    Raises:
-        ValueError: ``readme`` lacks the markers.
-    """
-    doc = readme.read_text(encoding="utf-8")
-    start, end = doc.find(TABLE_START), doc.find(TABLE_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme} has no {TABLE_START!r} ... {TABLE_END!r} block to write the table into")
-    readme.write_text(doc[: start + len(TABLE_START)] + "\n" + text + "\n" + doc[end:], encoding="utf-8")
+    """Replace the text between the transfer-table markers of ``readme`` with ``text`` (:func:`_common.write_between`)."""
+    write_between(readme, TABLE_START, TABLE_END, text)
