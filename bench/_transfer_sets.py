@@ -206,14 +206,14 @@ def prepare(name: str, root: Path, work: Path, n_train: int, n_test: int | None)
 
 def defaults_signature(family: str) -> dict[str, Any]:
     """The fine-tuning defaults a run of ``family`` used (a change makes its runs due again); the
-    family's training settings of :data:`~mlmi_zoo.training.finetune.DEFAULT_TRAINING` and model
-    configuration of :data:`~mlmi_zoo.training.finetune.DEFAULT_CONFIG`, where it has any."""
-    from mlmi_zoo.training import finetune
+    family's training settings of :data:`~mlmi_zoo.training.finetune_defaults.DEFAULT_TRAINING` and model
+    configuration of :data:`~mlmi_zoo.training.finetune_defaults.DEFAULT_CONFIG`, where it has any."""
+    from mlmi_zoo.training import finetune_defaults
 
-    signature: dict[str, Any] = {"freeze": list(finetune.DEFAULT_FREEZE), "steps": finetune.DEFAULT_STEPS,
-                                 "patience": finetune.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
-    training = {k: v for k, v in finetune.DEFAULT_TRAINING.get(family, {}).items() if _has_setting(family, k)}
-    config = finetune.DEFAULT_CONFIG.get(family, {})
+    signature: dict[str, Any] = {"freeze": list(finetune_defaults.DEFAULT_FREEZE), "steps": finetune_defaults.DEFAULT_STEPS,
+                                 "patience": finetune_defaults.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
+    training = {k: v for k, v in finetune_defaults.DEFAULT_TRAINING.get(family, {}).items() if _has_setting(family, k)}
+    config = finetune_defaults.DEFAULT_CONFIG.get(family, {})
     return {**signature, **({"training": training} if training else {}), **({"config": config} if config else {})}
 
 

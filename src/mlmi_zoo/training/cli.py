@@ -95,7 +95,7 @@ FINETUNE_KEYS: dict[str, _Key] = {
                       "cannot read (default); refit: re-fit its window to your training images (recorded); "
                       "keep: no check"),
 }
-# None: the value is derived by plan_finetune (finetune.default_stages, DEFAULT_FREEZE, the base model's rates).
+# None: the value is derived by plan_finetune (finetune_defaults.default_stages, DEFAULT_FREEZE, the base model's rates).
 _DEFAULTS: dict[str, Any] = {"epochs": None, "steps": None, "patience": None, "lr": None, "batch_size": 16,
                              "freeze": None, "labels": None, "val_fraction": 0.2, "seed": 0, "intensity": "check",
                              "concepts": None}
