@@ -145,6 +145,9 @@ DATASETS: dict[str, DataSet] = {
         "LIDC-IDRI nodules at 64³ as bags of axial slices, benign vs malignant (choosing MIL's defaults)",
         "nodule_phantom", lambda root, n, t: export_lidc_volumes(n), choosing=True, interpretable="abmil", bags=True,
         model="abmil_features.idrid_rdr", baseline="bag_baseline", baseline_recipe="bag_baseline_idrid_rdr.yaml"),
+    "lidc64": DataSet(
+        "LIDC-IDRI nodules at 64³, benign vs malignant (choosing the step budget of 64³ volumes)", "adrenalmnist3d",
+        lambda root, n, t: export_lidc_volumes(n), volumes=True, choosing=True),
     "pneumonia_rgb": DataSet(
         "PneumoniaMNIST as RGB (choosing)", "retinamnist",
         lambda root, n, t: export_medmnist(root, "pneumoniamnist.npz", {0: "normal", 1: "pneumonia"}, n, t,
@@ -284,6 +287,7 @@ GRID: dict[str, Callable[[str], list[str]]] = {
     "lr3e-4": lambda family: ["--freeze", "none", "--steps", "1000", "--patience", "5", "--lr", "0.0003"],
     # second round: the factors that helped, together
     "steps300_no_early_stop": lambda family: ["--freeze", "none", "--steps", "300", "--patience", "0"],
+    "steps500_no_early_stop": lambda family: ["--freeze", "none", "--steps", "500", "--patience", "0"],
     "lr3e-4_no_early_stop": lambda family: ["--freeze", "none", "--steps", "1000", "--patience", "0", "--lr", "0.0003"],
     "steps300_lr3e-4": lambda family: ["--freeze", "none", "--steps", "300", "--patience", "5", "--lr", "0.0003"],
     # third round: one factor at a time around the best so far, no_early_stop
@@ -317,4 +321,6 @@ GRID: dict[str, Callable[[str], list[str]]] = {
     "mil_steps300": lambda family: ["--steps", "300"],
     "mil_lr1e-4": lambda family: ["--lr", "0.0001"],
 }
-CHOOSE_SEEDS = (0, 1, 2)  # seeds of the validation split carved from the training folder, data order and new heads
+CHOOSE_SEEDS = (0, 1, 2)
+# choosing sets whose grid is a table of its own (a question of their own, not the 2D defaults' criterion)
+SEPARATE_GRIDS = ("lidc64",)  # seeds of the validation split carved from the training folder, data order and new heads

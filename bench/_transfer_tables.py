@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from _common import BENCH_DIR, write_between
-from _transfer_sets import (CHOOSE_SEEDS, DATASETS, FAMILIES, GRID, PLURAL, _current, _parent_sha256,
+from _transfer_sets import (CHOOSE_SEEDS, DATASETS, FAMILIES, GRID, PLURAL, SEPARATE_GRIDS, _current, _parent_sha256,
                             defaults_signature)
 
 README = BENCH_DIR / "README.md"
@@ -24,14 +24,16 @@ def _f(x: float | None, sign: bool = False) -> str:
     return f"{x:+.3f}" if sign else f"{x:.3f}"
 
 
-def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet") -> str:
+def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet", sets: Sequence[str] | None = None) -> str:
     """Markdown: per grid configuration and (choosing data set, family), the validation AUROC averaged over
     :data:`CHOOSE_SEEDS` (with its range), the mean over the cells (the criterion) and the mean
-    interpretable-minus-baseline gap; for the choosing sets of one ``interpretable`` family, and the
-    configurations run on them."""
+    interpretable-minus-baseline gap; for the choosing sets of one ``interpretable`` family (``sets``: those
+    only; default: every one but those of :data:`~_transfer_sets.SEPARATE_GRIDS`), and the configurations
+    run on them."""
     latest = {(r["dataset"], r["family"], r["config"], r["seed"]): r for r in rows if r["kind"] == "choose"}
-    cells = [(d, f) for d in DATASETS if DATASETS[d].choosing and DATASETS[d].interpretable == interpretable
-             for f in DATASETS[d].families]
+    chosen = [d for d in DATASETS if DATASETS[d].choosing and DATASETS[d].interpretable == interpretable
+              and (d in sets if sets is not None else d not in SEPARATE_GRIDS)]
+    cells = [(d, f) for d in chosen for f in DATASETS[d].families]
     from mlmi_zoo.families import families
 
     with_concepts = families()[interpretable].concepts

@@ -418,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\nThe concept bottleneck's training mode, chosen on the LIDC nodules' validation split:\n\n" \
             + choose_table(rows, "cbm") \
             + "\n\nAttention MIL's settings, on the LIDC nodules as bags of slices (validation split):\n\n" \
-            + choose_table(rows, "abmil")
+            + choose_table(rows, "abmil") \
+            + "\n\nThe step budget of 64³ volumes, on the LIDC nodules at 64³ (validation split):\n\n" \
+            + choose_table(rows, "protopnet", sets=("lidc64",))
         if args.readme:
             write_readme(text)
         else:
