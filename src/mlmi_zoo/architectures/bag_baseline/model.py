@@ -117,8 +117,10 @@ class BagBaseline(InterpretableModel[BagBaselineConfig]):
         return self.classifier(torch.cat([mean, top], -1))
 
     @torch.no_grad()
-    def explain(self, feats: torch.Tensor, mask: torch.Tensor | None = None, **_: Any) -> BaselineExplanation:
-        """Logits only: a black box has no faithful decomposition (extra keywords such as ``coords`` are ignored)."""
+    def explain(self, feats: torch.Tensor, mask: torch.Tensor | None = None, coords: torch.Tensor | None = None,
+                microns_per_pixel: Any = None) -> BaselineExplanation:
+        """Logits only: a black box has no faithful decomposition. ``coords`` and ``microns_per_pixel``, which a
+        MIL model's explanation reads, are accepted so that callers of bag models need no branch, and unused."""
         return BaselineExplanation(logits=self(feats, mask), label_names=self.label_names)
 
 
