@@ -22,6 +22,7 @@ from mlmi_zoo.architectures.baseline.model import BaselineExplanation
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 from mlmi_zoo.architectures.mil.config import FEATURES
 from mlmi_zoo.architectures.mil.heads import check_bag_mask
+from mlmi_zoo.architectures.mil.training import feature_bag_inputs
 from mlmi_zoo.base import InterpretableModel, ModelConfig
 from mlmi_zoo.registry import build_config, register_model
 from mlmi_zoo.specs import InputSpec
@@ -130,13 +131,8 @@ class BagBaselineTraining(FamilyTraining):
     family = "bag_baseline"
 
     def inputs(self, model: InterpretableModel, batch: Any) -> Any:
-        """(feats, mask) of a collated bag batch."""
-        if "feats" not in batch:
-            raise ValueError(f"{model.architecture} takes cached features: expected batch['feats'] (B, N, D), "
-                             f"got keys {sorted(batch)}")
-        x = batch["feats"].float()
-        mask = batch.get("mask")
-        return x, (torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool())
+        """(feats, mask) of a collated bag batch, read as the MIL models read cached features."""
+        return feature_bag_inputs(model, batch)
 
     def loss(self, model: InterpretableModel, batch: dict[str, Any], stage: str) -> LossOutput:
         x, mask = self.inputs(model, batch)

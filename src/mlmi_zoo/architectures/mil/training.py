@@ -57,7 +57,7 @@ from mlmi_zoo.architectures.mil.model import BagOutputs, _MILModel
 from mlmi_zoo.architectures.blocks.stages import FamilyTraining, LossOutput
 from mlmi_zoo.units import convert
 
-__all__ = ["MILInputs", "MILTraining", "AdditiveMILTraining", "subsample_instances", "gather_instances",
+__all__ = ["MILInputs", "MILTraining", "feature_bag_inputs", "AdditiveMILTraining", "subsample_instances", "gather_instances",
            "bag_label_instance_loss"]
 
 
@@ -96,6 +96,26 @@ class MILInputs(NamedTuple):
 
     feats: torch.Tensor  # (B, N, D) features or (B, N, C, t, t) tiles
     mask: torch.Tensor  # (B, N) bool
+
+
+def _with_mask(x: torch.Tensor, batch: Mapping[str, Any]) -> MILInputs:
+    """``x`` with the batch's (B, N) bool mask; every instance valid when the batch has none."""
+    mask = batch.get("mask")
+    if mask is None:
+        mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    return MILInputs(x, mask.bool())
+
+
+def feature_bag_inputs(model: Any, batch: Mapping[str, Any]) -> MILInputs:
+    """(feats, mask) of a collated batch of cached-feature bags, for any model that reads them.
+
+    Raises:
+        ValueError: when the batch holds no ``feats``.
+    """
+    if "feats" not in batch:
+        raise ValueError(f"{model.architecture} takes cached features: expected batch['feats'] (B, N, D), "
+                         f"got keys {sorted(batch)}")
+    return _with_mask(batch["feats"].float(), batch)
 
 
 def subsample_instances(mask: torch.Tensor, max_instances: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -143,19 +163,11 @@ class MILTraining(FamilyTraining):
             ValueError: when the batch holds neither ``feats`` nor ``tiles``.
         """
         if model.config.instance_encoder is None:
-            if "feats" not in batch:
-                raise ValueError(f"{model.architecture} takes cached features: expected batch['feats'] (B, N, D), "
-                                 f"got keys {sorted(batch)}")
-            x = batch["feats"].float()
-        else:
-            if "tiles" not in batch:
-                raise ValueError(f"{model.architecture} encodes raw tiles: expected batch['tiles'] (B, N, C, t, t), "
-                                 f"got keys {sorted(batch)}")
-            x = model.input_spec.intensity(batch["tiles"].float())
-        mask = batch.get("mask")
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        return MILInputs(x, mask.bool())
+            return feature_bag_inputs(model, batch)
+        if "tiles" not in batch:
+            raise ValueError(f"{model.architecture} encodes raw tiles: expected batch['tiles'] (B, N, C, t, t), "
+                             f"got keys {sorted(batch)}")
+        return _with_mask(model.input_spec.intensity(batch["tiles"].float()), batch)
 
     def trainable_parameters(self, model: _MILModel, stage: str) -> list[nn.Parameter]:
         """Every parameter in ``"joint"``; the area head's alone in ``"area_head"``."""
