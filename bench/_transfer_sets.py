@@ -53,6 +53,8 @@ class DataSet:
         baseline_recipe: a recipe of the zoo from which the benchmark trains the baseline's parent once
             (``<work>/parents/<recipe>``), where the zoo bundles none; else ``<baseline>_resnet8.<parent>``.
         data_from: the data set whose exported folder this one reads (its ``export`` is then unused).
+        size: the spatial size of the exported images, which sets the default step budget
+            (:func:`~mlmi_zoo.training.finetune_defaults.default_steps`); None for bags of features.
     """
 
     label: str
@@ -71,6 +73,7 @@ class DataSet:
     baseline: str = "baseline"
     baseline_recipe: str | None = None
     data_from: str | None = None
+    size: tuple[int, ...] | None = None
 
     @property
     def families(self) -> tuple[str, ...]:
@@ -105,26 +108,26 @@ DATASETS: dict[str, DataSet] = {
     "vessel3d": DataSet(
         "VesselMNIST3D 28³ (aneurysm vs vessel)", "adrenalmnist3d",
         lambda root, n, t: export_medmnist(root, "vesselmnist3d.npz", {0: "vessel", 1: "aneurysm"}, n, t),
-        volumes=True),
+        volumes=True, size=(28, 28, 28)),
     "adrenal64": DataSet(
         "AdrenalMNIST3D 64³ (hyperplasia vs normal; parents trained at 28³)", "adrenalmnist3d",
         lambda root, n, t: export_medmnist(root, "adrenalmnist3d_64.npz", {0: "normal", 1: "hyperplasia"}, n, t),
-        volumes=True),
+        volumes=True, size=(64, 64, 64)),
     "mias_patch": DataSet(
         "MIAS 64-px crops at 0.4 mm (lesion vs normal tissue)", "pneumoniamnist",
-        lambda root, n, t: _no_val(export_mias(root, n, t or 200)), patients="woman"),
+        lambda root, n, t: _no_val(export_mias(root, n, t or 200)), patients="woman", size=(64, 64)),
     "mias_concepts": DataSet(
         "MIAS 64-px crops at 0.4 mm with the radiologists' classes and tissue as concepts", "lidc_nodule",
         lambda root, n, t: _no_val(export_mias(root, n, t or 200)), patients="woman", interpretable="cbm",
         train="train.csv",
         options={"cbm": ("--intensity", "refit", "--concepts", ",".join([*MIAS_CONCEPTS, "tissue:ordinal"])),
-                 "baseline": ("--intensity", "refit", "model.config.quantities=[]")}),
+                 "baseline": ("--intensity", "refit", "model.config.quantities=[]")}, size=(64, 64)),
     "idrid_ex": DataSet(
         "IDRiD 64-px tiles (hard exudate vs none)", "retinamnist",
-        lambda root, n, t: _no_val(export_idrid(root, n, t or 300)), patients="photograph"),
+        lambda root, n, t: _no_val(export_idrid(root, n, t or 300)), patients="photograph", size=(64, 64)),
     "idrid_rdr256": DataSet(
         "IDRiD photographs at 256 px (referable diabetic retinopathy)", "retinamnist",
-        lambda root, n, t: _no_val(export_idrid_photographs(root, n, t)), patients="photograph"),
+        lambda root, n, t: _no_val(export_idrid_photographs(root, n, t)), patients="photograph", size=(256, 256)),
     "adrenal64_bags": DataSet(
         "AdrenalMNIST3D 64³ as bags of axial slices (ImageNet EfficientNet-Lite0 features; baseline: the 3D "
         "black box on the volumes)", "adrenalmnist3d",
@@ -138,7 +141,7 @@ DATASETS: dict[str, DataSet] = {
     "lidc_concepts": DataSet(
         "LIDC-IDRI nodules with the readers' shape ratings as concepts (choosing the bottleneck's mode)",
         "nodule_phantom", lambda root, n, t: export_lidc(n), patients="case", choosing=True, interpretable="cbm",
-        train="train.csv", no_baseline=True,
+        train="train.csv", no_baseline=True, size=(64, 64),
         options={"cbm": ("--intensity", "refit", "--concepts",
                          ",".join([*LIDC_CONCEPTS, "sphericity:ordinal", "lobulation:ordinal", "spiculation:ordinal"]))}),
     "lidc_bags": DataSet(
@@ -147,15 +150,15 @@ DATASETS: dict[str, DataSet] = {
         model="abmil_features.idrid_rdr", baseline="bag_baseline", baseline_recipe="bag_baseline_idrid_rdr.yaml"),
     "lidc64": DataSet(
         "LIDC-IDRI nodules at 64³, benign vs malignant (choosing the step budget of 64³ volumes)", "adrenalmnist3d",
-        lambda root, n, t: export_lidc_volumes(n), volumes=True, choosing=True),
+        lambda root, n, t: export_lidc_volumes(n), volumes=True, choosing=True, size=(64, 64, 64)),
     "pneumonia_rgb": DataSet(
         "PneumoniaMNIST as RGB (choosing)", "retinamnist",
         lambda root, n, t: export_medmnist(root, "pneumoniamnist.npz", {0: "normal", 1: "pneumonia"}, n, t,
-                                           channels=3, with_val=True), choosing=True),
+                                           channels=3, with_val=True), choosing=True, size=(28, 28)),
     "retina_grey": DataSet(
         "RetinaMNIST grade 0 vs >= 1, greyscale (choosing)", "pneumoniamnist",
         lambda root, n, t: export_medmnist(root, "retinamnist.npz", {0: "grade0", 1: "dr", 2: "dr", 3: "dr", 4: "dr"},
-                                           n, t, channels=1, with_val=True), choosing=True),
+                                           n, t, channels=1, with_val=True), choosing=True, size=(28, 28)),
 }
 
 
@@ -207,13 +210,15 @@ def prepare(name: str, root: Path, work: Path, n_train: int, n_test: int | None)
     return write_user_data(folder, train, test, val, volumes=spec.volumes, meta=extra)
 
 
-def defaults_signature(family: str) -> dict[str, Any]:
-    """The fine-tuning defaults a run of ``family`` used (a change makes its runs due again); the
-    family's training settings of :data:`~mlmi_zoo.training.finetune_defaults.DEFAULT_TRAINING` and model
-    configuration of :data:`~mlmi_zoo.training.finetune_defaults.DEFAULT_CONFIG`, where it has any."""
+def defaults_signature(family: str, dataset: str | None = None) -> dict[str, Any]:
+    """The fine-tuning defaults a run of ``family`` on ``dataset`` used (a change makes its runs due again):
+    the step budget for the data set's image size (None: images up to 2**17 voxels), the family's training
+    settings of :data:`~mlmi_zoo.training.finetune_defaults.DEFAULT_TRAINING` and model configuration of
+    :data:`~mlmi_zoo.training.finetune_defaults.DEFAULT_CONFIG`, where it has any."""
     from mlmi_zoo.training import finetune_defaults
 
-    signature: dict[str, Any] = {"freeze": list(finetune_defaults.DEFAULT_FREEZE), "steps": finetune_defaults.DEFAULT_STEPS,
+    steps = finetune_defaults.default_steps(DATASETS[dataset].size if dataset else None)
+    signature: dict[str, Any] = {"freeze": list(finetune_defaults.DEFAULT_FREEZE), "steps": steps,
                                  "patience": finetune_defaults.DEFAULT_PATIENCE, "export_version": EXPORT_VERSION}
     training = {k: v for k, v in finetune_defaults.DEFAULT_TRAINING.get(family, {}).items() if _has_setting(family, k)}
     config = finetune_defaults.DEFAULT_CONFIG.get(family, {})
@@ -223,7 +228,7 @@ def defaults_signature(family: str) -> dict[str, Any]:
 def _current(row: dict[str, Any]) -> bool:
     """Whether a run or paired row was made with today's defaults (a paired row: its interpretable family's)."""
     family = row.get("family") or DATASETS[row["dataset"]].interpretable
-    return row["defaults"] == defaults_signature(family)
+    return row["defaults"] == defaults_signature(family, row["dataset"])
 
 
 def _key(row: dict[str, Any]) -> str:

@@ -129,10 +129,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     m = any_run["machine"]
     threads = sorted({r["threads"] for r in runs.values()})
     shared = {k: v for k, v in defaults_signature("baseline").items() if k != "export_version"}
+    shared["steps"] = (f"{shared['steps']} up to 2**17 pixels or voxels per image, else 1000 * 2**17 / voxels and at least "
+                       "300 (default_steps: 500 for 64³)")
     own = {family: {k: v for k, v in defaults_signature(family).items() if k not in shared and k != "export_version"}
            for family in FAMILIES}
     own_text = "; ".join(f"{family}: {json.dumps(extra)}" for family, extra in own.items() if extra)
-    head = (f"Defaults {json.dumps(shared)}, and per family {own_text}; measured on "
+    head = (f"Defaults {json.dumps(shared, ensure_ascii=False)}, and per family {own_text}; measured on "
             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, CPU, "
             f"{' or '.join(map(str, threads))} torch thread(s) per run (`wall s` marks a run on 2 threads ²); the "
             "load average shows what else ran. `*`: the stage stopped early. †: the interpretable model was "

@@ -260,6 +260,10 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     run = finetune_cli(model, folder / spec.train, work / "runs" / name / (f"{family}_seed{seed}" if seed else family),
                        options)
     final = Path(run["final"])
+    steps = json.loads((final / "config.json").read_text())["finetune"]["schedule"]["steps"]
+    if not extra and steps != defaults_signature(family, name)["steps"]:  # the row's signature holds the steps
+        raise RuntimeError(f"{final}: fine-tuned with {steps} steps, not the {defaults_signature(family, name)['steps']} "
+                           f"the default rule gives {name}'s images of {spec.size}; correct DATASETS[{name!r}].size")
     scores, labels, patients = case_predictions(spec, final, folder)
     # The controls and the other elements are not what is compared here: small case counts keep it fast
     # (the task always uses every test case; the sanity counts read every prototype).
@@ -273,7 +277,7 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
                            f"predictions' {_auroc(scores, labels)}")
     return {"kind": "run", "dataset": name, "family": family, "seed": seed or None, "model": model,
             "parent_sha256": _parent_sha256(model),
-            "defaults": defaults_signature(family), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
+            "defaults": defaults_signature(family, name), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
             "test_patients": len(set(patients.tolist())), "patients": DATASETS[name].patients,
             "sanity": sanity_counts(doc), "results": str(final.parent / "results.json"),
             "threads": torch.get_num_threads(), "machine": machine(),
@@ -316,7 +320,7 @@ def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int, see
         preds[family] = scores
     ci = bootstrap_ci(lambda a, b, y: _auroc(a, y) - _auroc(b, y), preds[interpretable], preds[spec.baseline], labels,
                       n=n_boot, seed=SEED, groups=patients)
-    return {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature(interpretable),
+    return {"kind": "paired", "dataset": name, "seed": seed or None, "defaults": defaults_signature(interpretable, name),
             "statistic": f"test AUROC {interpretable} - {spec.baseline}", "estimate": ci.estimate, "ci": [ci.low, ci.high],
             "n_boot_used": ci.n, "test_cases": len(labels), "test_patients": len(set(patients.tolist())),
             "target_met": bool(ci.estimate >= -TARGET),
@@ -444,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             for family in [f for f in DATASETS[name].families if f in args.families]:
                 probe = {"kind": "choose" if args.choose else "run", "dataset": name, "family": family,
                          "config": config, "seed": seed,
-                         "defaults": {"export_version": EXPORT_VERSION} if args.choose else defaults_signature(family)}
+                         "defaults": {"export_version": EXPORT_VERSION} if args.choose else defaults_signature(family, name)}
                 if not args.again and _key(probe) in {_key(r) for r in read_rows(out)}:  # another process may have run it
                     log.info("%s / %s / %s: already in %s, skipped", name, family, config, out)
                     continue
@@ -459,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"test AUROC {row['test_auroc']['estimate']:.3f}", row["wall_s"])
         for seed in [] if args.choose else args.seeds:
             probe = {"kind": "paired", "dataset": name, "seed": seed or None,
-                     "defaults": defaults_signature(DATASETS[name].interpretable)}
+                     "defaults": defaults_signature(DATASETS[name].interpretable, name)}
             if set(DATASETS[name].families) <= set(args.families) and \
                     (args.again or _key(probe) not in {_key(r) for r in read_rows(out)}):
                 row = paired(name, read_rows(out), folder, args.n_boot, seed=seed)

@@ -72,6 +72,26 @@ def test_gradient_stages_share_the_step_budget_in_the_parents_proportions():
     assert base == (StageSection("joint", 1, None, ft.DEFAULT_PATIENCE or None),) and record["steps"] == ft.DEFAULT_STEPS
 
 
+def test_large_images_get_fewer_steps_down_to_a_floor():
+    assert ft.default_steps(None) == ft.default_steps(()) == ft.DEFAULT_STEPS  # bags of cached features
+    for small in ((28, 28), (256, 256), (28, 28, 28), (50, 50, 50)):  # up to 2**17 pixels or voxels
+        assert ft.default_steps(small) == ft.DEFAULT_STEPS, small
+    assert ft.default_steps((64, 64, 64)) == 500  # 2**18 voxels: half the steps
+    assert ft.default_steps((512, 512)) == 500
+    assert ft.default_steps((72, 72, 72)) == round(ft.DEFAULT_STEPS * ft.STEP_VOXELS / 72**3) == 351
+    assert ft.default_steps((80, 80, 80)) == ft.default_steps((2048, 2048)) == ft.MIN_STEPS  # the floor (256, 31)
+    with pytest.raises(ValueError, match="image_shape"):
+        ft.default_steps((64, 0))
+
+    stages, record = default_stages([StageSection("joint", 12)], (), train_cases=480, batch_size=16,
+                                    image_shape=(64, 64, 64))
+    assert record["steps"] == 500 and record["image_shape"] == [64, 64, 64]
+    assert stages[0].epochs == round(500 / 30) and "1000 scaled to images of 64x64x64" in record["rule"]
+    given, record = default_stages([StageSection("joint", 12)], (), train_cases=480, batch_size=16, steps=900,
+                                   image_shape=(64, 64, 64))  # the user's steps win over the size rule
+    assert record["steps"] == 900 and given[0].epochs == 30 and "scaled" not in record["rule"]
+
+
 def test_explicit_epochs_lr_and_patience_win():
     stages, record = default_stages(PROTOPNET_STAGES, SPECIAL, train_cases=480, batch_size=16, epochs=4, lr=3e-4,
                                     patience=0)
@@ -104,6 +124,23 @@ def test_the_default_plan_is_the_documented_rule(tmp_path):
     assert [(s.epochs, s.lr) for s in recipe.stages if s.name == "last_layer"] == [(30, 0.01)]
     assert schedule["stages"] == [{"name": s.name, "epochs": s.epochs, "lr": s.lr, "patience": s.patience}
                                   for s in recipe.stages]
+
+
+def test_the_plan_of_64_cubed_volumes_has_the_size_rules_steps(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    for name in ("normal", "hyperplasia"):
+        (tmp_path / "vols" / name).mkdir(parents=True)
+        for i in range(5):
+            volume = rng.random((64, 64, 64), dtype=np.float32)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "vols" / name / f"{name}{i}.nii.gz")
+    plan = plan_finetune("baseline_resnet8.adrenalmnist3d", tmp_path / "vols", out_dir=tmp_path / "run")
+    schedule = plan.record["schedule"]
+    assert schedule["image_shape"] == [64, 64, 64] and schedule["steps"] == ft.default_steps((64, 64, 64)) == 500
+    assert "steps" in schedule["defaults"] and "scaled to images of 64x64x64" in schedule["rule"]
+    assert plan.recipe.stages[0].epochs == round(500 / schedule["steps_per_epoch"])
+    small = plan_finetune(XRAY, write_xrays(tmp_path / "xrays"), out_dir=tmp_path / "run28").record["schedule"]
+    assert small["image_shape"] == [28, 28] and small["steps"] == ft.DEFAULT_STEPS
 
 
 def test_prototypes_are_learnt_where_push_projects_unless_overridden(tmp_path):

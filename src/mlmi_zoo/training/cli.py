@@ -72,7 +72,8 @@ FINETUNE_KEYS: dict[str, _Key] = {
     "epochs": _Key("epochs", int, "epochs of each gradient stage of the base model's stages (default: from a "
                    "budget of 1000 optimiser steps shared by the stages, see steps=)"),
     "steps": _Key("steps", int, "optimiser steps shared by the gradient stages in the base model's proportions, "
-                  "epochs = steps / (training images / batch size) (default 1000; epochs= overrides it)"),
+                  "epochs = steps / (training images / batch size) (default 1000; fewer for images of more than "
+                  "2**17 pixels or voxels, 1000 * 2**17 / voxels and at least 300: 500 for 64³; epochs= overrides it)"),
     "patience": _Key("patience", int, "early stopping: a gradient stage stops after this many epochs without a "
                      "better val AUROC and continues from its best epoch (default 0: every epoch runs)"),
     "lr": _Key("lr", float, "peak learning rate of every gradient stage, cosine decay (default: the base model's, "

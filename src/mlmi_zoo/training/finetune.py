@@ -73,13 +73,14 @@ from mlmi_zoo.training.finetune_data import (_LISTING, _REFIT_PERCENTILES, INTEN
                                              _physical_problems, _report, _sample_indices, bag_spec_from_path,
                                              check_images, data_spec_from_path, evaluation_data_spec)
 from mlmi_zoo.training.finetune_defaults import (DEFAULT_CONFIG, DEFAULT_FREEZE, DEFAULT_PATIENCE, DEFAULT_STEPS,
-                                                 DEFAULT_TRAINING, _check_budget, _stages_for_settings,
-                                                 _training_defaults, default_stages)
+                                                 DEFAULT_TRAINING, MIN_STEPS, STEP_VOXELS, _check_budget,
+                                                 _stages_for_settings, _training_defaults, default_stages,
+                                                 default_steps)
 from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSection, apply_recipe_overrides
 
 __all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path", "evaluation_data_spec",
-           "check_images", "default_stages", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE",
-           "DEFAULT_STEPS", "DEFAULT_PATIENCE", "DEFAULT_TRAINING", "DEFAULT_CONFIG", "IN_MEMORY_BYTES", "push_check", "PUSH_DROP_WARNING"]
+           "check_images", "default_stages", "default_steps", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE",
+           "DEFAULT_STEPS", "STEP_VOXELS", "MIN_STEPS", "DEFAULT_PATIENCE", "DEFAULT_TRAINING", "DEFAULT_CONFIG", "IN_MEMORY_BYTES", "push_check", "PUSH_DROP_WARNING"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,15 @@ def _parent_training(doc: Mapping[str, Any], model: InterpretableModel
     optim = recipe.get("optim")
     lr = optim.get("lr") if isinstance(optim, Mapping) else None
     return training, stages, None if lr is None else float(lr)
+
+
+def _image_shape(dataset: Any) -> tuple[int, ...] | None:
+    """The spatial shape of the first case's image (the step budget depends on it); None for cases
+    without one (bags of cached features) or no case."""
+    if len(dataset) == 0:
+        return None
+    image = dataset[0].get("image")
+    return tuple(int(n) for n in image.shape[1:]) if isinstance(image, torch.Tensor) and image.ndim >= 3 else None
 
 
 def _fits_in_memory(spec: DataSpec, train_set: Any, asked: set[str]) -> int | None:
@@ -315,7 +325,8 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
     parent_stages, switched = _stages_for_settings(parent_stages, training_for(parent, recipe.training), parent_lr)
     train_set = build_dataset(recipe.data, "train")
     stages, schedule = default_stages(parent_stages, adapter.special_stages, len(train_set), recipe.optim.batch_size,
-                                      epochs=epochs, lr=lr, patience=patience, steps=steps)
+                                      epochs=epochs, lr=lr, patience=patience, steps=steps,
+                                      image_shape=_image_shape(train_set))
     in_memory = _fits_in_memory(recipe.data, train_set, asked=asked)
     if in_memory is not None:  # decode each file once, not once per epoch
         spec = dataclasses.replace(spec, cache=True)
@@ -453,7 +464,8 @@ def finetune(
             validation AUROC and continues from its best epoch (default :data:`DEFAULT_PATIENCE`:
             ``0``, every epoch runs).
         steps: optimiser steps shared by the gradient stages when ``epochs`` is not given (default
-            :data:`DEFAULT_STEPS`).
+            :data:`DEFAULT_STEPS`, fewer for images of more than 2**17 pixels or voxels:
+            :func:`~mlmi_zoo.training.finetune_defaults.default_steps`).
         concepts: a concept bottleneck on the user's own concepts: CSV columns, each ``NAME`` or
             ``NAME:KIND`` (:mod:`mlmi_zoo.training.user_concepts`); they replace the base model's
             concepts, whose concept and label heads then start afresh (default: the base model's

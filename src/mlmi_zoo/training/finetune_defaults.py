@@ -11,6 +11,11 @@ records the result and which values were defaults):
   so a stage runs ``max(1, round(share * 1000 / ceil(train_cases / batch_size)))`` epochs with a
   cosine decay of its rate: 600 images (480 after the validation split), batch 16, give 33 epochs
   of one baseline stage; 6000 images give 3;
+* **fewer steps for large images** (:func:`default_steps`): an image of more than
+  :data:`STEP_VOXELS` = 2**17 pixels or voxels (a step costs about its size) gets
+  ``1000 * 2**17 / voxels`` steps, never fewer than :data:`MIN_STEPS` = 300: a 64³ volume 500, a
+  96³ volume 300; 28³, 64 px and 256 px images (65 536 pixels) keep 1000. Cached-feature bags keep
+  1000 (their instances are vectors);
 * **decoded once**: a CSV's images whose decoded tensors fit in :data:`~mlmi_zoo.training.finetune.IN_MEMORY_BYTES` (2 GiB) are
   held in memory (``data.cache``; ``finetune.schedule.in_memory_mib`` records it);
 * **prototypes learnt where push will put them** (:data:`DEFAULT_TRAINING`): a prototype model's
@@ -71,8 +76,11 @@ steps (0.869-0.878) and 0.866 with ``lr=1e-4``; none is better beyond the seeds'
 model fine-tunes with the shared defaults (the black box on the same bags: 0.878).
 On LIDC-IDRI nodules at 64³ (the ``*.adrenalmnist3d`` parents, 600 training nodules, the 261 validation
 nodules) fewer steps cost nothing: mean validation AUROC ProtoPNet / baseline 0.884 / 0.881 with 1000
-steps, 0.896 / 0.884 with 500, 0.899 / 0.882 with 300; the budget is not yet made to depend on the
-input size (``bench/README.md``).
+steps, 0.896 / 0.884 with 500, 0.899 / 0.882 with 300 (``bench/README.md``). So the budget shrinks with
+the image's size (:func:`default_steps`): the constants are set so that the 64³ volumes, which ran
+over the time budget with 1000 steps, get 500 and the largest image of the 2D choosing and transfer
+sets (256 px) keeps the 1000 it was measured with; the floor, 300, is the fewest steps that lost
+nothing on those volumes. Sizes between and beyond were not measured.
 Explicit arguments (``epochs``, ``steps``, ``patience``, ``lr``, ``freeze``) and dotted overrides
 (``stages.1.epochs=10``) win over these.
 How the defaults transfer to data they were not chosen on is measured by ``bench/bench_transfer.py``.
@@ -87,12 +95,17 @@ from typing import Any, Sequence
 from mlmi_zoo._config import parse_override_value
 from mlmi_zoo.training.recipe import StageSection
 
-__all__ = ["DEFAULT_FREEZE", "DEFAULT_STEPS", "DEFAULT_PATIENCE", "DEFAULT_TRAINING", "DEFAULT_CONFIG", "default_stages"]
+__all__ = ["DEFAULT_FREEZE", "DEFAULT_STEPS", "STEP_VOXELS", "MIN_STEPS", "DEFAULT_PATIENCE", "DEFAULT_TRAINING",
+           "DEFAULT_CONFIG", "default_steps", "default_stages"]
 
 # The defaults of fine-tuning (module docstring): chosen on PneumoniaMNIST and RetinaMNIST
 # (bench/bench_transfer.py --choose), never on the data sets the transfer benchmark reports.
 DEFAULT_FREEZE: tuple[str, ...] = ()  # parameter prefixes kept frozen: none, every layer trains
 DEFAULT_STEPS = 1000  # optimiser steps shared by the gradient stages
+# Larger images get fewer steps, in proportion to their pixels or voxels (default_steps): chosen on LIDC
+# nodules at 64³ (500 and 300 steps lost nothing against 1000), so that 64³ volumes fit the time budget.
+STEP_VOXELS = 2**17  # pixels or voxels per image up to which the gradient stages get DEFAULT_STEPS
+MIN_STEPS = 300  # the fewest steps the size rule gives
 DEFAULT_PATIENCE = 0  # epochs without a better val AUROC before a gradient stage stops; 0: no early stopping
 # Training settings fine-tuning sets over the base model's, per family; overrides win. Chosen like the
 # rest on choosing data (bench/README.md): ProtoPNet's prototypes learnt on the cells push may use; a
@@ -118,13 +131,32 @@ def _check_budget(epochs: int | None, steps: int | None, patience: int | None) -
         raise ValueError(f"patience must be >= 0 epochs (0: no early stopping), got {patience}")
 
 
+def default_steps(image_shape: Sequence[int] | None) -> int:
+    """The default step budget for images of spatial shape ``image_shape`` (module docstring).
+
+    ``DEFAULT_STEPS`` up to ``STEP_VOXELS`` pixels or voxels per image, then ``DEFAULT_STEPS * STEP_VOXELS /
+    voxels`` rounded, never fewer than ``MIN_STEPS``; ``None`` or ``()`` (cases without an image, such as
+    bags of cached features): ``DEFAULT_STEPS``.
+
+    Raises:
+        ValueError: a dimension below 1.
+    """
+    if not image_shape:
+        return DEFAULT_STEPS
+    if any(int(n) < 1 for n in image_shape):
+        raise ValueError(f"image_shape must hold sizes >= 1, got {tuple(image_shape)}")
+    voxels = math.prod(int(n) for n in image_shape)
+    return max(MIN_STEPS, min(DEFAULT_STEPS, round(DEFAULT_STEPS * STEP_VOXELS / voxels)))
+
+
 def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str], train_cases: int, batch_size: int,
                    epochs: int | None = None, lr: float | None = None, patience: int | None = None,
-                   steps: int | None = None) -> tuple[tuple[StageSection, ...], dict[str, Any]]:
+                   steps: int | None = None, image_shape: Sequence[int] | None = None
+                   ) -> tuple[tuple[StageSection, ...], dict[str, Any]]:
     """The fine-tuning stages derived from the base model's stages and the size of the user's data.
 
     The rule (module docstring): the base model's stages in its order; the gradient
-    stages share ``steps`` optimiser steps (default :data:`DEFAULT_STEPS`) in proportion to the
+    stages share ``steps`` optimiser steps (default :func:`default_steps` of ``image_shape``) in proportion to the
     base model's epochs of each, so a stage runs ``max(1, round(share * steps / steps_per_epoch))``
     epochs, ``steps_per_epoch = ceil(train_cases / batch_size)``; each keeps the base model's
     learning rate and, with a ``patience`` (default :data:`DEFAULT_PATIENCE`; 0: none), stops after
@@ -139,7 +171,9 @@ def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str]
         epochs: epochs of every gradient stage instead of the step budget.
         lr: peak learning rate of every gradient stage instead of the base model's.
         patience: early-stopping patience in epochs; ``0`` runs every epoch.
-        steps: optimiser steps shared by the gradient stages (default :data:`DEFAULT_STEPS`).
+        steps: optimiser steps shared by the gradient stages (default: :func:`default_steps` of ``image_shape``).
+        image_shape: the spatial shape of the training images (None: cases without an image), which
+            sets the default step budget.
 
     Returns:
         ``(stages, record)``: the recipe stages and a JSON-safe description of how they were derived.
@@ -153,7 +187,7 @@ def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str]
     _check_budget(epochs, steps, patience)
     if not parent_stages:
         raise ValueError("parent_stages is empty; a fine-tuning run needs the base model's stages")
-    budget = DEFAULT_STEPS if steps is None else steps
+    budget = default_steps(image_shape) if steps is None else steps
     wait = DEFAULT_PATIENCE if patience is None else patience
     steps_per_epoch = math.ceil(train_cases / batch_size)
     gradient = [s for s in parent_stages if s.name not in special]
@@ -165,13 +199,16 @@ def default_stages(parent_stages: Sequence[StageSection], special: Sequence[str]
             continue
         n = epochs if epochs is not None else max(1, round(stage.epochs / total * budget / steps_per_epoch))
         stages.append(StageSection(stage.name, n, stage.lr if lr is None else lr, wait or None))
+    scaled = steps is None and budget != DEFAULT_STEPS
+    size = f" ({DEFAULT_STEPS} scaled to images of {'x'.join(map(str, image_shape or ()))})" if scaled else ""
     rule = ["epochs given" if epochs is not None else
-            f"epochs from {budget} optimiser steps shared by the gradient stages in the base model's proportions",
+            f"epochs from {budget} optimiser steps{size} shared by the gradient stages in the base model's proportions",
             "learning rate given" if lr is not None else "the base model's learning rates",
             f"early stopping after {wait} epochs without a better val AUROC" if wait else "no early stopping"]
     record = {
         "rule": "; ".join(rule), "train_cases": train_cases, "steps_per_epoch": steps_per_epoch,
         "steps": budget if epochs is None else None, "patience": wait or None,
+        "image_shape": list(map(int, image_shape)) if image_shape else None,
         "stages": [dataclasses.asdict(s) for s in stages],
     }
     return tuple(stages), record
