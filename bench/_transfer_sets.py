@@ -22,7 +22,7 @@ from _transfer_data import (EXPORT_VERSION, LIDC_CONCEPTS, MIAS_CONCEPTS, Case, 
 
 log = logging.getLogger("bench_transfer")
 
-FAMILIES = ("protopnet", "cbm", "abmil", "baseline", "bag_baseline")  # the families the data sets fine-tune
+FAMILIES = ("protopnet", "cbm", "abmil", "additive_mil", "baseline", "bag_baseline")  # the families the data sets fine-tune
 TARGET = 0.02  # the interpretable model's test AUROC may be at most this much below the baseline's
 N_TRAIN = 600  # training images of each exported data set (a user's small set)
 
@@ -138,6 +138,11 @@ DATASETS: dict[str, DataSet] = {
         "mean and max pooling)", "adrenalmnist3d", lambda root, n, t: ([], [], []), interpretable="abmil", bags=True,
         model="abmil_features.idrid_rdr", data_from="adrenal64_bags", baseline="bag_baseline",
         baseline_recipe="bag_baseline_idrid_rdr.yaml"),
+    "adrenal64_bags_additive": DataSet(
+        "AdrenalMNIST3D 64³ as bags of axial slices, additive MIL (the same bags; baseline: the black box on the "
+        "bags of the row above)", "adrenalmnist3d", lambda root, n, t: ([], [], []), interpretable="additive_mil",
+        bags=True, model="additive_mil_features.idrid_rdr", data_from="adrenal64_bags", baseline="bag_baseline",
+        baseline_from="adrenal64_bags_matched"),
     "lidc_concepts": DataSet(
         "LIDC-IDRI nodules with the readers' shape ratings as concepts (choosing the bottleneck's mode)",
         "nodule_phantom", lambda root, n, t: export_lidc(n), patients="case", choosing=True, interpretable="cbm",
@@ -148,6 +153,11 @@ DATASETS: dict[str, DataSet] = {
         "LIDC-IDRI nodules at 64³ as bags of axial slices, benign vs malignant (choosing MIL's defaults)",
         "nodule_phantom", lambda root, n, t: export_lidc_volumes(n), choosing=True, interpretable="abmil", bags=True,
         model="abmil_features.idrid_rdr", baseline="bag_baseline", baseline_recipe="bag_baseline_idrid_rdr.yaml"),
+    "lidc_bags_additive": DataSet(
+        "LIDC-IDRI nodules at 64³ as bags of axial slices, benign vs malignant (choosing the MIL model: additive "
+        "MIL on the lidc_bags bags)", "nodule_phantom", lambda root, n, t: ([], [], []), choosing=True,
+        interpretable="additive_mil", bags=True, model="additive_mil_features.idrid_rdr", data_from="lidc_bags",
+        no_baseline=True),
     "lidc64": DataSet(
         "LIDC-IDRI nodules at 64³, benign vs malignant (choosing the step budget of 64³ volumes)", "adrenalmnist3d",
         lambda root, n, t: export_lidc_volumes(n), volumes=True, choosing=True, size=(64, 64, 64)),

@@ -423,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             + choose_table(rows, "cbm") \
             + "\n\nAttention MIL's settings, on the LIDC nodules as bags of slices (validation split):\n\n" \
             + choose_table(rows, "abmil") \
+            + "\n\nAdditive MIL on the same bags (validation split):\n\n" + choose_table(rows, "additive_mil") \
             + "\n\nThe step budget of 64³ volumes, on the LIDC nodules at 64³ (validation split):\n\n" \
             + choose_table(rows, "protopnet", sets=("lidc64",))
         if args.readme:
