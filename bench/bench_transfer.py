@@ -79,7 +79,7 @@ on ``--threads`` threads (default 1: on this shared 2-core machine other jobs ru
     python bench/bench_transfer.py --data-root /work/shared/data              # the transfer table
     python bench/bench_transfer.py --choose                                   # the grid of the defaults
     python bench/bench_transfer.py --quick --only vessel3d                    # smoke test (tiny; rows in the cache)
-    python bench/bench_transfer.py --readme                                   # table into bench/README.md
+    python bench/bench_transfer.py --readme                                   # tables into bench/README.md, figure bench/transfer.png
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ from _common import BENCH_DIR, machine, read_rows
 from _transfer_data import EXPORT_VERSION, SEED
 from _transfer_sets import (CHOOSE_SEEDS, DATASETS, FAMILIES, GRID, N_TRAIN, TARGET, DataSet, _current, _key,
                             _parent_sha256, defaults_signature, prepare)
-from _transfer_tables import choose_table, table, write_readme
+from _transfer_tables import choose_table, figure, table, write_readme
 
 from mlmi_zoo.architectures.blocks.pretrained import cache_dir
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run even where --out has the row (after a change of the code, not of the defaults); "
                              "the newest row of a data set and family is the one the table shows")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and stop")
-    parser.add_argument("--readme", action="store_true", help="write the tables into bench/README.md and stop")
+    parser.add_argument("--readme", action="store_true", help="write the tables into bench/README.md and their figure to bench/transfer.png, and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("monai").setLevel(logging.WARNING)  # one line per NIfTI file read otherwise
@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             + choose_table(rows, "protopnet", sets=("lidc64",))
         if args.readme:
             write_readme(text)
+            log.info("figure written to %s", figure(rows))
         else:
             print(text)
         return 0
