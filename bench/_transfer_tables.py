@@ -75,7 +75,8 @@ def table(rows: list[dict[str, Any]]) -> str:
               "| baseline test AUROC [95% CI] | difference [95% CI, paired] | within 0.02 "
               "| difference over seeds: mean (seed 0, 1, ...) "
               "| wall s interpretable / baseline | epochs run (early stop) "
-              "| sanity: degenerate prototypes (border / background / duplicates), or concepts | load avg (1 min) |"),
+              "| sanity: degenerate prototypes (border / background / duplicates), or concepts; the map's rank "
+              "correlation with the trained one as parts are randomised, output first | load avg (1 min) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, spec in DATASETS.items():
         if spec.choosing:
@@ -109,6 +110,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             sanity = (f"{s.get('degenerate', '—')} of {s.get('num_prototypes', '—')} "
                       f"({s.get('on_border', '—')} / {s.get('on_background', '—')} / {s.get('duplicates', '—')}); "
                       f"pushed {p['push']['pushed'] if p.get('push') else '—'}")
+        if s.get("map_randomised"):  # Adebayo's cascade, from the output inwards
+            sanity += "; map ρ randomised " + ", ".join(f"{'+' if k else ''}{part} {_f(rho, True)}"
+                                                        for k, (part, rho) in enumerate(s["map_randomised"].items()))
         diff = f"{_f(d['estimate'], True)} [{_f(d['ci'][0], True)}, {_f(d['ci'][1], True)}]" if d else "—"
         met = ("yes" if d["target_met"] else "no") if d else "—"
         seeds = by_seed.get(name, {})

@@ -218,9 +218,19 @@ def sanity_counts(doc: dict[str, Any]) -> dict[str, Any]:
     (``concept_auroc``; None where the test cases hold one class only), and the task accuracy with
     no concept corrected and with every concept corrected to the truth (actionability block). A MIL
     model: the logit change when each bag's top-attention instances are excluded, the share of
-    positive bags it flips, and the verdict against excluding as many random instances.
+    positive bags it flips, and the verdict against excluding as many random instances. An image
+    model also gets ``map_randomised``: Adebayo et al.'s cascading parameter randomisation, the rank
+    correlation of its map with the trained model's after re-initialising each part from the output
+    inwards (``{part: rho}``, in that order).
     Empty for the baseline.
     """
+    cascade = (doc["elements"]["localization"].get("details") or {}).get("cascading_randomisation") or []
+    randomised = {"map_randomised": {step["randomised"][-1]: step["spearman_mean"] for step in cascade}} if cascade else {}
+    return {**_family_sanity(doc), **randomised}
+
+
+def _family_sanity(doc: dict[str, Any]) -> dict[str, Any]:
+    """:func:`sanity_counts` less the parameter randomisation."""
     metrics = doc["elements"]["visual_recognizability"].get("metrics") or {}
     if doc.get("architecture", "").startswith("cbm_") or "accuracy_all_concepts_corrected" in (
             doc["elements"]["actionability"].get("metrics") or {}):
@@ -251,9 +261,6 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     Returns:
         the run row (JSON-safe).
     """
-    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
-    from mlmi_zoo.training.finetune import evaluation_data_spec
-
     spec = DATASETS[name]
     model = spec.base_model(family, work)
     options = [*spec.options.get(family, ()), *extra, *(["--seed", str(seed)] if seed else [])]
@@ -264,6 +271,23 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     if not extra and steps != defaults_signature(family, name)["steps"]:  # the row's signature holds the steps
         raise RuntimeError(f"{final}: fine-tuned with {steps} steps, not the {defaults_signature(family, name)['steps']} "
                            f"the default rule gives {name}'s images of {spec.size}; correct DATASETS[{name!r}].size")
+    return {"kind": "run", "dataset": name, "family": family, "seed": seed or None, "model": model,
+            "parent_sha256": _parent_sha256(model), "defaults": defaults_signature(family, name), **run,
+            **score_run(name, final, folder, n_boot), "threads": torch.get_num_threads(), "machine": machine(),
+            "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+def score_run(name: str, final: Path, folder: Path, n_boot: int) -> dict[str, Any]:
+    """Evaluate the fine-tuned model ``final`` on data set ``name``'s test cases: its test AUROC with a CI over
+    patients and the sanity numbers of ``evaluate``'s document (written to ``final/../results.json``).
+
+    Raises:
+        RuntimeError: ``evaluate``'s test AUROC is not that of the model's predictions.
+    """
+    from mlmi_zoo.evaluation.evaluate import EvaluationLimits, evaluate
+    from mlmi_zoo.training.finetune import evaluation_data_spec
+
+    spec = DATASETS[name]
     scores, labels, patients = case_predictions(spec, final, folder)
     # The controls and the other elements are not what is compared here: small case counts keep it fast
     # (the task always uses every test case; the sanity counts read every prototype).
@@ -275,13 +299,30 @@ def run_one(name: str, family: str, folder: Path, work: Path, n_boot: int, extra
     if abs(doc["task"]["auroc"]["estimate"] - _auroc(scores, labels)) > 1e-6:
         raise RuntimeError(f"{final}: evaluate's test AUROC {doc['task']['auroc']['estimate']} is not the "
                            f"predictions' {_auroc(scores, labels)}")
-    return {"kind": "run", "dataset": name, "family": family, "seed": seed or None, "model": model,
-            "parent_sha256": _parent_sha256(model),
-            "defaults": defaults_signature(family, name), **run, "test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
-            "test_patients": len(set(patients.tolist())), "patients": DATASETS[name].patients,
-            "sanity": sanity_counts(doc), "results": str(final.parent / "results.json"),
-            "threads": torch.get_num_threads(), "machine": machine(),
-            "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    return {"test_auroc": auroc_with_ci(scores, labels, patients, n_boot), "test_cases": len(labels),
+            "test_patients": len(set(patients.tolist())), "patients": spec.patients,
+            "sanity": sanity_counts(doc), "results": str(final.parent / "results.json")}
+
+
+def rescore(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int, families: Sequence[str]) -> list[dict[str, Any]]:
+    """The current run rows of data set ``name`` (every seed; ``families`` only) evaluated again, without
+    fine-tuning again: after a change of ``evaluate`` (what the sanity column reads). Each new row is the old
+    one with the new evaluation and ``rescored_utc``; the model and its test AUROC are the same.
+
+    Raises:
+        RuntimeError: a model's test AUROC is not its row's.
+    """
+    latest = {(r["family"], r.get("seed")): r for r in rows
+              if r["kind"] == "run" and r["dataset"] == name and r["family"] in families and _current(r)}
+    out = []
+    for (family, seed), row in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        log.info("%s / %s / seed %s: evaluated again", name, family, seed or 0)
+        new = {**row, **score_run(name, Path(row["final"]), folder, n_boot),
+               "rescored_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+        if abs(new["test_auroc"]["estimate"] - row["test_auroc"]["estimate"]) > 1e-6:
+            raise RuntimeError(f"{row['final']}: test AUROC {new['test_auroc']['estimate']} is not the row's")
+        out.append(new)
+    return out
 
 
 def paired(name: str, rows: list[dict[str, Any]], folder: Path, n_boot: int, seed: int = 0) -> dict[str, Any]:
@@ -408,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--again", action="store_true",
                         help="run even where --out has the row (after a change of the code, not of the defaults); "
                              "the newest row of a data set and family is the one the table shows")
+    parser.add_argument("--rescore", action="store_true",
+                        help="evaluate the interpretable models of the current run rows again, without fine-tuning "
+                             "again (after a change of evaluate: the sanity column), and stop")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and stop")
     parser.add_argument("--readme", action="store_true", help="write the tables into bench/README.md and their figure to bench/transfer.png, and stop")
     args = parser.parse_args(argv)
@@ -444,6 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in (args.only or list(DATASETS)) if DATASETS[n].choosing == args.choose]
     for name in names:
         folder = prepare(name, root, work, n_train, n_test)
+        if args.rescore:
+            families = [f for f in (DATASETS[name].interpretable,) if f in args.families]
+            for row in rescore(name, read_rows(out), folder, args.n_boot, families):
+                _append(out, row)
+            continue
         jobs = [(c, s) for s in CHOOSE_SEEDS for c in (args.configs or list(GRID))] if args.choose else \
             [(None, s or None) for s in args.seeds]
         for config, seed in jobs:

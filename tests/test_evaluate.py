@@ -212,6 +212,16 @@ def test_medmnist_without_spacing_or_masks(shared_data, tmp_path) -> None:
     phys, loc = doc["elements"]["physical_attribution"], doc["elements"]["localization"]
     assert not phys["applicable"] and "no pixel spacing" in phys["reason"] and phys["metrics"] == {}
     assert not loc["applicable"] and "no lesion masks" in loc["reason"]
+    # the map's sanity check needs no mask: Adebayo's cascade runs, from the output inwards, but no metric
+    # of a block that scores nothing
+    cascade = loc["details"]["cascading_randomisation"]
+    parts = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    assert [step["randomised"] for step in cascade] == [list(reversed(parts))[: k + 1] for k in range(len(parts))]
+    assert all(-1.0 <= step["spearman_mean"] <= 1.0 for step in cascade) and loc["metrics"] == {}
+    from mlmi_zoo.model_cards.card import render_card
+
+    card = render_card(tmp_path / "model", doc)  # the draft card says it under the not-applicable block
+    assert f"re-initialising, from the output inwards: `{cascade[0]['randomised'][-1]}`" in card
     rec = doc["elements"]["visual_recognizability"]["metrics"]
     assert "class_purity_mean" in rec and "lesion_purity_mean" not in rec
 

@@ -311,14 +311,17 @@ def evaluate(
             "within each bag of the annotated set, not that every finding is found, nor that the decision rests on them.")
     elif record.inputs == "images" and col.masks_seen and blocks["localization"].get("applicable"):
         blocks["localization"]["off_centre"] = _off_centre_localization(model, ctx, blocks["localization"])
-    if record.inputs == "images" and loc_col.keep_x and blocks["localization"].get("applicable"):
+    # The sanity check of the map needs no mask: it runs on data without masks too (the block's details;
+    # its metrics only where the map is scored).
+    if record.inputs == "images" and loc_col.keep_x:
         x = _cat(loc_col.keep_x)[:16]
         spacing = _cat(loc_col.keep_spacing)[:16] if loc_col.keep_spacing else None
         cascade = cascading_randomisation(model, x, spacing if spacing is not None and len(spacing) == len(x) else None,
                                           seed)
         if cascade:
-            blocks["localization"]["details"]["cascading_randomisation"] = cascade
-            for step in cascade:  # cumulative: each step randomises one more part, from the output inwards
+            blocks["localization"].setdefault("details", {})["cascading_randomisation"] = cascade
+            for step in cascade if blocks["localization"].get("applicable") else ():
+                # cumulative: each step randomises one more part, from the output inwards
                 key = f"map_rank_correlation_randomised_down_to_{step['randomised'][-1]}"
                 blocks["localization"]["metrics"][key] = step["spearman_mean"]
     faithfulness = ctx.faithfulness or _not_applicable("not applicable: no attribution map to delete along")

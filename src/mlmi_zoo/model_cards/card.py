@@ -129,6 +129,16 @@ def _further_comparisons(block: dict[str, Any]) -> list[dict[str, Any]]:
              "verdict": (c.get("verdict") or {}).get("sentence")} for c in found]
 
 
+def _cascade_text(cascade: list[dict[str, Any]] | None) -> str | None:
+    """One line of the cascading parameter randomisation: each step's rank correlation with the trained map."""
+    if not cascade:
+        return None
+    steps = ", ".join(f"{'' if k == 0 else '+ '}`{step['randomised'][-1]}` {_num(step['spearman_mean'])}"
+                      for k, step in enumerate(cascade))
+    return ("Sanity check of the map (Adebayo et al. 2018; it needs no mask): the rank correlation of the map with "
+            f"the trained model's after re-initialising, from the output inwards: {steps}.")
+
+
 def _finding_rows(found: dict[str, Any] | None) -> dict[str, Any] | None:
     """The pixel AUPR of each finding's map pooled over every pixel of the annotated photographs, beside the controls."""
     if not found:
@@ -260,6 +270,7 @@ def render_card(folder: str | Path, results: dict[str, Any] | None = None) -> st
             "scored_on": _scored_on((block.get("details") or {}).get("annotated_data")),
             "further": _further_comparisons(block),
             "findings": _finding_rows((block.get("details") or {}).get("finding_maps")),
+            "cascade": _cascade_text((block.get("details") or {}).get("cascading_randomisation")),
         })
     faith = results.get("faithfulness") or {"applicable": False, "reason": "not evaluated for this model"}
     faithfulness = {"applicable": faith.get("applicable", False), "reason": faith.get("reason"),
