@@ -310,20 +310,21 @@ def main(argv: list[str] | None = None) -> int:
         jobs = [(c, s) for s in CHOOSE_SEEDS for c in (args.configs or list(GRID))] if args.choose else \
             [(None, s or None) for s in args.seeds]
         for config, seed in jobs:
+            what = f"{config}, seed {seed}" if config else f"seed {seed or 0}"  # a grid cell, or the command's seed
             for family in [f for f in DATASETS[name].families if f in args.families]:
                 probe = {"kind": "choose" if args.choose else "run", "dataset": name, "family": family,
                          "config": config, "seed": seed,
                          "defaults": {"export_version": EXPORT_VERSION} if args.choose else defaults_signature(family, name)}
                 if not args.again and _key(probe) in {_key(r) for r in read_rows(out)}:  # another process may have run it
-                    log.info("%s / %s / %s: already in %s, skipped", name, family, config, out)
+                    log.info("%s / %s / %s: already in %s, skipped", name, family, what, out)
                     continue
-                log.info("%s / %s / %s: fine-tuning", name, family, config)
+                log.info("%s / %s / %s: fine-tuning", name, family, what)
                 if config is not None and seed is not None:
                     row = choose_one(name, family, config, seed, folder, work)
                 else:
                     row = run_one(name, family, folder, work, args.n_boot, extra, seed=seed or 0)
                 _append(out, row)
-                log.info("%s / %s / %s: %s, %.0f s", name, family, config,
+                log.info("%s / %s / %s: %s, %.0f s", name, family, what,
                          f"val AUROC {row['val_auroc']:.3f}" if config else
                          f"test AUROC {row['test_auroc']['estimate']:.3f}", row["wall_s"])
         for seed in [] if args.choose else args.seeds:
