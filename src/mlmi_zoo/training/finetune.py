@@ -70,8 +70,9 @@ from mlmi_zoo.training.data_spec import DataSpec, build_dataset
 from mlmi_zoo.training.finetune_data import (_LISTING, _REFIT_PERCENTILES, INTENSITY_MODES, FinetuneDataError,
                                              IntensityMode, _bag_problems, _columns_for, _has_class_folders,
                                              _header_of, _label_problems, _overridden_quantities, _own_concepts,
-                                             _physical_problems, _report, _sample_indices, bag_spec_from_path,
-                                             check_images, data_spec_from_path, evaluation_data_spec)
+                                             _physical_problems, _report, _sample_indices, _unreadable_problems,
+                                             bag_spec_from_path, check_images, data_spec_from_path,
+                                             evaluation_data_spec)
 from mlmi_zoo.training.finetune_defaults import (DEFAULT_CONFIG, DEFAULT_FREEZE, DEFAULT_PATIENCE, DEFAULT_STEPS,
                                                  DEFAULT_TRAINING, MIN_STEPS, STEP_VOXELS, _check_budget,
                                                  _stages_for_settings, _training_defaults, default_stages,
@@ -324,6 +325,9 @@ def _plan(parent: InterpretableModel, name_or_uri: str, data: DataSpec | str | P
     recipe = resolved(tuple(parent_stages))
     parent_stages, switched = _stages_for_settings(parent_stages, training_for(parent, recipe.training), parent_lr)
     train_set = build_dataset(recipe.data, "train")
+    unreadable = _unreadable_problems(train_set)
+    if unreadable:  # before any case is decoded
+        raise FinetuneDataError(_report(f"cannot fine-tune {name_or_uri} on {data}", unreadable))
     stages, schedule = default_stages(parent_stages, adapter.special_stages, len(train_set), recipe.optim.batch_size,
                                       epochs=epochs, lr=lr, patience=patience, steps=steps,
                                       image_shape=_image_shape(train_set))

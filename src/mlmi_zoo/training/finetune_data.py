@@ -454,6 +454,19 @@ def _label_problems(train_set: Any, label_names: Sequence[str], val_fraction: fl
             "label names (--labels)"]
 
 
+def _unreadable_problems(train_set: Any) -> list[str]:
+    """The damaged image and mask files of a CSV's every row (training and validation cases), by row and column;
+    checked before anything is decoded, so a run does not stop at the first one in its first epoch."""
+    rows = _csv_rows(train_set)
+    if rows is None:
+        return []
+    bad = rows[0].unreadable()
+    if not bad:
+        return []
+    shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
+    return [f"{len(bad)} file(s) cannot be read: {shown}; replace them, or remove their rows (or files)"]
+
+
 def _physical_problems(model: InterpretableModel, train_set: Any, samples: list[dict[str, Any]]) -> list[str]:
     quantities = [q.name for q in model.config.quantities]
     if not quantities:

@@ -524,9 +524,34 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self._rows)
 
+    def unreadable(self, indices: Sequence[int] | None = None) -> list[str]:
+        """The PNG/JPEG/TIFF/BMP images and masks (of the cases ``indices``, default all) that cannot be opened,
+        one message each naming the row and column: checked from each file's header and structure
+        (``PIL.Image.verify``), without decoding the pixels; DICOM/NIfTI files are read only when used."""
+        from PIL import Image
+
+        chosen = range(len(self._rows)) if indices is None else indices
+        bad = []
+        for i in chosen:
+            row = self._rows[i]
+            for column, path in ((self.image_column, row.image), (self.mask_column, row.mask)):
+                if path is None or not path.name.lower().endswith(_PIL_SUFFIXES):
+                    continue
+                try:
+                    with Image.open(path) as im:
+                        im.verify()
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file; each is reported
+                    bad.append(f"row {row.row_number} of {self.csv_path.name}, column {column!r}: {path} cannot be read as an image "
+                               f"({type(e).__name__}: {e})")
+        return bad
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self._rows[index]
-        image, spacing = _read_image(row.image, self.channels)
+        try:
+            image, spacing = _read_image(row.image, self.channels)
+        except (OSError, ValueError, RuntimeError) as e:  # a damaged or unreadable file: say which row holds it
+            raise ValueError(f"{self.csv_path.name} row {row.row_number}: column {self.image_column!r}: {row.image} "
+                             f"cannot be read ({type(e).__name__}: {e})") from e
         if row.spacing is not None:
             if len(row.spacing) != image.ndim - 1:
                 raise ValueError(
