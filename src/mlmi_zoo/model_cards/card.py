@@ -136,7 +136,8 @@ def _cascade_text(cascade: list[dict[str, Any]] | None) -> str | None:
     steps = ", ".join(f"{'' if k == 0 else '+ '}`{step['randomised'][-1]}` {_num(step['spearman_mean'])}"
                       for k, step in enumerate(cascade))
     return ("Sanity check of the map (Adebayo et al. 2018; it needs no mask): the rank correlation of the map with "
-            f"the trained model's after re-initialising, from the output inwards: {steps}.")
+            f"the trained model's after re-initialising, from the output inwards: {steps}. A map that still "
+            "resembles the trained one once a part is re-initialised does not show what that part learnt.")
 
 
 def _finding_rows(found: dict[str, Any] | None) -> dict[str, Any] | None:
