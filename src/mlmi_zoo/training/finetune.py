@@ -78,9 +78,11 @@ from mlmi_zoo.training.finetune_defaults import (DEFAULT_CONFIG, DEFAULT_FREEZE,
 from mlmi_zoo.training.push_check import PUSH_DROP_WARNING, _record_push_check, push_check
 from mlmi_zoo.training.recipe import ModelSection, OptimSection, Recipe, StageSection, apply_recipe_overrides
 
-__all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path", "evaluation_data_spec",
-           "check_images", "default_stages", "default_steps", "MASK_GUIDED_SETTINGS", "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE",
-           "DEFAULT_STEPS", "STEP_VOXELS", "MIN_STEPS", "DEFAULT_PATIENCE", "DEFAULT_TRAINING", "DEFAULT_CONFIG", "IN_MEMORY_BYTES", "push_check", "PUSH_DROP_WARNING"]
+__all__ = ["finetune", "plan_finetune", "FinetunePlan", "FinetuneDataError", "data_spec_from_path",
+           "evaluation_data_spec", "check_images", "default_stages", "default_steps", "MASK_GUIDED_SETTINGS",
+           "MaskGuided", "INTENSITY_MODES", "DEFAULT_FREEZE", "DEFAULT_STEPS", "STEP_VOXELS", "MIN_STEPS",
+           "DEFAULT_PATIENCE", "DEFAULT_TRAINING", "DEFAULT_CONFIG", "IN_MEMORY_BYTES", "push_check",
+           "PUSH_DROP_WARNING"]
 
 log = logging.getLogger(__name__)
 

@@ -541,8 +541,8 @@ class FolderCSVDataset(SizedDataset[dict[str, Any]]):
                     with Image.open(path) as im:
                         im.verify()
                 except Exception as e:  # noqa: BLE001 - PIL raises many types for a damaged file; each is reported
-                    bad.append(f"row {row.row_number} of {self.csv_path.name}, column {column!r}: {path} cannot be read as an image "
-                               f"({type(e).__name__}: {e})")
+                    bad.append(f"row {row.row_number} of {self.csv_path.name}, column {column!r}: {path} cannot be "
+                               f"read as an image ({type(e).__name__}: {e})")
         return bad
 
     def __getitem__(self, index: int) -> dict[str, Any]:
