@@ -48,7 +48,7 @@ class FinetuneDataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 def _csv_of(path: Path, listing: Path | None) -> tuple[Path, Path | None]:
     """The CSV to read for ``path`` and the folder its image paths are relative to (None: the CSV's folder)."""
-    from mlmi_zoo.training.datasets.folder_csv import write_image_folder_csv
+    from mlmi_zoo.training.datasets.user_files import write_image_folder_csv
 
     if path.is_file():
         return path, None
@@ -109,7 +109,7 @@ def _columns_for(model: InterpretableModel, header: Sequence[str], image_column:
     when present; with ``require``, a physical head without its measurement columns or
     without spacing, and a bottleneck without its concept columns, are problems.
     """
-    from mlmi_zoo.training.datasets.folder_csv import has_unit_suffix, spacing_columns_in
+    from mlmi_zoo.training.datasets.user_files import has_unit_suffix, spacing_columns_in
 
     problems: list[str] = []
     try:
@@ -254,7 +254,7 @@ def _has_class_folders(path: Path) -> bool:
 
 def _header_of(path: Path) -> tuple[str, ...]:
     """The header of the CSV that ``path`` names (``image,label`` for a class-folder layout)."""
-    from mlmi_zoo.training.datasets.folder_csv import read_csv_header
+    from mlmi_zoo.training.datasets.user_files import read_csv_header
 
     if path.is_dir():
         csvs = sorted(path.glob("*.csv"))

@@ -74,7 +74,7 @@ def concepts_from_csv(csv_path: str | Path, words: Sequence[str]) -> tuple[Conce
             number (its row and column), values the kind cannot take (binary: 0/1; levels: integer
             codes from 0), a column with no value at all, or a kind the values do not settle.
     """
-    from mlmi_zoo.training.datasets.folder_csv import has_unit_suffix, unit_from_column
+    from mlmi_zoo.training.datasets.user_files import has_unit_suffix, unit_from_column
 
     if not words:
         raise ValueError("no concepts given; name at least one column of the CSV (NAME or NAME:KIND)")
