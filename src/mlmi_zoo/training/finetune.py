@@ -65,11 +65,12 @@ import torch
 
 from mlmi_zoo.base import InterpretableModel
 from mlmi_zoo.training.data_spec import DataSpec, build_dataset
+from mlmi_zoo.training.finetune_checks import (_label_problems, _physical_problems, _unreadable_problems,
+                                               check_images)
 from mlmi_zoo.training.finetune_data import (_LISTING, _REFIT_PERCENTILES, INTENSITY_MODES, FinetuneDataError,
                                              IntensityMode, _bag_problems, _columns_for, _has_class_folders,
-                                             _header_of, _label_problems, _overridden_quantities, _own_concepts,
-                                             _physical_problems, _report, _sample_indices, _unreadable_problems,
-                                             bag_spec_from_path, check_images, data_spec_from_path,
+                                             _header_of, _overridden_quantities, _own_concepts, _report,
+                                             _sample_indices, bag_spec_from_path, data_spec_from_path,
                                              evaluation_data_spec)
 from mlmi_zoo.training.finetune_defaults import (DEFAULT_CONFIG, DEFAULT_FREEZE, DEFAULT_PATIENCE, DEFAULT_STEPS,
                                                  DEFAULT_TRAINING, MIN_STEPS, STEP_VOXELS, _check_budget,
