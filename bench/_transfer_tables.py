@@ -63,14 +63,23 @@ def choose_table(rows: list[dict[str, Any]], interpretable: str = "protopnet", s
     return "\n".join(lines)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per transfer data set, both families' test AUROC, the paired difference, wall time, sanity counts."""
+def _current_rows(rows: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], dict[str, Any]],
+                                                       dict[str, dict[int, dict[str, Any]]]]:
+    """The newest rows made with today's defaults: seed 0's run of each (data set, family), and the paired
+    row of each data set and seed (seed 0 for the command as typed)."""
     runs = {(r["dataset"], r["family"]): r for r in rows if r["kind"] == "run" and _current(r) and r.get("seed") is None}
-    pairs = {r["dataset"]: r for r in rows if r["kind"] == "paired" and _current(r) and r.get("seed") is None}
-    by_seed: dict[str, dict[int, float]] = {}  # the newest paired difference of each data set and seed
+    pairs: dict[str, dict[int, dict[str, Any]]] = {}
     for r in rows:
         if r["kind"] == "paired" and _current(r):
-            by_seed.setdefault(r["dataset"], {})[r.get("seed") or 0] = r["estimate"]
+            pairs.setdefault(r["dataset"], {})[r.get("seed") or 0] = r
+    return runs, pairs
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per transfer data set, both families' test AUROC, the paired difference, wall time, sanity counts."""
+    runs, paired = _current_rows(rows)
+    pairs = {name: by[0] for name, by in paired.items() if 0 in by}
+    by_seed = {name: {seed: r["estimate"] for seed, r in by.items()} for name, by in paired.items()}
     lines = [("| data set | family | train / test images (patients) | interpretable test AUROC [95% CI] "
               "| baseline test AUROC [95% CI] | difference [95% CI, paired] | within 0.02 "
               "| difference over seeds: mean (seed 0, 1, ...) "
@@ -134,8 +143,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     m = any_run["machine"]
     threads = sorted({r["threads"] for r in runs.values()})
     shared = {k: v for k, v in defaults_signature("baseline").items() if k != "export_version"}
-    shared["steps"] = (f"{shared['steps']} up to 2**17 pixels or voxels per image, else 1000 * 2**17 / voxels and at least "
-                       "300 (default_steps: 500 for 64³)")
+    from mlmi_zoo.training import finetune_defaults as fd
+
+    voxels = f"2**{fd.STEP_VOXELS.bit_length() - 1}" if fd.STEP_VOXELS & (fd.STEP_VOXELS - 1) == 0 else str(fd.STEP_VOXELS)
+    shared["steps"] = (f"{fd.DEFAULT_STEPS} up to {voxels} pixels or voxels per image, else {fd.DEFAULT_STEPS} * "
+                       f"{voxels} / voxels and at least {fd.MIN_STEPS} (default_steps: "
+                       f"{fd.default_steps((64, 64, 64))} for 64³)")
     own = {family: {k: v for k, v in defaults_signature(family).items() if k not in shared and k != "export_version"}
            for family in FAMILIES}
     own_text = "; ".join(f"{family}: {json.dumps(extra)}" for family, extra in own.items() if extra)
@@ -162,11 +175,7 @@ def figure(rows: list[dict[str, Any]], path: Path = FIGURE) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    runs = {(r["dataset"], r["family"]): r for r in rows if r["kind"] == "run" and _current(r) and r.get("seed") is None}
-    pairs: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in rows:
-        if r["kind"] == "paired" and _current(r):
-            pairs.setdefault(r["dataset"], {})[r.get("seed") or 0] = r
+    runs, pairs = _current_rows(rows)
     names = [n for n, spec in DATASETS.items() if not spec.choosing and 0 in pairs.get(n, {})]
     if not names:
         raise ValueError("no current paired row to draw; run bench_transfer.py first")
